@@ -89,6 +89,14 @@ pub enum Error {
         /// Why (e.g. "adapter lacks SHADER_F16"); may be empty.
         reason: String,
     },
+    /// The backend does not implement this member of the normalization family.
+    #[error("backend `{backend}` does not implement {kind}")]
+    UnsupportedKind {
+        /// Backend name.
+        backend: String,
+        /// The [`crate::NormKind`] name.
+        kind: &'static str,
+    },
     /// The backend cannot run on this machine (not compiled in, no driver, no device, …).
     #[error("backend `{backend}` is unavailable: {reason}")]
     Unavailable {
@@ -133,6 +141,7 @@ impl Error {
             Error::ParameterMismatch { .. } => "parameter",
             Error::TooLarge { .. } => "too-large",
             Error::UnsupportedDType { .. } => "unsupported",
+            Error::UnsupportedKind { .. } => "unsupported-kind",
             Error::Unavailable { .. } => "unavailable",
             Error::UnknownBackend { .. } => "unknown-backend",
             Error::ForeignBuffer { .. } => "foreign-buffer",

@@ -24,9 +24,9 @@ mod spec;
 pub use dtype::{DType, Element, HostSlice, HostSliceMut, HostVec};
 pub use error::{Error, Result};
 pub use normalize::{
-    Backward, BackwardArgs, Forward, ForwardArgs, Forwarded, Gradients, HostBackward, HostForward,
-    HostNormalize, HostNormalizeExt, Normalize, Storage, check_download, validate_backward,
-    validate_forward,
+    Backward, BackwardArgs, DeviceInfo, DeviceKind, Forward, ForwardArgs, Forwarded, Gradients,
+    HostBackward, HostForward, HostNormalize, HostNormalizeExt, Normalize, Storage, check_download,
+    validate_backward, validate_forward,
 };
 pub use spec::{NormKind, NormSpec};
 

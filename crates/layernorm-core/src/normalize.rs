@@ -249,6 +249,12 @@ pub trait Normalize: Send + Sync {
     /// Computes the backward pass. Called only by [`Normalize::backward`], after validation.
     fn run_backward(&self, spec: &NormSpec, args: Backward<'_, Self::Buffer>) -> Result<()>;
 
+    /// What this backend runs on. Used by run-time selection (`auto` prefers real GPUs) and in
+    /// reports. The default describes the host CPU.
+    fn device(&self) -> DeviceInfo {
+        DeviceInfo { kind: DeviceKind::Cpu, name: "host CPU".into() }
+    }
+
     /// Validates, then runs the forward pass: y, and the per-row mean and rstd.
     fn forward(&self, spec: &NormSpec, args: Forward<'_, Self::Buffer>) -> Result<()> {
         validate_forward(spec, &args)?;
@@ -269,6 +275,27 @@ pub fn check_download(buffer: &impl Storage, out: &HostSliceMut<'_>) -> Result<(
     check("download target", out, buffer.dtype(), buffer.len())
 }
 
+/// What kind of processor a backend runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeviceKind {
+    /// The host CPU.
+    Cpu,
+    /// A hardware GPU (discrete or integrated).
+    Gpu,
+    /// A GPU API implemented in software on the CPU (e.g. Mesa's lavapipe/llvmpipe).
+    SoftwareGpu,
+}
+
+/// A backend's device, for selection and reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The kind of processor.
+    pub kind: DeviceKind,
+    /// A human-readable name (adapter or GPU name).
+    pub name: String,
+}
+
 /// The host-slice view of any backend: object safe, so a backend can be chosen at run time
 /// (`Box<dyn HostNormalize>`). Implemented for every [`Normalize`] by uploading the inputs,
 /// running on the device, and downloading the outputs.
@@ -277,6 +304,8 @@ pub trait HostNormalize: Send + Sync {
     fn name(&self) -> &str;
     /// See [`Normalize::supports`].
     fn supports(&self, kind: NormKind, dtype: DType) -> Result<()>;
+    /// See [`Normalize::device`].
+    fn device(&self) -> DeviceInfo;
     /// Forward over host slices.
     fn forward_host(&self, spec: &NormSpec, args: HostForward<'_>) -> Result<()>;
     /// Backward over host slices.
@@ -290,6 +319,10 @@ impl<B: Normalize> HostNormalize for B {
 
     fn supports(&self, kind: NormKind, dtype: DType) -> Result<()> {
         Normalize::supports(self, kind, dtype)
+    }
+
+    fn device(&self) -> DeviceInfo {
+        Normalize::device(self)
     }
 
     fn forward_host(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {

@@ -1,1 +1,263 @@
-//! placeholder
+//! The CPU backend of layernorm: LayerNorm forward and backward on the host, rows in parallel with
+//! rayon, in `f32`, `f64`, `f16` and `bf16` (16-bit storage is computed in `f32` and rounded once).
+//!
+//! Three ways in, from most to least general:
+//!
+//! - [`CpuBackend`] implements [`Normalize`], like every backend; its buffers are host vectors.
+//! - [`CpuBackend::forward_into`] / [`CpuBackend::backward_into`]: typed slices in, caller-owned
+//!   outputs, no allocation per call (beyond dγ/dβ block partials).
+//! - [`CpuBackend::forward_nd`] / [`CpuBackend::backward_nd`]: ndarray views with any number of
+//!   leading dims, normalized over the trailing `normalized_ndim` dims like PyTorch's
+//!   `normalized_shape`; non-contiguous views are accepted (copied to standard layout first).
+//!
+//! Work runs on the rayon pool current at the call (so `pool.install(|| …)` is respected), or on
+//! the pool given to [`CpuBackend::with_pool`]. dγ/dβ are bitwise identical for every thread count.
+//!
+//! ```
+//! use layernorm_cpu::CpuBackend;
+//! use layernorm_core::{DType, NormSpec};
+//!
+//! let cpu = CpuBackend::new();
+//! let spec = NormSpec::layer_norm(2, 3, DType::F32).with_affine(false);
+//! let x = [1.0f32, 2.0, 3.0, 10.0, 10.0, 10.0];
+//! let (mut y, mut mean, mut rstd) = ([0.0f32; 6], [0.0f32; 2], [0.0f32; 2]);
+//! cpu.forward_into(&spec, &x, None, None, &mut y, &mut mean, &mut rstd)?;
+//! assert_eq!(mean, [2.0, 10.0]);
+//! assert_eq!(&y[3..], &[0.0, 0.0, 0.0]);
+//! # Ok::<(), layernorm_core::Error>(())
+//! ```
+
+mod driver;
+mod element;
+mod nd;
+mod row;
+
+use std::sync::Arc;
+
+use layernorm_core::{
+    BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostSlice, HostSliceMut, HostVec,
+    NormKind, NormSpec, Normalize, Result, Storage, bf16, check_download, f16, validate_backward,
+    validate_forward,
+};
+
+pub use driver::ROW_BLOCK;
+pub use element::CpuElement;
+pub use nd::{NdForward, NdGradients};
+pub use row::Real;
+
+/// The CPU backend. Cheap to create and to clone.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+/// A CPU "device" buffer: a host vector of one dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuBuffer(pub HostVec);
+
+impl Storage for CpuBuffer {
+    fn dtype(&self) -> DType {
+        self.0.dtype()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl CpuBackend {
+    /// Registry name.
+    pub const NAME: &'static str = "cpu";
+
+    /// A backend that runs on the rayon pool current at each call.
+    pub fn new() -> CpuBackend {
+        CpuBackend { pool: None }
+    }
+
+    /// A backend that runs every call inside `pool`.
+    pub fn with_pool(pool: Arc<rayon::ThreadPool>) -> CpuBackend {
+        CpuBackend { pool: Some(pool) }
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    /// Forward over typed slices into caller-owned outputs (see [`Normalize::forward`] for the
+    /// lengths). Validates everything first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_into<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        x: &[T],
+        gamma: Option<&[T]>,
+        beta: Option<&[T]>,
+        y: &mut [T],
+        mean: &mut [T::Acc],
+        rstd: &mut [T::Acc],
+    ) -> Result<()> {
+        validate_forward(
+            spec,
+            &ForwardArgs::new(
+                T::host(x),
+                gamma.map(T::host),
+                beta.map(T::host),
+                T::host_mut(y),
+                T::Acc::host_mut(mean),
+                T::Acc::host_mut(rstd),
+            ),
+        )?;
+        check_kind(spec.kind)?;
+        self.run(|| driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd));
+        Ok(())
+    }
+
+    /// Backward over typed slices into caller-owned outputs. `dgamma`/`dbeta` may be `None` to
+    /// skip a gradient. Validates everything first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        x: &[T],
+        dy: &[T],
+        mean: &[T::Acc],
+        rstd: &[T::Acc],
+        gamma: Option<&[T]>,
+        dx: &mut [T],
+        mut dgamma: Option<&mut [T]>,
+        mut dbeta: Option<&mut [T]>,
+    ) -> Result<()> {
+        validate_backward(
+            spec,
+            &BackwardArgs::new(
+                T::host(x),
+                T::host(dy),
+                T::Acc::host(mean),
+                T::Acc::host(rstd),
+                gamma.map(T::host),
+                T::host_mut(dx),
+                dgamma.as_deref_mut().map(T::host_mut),
+                dbeta.as_deref_mut().map(T::host_mut),
+            ),
+        )?;
+        check_kind(spec.kind)?;
+        self.run(|| driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta));
+        Ok(())
+    }
+
+    fn forward_typed<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        a: ForwardArgs<&CpuBuffer, &mut CpuBuffer>,
+    ) -> Result<()> {
+        let x = typed::<T>("x", a.x)?;
+        let gamma = a.gamma.map(|g| typed::<T>("gamma", g)).transpose()?;
+        let beta = a.beta.map(|b| typed::<T>("beta", b)).transpose()?;
+        let y = typed_mut::<T>("y", a.y)?;
+        let mean = typed_mut::<T::Acc>("mean", a.mean)?;
+        let rstd = typed_mut::<T::Acc>("rstd", a.rstd)?;
+        self.forward_into(spec, x, gamma, beta, y, mean, rstd)
+    }
+
+    fn backward_typed<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        a: BackwardArgs<&CpuBuffer, &mut CpuBuffer>,
+    ) -> Result<()> {
+        let x = typed::<T>("x", a.x)?;
+        let dy = typed::<T>("dy", a.dy)?;
+        let mean = typed::<T::Acc>("mean", a.mean)?;
+        let rstd = typed::<T::Acc>("rstd", a.rstd)?;
+        let gamma = a.gamma.map(|g| typed::<T>("gamma", g)).transpose()?;
+        let dx = typed_mut::<T>("dx", a.dx)?;
+        let dgamma = a.dgamma.map(|g| typed_mut::<T>("dgamma", g)).transpose()?;
+        let dbeta = a.dbeta.map(|b| typed_mut::<T>("dbeta", b)).transpose()?;
+        self.backward_into(spec, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    }
+}
+
+fn check_kind(kind: NormKind) -> Result<()> {
+    match kind {
+        NormKind::LayerNorm => Ok(()),
+        other => {
+            Err(Error::UnsupportedKind { backend: CpuBackend::NAME.into(), kind: other.name() })
+        }
+    }
+}
+
+fn typed<'a, T: Element>(tensor: &'static str, b: &'a CpuBuffer) -> Result<&'a [T]> {
+    T::from_host(b.0.as_slice()).ok_or(Error::DTypeMismatch {
+        tensor,
+        expected: T::DTYPE,
+        got: b.dtype(),
+    })
+}
+
+fn typed_mut<'a, T: Element>(tensor: &'static str, b: &'a mut CpuBuffer) -> Result<&'a mut [T]> {
+    let got = b.dtype();
+    T::from_host_mut(b.0.as_mut_slice()).ok_or(Error::DTypeMismatch {
+        tensor,
+        expected: T::DTYPE,
+        got,
+    })
+}
+
+impl Normalize for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn supports(&self, kind: NormKind, _dtype: DType) -> Result<()> {
+        check_kind(kind)
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(HostVec::zeros(dtype, len)))
+    }
+
+    fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(HostVec::from_slice(data)))
+    }
+
+    fn download(&self, buffer: &CpuBuffer, mut out: HostSliceMut<'_>) -> Result<()> {
+        check_download(buffer, &out)?;
+        out.as_bytes_mut().copy_from_slice(buffer.0.as_slice().as_bytes());
+        Ok(())
+    }
+
+    fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CpuBuffer>) -> Result<()> {
+        match spec.dtype {
+            DType::F32 => self.forward_typed::<f32>(spec, a),
+            DType::F64 => self.forward_typed::<f64>(spec, a),
+            DType::F16 => self.forward_typed::<f16>(spec, a),
+            DType::BF16 => self.forward_typed::<bf16>(spec, a),
+            other => Err(Error::UnsupportedDType {
+                backend: Self::NAME.into(),
+                dtype: other,
+                reason: String::new(),
+            }),
+        }
+    }
+
+    fn run_backward(
+        &self,
+        spec: &NormSpec,
+        a: layernorm_core::Backward<'_, CpuBuffer>,
+    ) -> Result<()> {
+        match spec.dtype {
+            DType::F32 => self.backward_typed::<f32>(spec, a),
+            DType::F64 => self.backward_typed::<f64>(spec, a),
+            DType::F16 => self.backward_typed::<f16>(spec, a),
+            DType::BF16 => self.backward_typed::<bf16>(spec, a),
+            other => Err(Error::UnsupportedDType {
+                backend: Self::NAME.into(),
+                dtype: other,
+                reason: String::new(),
+            }),
+        }
+    }
+}

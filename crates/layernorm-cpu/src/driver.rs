@@ -1,0 +1,177 @@
+//! Spreading rows over threads, and the deterministic reduction of dγ/dβ.
+//!
+//! - Forward rows are independent: rows are cut into tasks of about [`TASK_ELEMS`] elements.
+//! - Backward rows are grouped in fixed blocks of [`ROW_BLOCK`] rows. Each block sums its rows'
+//!   dy·x̂ and dy into its own partial vectors, in row order, in the accumulation type; the partials
+//!   are then summed in block order in `f64` and rounded once to the storage type. Block
+//!   boundaries do not depend on the thread count, so dγ/dβ are bitwise identical for any pool.
+//! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
+
+use layernorm_core::Element;
+use num_traits::Zero;
+use rayon::prelude::*;
+
+use crate::element::{CpuElement, load, load_param};
+use crate::row;
+
+/// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
+pub const ROW_BLOCK: usize = 32;
+/// Elements per parallel task (forward), or per group of row blocks (backward).
+pub(crate) const TASK_ELEMS: usize = 1 << 15;
+/// Below this many elements, everything runs on the calling thread.
+pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+
+fn rows_per_task(n: usize) -> usize {
+    (TASK_ELEMS / n).max(1)
+}
+
+/// Forward over contiguous rows. Lengths are validated by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: CpuElement>(
+    n: usize,
+    eps: f64,
+    x: &[T],
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    y: &mut [T],
+    mean: &mut [T::Acc],
+    rstd: &mut [T::Acc],
+) {
+    let gamma = load_param(gamma);
+    let beta = load_param(beta);
+    let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
+    let task = |first_row: usize, y: &mut [T], mean: &mut [T::Acc], rstd: &mut [T::Acc]| {
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for (r, (yr, (m, s))) in
+            y.chunks_exact_mut(n).zip(mean.iter_mut().zip(rstd.iter_mut())).enumerate()
+        {
+            let xr = &x[(first_row + r) * n..(first_row + r + 1) * n];
+            let xa = load(xr, &mut xs);
+            let (mu, rs) = match T::as_acc_mut(yr) {
+                Some(ya) => row::forward(xa, gamma, beta, ya, eps),
+                None => {
+                    ys.resize(n, T::Acc::zero());
+                    let out = row::forward(xa, gamma, beta, &mut ys, eps);
+                    T::narrow(&ys, yr);
+                    out
+                }
+            };
+            *m = T::Acc::from_f64(mu);
+            *s = T::Acc::from_f64(rs);
+        }
+    };
+    if x.len() < PARALLEL_MIN_ELEMS {
+        task(0, y, mean, rstd);
+        return;
+    }
+    let per = rows_per_task(n);
+    y.par_chunks_mut(per * n)
+        .zip(mean.par_chunks_mut(per))
+        .zip(rstd.par_chunks_mut(per))
+        .enumerate()
+        .for_each(|(t, ((y, m), s))| task(t * per, y, m, s));
+}
+
+/// Backward over contiguous rows. Lengths are validated by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: CpuElement>(
+    n: usize,
+    x: &[T],
+    dy: &[T],
+    mean: &[T::Acc],
+    rstd: &[T::Acc],
+    gamma: Option<&[T]>,
+    dx: &mut [T],
+    dgamma: Option<&mut [T]>,
+    dbeta: Option<&mut [T]>,
+) {
+    let rows = mean.len();
+    let gamma = load_param(gamma);
+    let gamma = gamma.as_deref();
+    let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
+    let blocks = rows.div_ceil(ROW_BLOCK);
+    // Per block: [dγ partial (n) | dβ partial (n)].
+    let width = 2 * n;
+    let mut partials = vec![T::Acc::zero(); if want_g || want_b { blocks * width } else { 0 }];
+
+    let block = |b: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
+        let (mut xs, mut dys, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pg, mut pb) = match part {
+            Some(p) => {
+                let (g, bb) = p.split_at_mut(n);
+                (want_g.then_some(g), want_b.then_some(bb))
+            }
+            None => (None, None),
+        };
+        for (i, dxr) in dx.chunks_exact_mut(n).enumerate() {
+            let r = b * ROW_BLOCK + i;
+            let xa = load(&x[r * n..(r + 1) * n], &mut xs);
+            let dya = load(&dy[r * n..(r + 1) * n], &mut dys);
+            let (mu, rs) = (mean[r].into(), rstd[r].into());
+            match T::as_acc_mut(dxr) {
+                Some(dxa) => {
+                    row::backward(xa, dya, mu, rs, gamma, dxa, pg.as_deref_mut(), pb.as_deref_mut())
+                }
+                None => {
+                    dxs.resize(n, T::Acc::zero());
+                    row::backward(
+                        xa,
+                        dya,
+                        mu,
+                        rs,
+                        gamma,
+                        &mut dxs,
+                        pg.as_deref_mut(),
+                        pb.as_deref_mut(),
+                    );
+                    T::narrow(&dxs, dxr);
+                }
+            }
+        }
+    };
+
+    let chunk = ROW_BLOCK * n;
+    if x.len() < PARALLEL_MIN_ELEMS {
+        if partials.is_empty() {
+            dx.chunks_mut(chunk).enumerate().for_each(|(b, d)| block(b, d, None));
+        } else {
+            dx.chunks_mut(chunk)
+                .zip(partials.chunks_mut(width))
+                .enumerate()
+                .for_each(|(b, (d, p))| block(b, d, Some(p)));
+        }
+    } else {
+        let min_len = (TASK_ELEMS / chunk).max(1);
+        if partials.is_empty() {
+            dx.par_chunks_mut(chunk)
+                .enumerate()
+                .with_min_len(min_len)
+                .for_each(|(b, d)| block(b, d, None));
+        } else {
+            dx.par_chunks_mut(chunk)
+                .zip(partials.par_chunks_mut(width))
+                .enumerate()
+                .with_min_len(min_len)
+                .for_each(|(b, (d, p))| block(b, d, Some(p)));
+        }
+    }
+
+    // Fixed-order reduction of the block partials: block 0, 1, 2, … in f64, rounded once.
+    let reduce = |offset: usize, out: &mut [T]| {
+        let mut acc = vec![0f64; n];
+        for p in partials.chunks_exact(width) {
+            for (a, &v) in acc.iter_mut().zip(&p[offset..offset + n]) {
+                *a += v.into();
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = T::from_f64(a);
+        }
+    };
+    if let Some(dg) = dgamma {
+        reduce(0, dg);
+    }
+    if let Some(db) = dbeta {
+        reduce(n, db);
+    }
+}

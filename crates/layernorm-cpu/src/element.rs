@@ -1,0 +1,96 @@
+//! How each storage type reaches the `f32`/`f64` row kernels: directly, or widened per row.
+
+use half::slice::HalfFloatSliceExt;
+use layernorm_core::{Element, bf16, f16};
+use num_traits::Zero;
+
+use crate::row::Real;
+
+/// A storage type the CPU backend computes on. `f32`/`f64` rows are used in place; `f16`/`bf16`
+/// rows are widened into an `f32` scratch row (SIMD conversion where the CPU has it), computed on,
+/// and rounded back once.
+pub trait CpuElement: Element<Acc: Real> {
+    /// The row itself, when the storage type is the accumulation type.
+    fn as_acc(s: &[Self]) -> Option<&[Self::Acc]>;
+    /// The row itself, mutably, when the storage type is the accumulation type.
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self::Acc]>;
+    /// Widens `src` into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [Self::Acc]);
+    /// Rounds `src` into `dst` (same length), once per element.
+    fn narrow(src: &[Self::Acc], dst: &mut [Self]);
+}
+
+macro_rules! direct {
+    ($t:ty) => {
+        impl CpuElement for $t {
+            #[inline]
+            fn as_acc(s: &[Self]) -> Option<&[Self]> {
+                Some(s)
+            }
+            #[inline]
+            fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self]> {
+                Some(s)
+            }
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [Self]) {
+                dst.copy_from_slice(src)
+            }
+            #[inline]
+            fn narrow(src: &[Self], dst: &mut [Self]) {
+                dst.copy_from_slice(src)
+            }
+        }
+    };
+}
+
+macro_rules! half_float {
+    ($t:ty) => {
+        impl CpuElement for $t {
+            #[inline]
+            fn as_acc(_: &[Self]) -> Option<&[f32]> {
+                None
+            }
+            #[inline]
+            fn as_acc_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+                None
+            }
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                src.convert_to_f32_slice(dst)
+            }
+            #[inline]
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                dst.convert_from_f32_slice(src)
+            }
+        }
+    };
+}
+
+direct!(f32);
+direct!(f64);
+half_float!(f16);
+half_float!(bf16);
+
+/// A row as the kernels see it: borrowed in place, or widened into scratch.
+pub(crate) fn load<'a, T: CpuElement>(row: &'a [T], scratch: &'a mut Vec<T::Acc>) -> &'a [T::Acc] {
+    match T::as_acc(row) {
+        Some(r) => r,
+        None => {
+            scratch.resize(row.len(), T::Acc::zero());
+            T::widen(row, scratch);
+            scratch
+        }
+    }
+}
+
+/// A whole parameter vector (γ, β) in the accumulation type.
+pub(crate) fn load_param<T: CpuElement>(p: Option<&[T]>) -> Option<std::borrow::Cow<'_, [T::Acc]>> {
+    p.map(|p| match T::as_acc(p) {
+        Some(p) => std::borrow::Cow::Borrowed(p),
+        None => {
+            let mut v = vec![T::Acc::zero(); p.len()];
+            T::widen(p, &mut v);
+            std::borrow::Cow::Owned(v)
+        }
+    })
+}
