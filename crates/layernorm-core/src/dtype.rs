@@ -59,6 +59,26 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
+    /// The largest finite value of the storage type, as `f64`.
+    pub const fn max_finite(self) -> f64 {
+        match self {
+            DType::F16 => 65504.0,
+            DType::BF16 => 3.3895313892515355e38,
+            DType::F32 => 3.4028234663852886e38,
+            DType::F64 => f64::MAX,
+        }
+    }
+
+    /// Rounds `v` to this dtype and widens it back (to nearest even).
+    pub fn round(self, v: f64) -> f64 {
+        match self {
+            DType::F16 => f16::from_f64(v).to_f64(),
+            DType::BF16 => bf16::from_f64(v).to_f64(),
+            DType::F32 => v as f32 as f64,
+            DType::F64 => v,
+        }
+    }
+
     /// Machine epsilon of the storage type (distance from 1.0 to the next value), as `f64`.
     pub const fn epsilon(self) -> f64 {
         match self {
@@ -373,6 +393,15 @@ mod tests {
             assert_eq!(DType::from_name(d.name()), Some(d));
         }
         assert_eq!(DType::from_name("f8"), None);
+    }
+
+    #[test]
+    fn max_finite_and_round_match_the_types() {
+        assert_eq!(DType::F16.max_finite(), f16::MAX.to_f64());
+        assert_eq!(DType::BF16.max_finite(), bf16::MAX.to_f64());
+        assert_eq!(DType::F32.max_finite(), f32::MAX as f64);
+        assert_eq!(DType::F16.round(1e6), f64::INFINITY);
+        assert_eq!(DType::F32.round(0.1), 0.1f32 as f64);
     }
 
     #[test]

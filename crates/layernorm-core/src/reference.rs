@@ -3,7 +3,10 @@
 //! It follows `docs/math.md` line by line, in `f64`, with no shortcut: mean, then a second pass for
 //! the variance, rstd, x̂, y; and for the backward x̂ again from the saved statistics, then
 //! g = dy·γ, c1 = mean(g·x̂), c2 = mean(g), dx = rstd·(g − c2 − x̂·c1), dγ = Σ dy·x̂, dβ = Σ dy.
-//! Sums are plain left-to-right loops: the reference must be obviously right, not fast.
+//! Sums are plain left-to-right loops: the reference must be obviously right, not fast. The one
+//! concession is the row sum behind the mean, which is compensated (Neumaier), so that μ is the
+//! correctly rounded mean even at |μ| ≫ σ; every backend is then compared against a mean no
+//! worse than `f64` rounding of the true one.
 //!
 //! Inputs are `f64`. Backends are compared on the same inputs rounded to their storage dtype and
 //! widened back, so the reference sees exactly what the backend sees. For inputs representable in
@@ -54,11 +57,14 @@ fn check_kind(spec: &NormSpec) -> Result<()> {
 /// Statistics of one row: (μ, rstd), equations (1)–(3) of `docs/math.md`.
 pub fn row_stats(x: &[f64], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
-    let mut sum = 0.0;
+    // Neumaier's compensated sum: `comp` collects the low-order bits each addition drops.
+    let (mut sum, mut comp) = (0.0f64, 0.0f64);
     for &v in x {
-        sum += v;
+        let t = sum + v;
+        comp += if sum.abs() >= v.abs() { (sum - t) + v } else { (v - t) + sum };
+        sum = t;
     }
-    let mean = sum / n;
+    let mean = (sum + comp) / n;
     let mut ss = 0.0;
     for &v in x {
         ss += (v - mean) * (v - mean);

@@ -7,15 +7,20 @@
 //! - **Sums** run in `LANES` independent accumulators inside blocks of `BLOCK` elements; each
 //!   block's total is added into an `f64`. Rounding error therefore grows with `BLOCK / LANES`
 //!   (16 additions), not with N.
-//! - **Mean** is kept in two parts: `m_hi`, the first-pass estimate rounded to the accumulation
-//!   type, and `m_lo`, the mean of the residuals `d = x − m_hi`, which are exact (Sterbenz) when
-//!   |mean| ≫ std. Centering with both parts keeps rows at mean 1e6, std 1 exact in `f32`.
-//! - **Variance** is the mean of squared residuals (shifted data), never E[x²] − E[x]². Residuals
-//!   are scaled by a power of two before squaring, so |x| up to ~1e38 does not overflow `f32`.
-//!   When the shift's correction is large next to the spread (rows constant to a few ulps), an
-//!   exact third pass over `(d − m_lo)²` replaces the shifted formula.
-//! - **Backward** recomputes the residual mean from x itself instead of trusting the saved,
-//!   rounded mean, and forms c1 from sums it already has: c1 = (Σg·d − m_lo·Σg)/N · rstd.
+//! - **Mean** is summed in `f64` lanes (`f32` data) and kept in two parts, `m_hi` (the mean rounded
+//!   to the accumulation type) and `m_lo` (what that rounding dropped). Centering with both,
+//!   `(x − m_hi) − m_lo`, keeps rows at mean 1e6, std 1 exact in `f32`, where a rounded mean alone
+//!   would be off by up to 3% of a standard deviation. For `f64` data, `m_lo` is the mean of the
+//!   residuals `x − m_hi` (exact by Sterbenz when |mean| ≫ std).
+//! - **Variance** is the textbook second pass, the mean of squared centered values, never
+//!   E[x²] − E[x]². Centered values are scaled by a power of two before squaring, so |x| up to
+//!   ~1e38 does not overflow `f32`.
+//! - **Backward** does not trust the saved mean to more than its storage precision: it recomputes
+//!   the exact mean from x (in the same sweep as Σg and Σg·d), and forms c1 from those sums:
+//!   c1 = (Σg·d − m_lo·Σg)/N · rstd with d = x − mean_saved and m_lo = mean − mean_saved.
+
+// Index loops over lanes and row positions are the shape the vectorizer wants here.
+#![allow(clippy::needless_range_loop)]
 
 use num_traits::Float;
 
@@ -26,11 +31,15 @@ pub(crate) const BLOCK: usize = 256;
 
 /// The types the row kernels compute in: `f32` and `f64`.
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
+    /// Whether the row mean is formed from an `f64` sum of x (true for `f32`, where that sum has
+    /// 29 spare bits), rather than from the residuals of a first estimate (`f64`).
+    const WIDE_MEAN: bool;
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
 }
 
 impl Real for f32 {
+    const WIDE_MEAN: bool = true;
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
@@ -38,6 +47,7 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const WIDE_MEAN: bool = false;
     #[inline(always)]
     fn of(v: f64) -> f64 {
         v
@@ -46,12 +56,12 @@ impl Real for f64 {
 
 /// Sums `K` per-element quantities over `0..n`: lanes within blocks, `f64` across blocks.
 #[inline(always)]
-fn sums<A: Real, const K: usize>(n: usize, mut term: impl FnMut(usize) -> [A; K]) -> [f64; K] {
+fn sums<L: Real, const K: usize>(n: usize, mut term: impl FnMut(usize) -> [L; K]) -> [f64; K] {
     let mut total = [0f64; K];
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
-        let mut acc = [[A::zero(); LANES]; K];
+        let mut acc = [[L::zero(); LANES]; K];
         let mut j = start;
         while j + LANES <= end {
             for l in 0..LANES {
@@ -131,9 +141,9 @@ fn rstd_scale(rstd: f64) -> f64 {
 /// Per-row statistics: (mean, rstd) in `f64`, plus the split mean used for centering.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowStats<A> {
-    /// First-pass mean, rounded to `A`.
+    /// The mean rounded to `A`.
     pub m_hi: A,
-    /// Mean of the residuals `x − m_hi`.
+    /// What rounding the mean to `A` dropped: mean − m_hi.
     pub m_lo: A,
     /// The full mean, `m_hi + m_lo`, in `f64`.
     pub mean: f64,
@@ -141,43 +151,34 @@ pub(crate) struct RowStats<A> {
     pub rstd: f64,
 }
 
+/// The row mean as (m_hi, m_lo, mean): see the module docs.
+#[inline(always)]
+fn mean<A: Real>(x: &[A]) -> (A, A, f64) {
+    let nf = x.len() as f64;
+    let [sum] = sums::<f64, 1>(x.len(), |j| [x[j].into()]);
+    let m = sum / nf;
+    let m_hi = A::of(m);
+    if A::WIDE_MEAN {
+        return (m_hi, A::of(m - m_hi.into()), m);
+    }
+    let [sd] = sums(x.len(), |j| [x[j] - m_hi]);
+    let m_lo = sd / nf;
+    (m_hi, A::of(m_lo), m_hi.into() + m_lo)
+}
+
 /// Mean and rstd of one row (equations (1)–(3) of `docs/math.md`), computed as the module docs say.
 #[inline(always)]
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
-    let n = x.len();
-    let nf = n as f64;
-    let mx: f64 = max_abs(x).into();
-    let [mut sum] = sums(n, |j| [x[j]]);
-    let s = square_scale(mx);
-    if !sum.is_finite() && mx.is_finite() {
-        // Block sums overflowed (|x| > ~1e36 in f32): sum the scaled row instead.
-        let sa = A::of(s);
-        let [scaled] = sums(n, |j| [x[j] * sa]);
-        sum = scaled / s;
-    }
-    let m_hi = A::of(sum / nf);
+    let nf = x.len() as f64;
+    let (m_hi, m_lo, mean) = mean(x);
+    let s = square_scale(max_abs(x).into());
     let sa = A::of(s);
-    let [sd, sdd] = sums(n, |j| {
-        let d = x[j] - m_hi;
-        let ds = d * sa;
-        [d, ds * ds]
+    let [ss] = sums(x.len(), |j| {
+        let e = ((x[j] - m_hi) - m_lo) * sa;
+        [e * e]
     });
-    let m_lo = sd / nf;
-    let m_lo_a = A::of(m_lo);
-    let shifted = sdd / nf / (s * s) - m_lo * m_lo;
-    let var = if m_lo * m_lo > shifted.abs() * 2f64.powi(-8) && shifted.is_finite() {
-        // The shift's correction dominates the spread: exact pass on the centered residuals.
-        let mls = A::of(m_lo * s);
-        let [ss] = sums(n, |j| {
-            let e = (x[j] - m_hi) * sa - mls;
-            [e * e]
-        });
-        ss / nf / (s * s)
-    } else {
-        shifted
-    };
-    let var = var.max(0.0);
-    RowStats { m_hi, m_lo: m_lo_a, mean: m_hi.into() + m_lo, rstd: 1.0 / (var + eps).sqrt() }
+    let var = ss / nf / (s * s);
+    RowStats { m_hi, m_lo, mean, rstd: 1.0 / (var + eps).sqrt() }
 }
 
 /// Forward of one row: y = (x − m_hi − m_lo) · rstd · γ + β. Returns (mean, rstd).
@@ -219,13 +220,13 @@ pub(crate) fn forward<A: Real>(
 
 /// Backward of one row: writes dx and adds this row's dy·x̂ and dy into `dgamma` / `dbeta`.
 ///
-/// `mean` is used only to center; the residual mean is recomputed from x.
+/// `mean_saved` is used only to center; the exact mean is recomputed from x.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn backward<A: Real>(
     x: &[A],
     dy: &[A],
-    mean: f64,
+    mean_saved: f64,
     rstd: f64,
     gamma: Option<&[A]>,
     dx: &mut [A],
@@ -235,19 +236,21 @@ pub(crate) fn backward<A: Real>(
     let n = x.len();
     let nf = n as f64;
     let s = rstd_scale(rstd);
-    let (m, sa) = (A::of(mean), A::of(s));
-    let [sd, sg, sgd] = match gamma {
+    let (m, sa) = (A::of(mean_saved), A::of(s));
+    let [sg, sgd] = match gamma {
         Some(gm) => sums(n, |j| {
             let d = (x[j] - m) * sa;
             let g = dy[j] * gm[j];
-            [d, g, g * d]
+            [g, g * d]
         }),
         None => sums(n, |j| {
             let d = (x[j] - m) * sa;
-            [d, dy[j], dy[j] * d]
+            [dy[j], dy[j] * d]
         }),
     };
-    let m_lo = sd / nf;
+    // The exact mean's distance from the saved one, scaled like d.
+    let m_saved: f64 = m.into();
+    let m_lo = (mean(x).2 - m_saved) * s;
     let r = rstd / s;
     let c2 = sg / nf;
     let c1 = (sgd - m_lo * sg) / nf * r;

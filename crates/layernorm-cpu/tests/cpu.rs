@@ -1,0 +1,297 @@
+//! CPU-backend behaviour beyond the conformance suite: bitwise determinism across thread counts,
+//! the ndarray layer (leading dims, several normalized dims, non-contiguous views, caller-owned
+//! outputs), typed errors for bad input, and non-finite rows staying in their row.
+
+use std::sync::Arc;
+
+use layernorm_core::{DType, Error, HostNormalizeExt, NormSpec, bf16, f16, reference};
+use layernorm_cpu::{CpuBackend, ROW_BLOCK};
+use ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+}
+
+fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
+    // Enough rows for many blocks and a parallel run, with a ragged last block.
+    let (rows, n) = (ROW_BLOCK * 37 + 5, 515);
+    let spec = NormSpec::layer_norm(rows, n, DType::F32);
+    let x = normal(rows * n, 1);
+    let dy = normal(rows * n, 2);
+    let (g, b) = (normal(n, 3), normal(n, 4));
+    let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+    for threads in [1, 2, 3, 8] {
+        let cpu = CpuBackend::with_pool(pool(threads));
+        let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+        let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
+        let got = (gr.dx, gr.dgamma.unwrap(), gr.dbeta.unwrap());
+        match &first {
+            None => first = Some(got),
+            Some(want) => {
+                assert_eq!(bits(&got.1), bits(&want.1), "dgamma differs at {threads} threads");
+                assert_eq!(bits(&got.2), bits(&want.2), "dbeta differs at {threads} threads");
+                assert_eq!(bits(&got.0), bits(&want.0), "dx differs at {threads} threads");
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_parameter_gradients_are_deterministic_too() {
+    let (rows, n) = (ROW_BLOCK * 9 + 1, 130);
+    let spec = NormSpec::layer_norm(rows, n, DType::BF16).with_beta(false);
+    let cv = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+    let (x, dy, g) = (cv(normal(rows * n, 5)), cv(normal(rows * n, 6)), cv(normal(n, 7)));
+    let run = |threads| {
+        let cpu = CpuBackend::with_pool(pool(threads));
+        let f = cpu.forward_vec(&spec, &x, Some(&g), None).unwrap();
+        cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap()
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn respects_the_callers_pool() {
+    let spec = NormSpec::layer_norm(4096, 64, DType::F32).with_affine(false);
+    let x = normal(4096 * 64, 8);
+    let p = pool(3);
+    let f = p.install(|| CpuBackend::new().forward_vec(&spec, &x, None, None)).unwrap();
+    let g = CpuBackend::new().forward_vec(&spec, &x, None, None).unwrap();
+    assert_eq!(f, g);
+}
+
+#[test]
+fn nd_normalizes_over_trailing_dims_like_pytorch() {
+    // x: (2, 3, 4, 5), normalized_shape (4, 5): 6 rows of 20.
+    let x = Array::from_shape_vec((2, 3, 4, 5), normal(120, 9)).unwrap();
+    let gamma = Array2::from_shape_vec((4, 5), normal(20, 10)).unwrap().into_dyn();
+    let beta = Array2::from_shape_vec((4, 5), normal(20, 11)).unwrap().into_dyn();
+    let cpu = CpuBackend::new();
+    let out = cpu.forward_nd(x.view(), 2, Some(gamma.view()), Some(beta.view()), 1e-5).unwrap();
+    assert_eq!(out.y.shape(), &[2, 3, 4, 5]);
+    assert_eq!(out.mean.shape(), &[2, 3]);
+    // Same numbers as the flat API.
+    let spec = NormSpec::layer_norm(6, 20, DType::F32);
+    let flat =
+        cpu.forward_vec(&spec, x.as_slice().unwrap(), gamma.as_slice(), beta.as_slice()).unwrap();
+    assert_eq!(out.y.as_slice().unwrap(), &flat.y[..]);
+    assert_eq!(out.mean.as_slice().unwrap(), &flat.mean[..]);
+
+    let dy = Array::from_shape_vec((2, 3, 4, 5), normal(120, 12)).unwrap();
+    let grads = cpu
+        .backward_nd(
+            x.view(),
+            dy.view(),
+            out.mean.view(),
+            out.rstd.view(),
+            2,
+            Some(gamma.view()),
+            true,
+        )
+        .unwrap();
+    let fg = cpu
+        .backward_vec(
+            &spec,
+            x.as_slice().unwrap(),
+            dy.as_slice().unwrap(),
+            &flat.mean,
+            &flat.rstd,
+            gamma.as_slice(),
+        )
+        .unwrap();
+    assert_eq!(grads.dx.as_slice().unwrap(), &fg.dx[..]);
+    assert_eq!(grads.dgamma.unwrap().shape(), &[4, 5]);
+    assert_eq!(grads.dbeta.unwrap().as_slice().unwrap(), &fg.dbeta.unwrap()[..]);
+}
+
+#[test]
+fn nd_accepts_non_contiguous_views_and_writes_into_strided_outputs() {
+    let base = Array3::from_shape_vec((4, 6, 8), normal(192, 13)).unwrap();
+    // A sliced, permuted view: rows are not contiguous in memory.
+    let x = base.slice(s![.., 1..5, ..]).permuted_axes([1, 0, 2]); // (4, 4, 8)
+    assert!(!x.is_standard_layout());
+    let cpu = CpuBackend::new();
+    let owned = x.to_owned();
+    let want = cpu.forward_nd(owned.view(), 1, None, None, 1e-5).unwrap();
+    let got = cpu.forward_nd(x.view(), 1, None, None, 1e-5).unwrap();
+    assert_eq!(got, want);
+
+    // Caller-owned outputs, themselves strided (every other column of a wider array).
+    let mut ybuf = Array3::<f32>::zeros((4, 4, 16));
+    let mut mean = ArrayD::<f32>::zeros(IxDyn(&[4, 4]));
+    let mut rstd = ArrayD::<f32>::zeros(IxDyn(&[4, 4]));
+    cpu.forward_nd_into(
+        x.view(),
+        1,
+        None,
+        None,
+        1e-5,
+        ybuf.slice_mut(s![.., .., ..;2]),
+        mean.view_mut(),
+        rstd.view_mut(),
+    )
+    .unwrap();
+    assert_eq!(ybuf.slice(s![.., .., ..;2]).to_owned().into_dyn(), want.y);
+    assert!(ybuf.slice(s![.., .., 1..;2]).iter().all(|&v| v == 0.0));
+    assert_eq!(mean, want.mean);
+}
+
+#[test]
+fn nd_shape_errors_name_the_tensor() {
+    let cpu = CpuBackend::new();
+    let x = Array2::<f32>::zeros((3, 4));
+    let bad_gamma = ArrayD::<f32>::zeros(IxDyn(&[5]));
+    assert_eq!(
+        cpu.forward_nd(x.view(), 1, Some(bad_gamma.view()), None, 1e-5).unwrap_err(),
+        Error::DimsMismatch { tensor: "gamma", expected: vec![4], got: vec![5] }
+    );
+    assert_eq!(
+        cpu.forward_nd(x.view(), 3, None, None, 1e-5).unwrap_err(),
+        Error::TooManyNormalizedDims { normalized_dims: 3, ndim: 2 }
+    );
+    assert_eq!(
+        cpu.forward_nd(x.view(), 0, None, None, 1e-5).unwrap_err(),
+        Error::EmptyNormalizedDim
+    );
+    let empty = Array2::<f32>::zeros((3, 0));
+    assert_eq!(
+        cpu.forward_nd(empty.view(), 1, None, None, 1e-5).unwrap_err(),
+        Error::EmptyNormalizedDim
+    );
+    assert_eq!(cpu.forward_nd(x.view(), 1, None, None, f64::NAN).unwrap_err().class(), "eps");
+    let f = cpu.forward_nd(x.view(), 1, None, None, 1e-5).unwrap();
+    let dy = Array2::<f32>::zeros((3, 5));
+    assert_eq!(
+        cpu.backward_nd(x.view(), dy.view(), f.mean.view(), f.rstd.view(), 1, None, false)
+            .unwrap_err(),
+        Error::DimsMismatch { tensor: "dy", expected: vec![3, 4], got: vec![3, 5] }
+    );
+}
+
+#[test]
+fn flat_api_errors_are_typed_and_never_panic() {
+    let cpu = CpuBackend::new();
+    let spec = NormSpec::layer_norm(2, 3, DType::F32);
+    let x = [0.0f32; 6];
+    let (g, b) = ([1.0f32; 3], [0.0f32; 3]);
+    let (mut y, mut m, mut r) = ([0.0f32; 6], [0.0f32; 2], [0.0f32; 2]);
+    let mut fwd = |spec: &NormSpec, x: &[f32], g: Option<&[f32]>| {
+        cpu.forward_into(spec, x, g, Some(&b), &mut y, &mut m, &mut r)
+    };
+    assert_eq!(
+        fwd(&spec, &x[..4], Some(&g)).unwrap_err(),
+        Error::ShapeMismatch { tensor: "x", expected: 6, got: 4 }
+    );
+    assert_eq!(
+        fwd(&spec, &x, None).unwrap_err(),
+        Error::ParameterMismatch { tensor: "gamma", passed: false }
+    );
+    assert_eq!(
+        fwd(&spec.clone().with_eps(0.0), &x, Some(&g)).unwrap_err(),
+        Error::InvalidEps { eps: 0.0 }
+    );
+    assert_eq!(
+        fwd(&NormSpec::layer_norm(2, 0, DType::F32), &[], Some(&g)).unwrap_err(),
+        Error::EmptyNormalizedDim
+    );
+    assert_eq!(
+        fwd(&spec.clone().with_dtype(DType::F16), &x, Some(&g)).unwrap_err(),
+        Error::DTypeMismatch { tensor: "x", expected: DType::F16, got: DType::F32 }
+    );
+    // Backward: mean/rstd lengths.
+    let (mut dx, dy) = ([0.0f32; 6], [0.0f32; 6]);
+    assert_eq!(
+        cpu.backward_into(&spec, &x, &dy, &[0.0; 3], &[1.0; 2], Some(&g), &mut dx, None, None)
+            .unwrap_err(),
+        Error::ShapeMismatch { tensor: "mean", expected: 2, got: 3 }
+    );
+    assert_eq!(
+        cpu.backward_into(&spec, &x, &dy, &[0.0; 2], &[1.0], Some(&g), &mut dx, None, None)
+            .unwrap_err(),
+        Error::ShapeMismatch { tensor: "rstd", expected: 2, got: 1 }
+    );
+}
+
+#[test]
+fn non_finite_inputs_poison_only_their_own_row() {
+    let cpu = CpuBackend::new();
+    let (rows, n) = (4, 33);
+    let spec = NormSpec::layer_norm(rows, n, DType::F32);
+    let mut x = normal(rows * n, 14);
+    x[n + 3] = f32::NAN;
+    x[3 * n] = f32::INFINITY;
+    let (g, b) = (normal(n, 15), normal(n, 16));
+    let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    for r in 0..rows {
+        let row = &f.y[r * n..(r + 1) * n];
+        if r == 1 || r == 3 {
+            assert!(row.iter().all(|v| v.is_nan()), "row {r} should be NaN");
+        } else {
+            assert!(row.iter().all(|v| v.is_finite()), "row {r} should be finite");
+        }
+    }
+    let dy = normal(rows * n, 17);
+    let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
+    assert!(gr.dx[..n].iter().all(|v| v.is_finite()));
+    assert!(gr.dx[n..2 * n].iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn zero_rows_give_zero_parameter_gradients() {
+    let cpu = CpuBackend::new();
+    let spec = NormSpec::layer_norm(0, 8, DType::F16);
+    let g = vec![f16::ONE; 8];
+    let f = cpu.forward_vec::<f16>(&spec, &[], Some(&g), Some(&g)).unwrap();
+    assert!(f.y.is_empty() && f.mean.is_empty());
+    let gr = cpu.backward_vec::<f16>(&spec, &[], &[], &[], &[], Some(&g)).unwrap();
+    assert_eq!(gr.dgamma.unwrap(), vec![f16::ZERO; 8]);
+    assert_eq!(gr.dbeta.unwrap(), vec![f16::ZERO; 8]);
+}
+
+#[test]
+fn f32_accuracy_at_the_spine_issues_hard_cases() {
+    // mean 1e6, std 1 (PyTorch: 2.7e-2 in y) and std 1e30 (PyTorch: inf), measured as
+    // max|got − ref| / max(1, max|ref|) against f64 math on the same f32 inputs.
+    let cpu = CpuBackend::new();
+    for (mean, std) in [(1e6f32, 1.0f32), (0.0, 1e30)] {
+        let (rows, n) = (64, 1024);
+        let x: Vec<f32> = normal(rows * n, 18).iter().map(|v| mean + std * v).collect();
+        let spec = NormSpec::layer_norm(rows, n, DType::F32).with_affine(false);
+        let f = cpu.forward_vec(&spec, &x, None, None).unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let r = reference::forward(&spec, &x64, None, None).unwrap();
+        let err = f.y.iter().zip(&r.y).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        let scale = r.y.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        assert!(err / scale < 1e-6, "mean {mean} std {std}: {}", err / scale);
+        assert!(f.y.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn rows_are_independent_of_their_neighbours() {
+    // The same row gives the same bits whether alone or among 999 others (no cross-row state).
+    let cpu = CpuBackend::new();
+    let n = 300;
+    let many = normal(1000 * n, 19);
+    let spec = NormSpec::layer_norm(1000, n, DType::F32).with_affine(false);
+    let all = cpu.forward_vec(&spec, &many, None, None).unwrap();
+    let one_spec = NormSpec::layer_norm(1, n, DType::F32).with_affine(false);
+    for r in [0, 517, 999] {
+        let one = cpu.forward_vec(&one_spec, &many[r * n..(r + 1) * n], None, None).unwrap();
+        assert_eq!(bits(&one.y), bits(&all.y[r * n..(r + 1) * n]));
+        assert_eq!(one.mean[0].to_bits(), all.mean[r].to_bits());
+    }
+}

@@ -1,0 +1,169 @@
+//! LayerNorm forward and backward on CPU, CUDA and wgpu behind one trait, every backend held to
+//! one f64 reference by one conformance suite.
+//!
+//! This is the pick-a-backend facade. It re-exports the core types ([`Normalize`], [`NormSpec`],
+//! [`DType`], [`Error`], …) and the backends compiled in, and holds the **one registry** of backends
+//! ([`REGISTRY`]) that run-time selection and the conformance suite both read.
+//!
+//! # Choosing a backend
+//!
+//! - At compile time: use the backend type directly (`layernorm::cpu::CpuBackend`, …) to keep
+//!   data on its device ([`Normalize`] works on the backend's own buffers).
+//! - At run time: [`backend`] by name, or [`auto`], which returns the best available backend
+//!   and says why it chose it. Both give a `Box<dyn HostNormalize>` that works on host slices.
+//!
+//! ```
+//! use layernorm::{DType, HostNormalizeExt, NormSpec};
+//!
+//! let (backend, why) = layernorm::auto()?;
+//! println!("using {}: {why}", backend.name());
+//! let spec = NormSpec::layer_norm(2, 4, DType::F32);
+//! let x = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.0];
+//! let (gamma, beta) = ([1.0f32; 4], [0.0f32; 4]);
+//! let out = backend.forward_vec(&spec, &x, Some(&gamma), Some(&beta))?;
+//! assert_eq!(out.mean, vec![2.5, 0.0]);
+//! # Ok::<(), layernorm::Error>(())
+//! ```
+//!
+//! # Cargo features
+//!
+//! | feature | default | backend |
+//! |---|---|---|
+//! | `cpu` | yes | [`cpu::CpuBackend`]: rayon over rows, all four dtypes |
+//! | `cuda` | no | `cuda::CudaBackend`: cudarc + NVRTC; needs an NVIDIA driver at run time only |
+//! | `wgpu` | no | `wgpu::WgpuBackend`: WGSL shaders on any adapter wgpu finds |
+//!
+//! A backend whose feature is off is still listed by [`REGISTRY`], and reports
+//! [`Error::Unavailable`] naming the feature.
+
+pub use layernorm_core::*;
+
+#[cfg(feature = "cpu")]
+pub use layernorm_cpu as cpu;
+#[cfg(feature = "cuda")]
+pub use layernorm_cuda as cuda;
+#[cfg(feature = "wgpu")]
+pub use layernorm_wgpu as wgpu;
+
+/// One registered backend: its name and how to create it.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendEntry {
+    /// Registry name, as accepted by [`backend`] and `cargo xtask conformance --backend`.
+    pub name: &'static str,
+    /// Creates the backend, or says why it cannot run here.
+    pub create: fn() -> Result<Box<dyn HostNormalize>>,
+}
+
+impl BackendEntry {
+    /// Creates the backend.
+    pub fn create(&self) -> Result<Box<dyn HostNormalize>> {
+        (self.create)()
+    }
+}
+
+macro_rules! entry {
+    ($name:literal, $feature:literal, $make:expr) => {
+        BackendEntry {
+            name: $name,
+            create: || {
+                #[cfg(feature = $feature)]
+                {
+                    let b: Box<dyn HostNormalize> = Box::new($make?);
+                    Ok(b)
+                }
+                #[cfg(not(feature = $feature))]
+                {
+                    Err(Error::unavailable(
+                        $name,
+                        concat!(
+                            "not compiled in (enable the `",
+                            $feature,
+                            "` feature of the layernorm crate)"
+                        ),
+                    ))
+                }
+            },
+        }
+    };
+}
+
+/// Every backend, in order of preference for [`auto`]. **Adding a backend is one line here**
+/// (plus its Cargo feature).
+pub const REGISTRY: &[BackendEntry] = &[
+    entry!("cuda", "cuda", layernorm_cuda::CudaBackend::new()),
+    entry!("wgpu", "wgpu", layernorm_wgpu::WgpuBackend::new()),
+    entry!("cpu", "cpu", Ok::<_, Error>(layernorm_cpu::CpuBackend::new())),
+];
+
+/// The names in [`REGISTRY`], comma-separated.
+pub fn backend_names() -> String {
+    REGISTRY.iter().map(|e| e.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Creates the backend registered under `name`.
+pub fn backend(name: &str) -> Result<Box<dyn HostNormalize>> {
+    REGISTRY
+        .iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| Error::UnknownBackend { name: name.into(), known: backend_names() })?
+        .create()
+}
+
+/// Picks the best available backend: the first in [`REGISTRY`] order that runs on a hardware
+/// GPU, else the CPU backend, else the first that is available at all (a software GPU).
+/// Returns it with a sentence saying why.
+pub fn auto() -> Result<(Box<dyn HostNormalize>, String)> {
+    let mut skipped = Vec::new();
+    let mut fallback = None;
+    for e in REGISTRY {
+        match e.create() {
+            Ok(b) => {
+                let dev = b.device();
+                if dev.kind == DeviceKind::Gpu {
+                    return Ok((b, format!("{} runs on a GPU ({})", e.name, dev.name)));
+                }
+                skipped.push(format!("{}: {:?} device {}", e.name, dev.kind, dev.name));
+                let rank = usize::from(dev.kind != DeviceKind::Cpu);
+                if fallback.as_ref().is_none_or(|(r, _)| rank < *r) {
+                    fallback = Some((rank, b));
+                }
+            }
+            Err(err) => skipped.push(err.to_string()),
+        }
+    }
+    match fallback {
+        Some((_, b)) => {
+            let why = format!("no hardware GPU backend ({})", skipped.join("; "));
+            Ok((b, why))
+        }
+        None => Err(Error::unavailable("auto", skipped.join("; "))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_are_unique() {
+        let mut names: Vec<_> = REGISTRY.iter().map(|e| e.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), REGISTRY.len());
+    }
+
+    #[test]
+    fn unknown_names_are_typed_errors() {
+        let err = backend("tpu").err().expect("tpu is not a backend");
+        assert_eq!(err.class(), "unknown-backend");
+        assert!(err.to_string().contains("cpu"));
+    }
+
+    #[cfg(feature = "cpu")]
+    #[test]
+    fn auto_always_finds_a_backend_with_cpu_compiled_in() {
+        let (b, why) = auto().unwrap();
+        assert!(!why.is_empty());
+        assert!(["cpu", "cuda", "wgpu"].contains(&b.name()));
+    }
+}

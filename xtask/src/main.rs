@@ -1,0 +1,43 @@
+//! `cargo xtask <command>`: the project's automation, as plain Rust.
+//!
+//! - `conformance [--backend NAME]… [--require NAME]…` — run the cross-backend suite.
+//! - `tidy` — check the codebase itself (also runs as a test).
+
+mod conformance;
+#[cfg(test)]
+mod tidy;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r),
+        None => ("help", &[][..]),
+    };
+    let result = match cmd {
+        "conformance" => conformance::run(rest),
+        "help" | "--help" | "-h" => {
+            println!("{}", HELP);
+            Ok(true)
+        }
+        other => Err(format!("unknown command `{other}`\n\n{HELP}")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+const HELP: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  conformance [--backend NAME]... [--require NAME]...
+      Run every registered backend (or only those named) on every case in every dtype,
+      forward and backward, against the f64 reference. Unavailable backends are listed as
+      skipped; --require makes an unavailable backend an error. Exits non-zero on any failure.";
