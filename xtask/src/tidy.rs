@@ -1,5 +1,5 @@
 //! Checks of the codebase itself, run as tests: every Rust file starts with a `//!` line, no
-//! `todo!()`/`unimplemented!()` stubs, every ignored test says why, docs name real files.
+//! stubs (the todo and unimplemented macros), every ignored test says why, docs name real files.
 
 use std::path::{Path, PathBuf};
 
