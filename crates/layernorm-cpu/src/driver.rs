@@ -7,12 +7,11 @@
 //!   boundaries do not depend on the thread count, so dγ/dβ are bitwise identical for any pool.
 //! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
 
-use layernorm_core::Element;
 use num_traits::Zero;
 use rayon::prelude::*;
 
-use crate::element::{CpuElement, load, load_param};
-use crate::row;
+use crate::element::{CpuElement, load_param};
+use crate::simd;
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
 pub const ROW_BLOCK: usize = 32;
@@ -40,36 +39,16 @@ pub(crate) fn forward<T: CpuElement>(
     let gamma = load_param(gamma);
     let beta = load_param(beta);
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
-    let task = |first_row: usize, y: &mut [T], mean: &mut [T::Acc], rstd: &mut [T::Acc]| {
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        for (r, (yr, (m, s))) in
-            y.chunks_exact_mut(n).zip(mean.iter_mut().zip(rstd.iter_mut())).enumerate()
-        {
-            let xr = &x[(first_row + r) * n..(first_row + r + 1) * n];
-            let xa = load(xr, &mut xs);
-            let (mu, rs) = match T::as_acc_mut(yr) {
-                Some(ya) => row::forward(xa, gamma, beta, ya, eps),
-                None => {
-                    ys.resize(n, T::Acc::zero());
-                    let out = row::forward(xa, gamma, beta, &mut ys, eps);
-                    T::narrow(&ys, yr);
-                    out
-                }
-            };
-            *m = T::Acc::from_f64(mu);
-            *s = T::Acc::from_f64(rs);
-        }
-    };
     if x.len() < PARALLEL_MIN_ELEMS {
-        task(0, y, mean, rstd);
+        simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd);
         return;
     }
     let per = rows_per_task(n);
     y.par_chunks_mut(per * n)
+        .zip(x.par_chunks(per * n))
         .zip(mean.par_chunks_mut(per))
         .zip(rstd.par_chunks_mut(per))
-        .enumerate()
-        .for_each(|(t, ((y, m), s))| task(t * per, y, m, s));
+        .for_each(|(((y, x), m), s)| simd::forward_rows(n, eps, x, gamma, beta, y, m, s));
 }
 
 /// Backward over contiguous rows. Lengths are validated by the caller.
@@ -95,39 +74,26 @@ pub(crate) fn backward<T: CpuElement>(
     let mut partials = vec![T::Acc::zero(); if want_g || want_b { blocks * width } else { 0 }];
 
     let block = |b: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
-        let (mut xs, mut dys, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut pg, mut pb) = match part {
+        let rows = b * ROW_BLOCK..(b * ROW_BLOCK + ROW_BLOCK).min(mean.len());
+        let elems = rows.start * n..rows.end * n;
+        let (pg, pb) = match part {
             Some(p) => {
                 let (g, bb) = p.split_at_mut(n);
                 (want_g.then_some(g), want_b.then_some(bb))
             }
             None => (None, None),
         };
-        for (i, dxr) in dx.chunks_exact_mut(n).enumerate() {
-            let r = b * ROW_BLOCK + i;
-            let xa = load(&x[r * n..(r + 1) * n], &mut xs);
-            let dya = load(&dy[r * n..(r + 1) * n], &mut dys);
-            let (mu, rs) = (mean[r].into(), rstd[r].into());
-            match T::as_acc_mut(dxr) {
-                Some(dxa) => {
-                    row::backward(xa, dya, mu, rs, gamma, dxa, pg.as_deref_mut(), pb.as_deref_mut())
-                }
-                None => {
-                    dxs.resize(n, T::Acc::zero());
-                    row::backward(
-                        xa,
-                        dya,
-                        mu,
-                        rs,
-                        gamma,
-                        &mut dxs,
-                        pg.as_deref_mut(),
-                        pb.as_deref_mut(),
-                    );
-                    T::narrow(&dxs, dxr);
-                }
-            }
-        }
+        simd::backward_rows(
+            n,
+            &x[elems.clone()],
+            &dy[elems],
+            &mean[rows.clone()],
+            &rstd[rows],
+            gamma,
+            dx,
+            pg,
+            pb,
+        );
     };
 
     let chunk = ROW_BLOCK * n;
@@ -155,7 +121,6 @@ pub(crate) fn backward<T: CpuElement>(
                 .for_each(|(b, (d, p))| block(b, d, Some(p)));
         }
     }
-
     // Fixed-order reduction of the block partials: block 0, 1, 2, … in f64, rounded once.
     let reduce = |offset: usize, out: &mut [T]| {
         let mut acc = vec![0f64; n];

@@ -69,7 +69,32 @@ macro_rules! half_float {
 direct!(f32);
 direct!(f64);
 half_float!(f16);
-half_float!(bf16);
+
+// bf16 ↔ f32 is a shift (and a rounding add): written as a plain per-element loop over half's
+// own conversions so it is inlined into, and vectorized with, the multiversioned kernels
+// (half's slice conversion for bf16 is a scalar loop compiled without them).
+impl CpuElement for bf16 {
+    #[inline]
+    fn as_acc(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[inline]
+    fn as_acc_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(s);
+        }
+    }
+}
 
 /// A row as the kernels see it: borrowed in place, or widened into scratch.
 pub(crate) fn load<'a, T: CpuElement>(row: &'a [T], scratch: &'a mut Vec<T::Acc>) -> &'a [T::Acc] {

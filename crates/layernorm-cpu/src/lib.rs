@@ -31,6 +31,7 @@ mod driver;
 mod element;
 mod nd;
 mod row;
+mod simd;
 
 use std::sync::Arc;
 

@@ -1,38 +1,41 @@
 //! Row kernels in the accumulation type (`f32`, or `f64` for `f64` data).
 //!
 //! Every function here works on one row of N elements that is hot in cache, and is written once,
-//! generically over the accumulation type. The numerics, in short (the long form is in
-//! `docs/numerics.md`):
+//! generically over the accumulation type, in a shape the compiler vectorizes: fixed-width chunks
+//! of [`LANES`] elements with one accumulator per lane. They are `#[inline(always)]` so that they
+//! are compiled inside the multiversioned task functions of `simd.rs`, once per instruction set.
 //!
-//! - **Sums** run in `LANES` independent accumulators inside blocks of `BLOCK` elements; each
+//! The numerics, in short (the long form is in `docs/numerics.md`):
+//!
+//! - **Sums** run in `LANES` independent accumulators inside blocks of [`BLOCK`] elements; each
 //!   block's total is added into an `f64`. Rounding error therefore grows with `BLOCK / LANES`
 //!   (16 additions), not with N.
-//! - **Mean** is summed in `f64` lanes (`f32` data) and kept in two parts, `m_hi` (the mean rounded
-//!   to the accumulation type) and `m_lo` (what that rounding dropped). Centering with both,
+//! - **Mean** is summed in `f64` lanes and kept in two parts, `m_hi` (the mean rounded to the
+//!   accumulation type) and `m_lo` (what that rounding dropped). Centering with both,
 //!   `(x − m_hi) − m_lo`, keeps rows at mean 1e6, std 1 exact in `f32`, where a rounded mean alone
-//!   would be off by up to 3% of a standard deviation. For `f64` data, `m_lo` is the mean of the
-//!   residuals `x − m_hi` (exact by Sterbenz when |mean| ≫ std).
+//!   would be off by up to 3% of a standard deviation. For `f64` data, a second pass adds the mean
+//!   of the residuals `x − m_hi` (exact by Sterbenz when |mean| ≫ std).
 //! - **Variance** is the textbook second pass, the mean of squared centered values, never
-//!   E[x²] − E[x]². Centered values are scaled by a power of two before squaring, so |x| up to
-//!   ~1e38 does not overflow `f32`.
-//! - **Backward** does not trust the saved mean to more than its storage precision: it recomputes
-//!   the exact mean from x (in the same sweep as Σg and Σg·d), and forms c1 from those sums:
-//!   c1 = (Σg·d − m_lo·Σg)/N · rstd with d = x − mean_saved and m_lo = mean − mean_saved.
+//!   E[x²] − E[x]². If the squares overflow (|x| ≳ 1e19 in `f32`), the pass is redone on values
+//!   scaled by a power of two, so |x| up to ~1e38 stays finite and exact.
+//! - **Backward** does not trust the saved mean beyond its storage precision: its one reduction
+//!   sweep sums `x − mean_saved` in `f64` (the exact correction m_lo) beside Σg and Σg·d, and forms
+//!   c1 = (Σg·d − m_lo·Σg)/N · rstd with d = x − mean_saved, g = dy·γ.
 
-// Index loops over lanes and row positions are the shape the vectorizer wants here.
+// Index loops over lanes are the shape the vectorizer wants here.
 #![allow(clippy::needless_range_loop)]
 
 use num_traits::Float;
 
-/// Independent accumulators per sum: enough for a 512-bit register of `f32`.
+/// Independent accumulators per sum: one 512-bit register of `f32`.
 pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
 pub(crate) const BLOCK: usize = 256;
 
 /// The types the row kernels compute in: `f32` and `f64`.
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
-    /// Whether the row mean is formed from an `f64` sum of x (true for `f32`, where that sum has
-    /// 29 spare bits), rather than from the residuals of a first estimate (`f64`).
+    /// Whether an `f64` sum of x gives the mean to full precision (true for `f32`, whose values
+    /// leave 29 spare bits in an `f64`); `f64` data adds a residual pass.
     const WIDE_MEAN: bool;
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
@@ -54,39 +57,6 @@ impl Real for f64 {
     }
 }
 
-/// Sums `K` per-element quantities over `0..n`: lanes within blocks, `f64` across blocks.
-#[inline(always)]
-fn sums<L: Real, const K: usize>(n: usize, mut term: impl FnMut(usize) -> [L; K]) -> [f64; K] {
-    let mut total = [0f64; K];
-    let mut start = 0;
-    while start < n {
-        let end = (start + BLOCK).min(n);
-        let mut acc = [[L::zero(); LANES]; K];
-        let mut j = start;
-        while j + LANES <= end {
-            for l in 0..LANES {
-                let t = term(j + l);
-                for k in 0..K {
-                    acc[k][l] = acc[k][l] + t[k];
-                }
-            }
-            j += LANES;
-        }
-        for k in 0..K {
-            total[k] += fold(acc[k]).into();
-        }
-        while j < end {
-            let t = term(j);
-            for k in 0..K {
-                total[k] += t[k].into();
-            }
-            j += 1;
-        }
-        start = end;
-    }
-    total
-}
-
 /// Pairwise fold of the lanes (fixed order: deterministic).
 #[inline(always)]
 fn fold<A: Real>(mut v: [A; LANES]) -> A {
@@ -100,28 +70,57 @@ fn fold<A: Real>(mut v: [A; LANES]) -> A {
     v[0]
 }
 
-/// Largest |x| of the row (NaN is ignored here; it propagates through the sums instead).
+/// Σ over the row of `f(x)` in `f64` lanes (no blocks needed: `f64` has the headroom).
 #[inline(always)]
-fn max_abs<A: Real>(x: &[A]) -> A {
-    let mut m = [A::zero(); LANES];
+fn sum_f64<A: Real>(x: &[A], f: impl Fn(A) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            m[l] = m[l].max(c[l].abs());
+            acc[l] += f(c[l]);
         }
     }
-    let tail = chunks.remainder().iter().fold(A::zero(), |a, &v| a.max(v.abs()));
-    m.iter().fold(tail, |a, &v| a.max(v))
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    chunks.remainder().iter().fold(acc[0], |s, &v| s + f(v))
 }
 
-/// The power of two `s` that brings `max_abs · s` below 2 when `max_abs` is large enough for
-/// squares to overflow the accumulation type; 1 otherwise.
+/// Σ over the row of `f(x)` in `A` lanes, blocks folded into `f64`.
 #[inline(always)]
-fn square_scale(max_abs: f64) -> f64 {
-    if max_abs.is_finite() && max_abs > 2f64.powi(40) {
-        // exponent of max_abs, so that max_abs * 2^-e lies in [1, 2)
-        let e = max_abs.log2().floor();
-        2f64.powf(-e)
+fn sum_blocked<A: Real>(x: &[A], f: impl Fn(A) -> A) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(BLOCK) {
+        let mut acc = [A::zero(); LANES];
+        let mut chunks = block.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                acc[l] = acc[l] + f(c[l]);
+            }
+        }
+        total += fold(acc).into();
+        for &v in chunks.remainder() {
+            total += f(v).into();
+        }
+    }
+    total
+}
+
+/// Largest |x| of the row (NaN is ignored here; it propagates through the sums instead).
+#[inline(always)]
+fn max_abs<A: Real>(x: &[A]) -> f64 {
+    x.iter().fold(A::zero(), |a, &v| a.max(v.abs())).into()
+}
+
+/// A power of two `s` with `max_abs · s` in [1, 2), so squares of scaled values cannot overflow.
+#[inline(always)]
+fn pow2_below(max_abs: f64) -> f64 {
+    if max_abs.is_finite() && max_abs > 0.0 {
+        2f64.powf(-max_abs.log2().floor().clamp(-1000.0, 1000.0))
     } else {
         1.0
     }
@@ -145,7 +144,7 @@ pub(crate) struct RowStats<A> {
     pub m_hi: A,
     /// What rounding the mean to `A` dropped: mean − m_hi.
     pub m_lo: A,
-    /// The full mean, `m_hi + m_lo`, in `f64`.
+    /// The full mean, in `f64`.
     pub mean: f64,
     /// 1 / sqrt(var + eps), in `f64`.
     pub rstd: f64,
@@ -155,14 +154,12 @@ pub(crate) struct RowStats<A> {
 #[inline(always)]
 fn mean<A: Real>(x: &[A]) -> (A, A, f64) {
     let nf = x.len() as f64;
-    let [sum] = sums::<f64, 1>(x.len(), |j| [x[j].into()]);
-    let m = sum / nf;
+    let m = sum_f64(x, |v| v.into()) / nf;
     let m_hi = A::of(m);
     if A::WIDE_MEAN {
         return (m_hi, A::of(m - m_hi.into()), m);
     }
-    let [sd] = sums(x.len(), |j| [x[j] - m_hi]);
-    let m_lo = sd / nf;
+    let m_lo = sum_f64(x, |v| (v - m_hi).into()) / nf;
     (m_hi, A::of(m_lo), m_hi.into() + m_lo)
 }
 
@@ -171,17 +168,24 @@ fn mean<A: Real>(x: &[A]) -> (A, A, f64) {
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     let nf = x.len() as f64;
     let (m_hi, m_lo, mean) = mean(x);
-    let s = square_scale(max_abs(x).into());
-    let sa = A::of(s);
-    let [ss] = sums(x.len(), |j| {
-        let e = ((x[j] - m_hi) - m_lo) * sa;
-        [e * e]
+    let mut ss = sum_blocked(x, |v| {
+        let e = (v - m_hi) - m_lo;
+        e * e
     });
-    let var = ss / nf / (s * s);
+    if !ss.is_finite() && mean.is_finite() {
+        // The squares overflowed: redo on values scaled by a power of two (exact).
+        let s = pow2_below(max_abs(x));
+        let sa = A::of(s);
+        ss = sum_blocked(x, |v| {
+            let e = ((v - m_hi) - m_lo) * sa;
+            e * e
+        }) / (s * s);
+    }
+    let var = ss / nf;
     RowStats { m_hi, m_lo, mean, rstd: 1.0 / (var + eps).sqrt() }
 }
 
-/// Forward of one row: y = (x − m_hi − m_lo) · rstd · γ + β. Returns (mean, rstd).
+/// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd).
 #[inline(always)]
 pub(crate) fn forward<A: Real>(
     x: &[A],
@@ -193,29 +197,74 @@ pub(crate) fn forward<A: Real>(
     let st = stats(x, eps);
     let r = A::of(st.rstd);
     let (m_hi, m_lo) = (st.m_hi, st.m_lo);
+    let xhat = |v: A| ((v - m_hi) - m_lo) * r;
     match (gamma, beta) {
         (Some(g), Some(b)) => {
-            for j in 0..x.len() {
-                y[j] = ((x[j] - m_hi) - m_lo) * r * g[j] + b[j];
+            for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+                *y = xhat(x) * g + b;
             }
         }
         (Some(g), None) => {
-            for j in 0..x.len() {
-                y[j] = ((x[j] - m_hi) - m_lo) * r * g[j];
+            for ((y, &x), &g) in y.iter_mut().zip(x).zip(g) {
+                *y = xhat(x) * g;
             }
         }
         (None, Some(b)) => {
-            for j in 0..x.len() {
-                y[j] = ((x[j] - m_hi) - m_lo) * r + b[j];
+            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                *y = xhat(x) + b;
             }
         }
         (None, None) => {
-            for j in 0..x.len() {
-                y[j] = ((x[j] - m_hi) - m_lo) * r;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = xhat(x);
             }
         }
     }
     (st.mean, st.rstd)
+}
+
+/// The backward's reduction sweep: (Σ(x − m) in `f64`, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
+#[inline(always)]
+fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -> [f64; 3] {
+    let n = x.len();
+    let m64: f64 = m.into();
+    let mut tot = [0f64; 3];
+    let mut start = 0;
+    while start < n {
+        let end = (start + BLOCK).min(n);
+        let (xb, dyb) = (&x[start..end], &dy[start..end]);
+        let mut sw = [0f64; LANES];
+        let mut sg = [A::zero(); LANES];
+        let mut sgd = [A::zero(); LANES];
+        let full = xb.len() / LANES * LANES;
+        for c in 0..full / LANES {
+            let xc = &xb[c * LANES..(c + 1) * LANES];
+            let dc = &dyb[c * LANES..(c + 1) * LANES];
+            let gc = gamma.map(|g| &g[start + c * LANES..start + (c + 1) * LANES]);
+            for l in 0..LANES {
+                let e = xc[l] - m;
+                let g = match gc {
+                    Some(gc) => dc[l] * gc[l],
+                    None => dc[l],
+                };
+                sw[l] += xc[l].into() - m64;
+                sg[l] = sg[l] + g;
+                sgd[l] = sgd[l] + g * (e * sa);
+            }
+        }
+        tot[0] += sw.iter().sum::<f64>();
+        tot[1] += fold(sg).into();
+        tot[2] += fold(sgd).into();
+        for j in full..xb.len() {
+            let e = xb[j] - m;
+            let g = gamma.map_or(dyb[j], |g| dyb[j] * g[start + j]);
+            tot[0] += xb[j].into() - m64;
+            tot[1] += g.into();
+            tot[2] += (g * (e * sa)).into();
+        }
+        start = end;
+    }
+    tot
 }
 
 /// Backward of one row: writes dx and adds this row's dy·x̂ and dy into `dgamma` / `dbeta`.
@@ -233,52 +282,49 @@ pub(crate) fn backward<A: Real>(
     dgamma: Option<&mut [A]>,
     dbeta: Option<&mut [A]>,
 ) {
-    let n = x.len();
-    let nf = n as f64;
+    let nf = x.len() as f64;
     let s = rstd_scale(rstd);
     let (m, sa) = (A::of(mean_saved), A::of(s));
-    let [sg, sgd] = match gamma {
-        Some(gm) => sums(n, |j| {
-            let d = (x[j] - m) * sa;
-            let g = dy[j] * gm[j];
-            [g, g * d]
-        }),
-        None => sums(n, |j| {
-            let d = (x[j] - m) * sa;
-            [dy[j], dy[j] * d]
-        }),
-    };
+    let [sw, sg, sgd] = backward_sums(x, dy, gamma, m, sa);
     // The exact mean's distance from the saved one, scaled like d.
-    let m_saved: f64 = m.into();
-    let m_lo = (mean(x).2 - m_saved) * s;
+    let m_lo = sw / nf * s;
     let r = rstd / s;
     let c2 = sg / nf;
     let c1 = (sgd - m_lo * sg) / nf * r;
     // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (d − m_lo)·r
     let (a, b, c) = (A::of(rstd), A::of(-rstd * c2), A::of(-rstd * c1));
     let (m_lo, r) = (A::of(m_lo), A::of(r));
-    let xhat = |j: usize| ((x[j] - m) * sa - m_lo) * r;
+    let xhat = |v: A| ((v - m) * sa - m_lo) * r;
     match gamma {
-        Some(gm) => {
-            for j in 0..n {
-                dx[j] = a * (dy[j] * gm[j]) + b + xhat(j) * c;
+        Some(g) => {
+            for (((dx, &x), &dy), &g) in dx.iter_mut().zip(x).zip(dy).zip(g) {
+                *dx = a * (dy * g) + b + xhat(x) * c;
             }
         }
         None => {
-            for j in 0..n {
-                dx[j] = a * dy[j] + b + xhat(j) * c;
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = a * dy + b + xhat(x) * c;
             }
         }
     }
-    if let Some(dg) = dgamma {
-        for j in 0..n {
-            dg[j] = dg[j] + dy[j] * xhat(j);
+    match (dgamma, dbeta) {
+        (Some(dg), Some(db)) => {
+            for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+                *dg = *dg + dy * xhat(x);
+                *db = *db + dy;
+            }
         }
-    }
-    if let Some(db) = dbeta {
-        for j in 0..n {
-            db[j] = db[j] + dy[j];
+        (Some(dg), None) => {
+            for ((dg, &x), &dy) in dg.iter_mut().zip(x).zip(dy) {
+                *dg = *dg + dy * xhat(x);
+            }
         }
+        (None, Some(db)) => {
+            for (db, &dy) in db.iter_mut().zip(dy) {
+                *db = *db + dy;
+            }
+        }
+        (None, None) => {}
     }
 }
 
@@ -287,11 +333,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fold_and_sums_are_exact_on_integers() {
+    fn sums_are_exact_on_integers() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        let [s, s2] = sums(x.len(), |j| [x[j], x[j] * x[j]]);
-        assert_eq!(s, 499_500.0);
-        assert_eq!(s2, (0..1000u64).map(|i| i * i).sum::<u64>() as f64);
+        assert_eq!(sum_blocked(&x, |v| v), 499_500.0);
+        assert_eq!(
+            sum_f64(&x, |v| (v * v).into()),
+            (0..1000u64).map(|i| i * i).sum::<u64>() as f64
+        );
     }
 
     #[test]
@@ -324,5 +372,13 @@ mod tests {
             assert_eq!(mean, v as f64);
             assert!(y.iter().all(|&y| y == 0.0), "{v}");
         }
+    }
+
+    #[test]
+    fn a_nan_row_stays_nan() {
+        let mut x = vec![1.0f32; 40];
+        x[7] = f32::NAN;
+        let st = stats(&x, 1e-5);
+        assert!(st.mean.is_nan() && st.rstd.is_nan());
     }
 }

@@ -1,0 +1,112 @@
+//! CPU benchmarks: LayerNorm forward and backward (f32, bf16; 1 and 2 threads) on the standard
+//! shapes, each beside a baseline that moves the same bytes with no math — read N + write N for
+//! the forward (a parallel memcpy), read 2N + write N for the backward (a bytewise XOR the
+//! compiler vectorizes) — on the same pool in the same run. `cargo xtask bench` turns the pairs into fractions of the baseline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::bf16;
+use layernorm_benches::{SHAPES, data, quick};
+use layernorm_core::{Element, NormSpec};
+use layernorm_cpu::{CpuBackend, CpuElement};
+use rayon::prelude::*;
+
+/// Elements per parallel chunk of the baselines (the backend's tasks are of the same order).
+const CHUNK: usize = 1 << 15;
+
+/// Forward baseline: read N, write N, no math (a parallel memcpy).
+fn copy<T: CpuElement>(x: &[T], y: &mut [T]) {
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| y.copy_from_slice(x));
+}
+
+/// Backward baseline: read 2N, write N, no math (a word-wise XOR of the bytes).
+fn combine<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
+    let (x, z): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(z));
+    let out: &mut [u8] = bytemuck::cast_slice_mut(out);
+    let c = CHUNK * 4;
+    out.par_chunks_mut(c).zip(x.par_chunks(c).zip(z.par_chunks(c))).for_each(|(o, (x, z))| {
+        for ((o, &x), &z) in o.iter_mut().zip(x).zip(z) {
+            *o = x ^ z;
+        }
+    });
+}
+
+fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+    let cpu = CpuBackend::with_pool(pool.clone());
+    let dt = T::DTYPE;
+    let conv = |v: Vec<f32>| v.into_iter().map(|f| T::from_f64(f as f64)).collect::<Vec<T>>();
+    for (rows, n) in SHAPES {
+        let numel = rows * n;
+        let id = format!("{rows}x{n}");
+        let spec = NormSpec::layer_norm(rows, n, dt);
+        let x = conv(data(numel, 1));
+        let dy = conv(data(numel, 2));
+        let (g, b) = (conv(data(n, 3)), conv(data(n, 4)));
+        let mut y = x.clone();
+        let mut dx = x.clone();
+        let (mut dg, mut db) = (g.clone(), g.clone());
+        let zero = T::Acc::from_f64(0.0);
+        let (mut mean, mut rstd) = (vec![zero; rows], vec![zero; rows]);
+        cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, &mut mean, &mut rstd).unwrap();
+
+        let mut fwd = c.benchmark_group(format!("cpu/fwd/{}/{threads}t", dt.name()));
+        fwd.throughput(Throughput::Bytes((2 * numel * dt.size()) as u64));
+        fwd.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
+            bch.iter(|| {
+                cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, &mut mean, &mut rstd)
+                    .unwrap()
+            })
+        });
+        fwd.bench_function(BenchmarkId::new("baseline", &id), |bch| {
+            bch.iter(|| pool.install(|| copy(&x, &mut y)))
+        });
+        fwd.finish();
+
+        let mut bwd = c.benchmark_group(format!("cpu/bwd/{}/{threads}t", dt.name()));
+        bwd.throughput(Throughput::Bytes((3 * numel * dt.size()) as u64));
+        bwd.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
+            bch.iter(|| {
+                cpu.backward_into(
+                    &spec,
+                    &x,
+                    &dy,
+                    &mean,
+                    &rstd,
+                    Some(&g),
+                    &mut dx,
+                    Some(&mut dg),
+                    Some(&mut db),
+                )
+                .unwrap()
+            })
+        });
+        bwd.bench_function(BenchmarkId::new("baseline", &id), |bch| {
+            bch.iter(|| pool.install(|| combine(&x, &dy, &mut dx)))
+        });
+        bwd.finish();
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    for threads in [1, 2] {
+        bench_dtype::<f32>(c, threads);
+        bench_dtype::<bf16>(c, threads);
+    }
+}
+
+fn config() -> Criterion {
+    let c = Criterion::default().configure_from_args();
+    if quick() {
+        c.warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(700))
+            .sample_size(10)
+    } else {
+        c
+    }
+}
+
+criterion_group! { name = cpu; config = config(); targets = benches }
+criterion_main!(cpu);
