@@ -1,8 +1,10 @@
 //! `cargo xtask <command>`: the project's automation, as plain Rust.
 //!
 //! - `conformance [--backend NAME]… [--require NAME]…` — run the cross-backend suite.
-//! - `tidy` — check the codebase itself (also runs as a test).
+//! - `bench [--bench cpu|wgpu|cuda] [--json PATH] [FILTER]` — quick criterion run, GB/s table.
+//! - `tidy` — check the codebase itself (runs as a test).
 
+mod bench;
 mod conformance;
 #[cfg(test)]
 mod tidy;
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         "conformance" => conformance::run(rest),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(true)
@@ -40,4 +43,7 @@ commands:
   conformance [--backend NAME]... [--require NAME]...
       Run every registered backend (or only those named) on every case in every dtype,
       forward and backward, against the f64 reference. Unavailable backends are listed as
-      skipped; --require makes an unavailable backend an error. Exits non-zero on any failure.";
+      skipped; --require makes an unavailable backend an error. Exits non-zero on any failure.
+  bench [--bench cpu|wgpu|cuda] [--json PATH] [FILTER]
+      Run a criterion bench with short measurement times and print, per shape, pass, dtype and
+      thread count, LayerNorm's GB/s and its fraction of a same-bytes baseline from the same run.";
