@@ -77,8 +77,13 @@ fn read_json(p: &Path) -> Option<Value> {
 fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
     let mut found = Vec::new();
     walk(dir, &mut found);
-    // (group, shape) → (layernorm ns, baseline ns, bytes)
-    let mut m: BTreeMap<(String, String), (Option<f64>, Option<f64>, f64)> = BTreeMap::new();
+    #[derive(Default)]
+    struct Pair {
+        layernorm: Option<f64>,
+        baseline: Option<f64>,
+        bytes: f64,
+    }
+    let mut m: BTreeMap<(String, String), Pair> = BTreeMap::new();
     for p in found {
         let fresh = std::fs::metadata(&p).and_then(|m| m.modified()).is_ok_and(|t| t >= since);
         let (Some(b), Some(e)) = (read_json(&p), read_json(&p.with_file_name("estimates.json")))
@@ -92,16 +97,17 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
         let shape = b["value_str"].as_str().unwrap_or_default().to_string();
         let bytes = b["throughput"]["Bytes"].as_f64().unwrap_or(0.0);
         let ns = e["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-        let slot = m.entry((group, shape)).or_insert((None, None, bytes));
+        let slot = m.entry((group, shape)).or_default();
+        slot.bytes = bytes;
         match b["function_id"].as_str() {
-            Some("layernorm") => slot.0 = Some(ns),
-            Some("baseline") => slot.1 = Some(ns),
+            Some("layernorm") => slot.layernorm = Some(ns),
+            Some("baseline") => slot.baseline = Some(ns),
             _ => {}
         }
     }
     let mut rows = Vec::new();
-    for ((group, shape), (ln, base, bytes)) in m {
-        let Some(ns) = ln else { continue };
+    for ((group, shape), Pair { layernorm, baseline: base, bytes }) in m {
+        let Some(ns) = layernorm else { continue };
         let parts: Vec<&str> = group.split('/').collect();
         let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
         rows.push(Row {
