@@ -116,25 +116,29 @@ fn max_abs<A: Real>(x: &[A]) -> f64 {
     x.iter().fold(A::zero(), |a, &v| a.max(v.abs())).into()
 }
 
+/// 2^e for e in the normal `f64` exponent range, built from the bits (no `powf` per row).
+#[inline(always)]
+fn pow2(e: i64) -> f64 {
+    f64::from_bits(((e.clamp(-1022, 1023) + 1023) as u64) << 52)
+}
+
+/// The binary exponent of a finite, nonzero `v` (`floor(log2 |v|)` for normal values).
+#[inline(always)]
+fn exponent(v: f64) -> i64 {
+    ((v.to_bits() >> 52) & 0x7ff) as i64 - 1023
+}
+
 /// A power of two `s` with `max_abs · s` in [1, 2), so squares of scaled values cannot overflow.
 #[inline(always)]
 fn pow2_below(max_abs: f64) -> f64 {
-    if max_abs.is_finite() && max_abs > 0.0 {
-        2f64.powf(-max_abs.log2().floor().clamp(-1000.0, 1000.0))
-    } else {
-        1.0
-    }
+    if max_abs.is_finite() && max_abs > 0.0 { pow2(-exponent(max_abs)) } else { 1.0 }
 }
 
 /// A power of two within a factor 2 of `rstd`, so `(x − mean) · s` is of the size of x̂;
-/// 1 when rstd is zero or not finite.
+/// 1 when rstd is zero, not finite, or so extreme that `f32` could not hold the scale.
 #[inline(always)]
 fn rstd_scale(rstd: f64) -> f64 {
-    if rstd.is_finite() && rstd > 0.0 {
-        2f64.powf(rstd.log2().round().clamp(-120.0, 120.0))
-    } else {
-        1.0
-    }
+    if rstd.is_finite() && rstd > 0.0 { pow2(exponent(rstd).clamp(-120, 120)) } else { 1.0 }
 }
 
 /// Per-row statistics: (mean, rstd) in `f64`, plus the split mean used for centering.
@@ -295,36 +299,39 @@ pub(crate) fn backward<A: Real>(
     let (a, b, c) = (A::of(rstd), A::of(-rstd * c2), A::of(-rstd * c1));
     let (m_lo, r) = (A::of(m_lo), A::of(r));
     let xhat = |v: A| ((v - m) * sa - m_lo) * r;
-    match gamma {
-        Some(g) => {
-            for (((dx, &x), &dy), &g) in dx.iter_mut().zip(x).zip(dy).zip(g) {
-                *dx = a * (dy * g) + b + xhat(x) * c;
-            }
-        }
-        None => {
-            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                *dx = a * dy + b + xhat(x) * c;
-            }
-        }
-    }
-    match (dgamma, dbeta) {
+    // One sweep writes dx and accumulates this row's dγ/dβ terms. Re-slicing every operand to
+    // the row length lets the compiler drop the bounds checks and vectorize.
+    let n = x.len();
+    let (dy, dx) = (&dy[..n], &mut dx[..n]);
+    let gamma = gamma.map(|g| &g[..n]);
+    let g1 = |j: usize| gamma.map_or(A::one(), |g| g[j]);
+    match (dgamma.map(|d| &mut d[..n]), dbeta.map(|d| &mut d[..n])) {
         (Some(dg), Some(db)) => {
-            for (((dg, db), &x), &dy) in dg.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
-                *dg = *dg + dy * xhat(x);
-                *db = *db + dy;
+            for j in 0..x.len() {
+                let xh = xhat(x[j]);
+                dx[j] = a * (dy[j] * g1(j)) + b + xh * c;
+                dg[j] = dg[j] + dy[j] * xh;
+                db[j] = db[j] + dy[j];
             }
         }
         (Some(dg), None) => {
-            for ((dg, &x), &dy) in dg.iter_mut().zip(x).zip(dy) {
-                *dg = *dg + dy * xhat(x);
+            for j in 0..x.len() {
+                let xh = xhat(x[j]);
+                dx[j] = a * (dy[j] * g1(j)) + b + xh * c;
+                dg[j] = dg[j] + dy[j] * xh;
             }
         }
         (None, Some(db)) => {
-            for (db, &dy) in db.iter_mut().zip(dy) {
-                *db = *db + dy;
+            for j in 0..x.len() {
+                dx[j] = a * (dy[j] * g1(j)) + b + xhat(x[j]) * c;
+                db[j] = db[j] + dy[j];
             }
         }
-        (None, None) => {}
+        (None, None) => {
+            for j in 0..x.len() {
+                dx[j] = a * (dy[j] * g1(j)) + b + xhat(x[j]) * c;
+            }
+        }
     }
 }
 
@@ -372,6 +379,17 @@ mod tests {
             assert_eq!(mean, v as f64);
             assert!(y.iter().all(|&y| y == 0.0), "{v}");
         }
+    }
+
+    #[test]
+    fn powers_of_two_from_bits() {
+        assert_eq!(pow2(0), 1.0);
+        assert_eq!(pow2(-3), 0.125);
+        assert_eq!(exponent(1e30), 99);
+        assert_eq!(pow2_below(3e37) * 3e37, 3e37 / 2f64.powi(124));
+        assert_eq!(rstd_scale(0.3), 0.25);
+        assert_eq!(rstd_scale(f64::INFINITY), 1.0);
+        assert_eq!(rstd_scale(1e-300), 2f64.powi(-120));
     }
 
     #[test]
