@@ -74,3 +74,33 @@ fn docs_exist_and_the_readme_names_both_commands() {
         .trim();
     assert!(ci.contains(test_cmd), ".ci/run must run the README's test command `{test_cmd}`");
 }
+
+#[test]
+fn paths_named_in_docs_exist() {
+    // Every `crates/…`, `xtask/…`, `benches/…` or `docs/…` path in backticks in the README and
+    // docs/ must exist, so the docs cannot drift from the tree silently.
+    let mut docs = vec![root().join("README.md")];
+    files(&root().join("docs"), "md", &mut docs);
+    let mut missing = Vec::new();
+    for d in docs {
+        let text = std::fs::read_to_string(&d).unwrap_or_default();
+        for (i, chunk) in text.split('`').enumerate() {
+            let is_code = i % 2 == 1;
+            let named =
+                ["crates/", "xtask/", "benches/", "docs/"].iter().any(|p| chunk.starts_with(p));
+            if !is_code
+                || !named
+                || chunk.contains(' ')
+                || chunk.contains('<')
+                || chunk.contains('*')
+            {
+                continue;
+            }
+            let path = chunk.trim_end_matches(['/', '.', ',', ':']);
+            if !root().join(path).exists() {
+                missing.push(format!("{}: {path}", d.display()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "docs name paths that do not exist:\n{}", missing.join("\n"));
+}
