@@ -10,17 +10,18 @@
 //! - **Sums** run in `LANES` independent accumulators inside blocks of [`BLOCK`] elements; each
 //!   block's total is added into an `f64`. Rounding error therefore grows with `BLOCK / LANES`
 //!   (16 additions), not with N.
-//! - **Mean** is summed in `f64` lanes and kept in two parts, `m_hi` (the mean rounded to the
-//!   accumulation type) and `m_lo` (what that rounding dropped). Centering with both,
-//!   `(x − m_hi) − m_lo`, keeps rows at mean 1e6, std 1 exact in `f32`, where a rounded mean alone
-//!   would be off by up to 3% of a standard deviation. For `f64` data, a second pass adds the mean
-//!   of the residuals `x − m_hi` (exact by Sterbenz when |mean| ≫ std).
-//! - **Variance** is the textbook second pass, the mean of squared centered values, never
-//!   E[x²] − E[x]². If the squares overflow (|x| ≳ 1e19 in `f32`), the pass is redone on values
-//!   scaled by a power of two, so |x| up to ~1e38 stays finite and exact.
+//! - **Mean** is kept in two parts: `m_hi`, the first-pass mean rounded to the accumulation type,
+//!   and `m_lo`, the mean of the residuals `d = x − m_hi`, which are exact (Sterbenz) exactly when
+//!   it matters, |mean| ≫ std. Centering with both, `(x − m_hi) − m_lo`, keeps rows at mean 1e6,
+//!   std 1 exact in `f32`, where a rounded mean alone would be off by up to 3% of a std.
+//! - **Variance** comes from the same sweep over the residuals (shifted data: Σd²/N − m_lo²,
+//!   never E[x²] − E[x]²); m_lo is a few ulps of the mean, so the subtraction cancels nothing —
+//!   and where it would (a row constant to a few ulps), an exact pass over ((x − m_hi) − m_lo)²
+//!   replaces it. If squares overflow (|x| ≳ 1e18 in `f32`), the sweep is redone on values scaled
+//!   by a power of two, so |x| up to ~1e38 stays finite and exact.
 //! - **Backward** does not trust the saved mean beyond its storage precision: its one reduction
-//!   sweep sums `x − mean_saved` in `f64` (the exact correction m_lo) beside Σg and Σg·d, and forms
-//!   c1 = (Σg·d − m_lo·Σg)/N · rstd with d = x − mean_saved, g = dy·γ.
+//!   sweep sums the residuals `d = x − mean_saved` beside Σg and Σg·d (g = dy·γ), so
+//!   m_lo = Σd/N recovers the exact mean, and c1 = (Σg·d − m_lo·Σg)/N · rstd.
 
 // Index loops over lanes are the shape the vectorizer wants here.
 #![allow(clippy::needless_range_loop)]
@@ -34,15 +35,11 @@ pub(crate) const BLOCK: usize = 256;
 
 /// The types the row kernels compute in: `f32` and `f64`.
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
-    /// Whether an `f64` sum of x gives the mean to full precision (true for `f32`, whose values
-    /// leave 29 spare bits in an `f64`); `f64` data adds a residual pass.
-    const WIDE_MEAN: bool;
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
 }
 
 impl Real for f32 {
-    const WIDE_MEAN: bool = true;
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
@@ -50,7 +47,6 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
-    const WIDE_MEAN: bool = false;
     #[inline(always)]
     fn of(v: f64) -> f64 {
         v
@@ -70,41 +66,29 @@ fn fold<A: Real>(mut v: [A; LANES]) -> A {
     v[0]
 }
 
-/// Σ over the row of `f(x)` in `f64` lanes (no blocks needed: `f64` has the headroom).
+/// Σ over the row of the `K` quantities `f(x)`, in `A` lanes, blocks folded into `f64`.
 #[inline(always)]
-fn sum_f64<A: Real>(x: &[A], f: impl Fn(A) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            acc[l] += f(c[l]);
-        }
-    }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    chunks.remainder().iter().fold(acc[0], |s, &v| s + f(v))
-}
-
-/// Σ over the row of `f(x)` in `A` lanes, blocks folded into `f64`.
-#[inline(always)]
-fn sum_blocked<A: Real>(x: &[A], f: impl Fn(A) -> A) -> f64 {
-    let mut total = 0f64;
+fn sums<A: Real, const K: usize>(x: &[A], f: impl Fn(A) -> [A; K]) -> [f64; K] {
+    let mut total = [0f64; K];
     for block in x.chunks(BLOCK) {
-        let mut acc = [A::zero(); LANES];
+        let mut acc = [[A::zero(); LANES]; K];
         let mut chunks = block.chunks_exact(LANES);
         for c in &mut chunks {
             for l in 0..LANES {
-                acc[l] = acc[l] + f(c[l]);
+                let t = f(c[l]);
+                for k in 0..K {
+                    acc[k][l] = acc[k][l] + t[k];
+                }
             }
         }
-        total += fold(acc).into();
+        for k in 0..K {
+            total[k] += fold(acc[k]).into();
+        }
         for &v in chunks.remainder() {
-            total += f(v).into();
+            let t = f(v);
+            for k in 0..K {
+                total[k] += t[k].into();
+            }
         }
     }
     total
@@ -154,39 +138,52 @@ pub(crate) struct RowStats<A> {
     pub rstd: f64,
 }
 
-/// The row mean as (m_hi, m_lo, mean): see the module docs.
-#[inline(always)]
-fn mean<A: Real>(x: &[A]) -> (A, A, f64) {
-    let nf = x.len() as f64;
-    let m = sum_f64(x, |v| v.into()) / nf;
-    let m_hi = A::of(m);
-    if A::WIDE_MEAN {
-        return (m_hi, A::of(m - m_hi.into()), m);
-    }
-    let m_lo = sum_f64(x, |v| (v - m_hi).into()) / nf;
-    (m_hi, A::of(m_lo), m_hi.into() + m_lo)
-}
-
 /// Mean and rstd of one row (equations (1)–(3) of `docs/math.md`), computed as the module docs say.
 #[inline(always)]
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     let nf = x.len() as f64;
-    let (m_hi, m_lo, mean) = mean(x);
-    let mut ss = sum_blocked(x, |v| {
-        let e = (v - m_hi) - m_lo;
-        e * e
-    });
-    if !ss.is_finite() && mean.is_finite() {
-        // The squares overflowed: redo on values scaled by a power of two (exact).
-        let s = pow2_below(max_abs(x));
+    let [mut sx] = sums(x, |v| [v]);
+    // Power-of-two scale for the rare row whose sums or squares overflow; 1 otherwise.
+    let mut s = 1.0;
+    if !sx.is_finite() {
+        s = pow2_below(max_abs(x));
         let sa = A::of(s);
-        ss = sum_blocked(x, |v| {
-            let e = ((v - m_hi) - m_lo) * sa;
-            e * e
-        }) / (s * s);
+        sx = sums(x, |v| [v * sa])[0] / s;
     }
-    let var = ss / nf;
-    RowStats { m_hi, m_lo, mean, rstd: 1.0 / (var + eps).sqrt() }
+    let m_hi = A::of(sx / nf);
+    let residuals = |s: f64| {
+        let sa = A::of(s);
+        sums(x, |v| {
+            let d = (v - m_hi) * sa;
+            [d, d * d]
+        })
+    };
+    let [mut sd, mut sdd] = residuals(s);
+    if !(sd.is_finite() && sdd.is_finite()) && s == 1.0 && m_hi.is_finite() {
+        s = pow2_below(max_abs(x));
+        [sd, sdd] = residuals(s);
+    }
+    // Work in the scaled units d·s until the end.
+    let m_lo_s = sd / nf;
+    let mut var_s = sdd / nf - m_lo_s * m_lo_s;
+    if m_lo_s * m_lo_s > var_s.abs() * 2f64.powi(-8) {
+        // The shift's correction is not small next to the spread: exact pass instead.
+        let (sa, ml) = (A::of(s), A::of(m_lo_s));
+        var_s = sums(x, |v| {
+            let e = (v - m_hi) * sa - ml;
+            [e * e]
+        })[0]
+            / nf;
+    }
+    // Clamp rounding below zero, but let NaN through (a NaN row stays NaN).
+    let var_s = if var_s < 0.0 { 0.0 } else { var_s };
+    let m_lo = m_lo_s / s;
+    RowStats {
+        m_hi,
+        m_lo: A::of(m_lo),
+        mean: m_hi.into() + m_lo,
+        rstd: 1.0 / (var_s / (s * s) + eps).sqrt(),
+    }
 }
 
 /// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd).
@@ -227,17 +224,16 @@ pub(crate) fn forward<A: Real>(
     (st.mean, st.rstd)
 }
 
-/// The backward's reduction sweep: (Σ(x − m) in `f64`, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
+/// The backward's reduction sweep: (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
 #[inline(always)]
 fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -> [f64; 3] {
     let n = x.len();
-    let m64: f64 = m.into();
     let mut tot = [0f64; 3];
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
         let (xb, dyb) = (&x[start..end], &dy[start..end]);
-        let mut sw = [0f64; LANES];
+        let mut sd = [A::zero(); LANES];
         let mut sg = [A::zero(); LANES];
         let mut sgd = [A::zero(); LANES];
         let full = xb.len() / LANES * LANES;
@@ -246,25 +242,25 @@ fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -
             let dc = &dyb[c * LANES..(c + 1) * LANES];
             let gc = gamma.map(|g| &g[start + c * LANES..start + (c + 1) * LANES]);
             for l in 0..LANES {
-                let e = xc[l] - m;
+                let d = (xc[l] - m) * sa;
                 let g = match gc {
                     Some(gc) => dc[l] * gc[l],
                     None => dc[l],
                 };
-                sw[l] += xc[l].into() - m64;
+                sd[l] = sd[l] + d;
                 sg[l] = sg[l] + g;
-                sgd[l] = sgd[l] + g * (e * sa);
+                sgd[l] = sgd[l] + g * d;
             }
         }
-        tot[0] += sw.iter().sum::<f64>();
+        tot[0] += fold(sd).into();
         tot[1] += fold(sg).into();
         tot[2] += fold(sgd).into();
         for j in full..xb.len() {
-            let e = xb[j] - m;
+            let d = (xb[j] - m) * sa;
             let g = gamma.map_or(dyb[j], |g| dyb[j] * g[start + j]);
-            tot[0] += xb[j].into() - m64;
+            tot[0] += d.into();
             tot[1] += g.into();
-            tot[2] += (g * (e * sa)).into();
+            tot[2] += (g * d).into();
         }
         start = end;
     }
@@ -289,9 +285,9 @@ pub(crate) fn backward<A: Real>(
     let nf = x.len() as f64;
     let s = rstd_scale(rstd);
     let (m, sa) = (A::of(mean_saved), A::of(s));
-    let [sw, sg, sgd] = backward_sums(x, dy, gamma, m, sa);
+    let [sd, sg, sgd] = backward_sums(x, dy, gamma, m, sa);
     // The exact mean's distance from the saved one, scaled like d.
-    let m_lo = sw / nf * s;
+    let m_lo = sd / nf;
     let r = rstd / s;
     let c2 = sg / nf;
     let c1 = (sgd - m_lo * sg) / nf * r;
@@ -342,11 +338,9 @@ mod tests {
     #[test]
     fn sums_are_exact_on_integers() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        assert_eq!(sum_blocked(&x, |v| v), 499_500.0);
-        assert_eq!(
-            sum_f64(&x, |v| (v * v).into()),
-            (0..1000u64).map(|i| i * i).sum::<u64>() as f64
-        );
+        let [s, s2] = sums(&x, |v| [v, v * v]);
+        assert_eq!(s, 499_500.0);
+        assert_eq!(s2, (0..1000u64).map(|i| i * i).sum::<u64>() as f64);
     }
 
     #[test]
