@@ -1,5 +1,7 @@
 //! [`WgpuBuffer`]: a `wgpu::Buffer` that knows its dtype, its length and its device.
 
+use std::sync::Arc;
+
 use layernorm_core::{DType, Error, Result, Storage};
 
 /// Usages every buffer the backend creates has, and every wrapped buffer needs: bound as storage
@@ -20,12 +22,18 @@ pub(crate) fn padded_size(dtype: DType, len: usize) -> Option<u64> {
 /// Buffers made by [`crate::WgpuBackend`] (`alloc`, `upload`) are padded to a multiple of 4
 /// bytes (and at least 16). A buffer you created yourself is wrapped with
 /// [`crate::WgpuBackend::wrap`]; it must have [`REQUIRED_USAGES`] and at least that padded size.
+/// A buffer belongs to the backend that made or wrapped it; another backend (even on the same
+/// device) refuses it with [`layernorm_core::Error::ForeignBuffer`] — wrap the `wgpu::Buffer`
+/// again with that backend to share it.
 /// When `len × dtype size` is not a multiple of 4, the bytes up to the next multiple of 4 belong to
 /// the tensor: the backend may overwrite them.
 #[derive(Debug)]
 pub struct WgpuBuffer {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) device: wgpu::Device,
+    /// The backend that made or wrapped it (`wgpu::Device` equality compares ids only, which
+    /// collide between two `wgpu::Instance`s, so it cannot tell devices apart).
+    pub(crate) owner: Arc<()>,
     pub(crate) dtype: DType,
     pub(crate) len: usize,
 }
@@ -54,6 +62,7 @@ impl WgpuBuffer {
     pub(crate) fn new_checked(
         buffer: wgpu::Buffer,
         device: wgpu::Device,
+        owner: Arc<()>,
         dtype: DType,
         len: usize,
     ) -> Result<WgpuBuffer> {
@@ -78,7 +87,7 @@ impl WgpuBuffer {
                 ),
             ));
         }
-        Ok(WgpuBuffer { buffer, device, dtype, len })
+        Ok(WgpuBuffer { buffer, device, owner, dtype, len })
     }
 }
 

@@ -32,7 +32,7 @@ mod buffer;
 mod kernels;
 
 use std::num::NonZeroU64;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use layernorm_core::{
     Backward, DType, Error, Forward, HostSlice, HostSliceMut, NormKind, NormSpec, Normalize,
@@ -60,6 +60,7 @@ pub struct WgpuBackend {
     max_groups: u32,
     dummy: wgpu::Buffer,
     cache: Cache,
+    token: Arc<()>,
 }
 
 /// One dispatch's share of the rows: `rows` rows starting at `row0`.
@@ -143,6 +144,7 @@ impl WgpuBackend {
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
             dummy,
             cache: Cache::default(),
+            token: Arc::new(()),
         })
     }
 
@@ -241,9 +243,10 @@ impl WgpuBackend {
     }
 
     /// Wraps a `wgpu::Buffer` created on this backend's device as a tensor of `len` elements of
-    /// `dtype`. It needs [`REQUIRED_USAGES`] and `len × size` bytes rounded up to 4 (at least 16).
+    /// `dtype`, owned by this backend. The buffer must come from [`WgpuBackend::device`]: wgpu
+    /// cannot tell devices of two instances apart, so this is the caller's promise. It needs [`REQUIRED_USAGES`] and `len × size` bytes rounded up to 4 (at least 16).
     pub fn wrap(&self, buffer: wgpu::Buffer, dtype: DType, len: usize) -> Result<WgpuBuffer> {
-        WgpuBuffer::new_checked(buffer, self.device.clone(), dtype, len)
+        WgpuBuffer::new_checked(buffer, self.device.clone(), self.token.clone(), dtype, len)
     }
 
     fn create(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
@@ -262,7 +265,13 @@ impl WgpuBackend {
                 mapped_at_creation: false,
             }))
         })?;
-        Ok(WgpuBuffer { buffer, device: self.device.clone(), dtype, len })
+        Ok(WgpuBuffer {
+            buffer,
+            device: self.device.clone(),
+            owner: self.token.clone(),
+            dtype,
+            len,
+        })
     }
 
     fn scratch(&self, bytes: u64) -> wgpu::Buffer {
@@ -298,7 +307,11 @@ impl WgpuBackend {
     }
 
     fn own(&self, tensor: &'static str, b: &WgpuBuffer) -> Result<()> {
-        if b.device == self.device { Ok(()) } else { Err(Error::ForeignBuffer { tensor }) }
+        if Arc::ptr_eq(&b.owner, &self.token) {
+            Ok(())
+        } else {
+            Err(Error::ForeignBuffer { tensor })
+        }
     }
 
     /// Splits `rows` rows of `row_bytes` bytes into dispatches whose bindings stay within the

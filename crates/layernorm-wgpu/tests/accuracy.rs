@@ -6,7 +6,7 @@
 mod common;
 
 use common::{BF16, Dist, F16, F32, backend, check, data};
-use layernorm_core::{DType, HostNormalizeExt, NormSpec, bf16, f16};
+use layernorm_core::{DType, HostNormalizeExt, NormSpec, Normalize, bf16, f16};
 
 /// Shapes every dtype runs: 1×1, N = 1, N = 3, N not a multiple of 4, the transformer sizes,
 /// N = 65536 (streamed), many rows of a small N, and no rows at all.
@@ -38,7 +38,13 @@ fn f32_shapes() {
 #[test]
 fn f16_shapes() {
     let Some(b) = backend() else { return };
-    assert!(b.has_f16(), "lavapipe and most GPUs have SHADER_F16");
+    if !b.has_f16() {
+        // Then f16 must be refused by name, not computed wrongly.
+        let err = b.supports(layernorm_core::NormKind::LayerNorm, DType::F16).unwrap_err();
+        assert_eq!(err.class(), "unsupported");
+        eprintln!("skipped f16: {err}");
+        return;
+    }
     for (i, &(rows, n)) in SHAPES.iter().enumerate() {
         check::<f16>(b, &spec(rows, n, DType::F16), &data(rows, n, Dist::Normal, i as u64), F16, 7);
     }
@@ -66,14 +72,19 @@ fn f32_large_mean_huge_values_constant_rows() {
 #[test]
 fn sixteen_bit_offsets_and_extremes() {
     let Some(b) = backend() else { return };
+    let f16_ok = b.has_f16();
     for &(rows, n) in &[(6, 3), (8, 1000), (8, 1024)] {
         for dist in [Dist::Offset(1e4), Dist::Constant, Dist::Scaled(1e-2)] {
-            check::<f16>(b, &spec(rows, n, DType::F16), &data(rows, n, dist, 5), F16, 1);
+            if f16_ok {
+                check::<f16>(b, &spec(rows, n, DType::F16), &data(rows, n, dist, 5), F16, 1);
+            }
             check::<bf16>(b, &spec(rows, n, DType::BF16), &data(rows, n, dist, 5), BF16, 1);
         }
         // Near the f16 maximum (65504): squares would overflow f16, never f32 after scaling.
         let x: Vec<f64> = data(rows, n, Dist::Normal, 9).iter().map(|v| 6.0e4 * v.tanh()).collect();
-        check::<f16>(b, &spec(rows, n, DType::F16), &x, F16, 2);
+        if f16_ok {
+            check::<f16>(b, &spec(rows, n, DType::F16), &x, F16, 2);
+        }
         check::<bf16>(
             b,
             &spec(rows, n, DType::BF16).with_eps(1e-12),
@@ -111,7 +122,9 @@ fn split_into_several_dispatches_and_a_2d_grid() {
     check::<f32>(&b, &spec(1000, 100, DType::F32), &data(1000, 100, Dist::Normal, 1), F32, 1);
     check::<f32>(&b, &spec(700, 3, DType::F32), &data(700, 3, Dist::Normal, 1), F32, 1);
     check::<bf16>(&b, &spec(1000, 99, DType::BF16), &data(1000, 99, Dist::Normal, 2), BF16, 2);
-    check::<f16>(&b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
+    if b.has_f16() {
+        check::<f16>(&b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
+    }
     // A row that alone exceeds the binding cap is a typed error, not a wgpu validation panic.
     let err = b.forward_vec(
         &spec(2, 20_000, DType::F32),

@@ -90,11 +90,12 @@ pub struct Tol {
     pub params: f64,
 }
 
-/// f32: a few ulp for y, the statistics and dx; 1e-5 for the sums over rows.
-pub const F32: Tol = Tol { y: 2e-6, stats: 2e-6, dx: 4e-6, params: 1e-5 };
+/// f32: about 8 ulp for y, the statistics and dx (measured worst on lavapipe: 1.7e-7, 4.2e-7);
+/// 1e-5 for the sums over rows.
+pub const F32: Tol = Tol { y: 1e-6, stats: 1e-6, dx: 1e-6, params: 1e-5 };
 /// f16 / bf16: one storage ulp at the top of the range (the outputs are rounded once).
-pub const F16: Tol = Tol { y: 9.77e-4, stats: 2e-6, dx: 9.77e-4, params: 9.77e-4 };
-pub const BF16: Tol = Tol { y: 7.82e-3, stats: 2e-6, dx: 7.82e-3, params: 7.82e-3 };
+pub const F16: Tol = Tol { y: 9.77e-4, stats: 1e-6, dx: 9.77e-4, params: 9.77e-4 };
+pub const BF16: Tol = Tol { y: 7.82e-3, stats: 1e-6, dx: 7.82e-3, params: 7.82e-3 };
 
 /// Runs forward and backward of `spec` on `x` (and seeded γ, β, dy) in `T`, and checks every
 /// output against the reference evaluated on the same rounded inputs.
@@ -120,7 +121,11 @@ pub fn check<T: Element>(b: &WgpuBackend, spec: &NormSpec, x: &[f64], tol: Tol, 
         spec.beta.then_some(&b64[..]),
     )
     .unwrap();
+    let verbose = std::env::var_os("LAYERNORM_TEST_VERBOSE").is_some();
     let e = rel_err(&widen(&f.y), &r.y);
+    if verbose {
+        eprintln!("{what}: y {e:.2e}");
+    }
     assert!(e <= tol.y, "{what}: y error {e:e} > {:e}", tol.y);
     // The mean is judged against |mean| + std of its row: a mean near 0 of data with std 1 can
     // only be as exact as the data's own f32 rounding.
@@ -142,13 +147,22 @@ pub fn check<T: Element>(b: &WgpuBackend, spec: &NormSpec, x: &[f64], tol: Tol, 
         reference::backward(spec, &x64, &dy64, &r.mean, &r.rstd, spec.gamma.then_some(&g64[..]))
             .unwrap();
     let e = rel_err(&widen(&grads.dx), &rb.dx);
+    if verbose {
+        eprintln!("{what}: dx {e:.2e}");
+    }
     assert!(e <= tol.dx, "{what}: dx error {e:e} > {:e}", tol.dx);
     if let (Some(got), Some(want)) = (&grads.dgamma, &rb.dgamma) {
         let e = rel_err(&widen(got), want);
+        if verbose {
+            eprintln!("{what}: dgamma {e:.2e}");
+        }
         assert!(e <= tol.params, "{what}: dgamma error {e:e} > {:e}", tol.params);
     }
     if let (Some(got), Some(want)) = (&grads.dbeta, &rb.dbeta) {
         let e = rel_err(&widen(got), want);
+        if verbose {
+            eprintln!("{what}: dbeta {e:.2e}");
+        }
         assert!(e <= tol.params, "{what}: dbeta error {e:e} > {:e}", tol.params);
     }
 }
