@@ -10,18 +10,30 @@ const KMAX: u32 = 8u;
 
 var<workgroup> red: array<vec4<f32>, WG>;
 
-// Sum of `v` over the caller's segment, the same fixed tree every time (bitwise reproducible).
-// Must be called by every thread of the workgroup (it contains barriers).
+// Reductions over a segment go FAN slots at a time: each level, the first thread of every
+// group of FAN (at the current stride) adds its group's slots in order. A 256-thread segment
+// takes two levels (four barriers in all) instead of the eight levels of a pairwise tree; the
+// order is fixed, so results are bitwise reproducible.
+const FAN: u32 = 16u;
+
+// Sum of `v` over the caller's segment. Must be called by every thread of the workgroup (it
+// contains barriers).
 fn seg_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
     red[lid] = v;
     workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
-        if ((lid % TPR) < s) {
-            red[lid] = red[lid] + red[lid + s];
+    let lane = lid % TPR;
+    for (var stride = 1u; stride < TPR; stride *= FAN) {
+        let span = min(FAN, TPR / stride);
+        if (lane % (stride * span) == 0u) {
+            var acc = red[lid];
+            for (var i = 1u; i < span; i++) {
+                acc += red[lid + i * stride];
+            }
+            red[lid] = acc;
         }
         workgroupBarrier();
     }
-    let r = red[lid - lid % TPR];
+    let r = red[lid - lane];
     workgroupBarrier();
     return r;
 }
@@ -30,13 +42,19 @@ fn seg_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
 fn seg_max(lid: u32, v: f32) -> f32 {
     red[lid].x = v;
     workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
-        if ((lid % TPR) < s) {
-            red[lid].x = max(red[lid].x, red[lid + s].x);
+    let lane = lid % TPR;
+    for (var stride = 1u; stride < TPR; stride *= FAN) {
+        let span = min(FAN, TPR / stride);
+        if (lane % (stride * span) == 0u) {
+            var acc = red[lid].x;
+            for (var i = 1u; i < span; i++) {
+                acc = max(acc, red[lid + i * stride].x);
+            }
+            red[lid].x = acc;
         }
         workgroupBarrier();
     }
-    let r = red[lid - lid % TPR].x;
+    let r = red[lid - lane].x;
     workgroupBarrier();
     return r;
 }

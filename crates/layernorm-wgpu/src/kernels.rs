@@ -24,7 +24,7 @@ pub(crate) const WG: u32 = 256;
 /// Items each thread may cache in registers (`KMAX` in `common.wgsl`).
 const KMAX: u32 = 8;
 /// Items per thread the row kernels aim for when choosing threads per row.
-const ITEMS_PER_THREAD: u32 = 4;
+const ITEMS_PER_THREAD: u32 = 8;
 /// Threads per workgroup of the column kernels (`CW` in `params_*.wgsl`).
 pub(crate) const CW: u32 = 64;
 
@@ -252,8 +252,8 @@ mod tests {
     fn shapes_by_n() {
         assert_eq!(Shape::for_items(1), Shape { tpr: 1, k: 1 });
         assert_eq!(Shape::for_items(3), Shape { tpr: 1, k: 4 });
-        assert_eq!(Shape::for_items(192), Shape { tpr: 64, k: 4 });
-        assert_eq!(Shape::for_items(1024), Shape { tpr: 256, k: 4 });
+        assert_eq!(Shape::for_items(192), Shape { tpr: 32, k: 8 });
+        assert_eq!(Shape::for_items(1024), Shape { tpr: 128, k: 8 });
         assert_eq!(Shape::for_items(2048), Shape { tpr: 256, k: 8 });
         assert_eq!(Shape::for_items(16384), Shape { tpr: 256, k: 0 });
     }
