@@ -443,27 +443,50 @@ impl WgpuBackend {
         let chunks = self.chunks(spec, row_bytes)?;
         let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
         let lo = self.scratch(rows as u64 * 4);
-
-        // Row kernel: dx, and the residual mean per row.
         let io = Io::widest(spec.dtype, n);
         let nv = n / io.width();
         let shape = Shape::for_items(nv);
+        let rpg = shape.rows_per_group() as usize;
+        let want_params = a.dgamma.is_some() || a.dbeta.is_some();
+
+        // Rows per segment, and the dγ/dβ partials: fused into the row kernel when rows are
+        // cached in registers (one partial per segment), else a separate pass (see param_pass).
+        let fused = want_params && shape.k > 0;
+        let max_parts = (self.max_binding / 4 / n as u64) as usize;
+        let mut rps = if fused { (rows / (rpg * 128)).clamp(1, 32) } else { 1 };
+        let segs = |rps: usize| chunks.iter().map(|c| c.rows.div_ceil(rps)).sum::<usize>();
+        while fused && segs(rps) > max_parts && rps < rows {
+            rps *= 2;
+        }
+        let parts = if fused { segs(rps) } else { 0 };
+        if parts > max_parts {
+            return Err(self.partials_too_large(spec));
+        }
+        let (part_g, part_b) = if fused {
+            let bytes = parts as u64 * n as u64 * 4;
+            (self.scratch(bytes), self.scratch(bytes))
+        } else {
+            (self.scratch(16), self.scratch(16))
+        };
+
         let pipeline = self.pipeline(Kernel::Backward, io, Some(shape))?;
         let layout = pipeline.get_bind_group_layout(0);
+        let flags = u32::from(spec.gamma) | (u32::from(fused) << 1);
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);
+            let mut part0 = 0usize;
             for c in &chunks {
-                let groups = c.rows.div_ceil(shape.rows_per_group() as usize);
-                let (gx, gy) = self.grid(groups, spec)?;
+                let segs_c = c.rows.div_ceil(rps);
+                let (gx, gy) = self.grid(segs_c.div_ceil(rpg), spec)?;
                 let params = self.uniform([
                     c.rows as u32,
                     nv as u32,
                     n as u32,
-                    u32::from(spec.gamma),
-                    0,
+                    flags,
+                    rps as u32,
                     gx,
-                    0,
+                    part0 as u32,
                     0,
                 ]);
                 let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
@@ -480,29 +503,50 @@ impl WgpuBackend {
                         entry(5, bind(&a.rstd.buffer, soff, sbytes)),
                         entry(6, bind(&a.dx.buffer, off, bytes)),
                         entry(7, bind(&lo, soff, sbytes)),
+                        entry(8, part_g.as_entire_binding()),
+                        entry(9, part_b.as_entire_binding()),
                     ],
                 });
                 pass.set_bind_group(0, &bg, &[]);
                 pass.dispatch_workgroups(gx, gy, 1);
+                part0 += segs_c;
             }
         }
 
-        if a.dgamma.is_some() || a.dbeta.is_some() {
-            self.param_grads(spec, a, &chunks, &lo, &mut enc)?;
+        if want_params {
+            let (part_g, part_b, parts) = if fused {
+                (part_g, part_b, parts)
+            } else {
+                self.param_pass(spec, a, &chunks, &lo, &mut enc)?
+            };
+            self.param_finish(spec, a, &part_g, &part_b, parts, &mut enc)?;
         }
         self.queue.submit([enc.finish()]);
         Ok(())
     }
 
-    /// dγ/dβ in two fixed-order stages (`shaders/params_grad.wgsl`, `params_finish.wgsl`).
-    fn param_grads(
+    fn partials_too_large(&self, spec: &NormSpec) -> Error {
+        Error::TooLarge {
+            rows: spec.rows,
+            n: spec.n,
+            limit: format!(
+                "the device's max_storage_buffer_binding_size ({} bytes) for the dγ/dβ partial \
+                 sums",
+                self.max_binding
+            ),
+        }
+    }
+
+    /// dγ/dβ stage 1 as its own pass (`shaders/params_grad.wgsl`), for rows too long to keep in
+    /// registers: one partial per block of rows and column. Returns the partial buffers and count.
+    fn param_pass(
         &self,
         spec: &NormSpec,
         a: &Backward<'_, WgpuBuffer>,
         chunks: &[Chunk],
         lo: &wgpu::Buffer,
         enc: &mut wgpu::CommandEncoder,
-    ) -> Result<()> {
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer, usize)> {
         let (rows, n) = (spec.rows, spec.n);
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
@@ -517,28 +561,16 @@ impl WgpuBackend {
         }
         let parts: Vec<usize> = chunks.iter().map(|c| c.rows.div_ceil(block)).collect();
         let total: usize = parts.iter().sum();
-        let part_bytes = total as u64 * n as u64 * 4;
         if total > max_parts || total > self.max_groups as usize {
-            return Err(Error::TooLarge {
-                rows,
-                n,
-                limit: format!(
-                    "the device's max_storage_buffer_binding_size ({} bytes) for the dγ/dβ \
-                     partial sums",
-                    self.max_binding
-                ),
-            });
+            return Err(self.partials_too_large(spec));
         }
+        let part_bytes = total as u64 * n as u64 * 4;
         let part_g = self.scratch(part_bytes);
         let part_b = self.scratch(part_bytes);
         let io = Io::scalar(spec.dtype);
         let col_groups = n.div_ceil(CW as usize).clamp(1, self.max_groups as usize) as u32;
-        let flags = u32::from(a.dgamma.is_some()) | (u32::from(a.dbeta.is_some()) << 1);
-
         let grad = self.pipeline(Kernel::ParamsGrad, io, None)?;
         let layout = grad.get_bind_group_layout(0);
-        let finish = self.pipeline(Kernel::ParamsFinish, io, None)?;
-        let flayout = finish.get_bind_group_layout(0);
         let mut pass = enc.begin_compute_pass(&Default::default());
         pass.set_pipeline(&grad);
         let mut part0 = 0usize;
@@ -549,7 +581,7 @@ impl WgpuBackend {
                 block as u32,
                 part0 as u32,
                 total as u32,
-                flags,
+                0,
                 col_groups,
                 0,
             ]);
@@ -573,23 +605,34 @@ impl WgpuBackend {
             pass.dispatch_workgroups(col_groups, p as u32, 1);
             part0 += p;
         }
+        drop(pass);
+        Ok((part_g, part_b, total))
+    }
 
-        pass.set_pipeline(&finish);
-        let params = self.uniform([
-            rows as u32,
-            n as u32,
-            block as u32,
-            0,
-            total as u32,
-            flags,
-            col_groups,
-            0,
-        ]);
+    /// dγ/dβ stage 2 (`shaders/params_finish.wgsl`): each column's `parts` partials added in a
+    /// fixed order and stored in the storage dtype.
+    fn param_finish(
+        &self,
+        spec: &NormSpec,
+        a: &Backward<'_, WgpuBuffer>,
+        part_g: &wgpu::Buffer,
+        part_b: &wgpu::Buffer,
+        parts: usize,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        let n = spec.n;
+        let row_bytes = n as u64 * spec.dtype.size() as u64;
+        let io = Io::scalar(spec.dtype);
+        let col_groups = n.div_ceil(CW as usize).clamp(1, self.max_groups as usize) as u32;
+        let flags = u32::from(a.dgamma.is_some()) | (u32::from(a.dbeta.is_some()) << 1);
+        let finish = self.pipeline(Kernel::ParamsFinish, io, None)?;
+        let params =
+            self.uniform([spec.rows as u32, n as u32, 0, 0, parts as u32, flags, col_groups, 0]);
         let dgamma = a.dgamma.as_deref().map_or(&self.dummy, |b| &b.buffer);
         let dbeta = a.dbeta.as_deref().map_or(&self.dummy, |b| &b.buffer);
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("layernorm dgamma/dbeta"),
-            layout: &flayout,
+            layout: &finish.get_bind_group_layout(0),
             entries: &[
                 entry(0, params.as_entire_binding()),
                 entry(1, part_g.as_entire_binding()),
@@ -598,6 +641,8 @@ impl WgpuBackend {
                 entry(4, bind(dbeta, 0, row_bytes)),
             ],
         });
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&finish);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(col_groups, 1, 1);
         Ok(())

@@ -96,6 +96,15 @@ fn sixteen_bit_offsets_and_extremes() {
 }
 
 #[test]
+fn many_rows_per_segment_in_the_backward() {
+    // Enough rows that each segment of the backward handles several rows and accumulates the
+    // dγ/dβ partials over them (the last segment gets fewer rows than the others).
+    let Some(b) = backend() else { return };
+    check::<f32>(b, &spec(301, 8192, DType::F32), &data(301, 8192, Dist::Normal, 5), F32, 5);
+    check::<bf16>(b, &spec(1100, 2048, DType::BF16), &data(1100, 2048, Dist::Normal, 6), BF16, 6);
+}
+
+#[test]
 fn affine_and_eps_variants() {
     let Some(b) = backend() else { return };
     for &(rows, n) in &[(5, 3), (9, 1000), (8, 1024)] {
