@@ -40,6 +40,8 @@ fn bad_input_is_a_typed_error() {
     assert_eq!(err.unwrap_err().class(), "eps");
     let err = b.forward_vec(&NormSpec::layer_norm(2, 0, DType::F32), &[0.0f32; 0], None, None);
     assert_eq!(err.unwrap_err().class(), "empty");
+    // Beyond the device's max_buffer_size: a typed error before wgpu sees it.
+    assert_eq!(b.alloc(DType::F32, 1 << 40).unwrap_err().class(), "too-large");
     // Wrong dtype of a device buffer.
     let x = b.upload(HostSlice::BF16(&[bf16::ONE; 6])).unwrap();
     let mut out = [0.0f32; 6];
