@@ -57,6 +57,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             mu = mean[row];
             rs = rstd[row];
         }
+        // e = (x - mu) * rs, formed as ((x - mu) * 2^re) * rm with rs = rm * 2^re: a driver that
+        // factors the sums of e into (sum of (x - mu)) * rs would overflow for |x| near f32 max;
+        // factored this way, the partial sums stay O(|xhat|). See sc4 in consts.wgsl.
+        var rm = rs;
+        var re = 0i;
+        if (finite1(rs) && rs != 0.0) {
+            let fr = frexp(rs);
+            rm = fr.fract;
+            re = fr.exp;
+        }
 
         var a = vec4<f32>(0.0);
         if (live) {
@@ -64,7 +74,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 for (var k = 0u; k < K; k++) {
                     let j = lane + k * TPR;
                     if (j < p.nv) {
-                        let e = (get_x(base + j) - V(mu)) * rs;
+                        let e = vscale(get_x(base + j) - V(mu), re) * rm;
                         let d = get_dy(base + j);
                         var g = d;
                         if (has_g) { g = g * get_gamma(j); }
@@ -75,7 +85,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
             } else {
                 for (var j = lane; j < p.nv; j += TPR) {
-                    let e = (get_x(base + j) - V(mu)) * rs;
+                    let e = vscale(get_x(base + j) - V(mu), re) * rm;
                     var g = get_dy(base + j);
                     if (has_g) { g = g * get_gamma(j); }
                     a += vec4<f32>(hsum(e), hsum(g * e), hsum(g), 0.0);
@@ -105,7 +115,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
             } else {
                 for (var j = lane; j < p.nv; j += TPR) {
-                    let xhat = (get_x(base + j) - V(mu)) * rs - V(lo);
+                    let xhat = vscale(get_x(base + j) - V(mu), re) * rm - V(lo);
                     var g = get_dy(base + j);
                     if (has_g) { g = g * get_gamma(j); }
                     put_dx(base + j, (g - V(c2) - xhat * c1) * rs);

@@ -9,6 +9,7 @@ override K: u32 = 0u;
 const KMAX: u32 = 8u;
 
 var<workgroup> red: array<vec4<f32>, WG>;
+var<workgroup> wg_flag: u32;
 
 // Reductions over a segment go FAN slots at a time: each level, the first thread of every
 // group of FAN (at the current stride) adds its group's slots in order. A 256-thread segment
@@ -38,23 +39,24 @@ fn seg_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
     return r;
 }
 
-// Maximum of `v` over the caller's segment. Same calling rule as `seg_sum`.
-fn seg_max(lid: u32, v: f32) -> f32 {
-    red[lid].x = v;
+// (sum of `t`, maximum of `m`) over the caller's segment. Same calling rule as `seg_sum`.
+fn seg_sum_max(lid: u32, t: f32, m: f32) -> vec2<f32> {
+    red[lid] = vec4<f32>(t, m, 0.0, 0.0);
     workgroupBarrier();
     let lane = lid % TPR;
     for (var stride = 1u; stride < TPR; stride *= FAN) {
         let span = min(FAN, TPR / stride);
         if (lane % (stride * span) == 0u) {
-            var acc = red[lid].x;
+            var acc = red[lid].xy;
             for (var i = 1u; i < span; i++) {
-                acc = max(acc, red[lid + i * stride].x);
+                let o = red[lid + i * stride].xy;
+                acc = vec2<f32>(acc.x + o.x, max(acc.y, o.y));
             }
-            red[lid].x = acc;
+            red[lid] = vec4<f32>(acc, 0.0, 0.0);
         }
         workgroupBarrier();
     }
-    let r = red[lid - lane].x;
+    let r = red[lid - lane].xy;
     workgroupBarrier();
     return r;
 }

@@ -1,9 +1,10 @@
 // LayerNorm forward: y = (x - mean) * rstd * gamma + beta, one row per segment of TPR threads.
 //
 // Statistics, per row, all in f32:
-//   1. m = max |x| (a non-finite element makes m = +inf), and s = 2^-e with m*s in [0.5, 1),
+//   1. m = max |x| (a non-finite element makes m = +inf), and s = 2^se with m*s in [0.5, 1),
 //      so that squares of scaled values can neither overflow nor flush for |x| up to f32 max;
-//   2. a first mean estimate mu0 = sum(x*s) / N;
+//      in the same reduction, a first mean estimate mu0 = sum(x) / N * s (rows whose sum
+//      overflows or that sum in subnormals redo it as sum(x*s) / N);
 //   3. residuals d = x*s - mu0: their mean corrects mu0 (mu = mu0 + sum(d)/N) and the variance
 //      is sum(d^2)/N - (sum(d)/N)^2, where the subtracted term is tiny: this is the two-pass
 //      variance, exact for constant rows and accurate when |mean| >> std.
@@ -39,8 +40,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let nf = f32(p.n);
     var c: array<V, KMAX>;
 
-    // Pass 1: max |x|.
+    // Pass 1: max |x| and sum(x), in one reduction.
     var m = 0.0;
+    var t = 0.0;
     if (live) {
         if (K > 0u) {
             for (var k = 0u; k < K; k++) {
@@ -48,37 +50,53 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 if (j < p.nv) {
                     c[k] = get_x(base + j);
                     m = max(m, vmaxabs(c[k]));
+                    t += hsum(c[k]);
                 }
             }
         } else {
             for (var j = lane; j < p.nv; j += TPR) {
-                m = max(m, vmaxabs(get_x(base + j)));
+                let v = get_x(base + j);
+                m = max(m, vmaxabs(v));
+                t += hsum(v);
             }
         }
     }
-    m = seg_max(lid, m);
-    let finite = m <= FMAX;
-    var s = 1.0;
+    let sm = seg_sum_max(lid, t, m);
+    m = sm.y;
+    let finite = finite1(m);
+    // Element scaling goes through vscale (exponent arithmetic), never a multiplication: see sc4.
+    var se = 0i;
     if (finite && m > 0.0) {
-        s = ldexp(1.0, clamp(-frexp(m).exp, -126, 126));
+        se = clamp(-frexp(m).exp, -126, 126);
     }
-
-    // Pass 2: first estimate of the (scaled) mean.
-    var acc = 0.0;
-    if (live) {
-        if (K > 0u) {
-            for (var k = 0u; k < K; k++) {
-                if (lane + k * TPR < p.nv) {
-                    acc += hsum(c[k] * s);
+    // First estimate of the scaled mean. The unscaled sum is exact enough unless it overflowed
+    // (|x| near f32 max) or the row is so small that it sums in subnormals; then (rarely, and
+    // for the whole workgroup so that barriers stay uniform) sum x*s in a second pass.
+    var mu0 = ldexp(sm.x / nf, se);
+    if (lane == 0u) {
+        wg_flag = 0u;
+    }
+    workgroupBarrier();
+    if (live && lane == 0u && finite && (!finite1(sm.x) || (m > 0.0 && m < 1e-30))) {
+        wg_flag = 1u;
+    }
+    if (workgroupUniformLoad(&wg_flag) != 0u) {
+        var acc = 0.0;
+        if (live) {
+            if (K > 0u) {
+                for (var k = 0u; k < K; k++) {
+                    if (lane + k * TPR < p.nv) {
+                        acc += hsum(vscale(c[k], se));
+                    }
+                }
+            } else {
+                for (var j = lane; j < p.nv; j += TPR) {
+                    acc += hsum(vscale(get_x(base + j), se));
                 }
             }
-        } else {
-            for (var j = lane; j < p.nv; j += TPR) {
-                acc += hsum(get_x(base + j) * s);
-            }
         }
+        mu0 = seg_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0)).x / nf;
     }
-    let mu0 = seg_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0)).x / nf;
 
     // Pass 3: residuals around the estimate.
     var a = vec2<f32>(0.0);
@@ -86,13 +104,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         if (K > 0u) {
             for (var k = 0u; k < K; k++) {
                 if (lane + k * TPR < p.nv) {
-                    let d = c[k] * s - V(mu0);
+                    let d = vscale(c[k], se) - V(mu0);
                     a += vec2<f32>(hsum(d), hsum(d * d));
                 }
             }
         } else {
             for (var j = lane; j < p.nv; j += TPR) {
-                let d = get_x(base + j) * s - V(mu0);
+                let d = vscale(get_x(base + j), se) - V(mu0);
                 a += vec2<f32>(hsum(d), hsum(d * d));
             }
         }
@@ -109,12 +127,12 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     if (var_s == 0.0) {
         rs = inverseSqrt(p.eps);
         k_s = 0.0; // every residual is exactly 0 (a constant row)
-    } else if (s <= 1.0) {
-        k_s = inverseSqrt(var_s + p.eps * s * s);
-        rs = k_s * s;
+    } else if (se <= 0) {
+        k_s = inverseSqrt(var_s + ldexp(p.eps, 2 * se));
+        rs = ldexp(k_s, se);
     } else {
-        rs = inverseSqrt(var_s / (s * s) + p.eps);
-        k_s = rs / s;
+        rs = inverseSqrt(ldexp(var_s, -2 * se) + p.eps);
+        k_s = ldexp(rs, -se);
     }
     var mu0s = mu0;
     if (!finite) {
@@ -124,7 +142,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         mu0s = nan();
     }
     if (live && lane == 0u) {
-        mean[row] = mu_s / s;
+        mean[row] = ldexp(mu_s, -se);
         rstd[row] = rs;
     }
 
@@ -136,7 +154,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             for (var k = 0u; k < K; k++) {
                 let j = lane + k * TPR;
                 if (j < p.nv) {
-                    var v = ((c[k] * s - V(mu0s)) - V(lo)) * k_s;
+                    var v = ((vscale(c[k], se) - V(mu0s)) - V(lo)) * k_s;
                     if (has_g) { v = v * get_gamma(j); }
                     if (has_b) { v = v + get_beta(j); }
                     put_y(base + j, v);
@@ -144,7 +162,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
         } else {
             for (var j = lane; j < p.nv; j += TPR) {
-                var v = ((get_x(base + j) * s - V(mu0s)) - V(lo)) * k_s;
+                var v = ((vscale(get_x(base + j), se) - V(mu0s)) - V(lo)) * k_s;
                 if (has_g) { v = v * get_gamma(j); }
                 if (has_b) { v = v + get_beta(j); }
                 put_y(base + j, v);

@@ -7,7 +7,7 @@ const W: u32 = 1u;
 fn hsum(v: f32) -> f32 { return v; }
 fn vmaxabs(v: f32) -> f32 {
     let a = abs(v);
-    return select(inf(), a, a <= FMAX);
+    return select(inf(), a, finite1(a));
 }
 fn bf16_to_f32(bits: u32) -> f32 { return bitcast<f32>(bits << 16u); }
 // Round to nearest even; NaN stays a (quiet) NaN.
@@ -16,6 +16,7 @@ fn f32_to_bf16(v: f32) -> u32 {
     if ((u & 0x7fffffffu) > 0x7f800000u) { return (u >> 16u) | 0x40u; }
     return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
 }
+fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
 // @get
 fn get_NAME(i: u32) -> f32 { return bf16_to_f32((NAME[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }
 // @put

@@ -6,8 +6,9 @@ const W: u32 = 1u;
 fn hsum(v: f32) -> f32 { return v; }
 fn vmaxabs(v: f32) -> f32 {
     let a = abs(v);
-    return select(inf(), a, a <= FMAX);
+    return select(inf(), a, finite1(a));
 }
+fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
 // @get
 fn get_NAME(i: u32) -> f32 { return NAME[i]; }
 // @put
