@@ -104,7 +104,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         if (K > 0u) {
             for (var k = 0u; k < K; k++) {
                 if (lane + k * TPR < p.nv) {
-                    let d = vscale(c[k], se) - V(mu0);
+                    c[k] = vscale(c[k], se); // cached values are scaled from here on
+                    let d = c[k] - V(mu0);
                     a += vec2<f32>(hsum(d), hsum(d * d));
                 }
             }
@@ -154,7 +155,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             for (var k = 0u; k < K; k++) {
                 let j = lane + k * TPR;
                 if (j < p.nv) {
-                    var v = ((vscale(c[k], se) - V(mu0s)) - V(lo)) * k_s;
+                    var v = ((c[k] - V(mu0s)) - V(lo)) * k_s;
                     if (has_g) { v = v * get_gamma(j); }
                     if (has_b) { v = v + get_beta(j); }
                     put_y(base + j, v);
