@@ -36,7 +36,12 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> part_b: array<V>;
 
 @compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    /*SG_ARGS*/
+) {
+    let sgn = /*SG_CHECK*/;
     let lane = lid % TPR;
     let seg = (wid.y * p.groups_x + wid.x) * (WG / TPR) + lid / TPR;
     let nf = f32(p.n);
@@ -92,7 +97,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
             }
         }
-        let r = seg_sum(lid, a);
+        let r = seg_sum(lid, a, sgn);
         let lo = r.x / nf;
         let c1 = (r.y - lo * r.z) / nf;
         let c2 = r.z / nf;

@@ -17,9 +17,9 @@ var<workgroup> wg_flag: u32;
 // order is fixed, so results are bitwise reproducible.
 const FAN: u32 = 16u;
 
-// Sum of `v` over the caller's segment. Must be called by every thread of the workgroup (it
-// contains barriers).
-fn seg_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
+// Sum of `v` over the caller's segment, in workgroup memory. Must be called by every thread of
+// the workgroup (it contains barriers).
+fn seg_sum_wg(lid: u32, v: vec4<f32>) -> vec4<f32> {
     red[lid] = v;
     workgroupBarrier();
     let lane = lid % TPR;
@@ -39,8 +39,8 @@ fn seg_sum(lid: u32, v: vec4<f32>) -> vec4<f32> {
     return r;
 }
 
-// (sum of `t`, maximum of `m`) over the caller's segment. Same calling rule as `seg_sum`.
-fn seg_sum_max(lid: u32, t: f32, m: f32) -> vec2<f32> {
+// (sum of `t`, maximum of `m`) over the caller's segment. Same calling rule as `seg_sum_wg`.
+fn seg_sum_max_wg(lid: u32, t: f32, m: f32) -> vec2<f32> {
     red[lid] = vec4<f32>(t, m, 0.0, 0.0);
     workgroupBarrier();
     let lane = lid % TPR;

@@ -32,7 +32,12 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> rstd: array<f32>;
 
 @compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    /*SG_ARGS*/
+) {
+    let sgn = /*SG_CHECK*/;
     let lane = lid % TPR;
     let row = (wid.y * p.groups_x + wid.x) * (WG / TPR) + lid / TPR;
     let live = row < p.rows;
@@ -61,7 +66,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
         }
     }
-    let sm = seg_sum_max(lid, t, m);
+    let sm = seg_sum_max(lid, t, m, sgn);
     m = sm.y;
     let finite = finite1(m);
     // Element scaling goes through vscale (exponent arithmetic), never a multiplication: see sc4.
@@ -95,7 +100,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
             }
         }
-        mu0 = seg_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0)).x / nf;
+        mu0 = seg_sum(lid, vec4<f32>(acc, 0.0, 0.0, 0.0), sgn).x / nf;
     }
 
     // Pass 3: residuals around the estimate.
@@ -116,7 +121,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
         }
     }
-    let r = seg_sum(lid, vec4<f32>(a, 0.0, 0.0));
+    let r = seg_sum(lid, vec4<f32>(a, 0.0, 0.0), sgn);
     let lo = r.x / nf;
     var mu_s = mu0 + lo; // stored (rounded); pass 4 uses mu0 and lo unrounded
     let var_s = max(r.y / nf - lo * lo, 0.0);

@@ -85,7 +85,7 @@ impl WgpuBackend {
         io: Io,
         shape: Option<Shape>,
     ) -> Result<wgpu::ComputePipeline> {
-        self.cache.pipeline(&self.device, kernel, io, shape).map_err(device_err)
+        self.cache.pipeline(&self.device, kernel, io, shape, self.subgroups).map_err(device_err)
     }
 
     fn eps_f32(spec: &NormSpec) -> f32 {

@@ -13,6 +13,8 @@ use layernorm_core::DType;
 
 const CONSTS: &str = include_str!("../shaders/consts.wgsl");
 const COMMON: &str = include_str!("../shaders/common.wgsl");
+const REDUCE_PLAIN: &str = include_str!("../shaders/reduce_plain.wgsl");
+const REDUCE_SG: &str = include_str!("../shaders/reduce_sg.wgsl");
 const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 const BACKWARD: &str = include_str!("../shaders/backward.wgsl");
 const PARAMS_GRAD: &str = include_str!("../shaders/params_grad.wgsl");
@@ -105,8 +107,9 @@ impl Kernel {
         matches!(self, Kernel::Forward | Kernel::Backward)
     }
 
-    /// The full WGSL source of this kernel over `io`.
-    pub(crate) fn source(self, io: Io) -> String {
+    /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
+    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels.
+    pub(crate) fn source(self, io: Io, subgroups: bool) -> String {
         let (body, gets, puts): (&str, &[&str], &[&str]) = match self {
             Kernel::Forward => (FORWARD, &["x", "gamma", "beta"], &["y"]),
             Kernel::Backward => (BACKWARD, &["x", "dy", "gamma"], &["dx"]),
@@ -129,8 +132,18 @@ impl Kernel {
         }
         if self.uses_overrides() {
             s.push_str(COMMON);
+            s.push_str(if subgroups { REDUCE_SG } else { REDUCE_PLAIN });
         }
-        s.push_str(body);
+        let (args, check) = if subgroups && self.uses_overrides() {
+            (
+                "@builtin(subgroup_invocation_id) sg_lane: u32,\n    \
+                 @builtin(subgroup_size) sg_size: u32,",
+                "sg_check(lid, sg_lane, sg_size)",
+            )
+        } else {
+            ("", "0u")
+        };
+        s.push_str(&body.replace("/*SG_ARGS*/", args).replace("/*SG_CHECK*/", check));
         s
     }
 }
@@ -167,12 +180,13 @@ struct Key {
     kernel: Kernel,
     io: Io,
     shape: Option<Shape>,
+    subgroups: bool,
 }
 
 /// Compiled pipelines of one device, created on first use and kept.
 #[derive(Default)]
 pub(crate) struct Cache {
-    modules: Mutex<HashMap<(Kernel, Io), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Kernel, Io, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<Key, wgpu::ComputePipeline>>,
 }
 
@@ -192,12 +206,14 @@ impl Cache {
         kernel: Kernel,
         io: Io,
         shape: Option<Shape>,
+        subgroups: bool,
     ) -> Result<wgpu::ComputePipeline, String> {
-        let key = Key { kernel, io, shape };
+        let subgroups = subgroups && kernel.uses_overrides();
+        let key = Key { kernel, io, shape, subgroups };
         if let Some(p) = self.pipelines.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(device, kernel, io)?;
+        let module = self.module(device, kernel, io, subgroups)?;
         let constants: Vec<(&str, f64)> = match shape {
             Some(s) => vec![("TPR", f64::from(s.tpr)), ("K", f64::from(s.k))],
             None => Vec::new(),
@@ -226,11 +242,13 @@ impl Cache {
         device: &wgpu::Device,
         kernel: Kernel,
         io: Io,
+        subgroups: bool,
     ) -> Result<wgpu::ShaderModule, String> {
-        if let Some(m) = self.modules.lock().map_err(|e| e.to_string())?.get(&(kernel, io)) {
+        let key = (kernel, io, subgroups);
+        if let Some(m) = self.modules.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(m.clone());
         }
-        let src = kernel.source(io);
+        let src = kernel.source(io, subgroups);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("layernorm"),
@@ -239,7 +257,7 @@ impl Cache {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(format!("{kernel:?}/{io:?} shader: {e}"));
         }
-        self.modules.lock().map_err(|e| e.to_string())?.insert((kernel, io), module.clone());
+        self.modules.lock().map_err(|e| e.to_string())?.insert(key, module.clone());
         Ok(module)
     }
 }
@@ -262,8 +280,10 @@ mod tests {
     fn every_kernel_assembles_for_every_io() {
         for io in [Io::F32, Io::F32x4, Io::F16, Io::F16x4, Io::Bf16, Io::Bf16x2] {
             for k in [Kernel::Forward, Kernel::Backward, Kernel::ParamsGrad, Kernel::ParamsFinish] {
-                let s = k.source(io);
-                assert!(!s.contains("NAME"), "{k:?}/{io:?}");
+                for sg in [false, true] {
+                    let s = k.source(io, sg);
+                    assert!(!s.contains("NAME") && !s.contains("/*SG_"), "{k:?}/{io:?}");
+                }
             }
         }
     }

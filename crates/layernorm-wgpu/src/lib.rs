@@ -55,6 +55,7 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     f16: bool,
+    subgroups: bool,
     max_binding: u64,
     max_buffer: u64,
     offset_align: u64,
@@ -73,7 +74,7 @@ impl WgpuBackend {
     pub const NAME: &'static str = "wgpu";
 
     /// Requests an adapter (honouring `WGPU_BACKEND` and friends) and a device with the adapter's
-    /// limits and, when present, `SHADER_F16`. No adapter → [`Error::Unavailable`] with wgpu's
+    /// limits and, when present, `SHADER_F16` and `SUBGROUP`. No adapter → [`Error::Unavailable`] with wgpu's
     /// reason.
     pub fn new() -> Result<WgpuBackend> {
         let instance =
@@ -83,7 +84,7 @@ impl WgpuBackend {
             ..Default::default()
         }))
         .map_err(|e| Error::unavailable(Self::NAME, format!("no wgpu adapter: {e}")))?;
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("layernorm-wgpu"),
             required_features: features,
@@ -102,6 +103,7 @@ impl WgpuBackend {
         let limits = device.limits();
         let info = device.adapter_info();
         let f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("layernorm absent tensor"),
@@ -117,6 +119,7 @@ impl WgpuBackend {
             queue,
             info,
             f16,
+            subgroups,
             max_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             offset_align: u64::from(limits.min_storage_buffer_offset_alignment).max(4),
@@ -214,6 +217,20 @@ impl WgpuBackend {
     /// The queue work is submitted to.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
+    }
+
+    /// Turns the subgroup reductions off (`false`) or back on where the device has
+    /// `Features::SUBGROUP`. They are on by default when available; off, every reduction goes
+    /// through workgroup memory. Results of the two differ in the last bits (the order of the
+    /// additions differs); each is reproducible run to run.
+    pub fn with_subgroups(mut self, on: bool) -> Self {
+        self.subgroups = on && self.device.features().contains(wgpu::Features::SUBGROUP);
+        self
+    }
+
+    /// Whether the row kernels use subgroup reductions.
+    pub fn uses_subgroups(&self) -> bool {
+        self.subgroups
     }
 
     /// Whether f16 tensors are supported (the device has `SHADER_F16`).

@@ -105,6 +105,32 @@ fn sixteen_bit_offsets_and_extremes() {
 }
 
 #[test]
+fn workgroup_memory_reductions() {
+    // The default backend uses subgroup reductions where the device has them (lavapipe does);
+    // this one takes the workgroup-memory path every device has.
+    let Some(_) = backend() else { return };
+    let b = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
+    assert!(!b.uses_subgroups());
+    for (i, &(rows, n)) in [(5, 3), (24, 768), (4, 4096), (2, 65536), (3000, 16)].iter().enumerate()
+    {
+        check::<f32>(
+            &b,
+            &spec(rows, n, DType::F32),
+            &data(rows, n, Dist::Offset(1e4), i as u64),
+            F32,
+            8,
+        );
+        check::<bf16>(
+            &b,
+            &spec(rows, n, DType::BF16),
+            &data(rows, n, Dist::Normal, i as u64),
+            BF16,
+            8,
+        );
+    }
+}
+
+#[test]
 fn many_rows_per_segment_in_the_backward() {
     // Enough rows that each segment of the backward handles several rows and accumulates the
     // dγ/dβ partials over them (the last segment gets fewer rows than the others).
