@@ -74,8 +74,8 @@ impl WgpuBackend {
     pub const NAME: &'static str = "wgpu";
 
     /// Requests an adapter (honouring `WGPU_BACKEND` and friends) and a device with the adapter's
-    /// limits and, when present, `SHADER_F16` and `SUBGROUP`. No adapter → [`Error::Unavailable`] with wgpu's
-    /// reason.
+    /// limits and, when present, `SHADER_F16` and `SUBGROUP`. No adapter →
+    /// [`Error::Unavailable`] with wgpu's reason.
     pub fn new() -> Result<WgpuBackend> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
