@@ -1,4 +1,4 @@
-// LayerNorm backward, row part: dx = rstd * (g - c2 - xhat * c1) with g = dy * gamma,
+//! LayerNorm backward, row part: dx = rstd * (g - c2 - xhat * c1) with g = dy * gamma,
 // c1 = mean(g * xhat), c2 = mean(g), one row at a time per segment of TPR threads.
 //
 // The saved f32 mean is not trusted to full precision: with e = (x - mean_saved) * rstd, the

@@ -1,4 +1,4 @@
-// Shared by the row kernels: constants, the workgroup shape, and segmented tree reductions.
+//! Shared by the row kernels: the workgroup shape and the workgroup-memory segment reductions.
 //
 // A workgroup of WG threads is cut into segments of TPR threads (a power of two); each segment
 // owns one row. TPR = WG gives one row per workgroup (large N), TPR = 1 one row per thread.

@@ -1,4 +1,4 @@
-// A plain copy of 16-byte words, for measuring the adapter's own copy bandwidth (benches).
+//! A plain copy of 16-byte words, for measuring the adapter's own copy bandwidth (benches).
 
 struct Params {
     words: u32,

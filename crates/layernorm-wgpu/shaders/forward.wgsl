@@ -1,4 +1,4 @@
-// LayerNorm forward: y = (x - mean) * rstd * gamma + beta, one row per segment of TPR threads.
+//! LayerNorm forward: y = (x - mean) * rstd * gamma + beta, one row per segment of TPR threads.
 //
 // Statistics, per row, all in f32:
 //   1. m = max |x| (a non-finite element makes m = +inf), and s = 2^se with m*s in [0.5, 1),

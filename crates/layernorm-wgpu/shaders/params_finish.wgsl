@@ -1,4 +1,4 @@
-// Stage 2 of the dgamma/dbeta reduction: see params_grad.wgsl.
+//! Stage 2 of the dgamma/dbeta reduction: see params_grad.wgsl.
 
 struct Params {
     rows: u32,

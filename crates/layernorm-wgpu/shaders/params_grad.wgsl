@@ -1,4 +1,4 @@
-// dgamma = sum over rows of dy * xhat, dbeta = sum over rows of dy, in two fixed-order stages
+//! dgamma = sum over rows of dy * xhat, dbeta = sum over rows of dy, in two fixed-order stages
 // (no float atomics, so the result is bitwise identical run to run).
 //
 // Stage 1 (`partials`): thread = column j, workgroup y = a block of `chunk` consecutive rows;

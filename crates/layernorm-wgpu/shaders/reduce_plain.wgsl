@@ -1,4 +1,4 @@
-// Segment reductions without subgroups: the workgroup-memory ones of common.wgsl. `sgn` (the
+//! Segment reductions without subgroups: the workgroup-memory ones of common.wgsl. `sgn` (the
 // subgroup size when subgroups are usable, here always 0) keeps one signature for both variants.
 fn seg_sum(lid: u32, v: vec4<f32>, sgn: u32) -> vec4<f32> {
     return seg_sum_wg(lid, v);

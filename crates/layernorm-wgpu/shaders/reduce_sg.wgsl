@@ -1,4 +1,4 @@
-// Segment reductions with subgroups (the device has Features::SUBGROUP).
+//! Segment reductions with subgroups (the device has Features::SUBGROUP).
 //
 // WGSL does not promise how local_invocation_index maps onto subgroup lanes, so `sg_check`
 // verifies at run time that lane = lid % size for every thread of the workgroup (and that the

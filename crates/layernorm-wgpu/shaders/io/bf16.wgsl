@@ -1,4 +1,4 @@
-// bf16 storage packed two per u32 (low half first), one element per item (any N). Two rows can
+//! bf16 storage packed two per u32 (low half first), one element per item (any N). Two rows can
 // share a word when N is odd, so stores are atomic read-modify-writes of the element's own half.
 alias IN_T = u32;
 alias OUT_T = atomic<u32>;

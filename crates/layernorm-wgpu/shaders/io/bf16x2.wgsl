@@ -1,4 +1,4 @@
-// bf16 storage packed two per u32 (low half first), read and written a word at a time (N even, so
+//! bf16 storage packed two per u32 (low half first), read and written a word at a time (N even, so
 // no word is shared between rows).
 alias IN_T = u32;
 alias OUT_T = u32;

@@ -1,4 +1,4 @@
-// f16 storage (needs SHADER_F16), one element per item; arithmetic in f32.
+//! f16 storage (needs SHADER_F16), one element per item; arithmetic in f32.
 enable f16;
 alias IN_T = f16;
 alias OUT_T = f16;

@@ -1,4 +1,4 @@
-// f16 storage read and written as vec4<f16> (N divisible by 4); arithmetic in f32.
+//! f16 storage read and written as vec4<f16> (N divisible by 4); arithmetic in f32.
 enable f16;
 alias IN_T = vec4<f16>;
 alias OUT_T = vec4<f16>;

@@ -1,4 +1,4 @@
-// f32 storage, one element per item (any N).
+//! f32 storage, one element per item (any N).
 alias IN_T = f32;
 alias OUT_T = f32;
 alias V = f32;

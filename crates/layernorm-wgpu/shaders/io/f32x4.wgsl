@@ -1,4 +1,4 @@
-// f32 storage read and written as vec4 (N divisible by 4, so every row starts 16-byte aligned).
+//! f32 storage read and written as vec4 (N divisible by 4, so every row starts 16-byte aligned).
 alias IN_T = vec4<f32>;
 alias OUT_T = vec4<f32>;
 alias V = vec4<f32>;
