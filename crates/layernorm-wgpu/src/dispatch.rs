@@ -50,7 +50,8 @@ impl WgpuBackend {
                 self.max_binding, self.offset_align
             ),
         };
-        let fit = (self.max_binding / row_bytes.max(1)) as usize;
+        // A row also has 4 bytes of mean, rstd (and lo): bound by the larger of the two.
+        let fit = (self.max_binding / row_bytes.max(4)) as usize;
         if rows <= fit {
             return Ok(vec![Chunk { row0: 0, rows }]);
         }
