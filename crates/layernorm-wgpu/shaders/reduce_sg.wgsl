@@ -1,8 +1,8 @@
 //! Segment reductions with subgroups (the device has Features::SUBGROUP).
 //
 // WGSL does not promise how local_invocation_index maps onto subgroup lanes, so `sg_check`
-// verifies at run time that lane = lid % size for every thread of the workgroup (and that the
-// size is a power of two); it returns the subgroup size if so, else 0, and the reductions then
+// verifies at run time that every subgroup is the block of lids [k*size, (k+1)*size) with
+// lane = lid % size (and that the size is a power of two); it returns the subgroup size if so, else 0, and the reductions then
 // fall back to workgroup memory. With the linear mapping a segment of TPR threads is either a
 // run of lanes inside one subgroup (TPR <= size: an xor butterfly, no barrier at all) or a run of
 // whole subgroups (butterfly per subgroup, then the subgroups' sums in order: two barriers).
@@ -16,7 +16,10 @@ fn sg_check(lid: u32, lane: u32, size: u32) -> u32 {
         wg_sgn = size;
     }
     workgroupBarrier();
-    if ((size & (size - 1u)) != 0u || lane != lid % size) {
+    // Lane 0's index must be the start of the caller's block of `size`: with distinct lanes, the
+    // subgroup is then exactly the block [lid - lid % size, + size).
+    let base = subgroupShuffle(lid, 0u);
+    if ((size & (size - 1u)) != 0u || lane != lid % size || base != lid - lid % size) {
         wg_sgn = 0u;
     }
     return workgroupUniformLoad(&wg_sgn);
