@@ -1,6 +1,7 @@
 //! Shared test helpers: the one backend per test binary, data generators, and the comparison
 //! against the f64 reference.
 
+// Each test binary uses only some of these helpers.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
