@@ -20,7 +20,21 @@ struct Row {
     shape: String,
     bytes: f64,
     ns: f64,
-    base_ns: Option<f64>,
+    /// The baseline's (time, bytes): it may move a different byte count (wgpu's backward
+    /// baseline is a copy), so fractions compare bandwidths, not times.
+    baseline: Option<(f64, f64)>,
+}
+
+impl Row {
+    fn gbs(&self) -> f64 {
+        self.bytes / self.ns
+    }
+    fn base_gbs(&self) -> Option<f64> {
+        self.baseline.map(|(ns, bytes)| bytes / ns)
+    }
+    fn fraction(&self) -> Option<f64> {
+        self.base_gbs().map(|b| self.gbs() / b)
+    }
 }
 
 /// Runs the bench. `Ok(false)` if the bench itself failed.
@@ -56,9 +70,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 json!({
                     "backend": r.backend, "pass": r.pass, "dtype": r.dtype, "threads": r.threads,
                     "shape": r.shape, "bytes": r.bytes, "seconds": r.ns * 1e-9,
-                    "gb_per_s": r.bytes / r.ns,
-                    "baseline_gb_per_s": r.base_ns.map(|b| r.bytes / b),
-                    "fraction_of_baseline": r.base_ns.map(|b| b / r.ns),
+                    "gb_per_s": r.gbs(),
+                    "baseline_gb_per_s": r.base_gbs(),
+                    "fraction_of_baseline": r.fraction(),
                 })
             })
             .collect();
@@ -79,9 +93,8 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
     walk(dir, &mut found);
     #[derive(Default)]
     struct Pair {
-        layernorm: Option<f64>,
-        baseline: Option<f64>,
-        bytes: f64,
+        layernorm: Option<(f64, f64)>,
+        baseline: Option<(f64, f64)>,
     }
     let mut m: BTreeMap<(String, String), Pair> = BTreeMap::new();
     for p in found {
@@ -98,16 +111,15 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
         let bytes = b["throughput"]["Bytes"].as_f64().unwrap_or(0.0);
         let ns = e["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
         let slot = m.entry((group, shape)).or_default();
-        slot.bytes = bytes;
         match b["function_id"].as_str() {
-            Some("layernorm") => slot.layernorm = Some(ns),
-            Some("baseline") => slot.baseline = Some(ns),
+            Some("layernorm") => slot.layernorm = Some((ns, bytes)),
+            Some("baseline") => slot.baseline = Some((ns, bytes)),
             _ => {}
         }
     }
     let mut rows = Vec::new();
-    for ((group, shape), Pair { layernorm, baseline: base, bytes }) in m {
-        let Some(ns) = layernorm else { continue };
+    for ((group, shape), Pair { layernorm, baseline }) in m {
+        let Some((ns, bytes)) = layernorm else { continue };
         let parts: Vec<&str> = group.split('/').collect();
         let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
         rows.push(Row {
@@ -118,7 +130,7 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
             shape,
             bytes,
             ns,
-            base_ns: base,
+            baseline,
         });
     }
     if rows.is_empty() {
@@ -147,9 +159,9 @@ fn print_table(rows: &[Row]) {
         "bench", "pass", "dtype", "thr", "shape", "GB/s", "baseline", "fraction"
     );
     for r in rows {
-        let (base, frac) = match r.base_ns {
-            Some(b) => (format!("{:.1}", r.bytes / b), format!("{:.2}", b / r.ns)),
-            None => ("-".into(), "-".into()),
+        let (base, frac) = match (r.base_gbs(), r.fraction()) {
+            (Some(b), Some(f)) => (format!("{b:.1}"), format!("{f:.2}")),
+            _ => ("-".into(), "-".into()),
         };
         println!(
             "{:<6} {:<4} {:<5} {:<4} {:<11} {:>9.1} {:>12} {:>9}",
@@ -158,7 +170,7 @@ fn print_table(rows: &[Row]) {
             r.dtype,
             r.threads,
             r.shape,
-            r.bytes / r.ns,
+            r.gbs(),
             base,
             frac
         );

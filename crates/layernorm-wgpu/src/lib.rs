@@ -1,77 +1,442 @@
-//! The wgpu backend of layernorm — not implemented yet.
+//! The wgpu backend of layernorm: LayerNorm forward and backward as WGSL compute shaders, on any
+//! adapter wgpu finds (Vulkan, Metal, DX12, GL; lavapipe on a CPU-only machine).
 //!
-//! The type exists so the facade, the registry and the conformance suite are wired for it today:
-//! [`WgpuBackend::new`] returns [`Error::Unavailable`] until the WGSL shaders land. The type is
-//! uninhabited, so none of its methods can ever run.
+//! - **Device-resident.** [`WgpuBuffer`] wraps a `wgpu::Buffer`; [`Normalize::forward`] and
+//!   [`Normalize::backward`] run on those without a host round trip. Buffers you already have are
+//!   wrapped with [`WgpuBackend::wrap`]; `upload`/`download` move host data.
+//! - **Your device or ours.** [`WgpuBackend::new`] requests an adapter and device;
+//!   [`WgpuBackend::from_device`] shares the `wgpu::Device`/`Queue` of your renderer or ML code.
+//! - **dtypes.** f32; f16 storage (f32 arithmetic) when the device has `SHADER_F16`; bf16 storage
+//!   as packed `u32` words with bit shifts. No f64: WGSL has none, and the backend says so with
+//!   [`Error::UnsupportedDType`].
+//! - **Shapes.** Kernel shape is chosen by N (several rows per workgroup for small N, one
+//!   workgroup per row for large N, vec4 access when N allows, rows streamed from memory past
+//!   2048 items per row). Rows past 65535 workgroups use a 2-D grid; tensors larger than the
+//!   device's `max_storage_buffer_binding_size` are processed in several dispatches of whole rows.
+//!   The design is described in `docs/backends/wgpu.md`.
+//! - **Errors, not panics.** No adapter → [`Error::Unavailable`] carrying wgpu's reason; wgpu
+//!   validation and out-of-memory errors inside a call come back as [`Error::Device`].
+//!
+//! ```no_run
+//! use layernorm_core::{DType, HostNormalizeExt, NormSpec};
+//! use layernorm_wgpu::WgpuBackend;
+//!
+//! let backend = WgpuBackend::new()?;
+//! let spec = NormSpec::layer_norm(2, 4, DType::F32).with_affine(false);
+//! let out = backend.forward_vec(&spec, &[1.0f32, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0], None, None)?;
+//! assert!(out.y[0] < 0.0);
+//! # Ok::<(), layernorm_core::Error>(())
+//! ```
 
-use std::convert::Infallible;
+mod buffer;
+mod dispatch;
+mod kernels;
+
+use std::sync::{Arc, mpsc};
 
 use layernorm_core::{
-    Backward, DType, Error, Forward, HostSlice, HostSliceMut, NormKind, NormSpec, Normalize,
-    Result, Storage,
+    Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut, NormKind,
+    NormSpec, Normalize, Result, check_download,
 };
+use wgpu::util::DeviceExt;
 
-/// The wgpu backend (not yet implemented: construction reports it unavailable).
+use buffer::padded_size;
+pub use buffer::{REQUIRED_USAGES, WgpuBuffer};
+use dispatch::{bind, entry};
+use kernels::{Cache, Io, Kernel};
+
+/// LayerNorm on a wgpu device.
+///
+/// Holds the device and queue (cheap clones of wgpu handles), the limits it plans dispatches by,
+/// and the compiled pipelines, which are created once per device, kernel, dtype and shape.
 #[derive(Debug)]
 pub struct WgpuBackend {
-    never: Infallible,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    f16: bool,
+    subgroups: bool,
+    max_binding: u64,
+    max_buffer: u64,
+    offset_align: u64,
+    max_groups: u32,
+    dummy: wgpu::Buffer,
+    cache: Cache,
+    token: Arc<()>,
 }
 
-/// The wgpu buffer type (uninhabited until the backend exists).
-#[derive(Debug)]
-pub struct WgpuBuffer {
-    never: Infallible,
-}
-
-impl Storage for WgpuBuffer {
-    fn dtype(&self) -> DType {
-        match self.never {}
-    }
-    fn len(&self) -> usize {
-        match self.never {}
-    }
+fn device_err(e: impl std::fmt::Display) -> Error {
+    Error::device(WgpuBackend::NAME, e)
 }
 
 impl WgpuBackend {
     /// Registry name.
     pub const NAME: &'static str = "wgpu";
 
-    /// Always [`Error::Unavailable`] for now: the WGSL shaders are not written yet.
+    /// Requests an adapter (honouring `WGPU_BACKEND` and friends) and a device with the adapter's
+    /// limits and, when present, `SHADER_F16` and `SUBGROUP`. No adapter →
+    /// [`Error::Unavailable`] with wgpu's reason.
     pub fn new() -> Result<WgpuBackend> {
-        Err(Error::unavailable(Self::NAME, "the wgpu backend is not implemented yet"))
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::unavailable(Self::NAME, format!("no wgpu adapter: {e}")))?;
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("layernorm-wgpu"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| {
+            Error::unavailable(Self::NAME, format!("wgpu adapter refused a device: {e}"))
+        })?;
+        Self::from_device(device, queue)
+    }
+
+    /// Uses a device and queue you already have. f16 is supported when the device was created
+    /// with `SHADER_F16`; dispatches are planned by the device's limits.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<WgpuBackend> {
+        let limits = device.limits();
+        let info = device.adapter_info();
+        let f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("layernorm absent tensor"),
+            size: 16,
+            usage: REQUIRED_USAGES,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err(e));
+        }
+        Ok(WgpuBackend {
+            device,
+            queue,
+            info,
+            f16,
+            subgroups,
+            max_binding: limits.max_storage_buffer_binding_size,
+            max_buffer: limits.max_buffer_size,
+            offset_align: u64::from(limits.min_storage_buffer_offset_alignment).max(4),
+            max_groups: limits.max_compute_workgroups_per_dimension.max(1),
+            dummy,
+            cache: Cache::default(),
+            token: Arc::new(()),
+        })
+    }
+
+    /// Lowers the largest storage binding the backend uses (bytes, rounded down to a multiple of
+    /// 256), so that tensors above it are processed in several dispatches. The device's own limit
+    /// is the default and cannot be raised; useful to share headroom or to test the splitting.
+    pub fn with_max_binding_size(mut self, bytes: u64) -> Self {
+        self.max_binding = self.max_binding.min((bytes / 256 * 256).max(256));
+        self
+    }
+
+    /// Lowers the number of workgroups per grid dimension the backend plans with (at least 1), so
+    /// that the 2-D grid used past the device's limit (65535 on most devices) can be exercised
+    /// with few rows.
+    pub fn with_max_workgroups_per_dimension(mut self, groups: u32) -> Self {
+        self.max_groups = self.max_groups.min(groups.max(1));
+        self
+    }
+
+    /// Copies `src` into `dst` with a plain copy shader (16-byte words), on the backend's queue.
+    ///
+    /// LayerNorm is memory-bound: the time of this copy over the same bytes is the bandwidth a
+    /// kernel on this adapter can hope for, which is what the benches compare against. Both
+    /// buffers must hold the same number of bytes, a multiple of 16.
+    pub fn copy_kernel(&self, src: &WgpuBuffer, dst: &mut WgpuBuffer) -> Result<()> {
+        self.own("src", src)?;
+        self.own("dst", dst)?;
+        let bytes = src.byte_len();
+        if bytes != dst.byte_len() || !bytes.is_multiple_of(16) {
+            return Err(Error::ShapeMismatch {
+                tensor: "dst (bytes, a multiple of 16)",
+                expected: bytes as usize,
+                got: dst.byte_len() as usize,
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        if bytes > self.max_binding {
+            return Err(Error::TooLarge {
+                rows: 1,
+                n: src.len,
+                limit: format!("max_storage_buffer_binding_size ({} bytes)", self.max_binding),
+            });
+        }
+        self.scoped(|| {
+            let pipeline = self.pipeline(Kernel::Copy, Io::F32, None)?;
+            let words = (bytes / 16) as usize;
+            let spec = NormSpec::layer_norm(words, 1, DType::F32);
+            let (gx, gy) = self.grid(words.div_ceil(256), &spec)?;
+            let params = self.uniform([words as u32, gx, 0, 0, 0, 0, 0, 0]);
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("layernorm copy"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    entry(0, params.as_entire_binding()),
+                    entry(1, bind(&src.buffer, 0, bytes)),
+                    entry(2, bind(&dst.buffer, 0, bytes)),
+                ],
+            });
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            self.queue.submit([enc.finish()]);
+            Ok(())
+        })
+    }
+
+    /// Blocks until all work submitted to the queue has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(device_err)
+    }
+
+    /// The adapter the device belongs to.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue work is submitted to.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Turns the subgroup reductions off (`false`) or back on where the device has
+    /// `Features::SUBGROUP`. They are on by default when available; off, every reduction goes
+    /// through workgroup memory. Results of the two differ in the last bits (the order of the
+    /// additions differs); each is reproducible run to run.
+    pub fn with_subgroups(mut self, on: bool) -> Self {
+        self.subgroups = on && self.device.features().contains(wgpu::Features::SUBGROUP);
+        self
+    }
+
+    /// Whether the row kernels use subgroup reductions.
+    pub fn uses_subgroups(&self) -> bool {
+        self.subgroups
+    }
+
+    /// Whether f16 tensors are supported (the device has `SHADER_F16`).
+    pub fn has_f16(&self) -> bool {
+        self.f16
+    }
+
+    /// Wraps a `wgpu::Buffer` created on this backend's device as a tensor of `len` elements of
+    /// `dtype`, owned by this backend. The buffer must come from [`WgpuBackend::device`]: wgpu
+    /// cannot tell devices of two instances apart, so this is the caller's promise. It needs [`REQUIRED_USAGES`] and `len × size` bytes rounded up to 4 (at least 16).
+    pub fn wrap(&self, buffer: wgpu::Buffer, dtype: DType, len: usize) -> Result<WgpuBuffer> {
+        WgpuBuffer::new_checked(buffer, self.device.clone(), self.token.clone(), dtype, len)
+    }
+
+    fn create(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
+        let size = padded_size(dtype, len).filter(|&s| s <= self.max_buffer).ok_or_else(|| {
+            Error::TooLarge {
+                rows: 1,
+                n: len,
+                limit: format!("the device's max_buffer_size ({} bytes)", self.max_buffer),
+            }
+        })?;
+        let buffer = self.scoped(|| {
+            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("layernorm tensor"),
+                size,
+                usage: REQUIRED_USAGES,
+                mapped_at_creation: false,
+            }))
+        })?;
+        Ok(WgpuBuffer {
+            buffer,
+            device: self.device.clone(),
+            owner: self.token.clone(),
+            dtype,
+            len,
+        })
+    }
+
+    fn scratch(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("layernorm scratch"),
+            size: (bytes.div_ceil(4) * 4).max(16),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn uniform(&self, words: [u32; 8]) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("layernorm params"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes, so that any wgpu error it
+    /// causes comes back as [`Error::Device`] instead of reaching the uncaptured-error handler
+    /// (which panics by default).
+    fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let e_val = pollster::block_on(val.pop());
+        let e_oom = pollster::block_on(oom.pop());
+        if let Some(e) = e_val.or(e_oom) {
+            return Err(device_err(e));
+        }
+        r
+    }
+
+    fn own(&self, tensor: &'static str, b: &WgpuBuffer) -> Result<()> {
+        if Arc::ptr_eq(&b.owner, &self.token) {
+            Ok(())
+        } else {
+            Err(Error::ForeignBuffer { tensor })
+        }
+    }
+
+    fn check_kind(&self, kind: NormKind) -> Result<()> {
+        match kind {
+            NormKind::LayerNorm => Ok(()),
+            other => Err(Error::UnsupportedKind { backend: Self::NAME.into(), kind: other.name() }),
+        }
     }
 }
 
 impl Normalize for WgpuBackend {
     type Buffer = WgpuBuffer;
+
     fn name(&self) -> &str {
         Self::NAME
     }
-    fn supports(&self, _: NormKind, _: DType) -> Result<()> {
-        match self.never {}
-    }
-    fn alloc(&self, _: DType, _: usize) -> Result<WgpuBuffer> {
-        match self.never {}
-    }
-    fn upload(&self, _: HostSlice<'_>) -> Result<WgpuBuffer> {
-        match self.never {}
-    }
-    fn download(&self, _: &WgpuBuffer, _: HostSliceMut<'_>) -> Result<()> {
-        match self.never {}
-    }
-    fn run_forward(&self, _: &NormSpec, _: Forward<'_, WgpuBuffer>) -> Result<()> {
-        match self.never {}
-    }
-    fn run_backward(&self, _: &NormSpec, _: Backward<'_, WgpuBuffer>) -> Result<()> {
-        match self.never {}
-    }
-}
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reports_unavailable_without_panicking() {
-        let err = super::WgpuBackend::new().unwrap_err();
-        assert_eq!(err.class(), "unavailable");
+    fn device(&self) -> DeviceInfo {
+        let info = self.adapter_info();
+        let kind = match info.device_type {
+            wgpu::DeviceType::Cpu => DeviceKind::SoftwareGpu,
+            wgpu::DeviceType::DiscreteGpu
+            | wgpu::DeviceType::IntegratedGpu
+            | wgpu::DeviceType::VirtualGpu => DeviceKind::Gpu,
+            // An adapter that does not say what it is: count it as software, so `auto` prefers
+            // the CPU backend over an unknown.
+            wgpu::DeviceType::Other => DeviceKind::SoftwareGpu,
+        };
+        DeviceInfo { kind, name: format!("{} ({:?})", info.name, info.backend) }
+    }
+
+    fn supports(&self, kind: NormKind, dtype: DType) -> Result<()> {
+        self.check_kind(kind)?;
+        let reason = match dtype {
+            DType::F32 | DType::BF16 => return Ok(()),
+            DType::F16 if self.f16 => return Ok(()),
+            DType::F16 => "the device lacks SHADER_F16",
+            DType::F64 => "WGSL has no f64",
+            _ => "unknown dtype",
+        };
+        Err(Error::UnsupportedDType { backend: Self::NAME.into(), dtype, reason: reason.into() })
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
+        // wgpu zero-initializes new buffers.
+        self.create(dtype, len)
+    }
+
+    fn upload(&self, data: HostSlice<'_>) -> Result<WgpuBuffer> {
+        let b = self.create(data.dtype(), data.len())?;
+        let bytes = data.as_bytes();
+        if !bytes.is_empty() {
+            self.scoped(|| {
+                if bytes.len().is_multiple_of(4) {
+                    self.queue.write_buffer(&b.buffer, 0, bytes);
+                } else {
+                    let mut padded = bytes.to_vec();
+                    padded.resize(bytes.len().div_ceil(4) * 4, 0);
+                    self.queue.write_buffer(&b.buffer, 0, &padded);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(b)
+    }
+
+    fn download(&self, buffer: &WgpuBuffer, mut out: HostSliceMut<'_>) -> Result<()> {
+        check_download(buffer, &out)?;
+        self.own("download source", buffer)?;
+        let nbytes = buffer.len * buffer.dtype.size();
+        if nbytes == 0 {
+            return Ok(());
+        }
+        let size = (nbytes as u64).div_ceil(4) * 4;
+        let staging = self.scoped(|| {
+            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("layernorm download"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&buffer.buffer, 0, &staging, 0, size);
+            self.queue.submit([enc.finish()]);
+            Ok(staging)
+        })?;
+        let (tx, rx) = mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(device_err)?;
+        rx.recv().map_err(device_err)?.map_err(device_err)?;
+        {
+            let view = staging.get_mapped_range(..).map_err(device_err)?;
+            out.as_bytes_mut().copy_from_slice(&view[..nbytes]);
+        }
+        staging.unmap();
+        Ok(())
+    }
+
+    fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
+        self.own("x", a.x)?;
+        if let Some(g) = a.gamma {
+            self.own("gamma", g)?;
+        }
+        if let Some(b) = a.beta {
+            self.own("beta", b)?;
+        }
+        self.own("y", a.y)?;
+        self.own("mean", a.mean)?;
+        self.own("rstd", a.rstd)?;
+        self.scoped(|| self.forward_impl(spec, &a))
+    }
+
+    fn run_backward(&self, spec: &NormSpec, a: Backward<'_, WgpuBuffer>) -> Result<()> {
+        self.own("x", a.x)?;
+        self.own("dy", a.dy)?;
+        self.own("mean", a.mean)?;
+        self.own("rstd", a.rstd)?;
+        if let Some(g) = a.gamma {
+            self.own("gamma", g)?;
+        }
+        self.own("dx", a.dx)?;
+        if let Some(g) = a.dgamma.as_deref() {
+            self.own("dgamma", g)?;
+        }
+        if let Some(b) = a.dbeta.as_deref() {
+            self.own("dbeta", b)?;
+        }
+        self.scoped(|| self.backward_impl(spec, &a))
     }
 }

@@ -1,0 +1,62 @@
+//! Shared by the row kernels: the workgroup shape and the workgroup-memory segment reductions.
+//
+// A workgroup of WG threads is cut into segments of TPR threads (a power of two); each segment
+// owns one row. TPR = WG gives one row per workgroup (large N), TPR = 1 one row per thread.
+const WG: u32 = 256u;
+override TPR: u32 = 256u;
+// Items (of W elements) each thread keeps in registers; 0 re-reads the row from memory each pass.
+override K: u32 = 0u;
+const KMAX: u32 = 8u;
+
+var<workgroup> red: array<vec4<f32>, WG>;
+var<workgroup> wg_flag: u32;
+
+// Reductions over a segment go FAN slots at a time: each level, the first thread of every
+// group of FAN (at the current stride) adds its group's slots in order. A 256-thread segment
+// takes two levels (four barriers in all) instead of the eight levels of a pairwise tree; the
+// order is fixed, so results are bitwise reproducible.
+const FAN: u32 = 16u;
+
+// Sum of `v` over the caller's segment, in workgroup memory. Must be called by every thread of
+// the workgroup (it contains barriers).
+fn seg_sum_wg(lid: u32, v: vec4<f32>) -> vec4<f32> {
+    red[lid] = v;
+    workgroupBarrier();
+    let lane = lid % TPR;
+    for (var stride = 1u; stride < TPR; stride *= FAN) {
+        let span = min(FAN, TPR / stride);
+        if (lane % (stride * span) == 0u) {
+            var acc = red[lid];
+            for (var i = 1u; i < span; i++) {
+                acc += red[lid + i * stride];
+            }
+            red[lid] = acc;
+        }
+        workgroupBarrier();
+    }
+    let r = red[lid - lane];
+    workgroupBarrier();
+    return r;
+}
+
+// (sum of `t`, maximum of `m`) over the caller's segment. Same calling rule as `seg_sum_wg`.
+fn seg_sum_max_wg(lid: u32, t: f32, m: f32) -> vec2<f32> {
+    red[lid] = vec4<f32>(t, m, 0.0, 0.0);
+    workgroupBarrier();
+    let lane = lid % TPR;
+    for (var stride = 1u; stride < TPR; stride *= FAN) {
+        let span = min(FAN, TPR / stride);
+        if (lane % (stride * span) == 0u) {
+            var acc = red[lid].xy;
+            for (var i = 1u; i < span; i++) {
+                let o = red[lid + i * stride].xy;
+                acc = vec2<f32>(acc.x + o.x, max(acc.y, o.y));
+            }
+            red[lid] = vec4<f32>(acc, 0.0, 0.0);
+        }
+        workgroupBarrier();
+    }
+    let r = red[lid - lane].xy;
+    workgroupBarrier();
+    return r;
+}

@@ -1,0 +1,16 @@
+//! f16 storage (needs SHADER_F16), one element per item; arithmetic in f32.
+enable f16;
+alias IN_T = f16;
+alias OUT_T = f16;
+alias V = f32;
+const W: u32 = 1u;
+fn hsum(v: f32) -> f32 { return v; }
+fn vmaxabs(v: f32) -> f32 {
+    let a = abs(v);
+    return select(inf(), a, finite1(a));
+}
+fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
+// @get
+fn get_NAME(i: u32) -> f32 { return f32(NAME[i]); }
+// @put
+fn put_NAME(i: u32, v: f32) { NAME[i] = f16(v); }

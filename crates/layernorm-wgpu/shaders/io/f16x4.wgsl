@@ -1,0 +1,17 @@
+//! f16 storage read and written as vec4<f16> (N divisible by 4); arithmetic in f32.
+enable f16;
+alias IN_T = vec4<f16>;
+alias OUT_T = vec4<f16>;
+alias V = vec4<f32>;
+const W: u32 = 4u;
+fn hsum(v: vec4<f32>) -> f32 { return (v.x + v.y) + (v.z + v.w); }
+fn vmaxabs(v: vec4<f32>) -> f32 {
+    let a = abs(v);
+    let b = select(vec4<f32>(inf()), a, finite4(a));
+    return max(max(b.x, b.y), max(b.z, b.w));
+}
+fn vscale(v: vec4<f32>, e: i32) -> vec4<f32> { return sc4(v, e); }
+// @get
+fn get_NAME(i: u32) -> vec4<f32> { return vec4<f32>(NAME[i]); }
+// @put
+fn put_NAME(i: u32, v: vec4<f32>) { NAME[i] = vec4<f16>(v); }

@@ -1,0 +1,15 @@
+//! f32 storage, one element per item (any N).
+alias IN_T = f32;
+alias OUT_T = f32;
+alias V = f32;
+const W: u32 = 1u;
+fn hsum(v: f32) -> f32 { return v; }
+fn vmaxabs(v: f32) -> f32 {
+    let a = abs(v);
+    return select(inf(), a, finite1(a));
+}
+fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
+// @get
+fn get_NAME(i: u32) -> f32 { return NAME[i]; }
+// @put
+fn put_NAME(i: u32, v: f32) { NAME[i] = v; }

@@ -1,0 +1,290 @@
+//! WGSL assembly (dtype prelude + kernel file), the per-device pipeline cache, and the choice of
+//! kernel shape by N.
+//!
+//! Every kernel file under `shaders/` is written against a small dtype interface (`IN_T`, `OUT_T`,
+//! `V`, `W`, `get_<name>`, `put_<name>`) that one of the files under `shaders/io/` provides. The
+//! io file's head is emitted once; its `// @get` and `// @put` sections are templates, copied once
+//! per tensor name the kernel reads or writes, with `NAME` replaced.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use layernorm_core::DType;
+
+const CONSTS: &str = include_str!("../shaders/consts.wgsl");
+const COMMON: &str = include_str!("../shaders/common.wgsl");
+const REDUCE_PLAIN: &str = include_str!("../shaders/reduce_plain.wgsl");
+const REDUCE_SG: &str = include_str!("../shaders/reduce_sg.wgsl");
+const FORWARD: &str = include_str!("../shaders/forward.wgsl");
+const BACKWARD: &str = include_str!("../shaders/backward.wgsl");
+const PARAMS_GRAD: &str = include_str!("../shaders/params_grad.wgsl");
+const PARAMS_FINISH: &str = include_str!("../shaders/params_finish.wgsl");
+const COPY: &str = include_str!("../shaders/copy.wgsl");
+
+/// Threads per workgroup of the row kernels (`WG` in `common.wgsl`).
+pub(crate) const WG: u32 = 256;
+/// Items each thread may cache in registers (`KMAX` in `common.wgsl`).
+const KMAX: u32 = 8;
+/// Items per thread the row kernels aim for when choosing threads per row.
+const ITEMS_PER_THREAD: u32 = 8;
+/// Threads per workgroup of the column kernels (`CW` in `params_*.wgsl`).
+pub(crate) const CW: u32 = 64;
+
+/// How tensors of one dtype are stored and accessed by a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Io {
+    F32,
+    F32x4,
+    F16,
+    F16x4,
+    Bf16,
+    Bf16x2,
+}
+
+impl Io {
+    fn source(self) -> &'static str {
+        match self {
+            Io::F32 => include_str!("../shaders/io/f32.wgsl"),
+            Io::F32x4 => include_str!("../shaders/io/f32x4.wgsl"),
+            Io::F16 => include_str!("../shaders/io/f16.wgsl"),
+            Io::F16x4 => include_str!("../shaders/io/f16x4.wgsl"),
+            Io::Bf16 => include_str!("../shaders/io/bf16.wgsl"),
+            Io::Bf16x2 => include_str!("../shaders/io/bf16x2.wgsl"),
+        }
+    }
+
+    /// Elements per item.
+    pub(crate) fn width(self) -> usize {
+        match self {
+            Io::F32 | Io::F16 | Io::Bf16 => 1,
+            Io::Bf16x2 => 2,
+            Io::F32x4 | Io::F16x4 => 4,
+        }
+    }
+
+    /// The element-at-a-time access for `dtype` (any N).
+    pub(crate) fn scalar(dtype: DType) -> Io {
+        match dtype {
+            DType::F16 => Io::F16,
+            DType::BF16 => Io::Bf16,
+            _ => Io::F32,
+        }
+    }
+
+    /// The widest access whose items never straddle two rows of `n` elements.
+    pub(crate) fn widest(dtype: DType, n: usize) -> Io {
+        match dtype {
+            DType::F16 if n.is_multiple_of(4) => Io::F16x4,
+            DType::F16 => Io::F16,
+            DType::BF16 if n.is_multiple_of(2) => Io::Bf16x2,
+            DType::BF16 => Io::Bf16,
+            _ if n.is_multiple_of(4) => Io::F32x4,
+            _ => Io::F32,
+        }
+    }
+}
+
+/// Which kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    Forward,
+    Backward,
+    ParamsGrad,
+    ParamsFinish,
+    Copy,
+}
+
+impl Kernel {
+    fn entry(self) -> &'static str {
+        match self {
+            Kernel::Forward | Kernel::Backward | Kernel::Copy => "main",
+            Kernel::ParamsGrad => "partials",
+            Kernel::ParamsFinish => "finish",
+        }
+    }
+
+    fn uses_overrides(self) -> bool {
+        matches!(self, Kernel::Forward | Kernel::Backward)
+    }
+
+    /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
+    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels.
+    pub(crate) fn source(self, io: Io, subgroups: bool) -> String {
+        let (body, gets, puts): (&str, &[&str], &[&str]) = match self {
+            Kernel::Forward => (FORWARD, &["x", "gamma", "beta"], &["y"]),
+            Kernel::Backward => (BACKWARD, &["x", "dy", "gamma"], &["dx"]),
+            Kernel::ParamsGrad => (PARAMS_GRAD, &["x", "dy"], &[]),
+            Kernel::ParamsFinish => (PARAMS_FINISH, &[], &["dgamma", "dbeta"]),
+            Kernel::Copy => return COPY.to_string(),
+        };
+        let io_src = io.source();
+        let get_at = io_src.find("// @get").expect("io prelude has a // @get section");
+        let put_at = io_src.find("// @put").expect("io prelude has a // @put section");
+        let (head, get_t, put_t) = (&io_src[..get_at], &io_src[get_at..put_at], &io_src[put_at..]);
+        let mut s = String::with_capacity(8192);
+        s.push_str(head);
+        s.push_str(CONSTS);
+        for name in gets {
+            s.push_str(&get_t.replace("NAME", name));
+        }
+        for name in puts {
+            s.push_str(&put_t.replace("NAME", name));
+        }
+        if self.uses_overrides() {
+            s.push_str(COMMON);
+            s.push_str(if subgroups { REDUCE_SG } else { REDUCE_PLAIN });
+        }
+        let (args, check) = if subgroups && self.uses_overrides() {
+            (
+                "@builtin(subgroup_invocation_id) sg_lane: u32,\n    \
+                 @builtin(subgroup_size) sg_size: u32,",
+                "sg_check(lid, sg_lane, sg_size)",
+            )
+        } else {
+            ("", "0u")
+        };
+        s.push_str(&body.replace("/*SG_ARGS*/", args).replace("/*SG_CHECK*/", check));
+        s
+    }
+}
+
+/// The shape of a row-kernel launch: threads per row and items cached per thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Shape {
+    /// Threads per row (a power of two ≤ [`WG`]).
+    pub tpr: u32,
+    /// Items per thread kept in registers; 0 re-reads the row on every pass.
+    pub k: u32,
+}
+
+impl Shape {
+    /// Picks the shape for rows of `nv` items: about [`ITEMS_PER_THREAD`] items per thread, so
+    /// several rows share a workgroup when N is small and one workgroup owns a row when it is
+    /// large; rows of more than `WG * KMAX` items are streamed from memory on every pass.
+    pub(crate) fn for_items(nv: usize) -> Shape {
+        let want = nv.div_ceil(ITEMS_PER_THREAD as usize).max(1);
+        let tpr = want.next_power_of_two().min(WG as usize) as u32;
+        let per_thread = nv.div_ceil(tpr as usize);
+        let k = if per_thread <= KMAX as usize { per_thread.next_power_of_two() as u32 } else { 0 };
+        Shape { tpr, k }
+    }
+
+    /// Rows one workgroup handles.
+    pub(crate) fn rows_per_group(self) -> u32 {
+        WG / self.tpr
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    kernel: Kernel,
+    io: Io,
+    shape: Option<Shape>,
+    subgroups: bool,
+}
+
+/// Compiled pipelines of one device, created on first use and kept.
+#[derive(Default)]
+pub(crate) struct Cache {
+    modules: Mutex<HashMap<(Kernel, Io, bool), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<Key, wgpu::ComputePipeline>>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.pipelines.lock().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("Cache").field("pipelines", &n).finish()
+    }
+}
+
+impl Cache {
+    /// The pipeline for `kernel` over `io` with `shape` (row kernels only), compiling it on first
+    /// use. Compilation errors come back as `Err(message)`, never as a panic.
+    pub(crate) fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        kernel: Kernel,
+        io: Io,
+        shape: Option<Shape>,
+        subgroups: bool,
+    ) -> Result<wgpu::ComputePipeline, String> {
+        let subgroups = subgroups && kernel.uses_overrides();
+        let key = Key { kernel, io, shape, subgroups };
+        if let Some(p) = self.pipelines.lock().map_err(|e| e.to_string())?.get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(device, kernel, io, subgroups)?;
+        let constants: Vec<(&str, f64)> = match shape {
+            Some(s) => vec![("TPR", f64::from(s.tpr)), ("K", f64::from(s.k))],
+            None => Vec::new(),
+        };
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("layernorm"),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry()),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(format!("{kernel:?}/{io:?} pipeline: {e}"));
+        }
+        self.pipelines.lock().map_err(|e| e.to_string())?.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn module(
+        &self,
+        device: &wgpu::Device,
+        kernel: Kernel,
+        io: Io,
+        subgroups: bool,
+    ) -> Result<wgpu::ShaderModule, String> {
+        let key = (kernel, io, subgroups);
+        if let Some(m) = self.modules.lock().map_err(|e| e.to_string())?.get(&key) {
+            return Ok(m.clone());
+        }
+        let src = kernel.source(io, subgroups);
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("layernorm"),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(format!("{kernel:?}/{io:?} shader: {e}"));
+        }
+        self.modules.lock().map_err(|e| e.to_string())?.insert(key, module.clone());
+        Ok(module)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_by_n() {
+        assert_eq!(Shape::for_items(1), Shape { tpr: 1, k: 1 });
+        assert_eq!(Shape::for_items(3), Shape { tpr: 1, k: 4 });
+        assert_eq!(Shape::for_items(192), Shape { tpr: 32, k: 8 });
+        assert_eq!(Shape::for_items(1024), Shape { tpr: 128, k: 8 });
+        assert_eq!(Shape::for_items(2048), Shape { tpr: 256, k: 8 });
+        assert_eq!(Shape::for_items(16384), Shape { tpr: 256, k: 0 });
+    }
+
+    #[test]
+    fn every_kernel_assembles_for_every_io() {
+        for io in [Io::F32, Io::F32x4, Io::F16, Io::F16x4, Io::Bf16, Io::Bf16x2] {
+            for k in [Kernel::Forward, Kernel::Backward, Kernel::ParamsGrad, Kernel::ParamsFinish] {
+                for sg in [false, true] {
+                    let s = k.source(io, sg);
+                    assert!(!s.contains("NAME") && !s.contains("/*SG_"), "{k:?}/{io:?}");
+                }
+            }
+        }
+    }
+}

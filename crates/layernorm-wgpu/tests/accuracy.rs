@@ -1,0 +1,180 @@
+//! Forward and backward against the f64 reference, for f32, f16 and bf16, over the shapes and
+//! distributions that stress each kernel path (several rows per workgroup, one workgroup per row,
+//! rows streamed from memory, vec4 and scalar access) and the numerics (|mean| ≫ std, |x| ~ 1e30,
+//! constant rows, tiny eps).
+
+mod common;
+
+use common::{BF16, Dist, F16, F32, backend, check, data};
+use layernorm_core::{DType, HostNormalizeExt, NormSpec, Normalize, bf16, f16};
+
+/// Shapes every dtype runs: 1×1, N = 1, N = 3, N not a multiple of 4, the transformer sizes,
+/// N = 65536 (streamed), many rows of a small N, and no rows at all.
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (7, 1),
+    (5, 3),
+    (9, 1000),
+    (24, 768),
+    (8, 1024),
+    (4, 4096),
+    (2, 65536),
+    (10_000, 16),
+    (0, 8),
+];
+
+fn spec(rows: usize, n: usize, dtype: DType) -> NormSpec {
+    NormSpec::layer_norm(rows, n, dtype)
+}
+
+#[test]
+fn f32_shapes() {
+    let Some(b) = backend() else { return };
+    for (i, &(rows, n)) in SHAPES.iter().enumerate() {
+        check::<f32>(b, &spec(rows, n, DType::F32), &data(rows, n, Dist::Normal, i as u64), F32, 7);
+    }
+}
+
+#[test]
+fn f16_shapes() {
+    let Some(b) = backend() else { return };
+    if !b.has_f16() {
+        // Then f16 must be refused by name, not computed wrongly.
+        let err = b.supports(layernorm_core::NormKind::LayerNorm, DType::F16).unwrap_err();
+        assert_eq!(err.class(), "unsupported");
+        eprintln!("skipped f16: {err}");
+        return;
+    }
+    for (i, &(rows, n)) in SHAPES.iter().enumerate() {
+        check::<f16>(b, &spec(rows, n, DType::F16), &data(rows, n, Dist::Normal, i as u64), F16, 7);
+    }
+}
+
+#[test]
+fn bf16_shapes() {
+    let Some(b) = backend() else { return };
+    for (i, &(rows, n)) in SHAPES.iter().enumerate() {
+        let s = spec(rows, n, DType::BF16);
+        check::<bf16>(b, &s, &data(rows, n, Dist::Normal, i as u64), BF16, 7);
+    }
+}
+
+#[test]
+fn f32_large_mean_huge_values_constant_rows() {
+    let Some(b) = backend() else { return };
+    for &(rows, n) in &[(6, 3), (8, 1000), (8, 1024), (2, 65536)] {
+        // 5e37: the plain row sum overflows f32; 1e-33: it would sum in subnormals. Both take
+        // the forward's scaled second pass for the first mean estimate.
+        for dist in [
+            Dist::Offset(1e4),
+            Dist::Offset(1e6),
+            Dist::Scaled(1e30),
+            Dist::Scaled(5e37),
+            Dist::Scaled(1e-33),
+            Dist::Constant,
+        ] {
+            check::<f32>(b, &spec(rows, n, DType::F32), &data(rows, n, dist, 11), F32, 3);
+        }
+    }
+}
+
+#[test]
+fn sixteen_bit_offsets_and_extremes() {
+    let Some(b) = backend() else { return };
+    let f16_ok = b.has_f16();
+    for &(rows, n) in &[(6, 3), (8, 1000), (8, 1024)] {
+        for dist in [Dist::Offset(1e4), Dist::Constant, Dist::Scaled(1e-2)] {
+            if f16_ok {
+                check::<f16>(b, &spec(rows, n, DType::F16), &data(rows, n, dist, 5), F16, 1);
+            }
+            check::<bf16>(b, &spec(rows, n, DType::BF16), &data(rows, n, dist, 5), BF16, 1);
+        }
+        // Near the f16 maximum (65504): squares would overflow f16, never f32 after scaling.
+        let x: Vec<f64> = data(rows, n, Dist::Normal, 9).iter().map(|v| 6.0e4 * v.tanh()).collect();
+        if f16_ok {
+            check::<f16>(b, &spec(rows, n, DType::F16), &x, F16, 2);
+        }
+        check::<bf16>(
+            b,
+            &spec(rows, n, DType::BF16).with_eps(1e-12),
+            &data(rows, n, Dist::Scaled(1e30), 4),
+            BF16,
+            2,
+        );
+    }
+}
+
+#[test]
+fn workgroup_memory_reductions() {
+    // The default backend uses subgroup reductions where the device has them (lavapipe does);
+    // this one takes the workgroup-memory path every device has.
+    let Some(_) = backend() else { return };
+    let b = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
+    assert!(!b.uses_subgroups());
+    for (i, &(rows, n)) in [(5, 3), (24, 768), (4, 4096), (2, 65536), (3000, 16)].iter().enumerate()
+    {
+        check::<f32>(
+            &b,
+            &spec(rows, n, DType::F32),
+            &data(rows, n, Dist::Offset(1e4), i as u64),
+            F32,
+            8,
+        );
+        check::<bf16>(
+            &b,
+            &spec(rows, n, DType::BF16),
+            &data(rows, n, Dist::Normal, i as u64),
+            BF16,
+            8,
+        );
+    }
+}
+
+#[test]
+fn many_rows_per_segment_in_the_backward() {
+    // Enough rows that each segment of the backward handles several rows and accumulates the
+    // dγ/dβ partials over them (the last segment gets fewer rows than the others).
+    let Some(b) = backend() else { return };
+    check::<f32>(b, &spec(301, 8192, DType::F32), &data(301, 8192, Dist::Normal, 5), F32, 5);
+    check::<bf16>(b, &spec(1100, 2048, DType::BF16), &data(1100, 2048, Dist::Normal, 6), BF16, 6);
+}
+
+#[test]
+fn affine_and_eps_variants() {
+    let Some(b) = backend() else { return };
+    for &(rows, n) in &[(5, 3), (9, 1000), (8, 1024)] {
+        let x = data(rows, n, Dist::Normal, 21);
+        for (g, be) in [(false, false), (true, false), (false, true), (true, true)] {
+            for eps in [1e-5, 1e-12] {
+                let s = spec(rows, n, DType::F32).with_gamma(g).with_beta(be).with_eps(eps);
+                check::<f32>(b, &s, &x, F32, 13);
+                check::<bf16>(b, &s.clone().with_dtype(DType::BF16), &x, BF16, 13);
+            }
+        }
+    }
+}
+
+#[test]
+fn split_into_several_dispatches_and_a_2d_grid() {
+    let Some(_) = backend() else { return };
+    // A fresh backend whose bindings are capped at 64 KiB and whose grids at 16 workgroups per
+    // dimension: the same problems now run as several row chunks on 2-D grids.
+    let b = layernorm_wgpu::WgpuBackend::new()
+        .unwrap()
+        .with_max_binding_size(64 * 1024)
+        .with_max_workgroups_per_dimension(16);
+    check::<f32>(&b, &spec(1000, 100, DType::F32), &data(1000, 100, Dist::Normal, 1), F32, 1);
+    check::<f32>(&b, &spec(700, 3, DType::F32), &data(700, 3, Dist::Normal, 1), F32, 1);
+    check::<bf16>(&b, &spec(1000, 99, DType::BF16), &data(1000, 99, Dist::Normal, 2), BF16, 2);
+    if b.has_f16() {
+        check::<f16>(&b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
+    }
+    // A row that alone exceeds the binding cap is a typed error, not a wgpu validation panic.
+    let err = b.forward_vec(
+        &spec(2, 20_000, DType::F32),
+        &[0.0f32; 40_000],
+        Some(&[1.0; 20_000]),
+        Some(&[0.0; 20_000]),
+    );
+    assert_eq!(err.unwrap_err().class(), "too-large");
+}
