@@ -20,6 +20,15 @@
 //   var = Σ ((d − m_lo)·s)² / N · 2^2e   squares of O(1) values: no overflow for |x| ~ 1e30
 //   rstd = 1/sqrt(var + eps), or s/sqrt(Σ…/N) when var itself is not representable.
 
+// Hooks for tests/emu/harness.cpp, which runs this file on the CPU (one thread per CUDA thread);
+// under NVRTC they expand to the plain CUDA spelling or to nothing.
+#ifndef LN_DYNAMIC_SMEM
+#define LN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+#ifndef LN_REGISTER
+#define LN_REGISTER(kind, name)
+#endif
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -32,6 +41,10 @@ typedef unsigned long long u64;
 typedef u16 T;
 typedef float A;
 #define LN_VEC 8
+#ifdef LN_HOST_EMULATION
+__device__ __forceinline__ A to_acc(T h) { return ln_emu_f16_to_f32(h); }
+__device__ __forceinline__ T from_acc(A f) { return ln_emu_f32_to_f16(f); }
+#else
 __device__ __forceinline__ A to_acc(T h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -42,6 +55,7 @@ __device__ __forceinline__ T from_acc(A f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 #elif LN_DTYPE == 1
 typedef u16 T;
 typedef float A;
@@ -122,9 +136,12 @@ __device__ __forceinline__ A rsqrt_acc(A v) {
 #else
     A r = rsqrtf(v);
 #endif
-    if (isfinite(r) && r != A(0)) {
-        const A err = fma(-(v * r), r, A(1));
-        r = fma(A(0.5) * r, err, r);
+    // One Newton step doubles the correct bits of the estimate; f64 takes a second one.
+    for (int k = 0; k < (LN_DTYPE == 3 ? 2 : 1); ++k) {
+        if (isfinite(r) && r != A(0)) {
+            const A err = fma(-(v * r), r, A(1));
+            r = fma(A(0.5) * r, err, r);
+        }
     }
     return r;
 }
@@ -294,7 +311,7 @@ __device__ __forceinline__ void fwd_block(const T* __restrict__ x, const T* __re
                                           const T* __restrict__ beta, T* __restrict__ y,
                                           A* __restrict__ mean_out, A* __restrict__ rstd_out,
                                           u64 rows, int n, A eps, A inv_n) {
-    extern __shared__ __align__(16) unsigned char ln_smem[];
+    LN_DYNAMIC_SMEM(ln_smem);
     __shared__ A red[64];
     T* cache = reinterpret_cast<T*>(ln_smem);
     const int p = ceil_log2(n);
@@ -444,7 +461,7 @@ __device__ __forceinline__ void bwd_block(const T* __restrict__ x, const T* __re
                                           const A* __restrict__ mean, const A* __restrict__ rstd,
                                           const T* __restrict__ gamma, T* __restrict__ dx,
                                           A* __restrict__ mlo_out, u64 rows, int n, A inv_n) {
-    extern __shared__ __align__(16) unsigned char ln_smem[];
+    LN_DYNAMIC_SMEM(ln_smem);
     __shared__ A red[64];
     T* cx = reinterpret_cast<T*>(ln_smem);
     T* cd = cx + n;  // n is a multiple of V on the vector path, so cd stays aligned
@@ -506,7 +523,7 @@ __device__ __forceinline__ void bwd_block(const T* __restrict__ x, const T* __re
 
 // Stage 1: block (32, 8) sums rows [chunk·rpc, (chunk+1)·rpc) of 32 columns; the 8 row lanes are
 // combined in a fixed order and written to part_*[chunk·n + col]. Either output may be null.
-extern "C" __global__ void __launch_bounds__(LN_GB_COLS * LN_GB_ROWS)
+extern "C" __global__ void __launch_bounds__(LN_GB_COLS * LN_GB_ROWS, 2)
     ln_bwd_gb_partial(const T* __restrict__ x, const T* __restrict__ dy,
                       const A* __restrict__ mean, const A* __restrict__ rstd,
                       const A* __restrict__ mlo, A* __restrict__ part_g, A* __restrict__ part_b,
@@ -514,49 +531,55 @@ extern "C" __global__ void __launch_bounds__(LN_GB_COLS * LN_GB_ROWS)
     __shared__ A sg[LN_GB_ROWS][LN_GB_COLS + 1];
     __shared__ A sb[LN_GB_ROWS][LN_GB_COLS + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int col = blockIdx.x * LN_GB_COLS + tx;
     const u64 chunk = blockIdx.y;
     const u64 r0 = chunk * rows_per_chunk;
     const u64 r1 = min(rows, r0 + rows_per_chunk);
-    A ag = 0, ab = 0;
-    if (col < n) {
-        for (u64 r = r0 + ty; r < r1; r += LN_GB_ROWS) {
-            const u64 i = r * (u64)n + col;
-            const A g = to_acc(dy[i]);
-            const A xh = ((to_acc(x[i]) - mean[r]) - mlo[r]) * rstd[r];
-            ag += g * xh;
-            ab += g;
+    const int tiles = (n + LN_GB_COLS - 1) / LN_GB_COLS;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform per block
+        const int col = tile * LN_GB_COLS + tx;
+        A ag = 0, ab = 0;
+        if (col < n) {
+            for (u64 r = r0 + ty; r < r1; r += LN_GB_ROWS) {
+                const u64 i = r * (u64)n + col;
+                const A g = to_acc(dy[i]);
+                const A xh = ((to_acc(x[i]) - mean[r]) - mlo[r]) * rstd[r];
+                ag += g * xh;
+                ab += g;
+            }
         }
-    }
-    sg[ty][tx] = ag;
-    sb[ty][tx] = ab;
-    __syncthreads();
-    if (ty == 0 && col < n) {
-        A tg = 0, tb = 0;
+        __syncthreads();  // the previous tile's readers are done
+        sg[ty][tx] = ag;
+        sb[ty][tx] = ab;
+        __syncthreads();
+        if (ty == 0 && col < n) {
+            A tg = 0, tb = 0;
 #pragma unroll
-        for (int k = 0; k < LN_GB_ROWS; ++k) {
-            tg += sg[k][tx];
-            tb += sb[k][tx];
+            for (int k = 0; k < LN_GB_ROWS; ++k) {
+                tg += sg[k][tx];
+                tb += sb[k][tx];
+            }
+            if (part_g) part_g[chunk * (u64)n + col] = tg;
+            if (part_b) part_b[chunk * (u64)n + col] = tb;
         }
-        if (part_g) part_g[chunk * (u64)n + col] = tg;
-        if (part_b) part_b[chunk * (u64)n + col] = tb;
     }
 }
 
 // Stage 2: one thread per column sums the chunks in order and rounds once to T.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     ln_bwd_gb_final(const A* __restrict__ part_g, const A* __restrict__ part_b,
                     T* __restrict__ dgamma, T* __restrict__ dbeta, int n, int chunks) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= n) return;
-    A tg = 0, tb = 0;
-    for (int c = 0; c < chunks; ++c) {
-        if (dgamma) tg += part_g[(u64)c * n + col];
-        if (dbeta) tb += part_b[(u64)c * n + col];
+    for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < n; col += gridDim.x * blockDim.x) {
+        A tg = 0, tb = 0;
+        for (int c = 0; c < chunks; ++c) {
+            if (dgamma) tg += part_g[(u64)c * n + col];
+            if (dbeta) tb += part_b[(u64)c * n + col];
+        }
+        if (dgamma) dgamma[col] = from_acc(tg);
+        if (dbeta) dbeta[col] = from_acc(tb);
     }
-    if (dgamma) dgamma[col] = from_acc(tg);
-    if (dbeta) dbeta[col] = from_acc(tb);
 }
+LN_REGISTER(GB_PARTIAL, ln_bwd_gb_partial)
+LN_REGISTER(GB_FINAL, ln_bwd_gb_final)
 
 // ===================================== entry points =====================================
 // Launch bounds name a minimum of resident blocks on purpose: with only a maximum block size,
@@ -580,7 +603,9 @@ extern "C" __global__ void __launch_bounds__(256)
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(128, LN_WARP_MIN_BLOCKS(I)) ln_bwd_warp_##tag##_i##I(LN_BWD_ARGS) { \
         bwd_warp<V, I>(x, dy, mean, rstd, gamma, dx, mlo, rows, n, lanes, inv_n);                    \
-    }
+    }                                                                                         \
+    LN_REGISTER(FWD, ln_fwd_warp_##tag##_i##I)                                               \
+    LN_REGISTER(BWD, ln_bwd_warp_##tag##_i##I)
 
 #define LN_BLOCK(tag, V)                                                                     \
     extern "C" __global__ void __launch_bounds__(1024, 1) ln_fwd_block_##tag##_smem(LN_FWD_ARGS) { \
@@ -594,7 +619,11 @@ extern "C" __global__ void __launch_bounds__(256)
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(1024, 1) ln_bwd_block_##tag##_glob(LN_BWD_ARGS) { \
         bwd_block<V, false>(x, dy, mean, rstd, gamma, dx, mlo, rows, n, inv_n);                     \
-    }
+    }                                                                                        \
+    LN_REGISTER(FWD, ln_fwd_block_##tag##_smem)                                             \
+    LN_REGISTER(FWD, ln_fwd_block_##tag##_glob)                                             \
+    LN_REGISTER(BWD, ln_bwd_block_##tag##_smem)                                             \
+    LN_REGISTER(BWD, ln_bwd_block_##tag##_glob)
 
 LN_BLOCK(s, 1)
 LN_BLOCK(v, LN_VEC)

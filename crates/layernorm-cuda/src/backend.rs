@@ -13,7 +13,7 @@ use layernorm_core::{
     Result, Storage, check_download,
 };
 
-use crate::plan::{self, DeviceLimits, Launch};
+use crate::plan::{self, Arg, DeviceLimits, Step, Tensor};
 use crate::{NAME, kernels};
 
 fn dev_err(e: impl std::fmt::Display) -> Error {
@@ -102,13 +102,34 @@ impl CudaBuffer {
     }
 }
 
-/// A kernel argument by value.
-enum Arg {
-    Ptr(u64),
-    U64(u64),
-    I32(i32),
-    F32(f32),
-    F64(f64),
+/// Device pointers of the tensors of one call, with the guards that keep cudarc's stream
+/// bookkeeping right until the launches are queued.
+#[derive(Default)]
+struct Pointers<'a> {
+    ptrs: HashMap<Tensor, u64>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Pointers<'a> {
+    fn read(&mut self, t: Tensor, b: &'a CudaBuffer, st: &'a CudaStream) {
+        let (p, g) = b.ptr(st);
+        self.ptrs.insert(t, p);
+        self.guards.push(g);
+    }
+    fn read_opt(&mut self, t: Tensor, b: Option<&'a CudaBuffer>, st: &'a CudaStream) {
+        if let Some(b) = b {
+            self.read(t, b, st);
+        }
+    }
+    fn write(&mut self, t: Tensor, b: &'a mut CudaBuffer, st: &'a CudaStream) {
+        let (p, g) = b.ptr_mut(st);
+        self.ptrs.insert(t, p);
+        self.guards.push(g);
+    }
+    /// Whether every present tensor of `ts` starts on a 16-byte boundary.
+    fn aligned(&self, ts: &[Tensor]) -> bool {
+        ts.iter().filter_map(|t| self.ptrs.get(t)).all(|p| p % 16 == 0)
+    }
 }
 
 /// LayerNorm on an NVIDIA GPU through cudarc, with kernels compiled by NVRTC at run time for the
@@ -269,36 +290,48 @@ impl CudaBackend {
         Ok(f)
     }
 
-    fn launch(&self, dtype: DType, l: &Launch, args: &[Arg]) -> Result<()> {
-        let f = self.function(dtype, &l.kernel)?;
-        if l.smem > plan::DEFAULT_SMEM {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                l.smem as i32,
-            )
-            .map_err(dev_err)?;
+    /// Queues the steps, resolving tensor arguments to the call's device pointers.
+    fn execute(&self, dtype: DType, steps: &[Step], ptrs: &Pointers<'_>) -> Result<()> {
+        for step in steps {
+            let l = &step.launch;
+            let mut ptr_args = Vec::with_capacity(step.args.len());
+            for a in &step.args {
+                ptr_args.push(match a {
+                    Arg::Tensor(t) => *ptrs.ptrs.get(t).ok_or_else(|| {
+                        dev_err(format!("internal: no buffer for {t:?} in {}", l.kernel))
+                    })?,
+                    _ => 0u64,
+                });
+            }
+            let f = self.function(dtype, &l.kernel)?;
+            if l.smem > plan::DEFAULT_SMEM {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    l.smem as i32,
+                )
+                .map_err(dev_err)?;
+            }
+            let mut b = self.stream.launch_builder(&f);
+            for (a, p) in step.args.iter().zip(&ptr_args) {
+                match a {
+                    Arg::Tensor(_) | Arg::Null => b.arg(p),
+                    Arg::U64(v) => b.arg(v),
+                    Arg::I32(v) => b.arg(v),
+                    Arg::F32(v) => b.arg(v),
+                    Arg::F64(v) => b.arg(v),
+                };
+            }
+            let cfg =
+                LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.smem };
+            // SAFETY: `plan::*_steps` lists the arguments in the order and with the types of
+            // the kernel's parameters in kernels/layernorm.cu (LN_FWD_ARGS, LN_BWD_ARGS,
+            // ln_bwd_gb_*; tests/emulated.rs runs these exact lists), every pointer is a live
+            // allocation of this context holding at least the elements the plan indexes (the
+            // lengths were validated), null only where the kernel tests for null, and the
+            // guards in `ptrs` outlive the launch.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
         }
-        let mut b = self.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-                Arg::F64(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.smem };
-        // SAFETY: the argument list matches the kernel's signature in kernels/layernorm.cu
-        // (LN_FWD_ARGS, LN_BWD_ARGS, ln_bwd_gb_*), every pointer is a live allocation of this
-        // context holding at least the elements the plan indexes (validated lengths), and the
-        // guards that keep them alive outlive the launch in the callers.
-        unsafe { b.launch(cfg) }.map_err(dev_err)?;
         Ok(())
-    }
-
-    /// A scalar in the accumulation type (f64 for f64, else f32, rounded to nearest).
-    fn acc_arg(dtype: DType, v: f64) -> Arg {
-        if dtype == DType::F64 { Arg::F64(v) } else { Arg::F32(v as f32) }
     }
 
     fn alloc_acc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
@@ -321,14 +354,6 @@ fn query_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )?,
     })
-}
-
-fn aligned(ptrs: &[u64]) -> bool {
-    ptrs.iter().all(|p| p % 16 == 0)
-}
-
-fn opt_ptr(p: &Option<(u64, SyncOnDrop<'_>)>) -> u64 {
-    p.as_ref().map_or(0, |(p, _)| *p)
 }
 
 impl Normalize for CudaBackend {
@@ -435,31 +460,16 @@ impl Normalize for CudaBackend {
             return Ok(());
         }
         let st = &*self.stream;
-        let x = a.x.ptr(st);
-        let gamma = a.gamma.map(|g| g.ptr(st));
-        let beta = a.beta.map(|b| b.ptr(st));
-        let y = a.y.ptr_mut(st);
-        let mean = a.mean.ptr_mut(st);
-        let rstd = a.rstd.ptr_mut(st);
-        let ok = aligned(&[x.0, opt_ptr(&gamma), opt_ptr(&beta), y.0]);
-        let p = plan::plan_forward(spec.rows, spec.n, spec.dtype, &self.limits, ok)?;
-        self.launch(
-            spec.dtype,
-            &p.launch,
-            &[
-                Arg::Ptr(x.0),
-                Arg::Ptr(opt_ptr(&gamma)),
-                Arg::Ptr(opt_ptr(&beta)),
-                Arg::Ptr(y.0),
-                Arg::Ptr(mean.0),
-                Arg::Ptr(rstd.0),
-                Arg::U64(spec.rows as u64),
-                Arg::I32(spec.n as i32),
-                Arg::I32(p.lanes as i32),
-                Self::acc_arg(spec.dtype, spec.eps),
-                Self::acc_arg(spec.dtype, 1.0 / spec.n as f64),
-            ],
-        )
+        let mut ptrs = Pointers::default();
+        ptrs.read(Tensor::X, a.x, st);
+        ptrs.read_opt(Tensor::Gamma, a.gamma, st);
+        ptrs.read_opt(Tensor::Beta, a.beta, st);
+        ptrs.write(Tensor::Y, a.y, st);
+        ptrs.write(Tensor::Mean, a.mean, st);
+        ptrs.write(Tensor::Rstd, a.rstd, st);
+        let aligned = ptrs.aligned(&[Tensor::X, Tensor::Gamma, Tensor::Beta, Tensor::Y]);
+        let p = plan::plan_forward(spec.rows, spec.n, spec.dtype, &self.limits, aligned)?;
+        self.execute(spec.dtype, &plan::forward_steps(spec, &p), &ptrs)
     }
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, CudaBuffer>) -> Result<()> {
@@ -474,11 +484,11 @@ impl Normalize for CudaBackend {
                 self.check_own(t, b)?;
             }
         }
-        let (mut dgamma, mut dbeta) = (a.dgamma, a.dbeta);
+        let (has_dg, has_db) = (a.dgamma.is_some(), a.dbeta.is_some());
         if spec.rows == 0 {
             // No rows: the parameter gradients are empty sums.
-            for b in [dgamma.as_deref_mut(), dbeta.as_deref_mut()].into_iter().flatten() {
-                let s = &self.stream;
+            let s = &self.stream;
+            for b in [a.dgamma, a.dbeta].into_iter().flatten() {
                 match &mut b.data {
                     Data::Bits16(d) => s.memset_zeros(d),
                     Data::F32(d) => s.memset_zeros(d),
@@ -488,93 +498,46 @@ impl Normalize for CudaBackend {
             }
             return Ok(());
         }
-        let params = dgamma.is_some() || dbeta.is_some();
-        let bp = {
-            let st = &*self.stream;
-            let x = a.x.ptr(st);
-            let dy = a.dy.ptr(st);
-            let gamma = a.gamma.map(|g| g.ptr(st));
-            let dx = a.dx.ptr_mut(st);
-            let ok = aligned(&[x.0, dy.0, opt_ptr(&gamma), dx.0]);
-            plan::plan_backward(spec.rows, spec.n, spec.dtype, &self.limits, ok, params)?
-        };
-        let mut mlo = match bp.param {
-            Some(_) => Some(self.alloc_acc(spec.dtype, spec.rows)?),
-            None => None,
-        };
+        // Scratch first (it must outlive the pointer guards): the residual means and the
+        // stage-1 partial sums, in the accumulation dtype. The chunking depends on the shape only.
+        let mut scratch = Vec::new();
+        if has_dg || has_db {
+            let pp = plan::plan_params(spec.rows, spec.n, &self.limits)?;
+            let part = pp.chunks as usize * spec.n;
+            scratch.push((Tensor::ResidualMean, self.alloc_acc(spec.dtype, spec.rows)?));
+            if has_dg {
+                scratch.push((Tensor::PartialGamma, self.alloc_acc(spec.dtype, part)?));
+            }
+            if has_db {
+                scratch.push((Tensor::PartialBeta, self.alloc_acc(spec.dtype, part)?));
+            }
+        }
         let st = &*self.stream;
-        {
-            let x = a.x.ptr(st);
-            let dy = a.dy.ptr(st);
-            let mean = a.mean.ptr(st);
-            let rstd = a.rstd.ptr(st);
-            let gamma = a.gamma.map(|g| g.ptr(st));
-            let dx = a.dx.ptr_mut(st);
-            let m = mlo.as_mut().map(|m| m.ptr_mut(st));
-            self.launch(
-                spec.dtype,
-                &bp.rows.launch,
-                &[
-                    Arg::Ptr(x.0),
-                    Arg::Ptr(dy.0),
-                    Arg::Ptr(mean.0),
-                    Arg::Ptr(rstd.0),
-                    Arg::Ptr(opt_ptr(&gamma)),
-                    Arg::Ptr(dx.0),
-                    Arg::Ptr(opt_ptr(&m)),
-                    Arg::U64(spec.rows as u64),
-                    Arg::I32(spec.n as i32),
-                    Arg::I32(bp.rows.lanes as i32),
-                    Self::acc_arg(spec.dtype, 1.0 / spec.n as f64),
-                ],
-            )?;
+        let mut ptrs = Pointers::default();
+        ptrs.read(Tensor::X, a.x, st);
+        ptrs.read(Tensor::Dy, a.dy, st);
+        ptrs.read(Tensor::Mean, a.mean, st);
+        ptrs.read(Tensor::Rstd, a.rstd, st);
+        ptrs.read_opt(Tensor::Gamma, a.gamma, st);
+        ptrs.write(Tensor::Dx, a.dx, st);
+        if let Some(d) = a.dgamma {
+            ptrs.write(Tensor::DGamma, d, st);
         }
-        let (Some(pp), Some(mlo)) = (bp.param, mlo) else { return Ok(()) };
-        let part_len = pp.chunks as usize * spec.n;
-        let mut part_g =
-            dgamma.is_some().then(|| self.alloc_acc(spec.dtype, part_len)).transpose()?;
-        let mut part_b =
-            dbeta.is_some().then(|| self.alloc_acc(spec.dtype, part_len)).transpose()?;
-        {
-            let x = a.x.ptr(st);
-            let dy = a.dy.ptr(st);
-            let mean = a.mean.ptr(st);
-            let rstd = a.rstd.ptr(st);
-            let m = mlo.ptr(st);
-            let pg = part_g.as_mut().map(|p| p.ptr_mut(st));
-            let pb = part_b.as_mut().map(|p| p.ptr_mut(st));
-            self.launch(
-                spec.dtype,
-                &pp.partial,
-                &[
-                    Arg::Ptr(x.0),
-                    Arg::Ptr(dy.0),
-                    Arg::Ptr(mean.0),
-                    Arg::Ptr(rstd.0),
-                    Arg::Ptr(m.0),
-                    Arg::Ptr(opt_ptr(&pg)),
-                    Arg::Ptr(opt_ptr(&pb)),
-                    Arg::U64(spec.rows as u64),
-                    Arg::I32(spec.n as i32),
-                    Arg::U64(pp.rows_per_chunk),
-                ],
-            )?;
+        if let Some(d) = a.dbeta {
+            ptrs.write(Tensor::DBeta, d, st);
         }
-        let pg = part_g.as_ref().map(|p| p.ptr(st));
-        let pb = part_b.as_ref().map(|p| p.ptr(st));
-        let dg = dgamma.map(|d| d.ptr_mut(st));
-        let db = dbeta.map(|d| d.ptr_mut(st));
-        self.launch(
+        for (t, b) in &mut scratch {
+            ptrs.write(*t, b, st);
+        }
+        let aligned = ptrs.aligned(&[Tensor::X, Tensor::Dy, Tensor::Gamma, Tensor::Dx]);
+        let p = plan::plan_backward(
+            spec.rows,
+            spec.n,
             spec.dtype,
-            &pp.finish,
-            &[
-                Arg::Ptr(opt_ptr(&pg)),
-                Arg::Ptr(opt_ptr(&pb)),
-                Arg::Ptr(opt_ptr(&dg)),
-                Arg::Ptr(opt_ptr(&db)),
-                Arg::I32(spec.n as i32),
-                Arg::I32(pp.chunks as i32),
-            ],
-        )
+            &self.limits,
+            aligned,
+            has_dg || has_db,
+        )?;
+        self.execute(spec.dtype, &plan::backward_steps(spec, &p, has_dg, has_db), &ptrs)
     }
 }

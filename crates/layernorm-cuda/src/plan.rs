@@ -13,7 +13,7 @@
 //! buffer this backend hands out is a whole `cuMemAlloc` allocation (256-byte aligned), so each row
 //! then starts 16-byte aligned. Otherwise the scalar (`s`) kernels run.
 
-use layernorm_core::{DType, Error, Result};
+use layernorm_core::{DType, Error, NormSpec, Result};
 
 use crate::NAME;
 
@@ -278,10 +278,9 @@ pub fn plan_params(rows: usize, n: usize, limits: &DeviceLimits) -> Result<Param
     let chunks = rows64.div_ceil(ROWS_PER_CHUNK).clamp(1, cap);
     let rows_per_chunk = rows64.div_ceil(chunks).max(1);
     let chunks = rows64.div_ceil(rows_per_chunk).max(1);
-    let col_tiles = n64.div_ceil(GB_BLOCK.0 as u64);
-    if col_tiles > limits.max_grid_x as u64 {
-        return Err(too_large(rows, n, "the grid's x dimension"));
-    }
+    // Both stages loop over columns when the grid limit caps them.
+    let col_tiles = n64.div_ceil(GB_BLOCK.0 as u64).min(limits.max_grid_x as u64);
+    let final_blocks = n64.div_ceil(GB_FINAL_BLOCK as u64).min(limits.max_grid_x as u64);
     Ok(ParamPlan {
         chunks: chunks as u32,
         rows_per_chunk,
@@ -293,11 +292,161 @@ pub fn plan_params(rows: usize, n: usize, limits: &DeviceLimits) -> Result<Param
         },
         finish: Launch {
             kernel: "ln_bwd_gb_final".into(),
-            grid: (n64.div_ceil(GB_FINAL_BLOCK as u64) as u32, 1, 1),
+            grid: (final_blocks as u32, 1, 1),
             block: (GB_FINAL_BLOCK, 1, 1),
             smem: 0,
         },
     })
+}
+
+/// A tensor a kernel argument points to: the problem's own, or the backward's scratch buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tensor {
+    /// Input x.
+    X,
+    /// Scale γ.
+    Gamma,
+    /// Shift β.
+    Beta,
+    /// Output y.
+    Y,
+    /// Per-row mean.
+    Mean,
+    /// Per-row rstd.
+    Rstd,
+    /// Incoming gradient dy.
+    Dy,
+    /// Output dx.
+    Dx,
+    /// Output dγ.
+    DGamma,
+    /// Output dβ.
+    DBeta,
+    /// Scratch: per-row residual mean m_lo (accumulation dtype, `rows`).
+    ResidualMean,
+    /// Scratch: stage-1 partial sums of dγ (accumulation dtype, `chunks × N`).
+    PartialGamma,
+    /// Scratch: stage-1 partial sums of dβ (accumulation dtype, `chunks × N`).
+    PartialBeta,
+}
+
+/// One kernel argument, in the order of the kernel's parameter list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// A device pointer to a tensor.
+    Tensor(Tensor),
+    /// A null pointer (an absent optional tensor).
+    Null,
+    /// `unsigned long long`.
+    U64(u64),
+    /// `int`.
+    I32(i32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+/// One launch with its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Kernel, grid, block, shared memory.
+    pub launch: Launch,
+    /// Arguments matching the kernel's signature in `kernels/layernorm.cu`.
+    pub args: Vec<Arg>,
+}
+
+/// A scalar in the accumulation type of `dtype` (f64 for f64, else f32 rounded to nearest).
+fn acc(dtype: DType, v: f64) -> Arg {
+    if dtype == DType::F64 { Arg::F64(v) } else { Arg::F32(v as f32) }
+}
+
+fn opt(present: bool, t: Tensor) -> Arg {
+    if present { Arg::Tensor(t) } else { Arg::Null }
+}
+
+/// The launches of a forward pass (`LN_FWD_ARGS`). Empty when `rows == 0`.
+pub fn forward_steps(spec: &NormSpec, plan: &RowPlan) -> Vec<Step> {
+    use Tensor::*;
+    if spec.rows == 0 {
+        return Vec::new();
+    }
+    let args = vec![
+        Arg::Tensor(X),
+        opt(spec.gamma, Gamma),
+        opt(spec.beta, Beta),
+        Arg::Tensor(Y),
+        Arg::Tensor(Mean),
+        Arg::Tensor(Rstd),
+        Arg::U64(spec.rows as u64),
+        Arg::I32(spec.n as i32),
+        Arg::I32(plan.lanes as i32),
+        acc(spec.dtype, spec.eps),
+        acc(spec.dtype, 1.0 / spec.n as f64),
+    ];
+    vec![Step { launch: plan.launch.clone(), args }]
+}
+
+/// The launches of a backward pass (`LN_BWD_ARGS`, then `ln_bwd_gb_partial` and
+/// `ln_bwd_gb_final` when a parameter gradient is wanted). Empty when `rows == 0` (the caller
+/// zero-fills dγ/dβ).
+pub fn backward_steps(
+    spec: &NormSpec,
+    plan: &BackwardPlan,
+    dgamma: bool,
+    dbeta: bool,
+) -> Vec<Step> {
+    use Tensor::*;
+    if spec.rows == 0 {
+        return Vec::new();
+    }
+    let (rows, n) = (spec.rows as u64, spec.n as i32);
+    let pp = plan.param.as_ref().filter(|_| dgamma || dbeta);
+    let mut steps = vec![Step {
+        launch: plan.rows.launch.clone(),
+        args: vec![
+            Arg::Tensor(X),
+            Arg::Tensor(Dy),
+            Arg::Tensor(Mean),
+            Arg::Tensor(Rstd),
+            opt(spec.gamma, Gamma),
+            Arg::Tensor(Dx),
+            opt(pp.is_some(), ResidualMean),
+            Arg::U64(rows),
+            Arg::I32(n),
+            Arg::I32(plan.rows.lanes as i32),
+            acc(spec.dtype, 1.0 / spec.n as f64),
+        ],
+    }];
+    if let Some(pp) = pp {
+        steps.push(Step {
+            launch: pp.partial.clone(),
+            args: vec![
+                Arg::Tensor(X),
+                Arg::Tensor(Dy),
+                Arg::Tensor(Mean),
+                Arg::Tensor(Rstd),
+                Arg::Tensor(ResidualMean),
+                opt(dgamma, PartialGamma),
+                opt(dbeta, PartialBeta),
+                Arg::U64(rows),
+                Arg::I32(n),
+                Arg::U64(pp.rows_per_chunk),
+            ],
+        });
+        steps.push(Step {
+            launch: pp.finish.clone(),
+            args: vec![
+                opt(dgamma, PartialGamma),
+                opt(dbeta, PartialBeta),
+                opt(dgamma, DGamma),
+                opt(dbeta, DBeta),
+                Arg::I32(n),
+                Arg::I32(pp.chunks as i32),
+            ],
+        });
+    }
+    steps
 }
 
 /// `Err(Unavailable)` if the device cannot run a plan at all (used by the backend at start-up).
@@ -376,9 +525,10 @@ mod tests {
         assert!(chunks >= 1 && chunks <= limits.max_grid_y as u64, "{ctx}");
         assert!(chunks * rpc >= rows as u64, "rows left out: {ctx}");
         assert!((chunks - 1) * rpc < rows as u64, "an empty chunk: {ctx}");
-        assert_eq!(pp.partial.grid, ((n as u32).div_ceil(32), pp.chunks, 1), "{ctx}");
+        let tiles = (n as u32).div_ceil(32).min(limits.max_grid_x);
+        assert_eq!(pp.partial.grid, (tiles, pp.chunks, 1), "{ctx}");
         assert_eq!(pp.partial.block, (32, 8, 1), "{ctx}");
-        assert_eq!(pp.finish.grid.0 as usize * 256, n.div_ceil(256) * 256, "{ctx}");
+        assert_eq!(pp.finish.grid.0, (n as u32).div_ceil(256).min(limits.max_grid_x), "{ctx}");
         assert!(chunks * n as u64 <= MAX_PARTIAL_ELEMS.max(n as u64), "partials too big: {ctx}");
     }
 
