@@ -23,7 +23,10 @@
 //! - [`kernels`]: the source and NVRTC options; one module per dtype, cached per backend (device).
 //! - [`check`]: NVRTC + `ptxas -v` over every kernel, for CI machines without a GPU.
 //!
-//! See `docs/backends/cuda.md` for the numerics and how to run the GPU tests.
+//! Without a GPU, `tests/emulated.rs` still runs the real kernels on the CPU (a C++ harness with
+//! one thread per CUDA thread) through the exact launches of [`plan::forward_steps`] and
+//! [`plan::backward_steps`]; `tests/gpu.rs` is the on-device suite. See `docs/backends/cuda.md`
+//! for the numerics, what each test proves, and how to run them on a GPU machine.
 
 mod backend;
 pub mod check;

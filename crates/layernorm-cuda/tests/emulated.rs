@@ -320,3 +320,42 @@ fn emulated_f16() {
 fn emulated_bf16() {
     run_dtype(DType::BF16);
 }
+
+/// A non-finite value poisons only its own row, also where several rows share a warp (sub-warp
+/// groups of 2 lanes for N = 8, 4 lanes for N = 3) or a block loops over rows.
+#[test]
+fn emulated_non_finite_rows_stay_isolated() {
+    use Tensor::*;
+    let dtype = DType::F32;
+    let Some(exe) = harness(dtype) else { return };
+    for (rows, n) in [(40, 8), (40, 3), (6, 1025)] {
+        let spec = NormSpec::layer_norm(rows, n, dtype).with_affine(false);
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut x = random(&mut rng, rows * n, 0.0, 1.0);
+        x[n + 1] = f64::NAN; // row 1
+        x[3 * n] = f64::INFINITY; // row 3
+        let hx = HostVec::from_f64(dtype, &x);
+        let limits = DeviceLimits { max_grid_x: 2, ..DeviceLimits::H100 };
+        let p = plan::plan_forward(rows, n, dtype, &limits, true).unwrap();
+        let mut job = Job::new(dtype, &format!("nonfinite-{rows}x{n}"));
+        job.data(X, &hx);
+        job.zeros(Y, rows * n);
+        job.zeros(Mean, rows);
+        job.zeros(Rstd, rows);
+        job.steps(&plan::forward_steps(&spec, &p));
+        let out = job.run(&exe, &[(Y, rows * n)]);
+        let y = out[0].to_f64_vec();
+        for r in 0..rows {
+            let row = &y[r * n..(r + 1) * n];
+            if r == 1 || r == 3 {
+                assert!(row.iter().any(|v| !v.is_finite()), "row {r} should be poisoned, {n}");
+            } else {
+                let clean = NormSpec::layer_norm(1, n, DType::F64).with_affine(false);
+                let want =
+                    reference::forward(&clean, &hx.to_f64_vec()[r * n..(r + 1) * n], None, None)
+                        .unwrap();
+                assert_close("y", dtype, row, &want.y, &format!("row {r} of {rows}×{n}"));
+            }
+        }
+    }
+}
