@@ -305,6 +305,8 @@ impl CudaBackend {
             }
             let f = self.function(dtype, &l.kernel)?;
             if l.smem > plan::DEFAULT_SMEM {
+                // cudarc's set_attribute does not make the context current itself.
+                self.ctx.bind_to_thread().map_err(dev_err)?;
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     l.smem as i32,
