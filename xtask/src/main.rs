@@ -2,10 +2,12 @@
 //!
 //! - `conformance [--backend NAME]… [--require NAME]…` — run the cross-backend suite.
 //! - `bench [--bench cpu|wgpu|cuda] [--json PATH] [FILTER]` — quick criterion run, GB/s table.
+//! - `cuda-check [--arch sm_XX]… [--require-ptxas]` — NVRTC + ptxas check of every CUDA kernel.
 //! - `tidy` — check the codebase itself (runs as a test).
 
 mod bench;
 mod conformance;
+mod cuda_check;
 #[cfg(test)]
 mod tidy;
 
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
     let result = match cmd {
         "conformance" => conformance::run(rest),
         "bench" => bench::run(rest),
+        "cuda-check" => cuda_check::run(rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(true)
@@ -44,6 +47,10 @@ commands:
       Run every registered backend (or only those named) on every case in every dtype,
       forward and backward, against the f64 reference. Unavailable backends are listed as
       skipped; --require makes an unavailable backend an error. Exits non-zero on any failure.
+  cuda-check [--arch sm_XX]... [--require-ptxas]
+      Compile every CUDA kernel x dtype x strategy with NVRTC (sm_80 and sm_90 by default),
+      assemble with ptxas -v and print registers, shared memory, stack and spills per kernel.
+      Fails on a compile error, any spill or stack use. Needs NVRTC (and ptxas) installed.
   bench [--bench cpu|wgpu|cuda] [--json PATH] [FILTER]
       Run a criterion bench with short measurement times and print, per shape, pass, dtype and
       thread count, LayerNorm's GB/s and its fraction of a same-bytes baseline from the same run.";

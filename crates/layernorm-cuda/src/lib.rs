@@ -1,77 +1,65 @@
-//! The CUDA backend of layernorm — not implemented yet.
+//! The CUDA backend of layernorm: LayerNorm forward and backward on NVIDIA GPUs through cudarc,
+//! with CUDA C kernels (`kernels/layernorm.cu`) compiled at run time by NVRTC.
 //!
-//! The type exists so the facade, the registry and the conformance suite are wired for it today:
-//! [`CudaBackend::new`] returns [`Error::Unavailable`] until the CUDA kernels land. The type is
-//! uninhabited, so none of its methods can ever run.
+//! # Should I use this?
+//!
+//! Use it through the `layernorm` facade (feature `cuda`) when your tensors live on an NVIDIA GPU.
+//! Nothing CUDA is needed to *build* it (cudarc loads the driver and NVRTC at run time); to *run*
+//! it you need the driver (`libcuda.so`), NVRTC (`libnvrtc.so.12`) and a device. When any of these
+//! is missing, [`CudaBackend::new`] returns [`Error::Unavailable`] naming it: never a panic.
+//!
+//! ```
+//! use layernorm_cuda::CudaBackend;
+//! match CudaBackend::new() {
+//!     Ok(backend) => println!("running on {backend:?}"),
+//!     Err(e) => println!("no CUDA here: {e}"),
+//! }
+//! ```
+//!
+//! # Design
+//!
+//! - [`plan`]: plain-Rust choice of strategy (sub-warp per row in registers, block per row in
+//!   shared memory, block per row re-reading global memory), grid, block and shared memory.
+//! - [`kernels`]: the source and NVRTC options; one module per dtype, cached per backend (device).
+//! - [`check`]: NVRTC + `ptxas -v` over every kernel, for CI machines without a GPU.
+//!
+//! Without a GPU, `tests/emulated.rs` still runs the real kernels on the CPU (a C++ harness with
+//! one thread per CUDA thread) through the exact launches of [`plan::forward_steps`] and
+//! [`plan::backward_steps`]; `tests/gpu.rs` is the on-device suite. See `docs/backends/cuda.md`
+//! for the numerics, what each test proves, and how to run them on a GPU machine.
 
-use std::convert::Infallible;
+mod backend;
+pub mod check;
+pub mod kernels;
+pub mod plan;
 
-use layernorm_core::{
-    Backward, DType, Error, Forward, HostSlice, HostSliceMut, NormKind, NormSpec, Normalize,
-    Result, Storage,
-};
+pub use backend::{CudaBackend, CudaBuffer};
+pub use layernorm_core::{Error, Result};
 
-/// The CUDA backend (not yet implemented: construction reports it unavailable).
-#[derive(Debug)]
-pub struct CudaBackend {
-    never: Infallible,
-}
+/// Registry name of this backend.
+pub const NAME: &str = "cuda";
 
-/// The CUDA buffer type (uninhabited until the backend exists).
-#[derive(Debug)]
-pub struct CudaBuffer {
-    never: Infallible,
-}
-
-impl Storage for CudaBuffer {
-    fn dtype(&self) -> DType {
-        match self.never {}
-    }
-    fn len(&self) -> usize {
-        match self.never {}
-    }
-}
-
-impl CudaBackend {
-    /// Registry name.
-    pub const NAME: &'static str = "cuda";
-
-    /// Always [`Error::Unavailable`] for now: the CUDA kernels are not written yet.
-    pub fn new() -> Result<CudaBackend> {
-        Err(Error::unavailable(Self::NAME, "the CUDA backend is not implemented yet"))
-    }
-}
-
-impl Normalize for CudaBackend {
-    type Buffer = CudaBuffer;
-    fn name(&self) -> &str {
-        Self::NAME
-    }
-    fn supports(&self, _: NormKind, _: DType) -> Result<()> {
-        match self.never {}
-    }
-    fn alloc(&self, _: DType, _: usize) -> Result<CudaBuffer> {
-        match self.never {}
-    }
-    fn upload(&self, _: HostSlice<'_>) -> Result<CudaBuffer> {
-        match self.never {}
-    }
-    fn download(&self, _: &CudaBuffer, _: HostSliceMut<'_>) -> Result<()> {
-        match self.never {}
-    }
-    fn run_forward(&self, _: &NormSpec, _: Forward<'_, CudaBuffer>) -> Result<()> {
-        match self.never {}
-    }
-    fn run_backward(&self, _: &NormSpec, _: Backward<'_, CudaBuffer>) -> Result<()> {
-        match self.never {}
+/// `Ok` if the CUDA driver library can be loaded, else why not.
+pub fn driver_available() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen the driver library by its usual names and closes it again.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("the CUDA driver library (libcuda.so) could not be loaded: no NVIDIA driver is \
+             installed or it is not on the library path"
+            .into())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reports_unavailable_without_panicking() {
-        let err = super::CudaBackend::new().unwrap_err();
-        assert_eq!(err.class(), "unavailable");
+/// `Ok` if NVRTC can be loaded, else why not and how to install it.
+pub fn nvrtc_available() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen NVRTC by its usual names and closes it again.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("NVRTC (libnvrtc.so.12) could not be loaded: install the CUDA toolkit or \
+             `pip install nvidia-cuda-nvrtc-cu12==12.9.86` and add \
+             <site-packages>/nvidia/cuda_nvrtc/lib to LD_LIBRARY_PATH"
+            .into())
     }
 }

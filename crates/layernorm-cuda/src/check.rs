@@ -1,0 +1,405 @@
+//! The compile check: every kernel × dtype × strategy through NVRTC for each architecture, then
+//! `ptxas -v` on the PTX, failing on any compile error, register spill or stack-frame use.
+//!
+//! It needs no GPU: NVRTC and ptxas are plain programs (CI installs them from PyPI, see
+//! `docs/backends/cuda.md`). `cargo xtask cuda-check` prints the [`Report`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use layernorm_core::DType;
+
+use crate::{kernels, plan};
+
+/// The architectures CI checks: Ampere and Hopper.
+pub const DEFAULT_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+/// Why the check failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// NVRTC could not be loaded; nothing was checked.
+    NvrtcMissing(String),
+    /// An architecture name is not of the form `sm_XY`.
+    BadArch(String),
+    /// NVRTC rejected the source.
+    Compile {
+        /// Storage dtype of the module.
+        dtype: DType,
+        /// Architecture.
+        arch: String,
+        /// NVRTC's log.
+        log: String,
+    },
+    /// A kernel the planner can launch is missing from the PTX.
+    MissingKernel {
+        /// Storage dtype of the module.
+        dtype: DType,
+        /// The entry point.
+        kernel: String,
+    },
+    /// ptxas failed to run or rejected the PTX.
+    Ptxas {
+        /// Storage dtype of the module.
+        dtype: DType,
+        /// Architecture.
+        arch: String,
+        /// What went wrong, with ptxas's output.
+        message: String,
+    },
+    /// Kernels that spill registers or use a stack frame.
+    Spills(Vec<KernelInfo>),
+}
+
+impl fmt::Display for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckError::NvrtcMissing(why) => write!(f, "NVRTC is not available: {why}"),
+            CheckError::BadArch(a) => write!(f, "architecture `{a}` is not of the form sm_XY"),
+            CheckError::Compile { dtype, arch, log } => {
+                write!(f, "NVRTC failed to compile the {dtype} module for {arch}:\n{log}")
+            }
+            CheckError::MissingKernel { dtype, kernel } => {
+                write!(f, "kernel `{kernel}` is missing from the {dtype} module")
+            }
+            CheckError::Ptxas { dtype, arch, message } => {
+                write!(f, "ptxas failed on the {dtype} module for {arch}: {message}")
+            }
+            CheckError::Spills(k) => {
+                writeln!(f, "{} kernel(s) spill registers or use a stack frame:", k.len())?;
+                for k in k {
+                    writeln!(f, "  {k}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for CheckError {}
+
+/// What ptxas reported for one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// Storage dtype of the module.
+    pub dtype: DType,
+    /// Architecture (`sm_80`).
+    pub arch: String,
+    /// Entry point.
+    pub kernel: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory in bytes.
+    pub smem: u32,
+    /// Stack frame in bytes.
+    pub stack: u32,
+    /// Spill stores in bytes.
+    pub spill_stores: u32,
+    /// Spill loads in bytes.
+    pub spill_loads: u32,
+}
+
+impl KernelInfo {
+    /// Whether the kernel spills or uses local memory for a stack.
+    pub fn is_clean(&self) -> bool {
+        self.stack == 0 && self.spill_stores == 0 && self.spill_loads == 0
+    }
+}
+
+impl fmt::Display for KernelInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<5} {:<6} {:<24} {:>4} regs {:>6} B smem {:>4} B stack {:>4}/{:<4} B spill st/ld",
+            self.dtype.name(),
+            self.arch,
+            self.kernel,
+            self.registers,
+            self.smem,
+            self.stack,
+            self.spill_stores,
+            self.spill_loads
+        )
+    }
+}
+
+/// One NVRTC compilation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compiled {
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Architecture.
+    pub arch: String,
+    /// Size of the PTX in bytes.
+    pub ptx_bytes: usize,
+    /// Entry points found in the PTX.
+    pub kernels: usize,
+    /// NVRTC wall time in milliseconds.
+    pub millis: f64,
+}
+
+/// The outcome of a successful [`check_all`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Every NVRTC compilation.
+    pub compiled: Vec<Compiled>,
+    /// The ptxas used, or `None` when none was found (then [`Report::kernels`] is empty).
+    pub ptxas: Option<PathBuf>,
+    /// Registers, shared memory, stack and spills per kernel, when ptxas ran.
+    pub kernels: Vec<KernelInfo>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.compiled {
+            writeln!(
+                f,
+                "nvrtc {:<5} {:<6} {:>3} kernels, {:>7} B of PTX in {:.0} ms",
+                c.dtype.name(),
+                c.arch,
+                c.kernels,
+                c.ptx_bytes,
+                c.millis
+            )?;
+        }
+        match &self.ptxas {
+            None => writeln!(
+                f,
+                "ptxas not found (set LAYERNORM_PTXAS, put it on PATH, or pip install \
+                 nvidia-cuda-nvcc-cu12): registers and spills were not checked"
+            )?,
+            Some(p) => {
+                writeln!(
+                    f,
+                    "ptxas {}: {} kernels, no spills, no stack",
+                    p.display(),
+                    self.kernels.len()
+                )?;
+                for k in &self.kernels {
+                    writeln!(f, "  {k}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds ptxas: `$LAYERNORM_PTXAS`, then `PATH`, then `$CUDA_HOME/bin`, then next to a PyPI NVRTC
+/// on `LD_LIBRARY_PATH` (`…/nvidia/cuda_nvrtc/lib` → `…/nvidia/cuda_nvcc/bin/ptxas`), then
+/// `/usr/local/cuda/bin`.
+pub fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LAYERNORM_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("ptxas")));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = std::env::var_os(var) {
+            candidates.push(Path::new(&home).join("bin").join("ptxas"));
+        }
+    }
+    if let Some(ld) = std::env::var_os("LD_LIBRARY_PATH") {
+        for dir in std::env::split_paths(&ld) {
+            if let Some(nvidia) = dir.parent().and_then(Path::parent) {
+                candidates.push(nvidia.join("cuda_nvcc").join("bin").join("ptxas"));
+            }
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// The virtual architecture NVRTC targets for a real one: `sm_80` → `compute_80`.
+fn virtual_arch(arch: &str) -> Result<String, CheckError> {
+    match arch.strip_prefix("sm_") {
+        Some(v) if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric()) => {
+            Ok(format!("compute_{v}"))
+        }
+        _ => Err(CheckError::BadArch(arch.into())),
+    }
+}
+
+/// Entry points declared in PTX text (`.entry name(` lines).
+pub fn ptx_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|l| l.trim_start().strip_prefix(".visible .entry "))
+        .map(|l| l.split('(').next().unwrap_or(l).trim().to_string())
+        .collect()
+}
+
+fn number_before(text: &str, unit: &str) -> Option<u32> {
+    let i = text.find(unit)?;
+    text[..i].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses `ptxas -v` output into one [`KernelInfo`] per function.
+pub fn parse_ptxas(output: &str, dtype: DType, arch: &str) -> Vec<KernelInfo> {
+    let mut out: Vec<KernelInfo> = Vec::new();
+    let blank = |kernel: &str| KernelInfo {
+        dtype,
+        arch: arch.into(),
+        kernel: kernel.into(),
+        registers: 0,
+        smem: 0,
+        stack: 0,
+        spill_stores: 0,
+        spill_loads: 0,
+    };
+    for line in output.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or(rest);
+            out.push(blank(name));
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            let name = rest.trim();
+            if out.last().is_none_or(|k| k.kernel != name) {
+                out.push(blank(name));
+            }
+        } else if line.contains("bytes stack frame") {
+            if let Some(k) = out.last_mut() {
+                k.stack = number_before(line, "bytes stack frame").unwrap_or(0);
+                k.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+                k.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            }
+        } else if line.contains("Used ")
+            && line.contains(" registers")
+            && let Some(k) = out.last_mut()
+        {
+            k.registers = number_before(line, "registers").unwrap_or(0);
+            k.smem = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
+fn run_ptxas(ptxas: &Path, ptx: &str, dtype: DType, arch: &str) -> Result<String, CheckError> {
+    let err = |message: String| CheckError::Ptxas { dtype, arch: arch.into(), message };
+    let dir = std::env::temp_dir();
+    let stem = format!("layernorm-cuda-check-{}-{}-{arch}", std::process::id(), dtype.name());
+    let ptx_path = dir.join(format!("{stem}.ptx"));
+    let cubin_path = dir.join(format!("{stem}.cubin"));
+    std::fs::write(&ptx_path, ptx)
+        .map_err(|e| err(format!("writing {}: {e}", ptx_path.display())))?;
+    let result = Command::new(ptxas)
+        .arg("-v")
+        .arg(format!("-arch={arch}"))
+        .arg("-o")
+        .arg(&cubin_path)
+        .arg(&ptx_path)
+        .output();
+    let _ = std::fs::remove_file(&ptx_path);
+    let _ = std::fs::remove_file(&cubin_path);
+    let output = result.map_err(|e| err(format!("running {}: {e}", ptxas.display())))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        return Err(err(format!("{}:\n{text}", output.status)));
+    }
+    Ok(text)
+}
+
+/// Compiles every kernel of every dtype for each architecture (`sm_80`, …) with NVRTC, checks that
+/// every entry point the planner can name exists, and, when ptxas is found ([`find_ptxas`]),
+/// assembles the PTX with `ptxas -v` and fails on any spill or stack frame.
+pub fn check_all(archs: &[&str]) -> Result<Report, CheckError> {
+    if let Err(why) = crate::nvrtc_available() {
+        return Err(CheckError::NvrtcMissing(why));
+    }
+    let ptxas = find_ptxas();
+    let mut report = Report { compiled: Vec::new(), ptxas: ptxas.clone(), kernels: Vec::new() };
+    for &arch in archs {
+        let varch = virtual_arch(arch)?;
+        for dtype in DType::ALL {
+            let start = Instant::now();
+            let ptx = kernels::compile(dtype, &varch)
+                .map_err(|log| CheckError::Compile { dtype, arch: arch.into(), log })?
+                .to_src();
+            let millis = start.elapsed().as_secs_f64() * 1e3;
+            let entries = ptx_entries(&ptx);
+            for kernel in plan::kernel_names(dtype) {
+                if !entries.contains(&kernel) {
+                    return Err(CheckError::MissingKernel { dtype, kernel });
+                }
+            }
+            report.compiled.push(Compiled {
+                dtype,
+                arch: arch.into(),
+                ptx_bytes: ptx.len(),
+                kernels: entries.len(),
+                millis,
+            });
+            if let Some(ptxas) = &ptxas {
+                let text = run_ptxas(ptxas, &ptx, dtype, arch)?;
+                let infos = parse_ptxas(&text, dtype, arch);
+                if infos.len() < entries.len() {
+                    return Err(CheckError::Ptxas {
+                        dtype,
+                        arch: arch.into(),
+                        message: format!(
+                            "reported {} functions for {} entry points:\n{text}",
+                            infos.len(),
+                            entries.len()
+                        ),
+                    });
+                }
+                report.kernels.extend(infos);
+            }
+        }
+    }
+    let dirty: Vec<KernelInfo> = report.kernels.iter().filter(|k| !k.is_clean()).cloned().collect();
+    if !dirty.is_empty() {
+        return Err(CheckError::Spills(dirty));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Verbatim shape of ptxas 12.9 `-v` output.
+    const SAMPLE: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'ln_bwd_gb_final' for 'sm_90'
+ptxas info    : Function properties for ln_bwd_gb_final
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 14 registers, used 0 barriers, 400 bytes cmem[0]
+ptxas info    : Compile time = 2.1 ms
+ptxas info    : Compiling entry function 'ln_bwd_block_v_smem' for 'sm_90'
+ptxas info    : Function properties for ln_bwd_block_v_smem
+    8 bytes stack frame, 16 bytes spill stores, 28 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 8 bytes cumulative stack size, 512 bytes smem
+";
+
+    #[test]
+    fn parses_ptxas_verbose_output() {
+        let k = parse_ptxas(SAMPLE, DType::F64, "sm_90");
+        assert_eq!(k.len(), 2);
+        assert_eq!((k[0].kernel.as_str(), k[0].registers, k[0].smem), ("ln_bwd_gb_final", 14, 0));
+        assert!(k[0].is_clean());
+        assert_eq!(k[1].kernel, "ln_bwd_block_v_smem");
+        assert_eq!((k[1].registers, k[1].smem, k[1].stack), (32, 512, 8));
+        assert_eq!((k[1].spill_stores, k[1].spill_loads), (16, 28));
+        assert!(!k[1].is_clean());
+    }
+
+    #[test]
+    fn finds_entries_in_ptx() {
+        let ptx = ".visible .entry ln_fwd_warp_s_i1(\n.param .u64 a\n)\n.visible .entry k2(\n";
+        assert_eq!(ptx_entries(ptx), vec!["ln_fwd_warp_s_i1".to_string(), "k2".to_string()]);
+    }
+
+    #[test]
+    fn architecture_names() {
+        assert_eq!(virtual_arch("sm_80").unwrap(), "compute_80");
+        assert_eq!(virtual_arch("sm_90a").unwrap(), "compute_90a");
+        assert!(matches!(virtual_arch("80"), Err(CheckError::BadArch(_))));
+        assert!(matches!(virtual_arch("sm_"), Err(CheckError::BadArch(_))));
+    }
+}
