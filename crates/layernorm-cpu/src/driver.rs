@@ -20,6 +20,11 @@ pub(crate) const TASK_ELEMS: usize = 1 << 15;
 /// Below this many elements, everything runs on the calling thread.
 pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
+/// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).
+pub(crate) fn is_parallel(numel: usize) -> bool {
+    numel >= PARALLEL_MIN_ELEMS
+}
+
 fn rows_per_task(n: usize) -> usize {
     (TASK_ELEMS / n).max(1)
 }
@@ -39,7 +44,7 @@ pub(crate) fn forward<T: CpuElement>(
     let gamma = load_param(gamma);
     let beta = load_param(beta);
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
-    if x.len() < PARALLEL_MIN_ELEMS {
+    if !is_parallel(x.len()) {
         simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd);
         return;
     }
@@ -97,7 +102,7 @@ pub(crate) fn backward<T: CpuElement>(
     };
 
     let chunk = ROW_BLOCK * n;
-    if x.len() < PARALLEL_MIN_ELEMS {
+    if !is_parallel(x.len()) {
         if partials.is_empty() {
             dx.chunks_mut(chunk).enumerate().for_each(|(b, d)| block(b, d, None));
         } else {

@@ -79,10 +79,12 @@ impl CpuBackend {
         CpuBackend { pool: Some(pool) }
     }
 
-    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    /// Runs `f` on this backend's pool — but only when the problem is large enough to be split:
+    /// handing a job to another thread costs tens of microseconds, more than a small problem.
+    fn run<R: Send>(&self, numel: usize, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
-            Some(p) => p.install(f),
-            None => f(),
+            Some(p) if driver::is_parallel(numel) => p.install(f),
+            _ => f(),
         }
     }
 
@@ -111,7 +113,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        self.run(|| driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd));
+        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd));
         Ok(())
     }
 
@@ -144,7 +146,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        self.run(|| driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta));
+        self.run(x.len(), || driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta));
         Ok(())
     }
 
