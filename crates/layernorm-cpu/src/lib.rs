@@ -30,6 +30,7 @@
 mod driver;
 mod element;
 mod nd;
+mod reduce;
 mod row;
 mod simd;
 

@@ -26,6 +26,7 @@
 // Index loops over lanes are the shape the vectorizer wants here.
 #![allow(clippy::needless_range_loop)]
 
+use multiversion::multiversion;
 use num_traits::Float;
 
 /// Independent accumulators per sum: one 512-bit register of `f32`.
@@ -33,16 +34,49 @@ pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
 pub(crate) const BLOCK: usize = 256;
 
-/// The types the row kernels compute in: `f32` and `f64`.
+/// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
+///
+/// The sweeps have portable defaults (lane arrays the compiler vectorizes, adequately for `f64`);
+/// `f32` overrides them with explicit SIMD (`reduce.rs`).
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
+
+    /// Σ x·s.
+    fn scaled_sum(x: &[Self], s: Self) -> f64 {
+        sum_of(x, |v| v * s)
+    }
+
+    /// (Σe, Σe²) with e = (x − m)·s − ml.
+    fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
+        residual_sums(x, m, s, ml)
+    }
+
+    /// (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
+    fn backward_sums(
+        x: &[Self],
+        dy: &[Self],
+        gamma: Option<&[Self]>,
+        m: Self,
+        s: Self,
+    ) -> [f64; 3] {
+        backward_sums(x, dy, gamma, m, s)
+    }
 }
 
 impl Real for f32 {
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
+    }
+    fn scaled_sum(x: &[f32], s: f32) -> f64 {
+        crate::reduce::scaled_sum(x, s)
+    }
+    fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
+        crate::reduce::centered(x, m, s, ml)
+    }
+    fn backward_sums(x: &[f32], dy: &[f32], gamma: Option<&[f32]>, m: f32, s: f32) -> [f64; 3] {
+        crate::reduce::backward_sums(x, dy, gamma, m, s)
     }
 }
 
@@ -66,32 +100,75 @@ fn fold<A: Real>(mut v: [A; LANES]) -> A {
     v[0]
 }
 
-/// Σ over the row of the `K` quantities `f(x)`, in `A` lanes, blocks folded into `f64`.
-#[inline(always)]
-fn sums<A: Real, const K: usize>(x: &[A], f: impl Fn(A) -> [A; K]) -> [f64; K] {
-    let mut total = [0f64; K];
-    for block in x.chunks(BLOCK) {
-        let mut acc = [[A::zero(); LANES]; K];
-        let mut chunks = block.chunks_exact(LANES);
-        for c in &mut chunks {
+/// The multiversion targets of the reduction sweeps (the same as `simd.rs`).
+macro_rules! reduction {
+    ($item:item) => {
+        #[multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
+            "x86_64+avx2+fma+f16c",
+            "aarch64+neon"
+        ))]
+        $item
+    };
+}
+
+reduction! {
+/// Σ over the row of `f(x)`: `LANES` accumulators inside blocks of `BLOCK`, blocks folded into
+/// `f64`.
+///
+/// The reduction sweeps are functions of their own, multiversioned: inlined into the large row
+/// functions, LLVM's SLP vectorizer paired the lanes into 2-wide operations or left them scalar;
+/// compiled alone, each lane loop is a full-width vector operation. Each chunk is first computed
+/// into a temporary lane array and then added, which is the shape the vectorizer recognizes.
+fn sum_of<A: Real>(x: &[A], f: impl Fn(A) -> A) -> f64 {
+    let mut total = 0f64;
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for group in chunks.chunks(BLOCK / LANES) {
+        let mut acc = [A::zero(); LANES];
+        for c in group {
+            let mut t = [A::zero(); LANES];
             for l in 0..LANES {
-                let t = f(c[l]);
-                for k in 0..K {
-                    acc[k][l] = acc[k][l] + t[k];
-                }
+                t[l] = f(c[l]);
+            }
+            for l in 0..LANES {
+                acc[l] = acc[l] + t[l];
             }
         }
-        for k in 0..K {
-            total[k] += fold(acc[k]).into();
-        }
-        for &v in chunks.remainder() {
-            let t = f(v);
-            for k in 0..K {
-                total[k] += t[k].into();
+        total += fold(acc).into();
+    }
+    rest.iter().fold(total, |s, &v| s + f(v).into())
+}
+}
+
+reduction! {
+/// (Σe, Σe²) with e = (x − m)·s − ml: the residual sweep of the forward.
+fn residual_sums<A: Real>(x: &[A], m: A, s: A, ml: A) -> [f64; 2] {
+    let mut total = [0f64; 2];
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for group in chunks.chunks(BLOCK / LANES) {
+        // Both accumulators in one array: as two arrays, SLP paired a1[l] with a2[l].
+        let mut acc = [A::zero(); 2 * LANES];
+        for c in group {
+            let mut d = [A::zero(); LANES];
+            for l in 0..LANES {
+                d[l] = (c[l] - m) * s - ml;
+            }
+            for l in 0..LANES {
+                acc[l] = acc[l] + d[l];
+                acc[LANES + l] = acc[LANES + l] + d[l] * d[l];
             }
         }
+        let (a1, a2) = acc.split_at(LANES);
+        total[0] += fold(a1.try_into().unwrap_or([A::zero(); LANES])).into();
+        total[1] += fold(a2.try_into().unwrap_or([A::zero(); LANES])).into();
+    }
+    for &v in rest {
+        let d = (v - m) * s - ml;
+        total[0] += d.into();
+        total[1] += (d * d).into();
     }
     total
+}
 }
 
 /// Largest |x| of the row (NaN is ignored here; it propagates through the sums instead).
@@ -142,26 +219,20 @@ pub(crate) struct RowStats<A> {
 #[inline(always)]
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     let nf = x.len() as f64;
-    let [mut sx] = sums(x, |v| [v]);
+    let mut sx = A::scaled_sum(x, A::one());
     // Power-of-two scale for the rare row whose sums or squares overflow; 1 otherwise.
     let mut s = 1.0;
     if !sx.is_finite() {
         s = pow2_below(max_abs(x));
         let sa = A::of(s);
-        sx = sums(x, |v| [v * sa])[0] / s;
+        sx = A::scaled_sum(x, sa) / s;
     }
     let m_hi = A::of(sx / nf);
-    let residuals = |s: f64| {
-        let sa = A::of(s);
-        sums(x, |v| {
-            let d = (v - m_hi) * sa;
-            [d, d * d]
-        })
-    };
-    let [mut sd, mut sdd] = residuals(s);
-    if !(sd.is_finite() && sdd.is_finite()) && s == 1.0 && m_hi.is_finite() {
+    let [mut sd, mut sdd] = A::centered(x, m_hi, A::of(s), A::zero());
+    if !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite() {
+        // Residuals or their squares overflowed: scale them (again, if the sum already was).
         s = pow2_below(max_abs(x));
-        [sd, sdd] = residuals(s);
+        [sd, sdd] = A::centered(x, m_hi, A::of(s), A::zero());
     }
     // Work in the scaled units d·s until the end.
     let m_lo_s = sd / nf;
@@ -169,11 +240,7 @@ pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     if m_lo_s * m_lo_s > var_s.abs() * 2f64.powi(-8) {
         // The shift's correction is not small next to the spread: exact pass instead.
         let (sa, ml) = (A::of(s), A::of(m_lo_s));
-        var_s = sums(x, |v| {
-            let e = (v - m_hi) * sa - ml;
-            [e * e]
-        })[0]
-            / nf;
+        var_s = A::centered(x, m_hi, sa, ml)[1] / nf;
     }
     // Clamp rounding below zero, but let NaN through (a NaN row stays NaN).
     let var_s = if var_s < 0.0 { 0.0 } else { var_s };
@@ -224,47 +291,75 @@ pub(crate) fn forward<A: Real>(
     (st.mean, st.rstd)
 }
 
-/// The backward's reduction sweep: (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
-#[inline(always)]
+reduction! {
+/// The backward's reduction sweep: (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ. Multiversioned
+/// on its own, like [`sum_of`].
 fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -> [f64; 3] {
     let n = x.len();
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (dc, dr) = dy[..n].as_chunks::<LANES>();
     let mut tot = [0f64; 3];
-    let mut start = 0;
-    while start < n {
-        let end = (start + BLOCK).min(n);
-        let (xb, dyb) = (&x[start..end], &dy[start..end]);
-        let mut sd = [A::zero(); LANES];
-        let mut sg = [A::zero(); LANES];
-        let mut sgd = [A::zero(); LANES];
-        let full = xb.len() / LANES * LANES;
-        for c in 0..full / LANES {
-            let xc = &xb[c * LANES..(c + 1) * LANES];
-            let dc = &dyb[c * LANES..(c + 1) * LANES];
-            let gc = gamma.map(|g| &g[start + c * LANES..start + (c + 1) * LANES]);
-            for l in 0..LANES {
-                let d = (xc[l] - m) * sa;
-                let g = match gc {
-                    Some(gc) => dc[l] * gc[l],
-                    None => dc[l],
-                };
-                sd[l] = sd[l] + d;
-                sg[l] = sg[l] + g;
-                sgd[l] = sgd[l] + g * d;
+    let group = BLOCK / LANES;
+    match gamma {
+        Some(g) => {
+            let (gc, _) = g[..n].as_chunks::<LANES>();
+            for ((xg, dg), gg) in xc.chunks(group).zip(dc.chunks(group)).zip(gc.chunks(group)) {
+                backward_lanes(&mut tot, xg, dg, Some(gg), m, sa);
             }
         }
-        tot[0] += fold(sd).into();
-        tot[1] += fold(sg).into();
-        tot[2] += fold(sgd).into();
-        for j in full..xb.len() {
-            let d = (xb[j] - m) * sa;
-            let g = gamma.map_or(dyb[j], |g| dyb[j] * g[start + j]);
-            tot[0] += d.into();
-            tot[1] += g.into();
-            tot[2] += (g * d).into();
+        None => {
+            for (xg, dg) in xc.chunks(group).zip(dc.chunks(group)) {
+                backward_lanes(&mut tot, xg, dg, None, m, sa);
+            }
         }
-        start = end;
+    }
+    let base = n - xr.len();
+    for (j, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
+        let d = (xv - m) * sa;
+        let g = gamma.map_or(dv, |g| dv * g[base + j]);
+        tot[0] += d.into();
+        tot[1] += g.into();
+        tot[2] += (g * d).into();
     }
     tot
+}
+}
+
+/// One block of [`backward_sums`], in lanes. A plain function (not a closure) so that it is
+/// inlined into, and compiled with the target features of, the multiversioned caller.
+#[inline(always)]
+fn backward_lanes<A: Real>(
+    tot: &mut [f64; 3],
+    xg: &[[A; LANES]],
+    dg: &[[A; LANES]],
+    gg: Option<&[[A; LANES]]>,
+    m: A,
+    sa: A,
+) {
+    let (mut sd, mut sg, mut sgd) = ([A::zero(); LANES], [A::zero(); LANES], [A::zero(); LANES]);
+    for (i, (xc, dc)) in xg.iter().zip(dg).enumerate() {
+        let (mut d, mut g) = ([A::zero(); LANES], *dc);
+        for l in 0..LANES {
+            d[l] = (xc[l] - m) * sa;
+        }
+        if let Some(gg) = gg {
+            for l in 0..LANES {
+                g[l] = g[l] * gg[i][l];
+            }
+        }
+        for l in 0..LANES {
+            sd[l] = sd[l] + d[l];
+        }
+        for l in 0..LANES {
+            sg[l] = sg[l] + g[l];
+        }
+        for l in 0..LANES {
+            sgd[l] = sgd[l] + g[l] * d[l];
+        }
+    }
+    tot[0] += fold(sd).into();
+    tot[1] += fold(sg).into();
+    tot[2] += fold(sgd).into();
 }
 
 /// Backward of one row: writes dx and adds this row's dy·x̂ and dy into `dgamma` / `dbeta`.
@@ -285,7 +380,7 @@ pub(crate) fn backward<A: Real>(
     let nf = x.len() as f64;
     let s = rstd_scale(rstd);
     let (m, sa) = (A::of(mean_saved), A::of(s));
-    let [sd, sg, sgd] = backward_sums(x, dy, gamma, m, sa);
+    let [sd, sg, sgd] = A::backward_sums(x, dy, gamma, m, sa);
     // The exact mean's distance from the saved one, scaled like d.
     let m_lo = sd / nf;
     let r = rstd / s;
@@ -338,7 +433,8 @@ mod tests {
     #[test]
     fn sums_are_exact_on_integers() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        let [s, s2] = sums(&x, |v| [v, v * v]);
+        assert_eq!(sum_of(&x, |v| v), 499_500.0);
+        let [s, s2] = residual_sums(&x, 0.0, 1.0, 0.0);
         assert_eq!(s, 499_500.0);
         assert_eq!(s2, (0..1000u64).map(|i| i * i).sum::<u64>() as f64);
     }
