@@ -10,15 +10,17 @@
 //! - **Sums** run in `LANES` independent accumulators inside blocks of [`BLOCK`] elements; each
 //!   block's total is added into an `f64`. Rounding error therefore grows with `BLOCK / LANES`
 //!   (16 additions), not with N.
-//! - **Mean** is kept in two parts: `m_hi`, the first-pass mean rounded to the accumulation type,
-//!   and `m_lo`, the mean of the residuals `d = x − m_hi`, which are exact (Sterbenz) exactly when
-//!   it matters, |mean| ≫ std. Centering with both, `(x − m_hi) − m_lo`, keeps rows at mean 1e6,
-//!   std 1 exact in `f32`, where a rounded mean alone would be off by up to 3% of a std.
-//! - **Variance** comes from the same sweep over the residuals (shifted data: Σd²/N − m_lo²,
-//!   never E[x²] − E[x]²); m_lo is a few ulps of the mean, so the subtraction cancels nothing —
-//!   and where it would (a row constant to a few ulps), an exact pass over ((x − m_hi) − m_lo)²
-//!   replaces it. If squares overflow (|x| ≳ 1e18 in `f32`), the sweep is redone on values scaled
-//!   by a power of two, so |x| up to ~1e38 stays finite and exact.
+//! - **Mean** is kept in two parts: `m_hi`, a shift (the mean of the row's first 32 elements,
+//!   rounded to the accumulation type), and `m_lo`, the mean of the residuals `d = x − m_hi`,
+//!   which are exact (Sterbenz) exactly when it matters, |mean| ≫ std. Centering with both,
+//!   `(x − m_hi) − m_lo`, keeps rows at mean 1e6, std 1 exact in `f32`, where a rounded mean alone
+//!   would be off by up to 3% of a std.
+//! - **Variance** comes from the same sweep over the residuals (shifted data: Σd²/N − m_lo², never
+//!   E[x²] − E[x]²). The shift lies within a fraction of a std of the mean, so the subtraction
+//!   cancels nothing; where it would (an outlying head, a row constant to a few ulps), an exact
+//!   pass over ((x − m_hi) − m_lo)² replaces it. So the forward sweeps a row twice: statistics,
+//!   then normalize. If squares overflow (|x| ≳ 1e18 in `f32`), the sweep is redone on values
+//!   scaled by a power of two, so |x| up to ~1e38 stays finite and exact.
 //! - **Backward** does not trust the saved mean beyond its storage precision: its one reduction
 //!   sweep sums the residuals `d = x − mean_saved` beside Σg and Σg·d (g = dy·γ), so
 //!   m_lo = Σd/N recovers the exact mean, and c1 = (Σg·d − m_lo·Σg)/N · rstd.
@@ -33,6 +35,8 @@ use num_traits::Float;
 pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
 pub(crate) const BLOCK: usize = 256;
+/// Elements whose mean is the forward's shift (see [`stats`]).
+const SHIFT_SAMPLE: usize = 32;
 
 /// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
 ///
@@ -219,26 +223,24 @@ pub(crate) struct RowStats<A> {
 #[inline(always)]
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     let nf = x.len() as f64;
-    let mut sx = A::scaled_sum(x, A::one());
-    // Power-of-two scale for the rare row whose sums or squares overflow; 1 otherwise.
+    // The shift: the mean of the first few elements, rounded to `A`. Residuals from it are exact
+    // when |mean| ≫ std (Sterbenz), and it is close enough to the mean that one sweep gives both
+    // Σd and Σd² without cancellation; a full first pass for the mean would cost a third sweep.
+    let head = &x[..x.len().min(SHIFT_SAMPLE)];
+    let m_hi = A::of(head.iter().map(|&v| v.into()).sum::<f64>() / head.len() as f64);
     let mut s = 1.0;
-    if !sx.is_finite() {
-        s = pow2_below(max_abs(x));
-        let sa = A::of(s);
-        sx = A::scaled_sum(x, sa) / s;
-    }
-    let m_hi = A::of(sx / nf);
-    let [mut sd, mut sdd] = A::centered(x, m_hi, A::of(s), A::zero());
+    let [mut sd, mut sdd] = A::centered(x, m_hi, A::one(), A::zero());
     if !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite() {
-        // Residuals or their squares overflowed: scale them (again, if the sum already was).
+        // Residuals or their squares overflowed: scale them by a power of two (exact).
         s = pow2_below(max_abs(x));
         [sd, sdd] = A::centered(x, m_hi, A::of(s), A::zero());
     }
     // Work in the scaled units d·s until the end.
     let m_lo_s = sd / nf;
     let mut var_s = sdd / nf - m_lo_s * m_lo_s;
-    if m_lo_s * m_lo_s > var_s.abs() * 2f64.powi(-8) {
-        // The shift's correction is not small next to the spread: exact pass instead.
+    if m_lo_s * m_lo_s > var_s.abs() * 0.25 {
+        // The shift is far from the mean next to the spread (an outlying head, a row constant to
+        // a few ulps): Σd²/N − m_lo² would cancel, so take the exact second pass instead.
         let (sa, ml) = (A::of(s), A::of(m_lo_s));
         var_s = A::centered(x, m_hi, sa, ml)[1] / nf;
     }
