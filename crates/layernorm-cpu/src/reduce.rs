@@ -75,34 +75,6 @@ pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
     Arch::new().dispatch(Centered { x, m, s, ml })
 }
 
-struct Scaled<'a> {
-    x: &'a [f32],
-    s: f32,
-}
-
-impl WithSimd for Scaled<'_> {
-    type Output = f64;
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) -> f64 {
-        let (head, tail) = S::as_simd_f32s(self.x);
-        let s = simd.splat_f32s(self.s);
-        let mut total = 0f64;
-        for group in head.chunks(per_block::<S>()) {
-            let mut a = simd.splat_f32s(0.0);
-            for &v in group {
-                a = simd.add_f32s(a, simd.mul_f32s(v, s));
-            }
-            total += fold(a);
-        }
-        tail.iter().fold(total, |t, &v| t + f64::from(v * self.s))
-    }
-}
-
-/// Σ x·s, in `f32` lanes, blocks in `f64`.
-pub(crate) fn scaled_sum(x: &[f32], s: f32) -> f64 {
-    Arch::new().dispatch(Scaled { x, s })
-}
-
 struct Backward<'a> {
     x: &'a [f32],
     dy: &'a [f32],
@@ -196,7 +168,6 @@ mod tests {
             let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
             let want: f64 = (0..n).map(|i| i as f64).sum();
             let want2: f64 = (0..n).map(|i| (i * i) as f64).sum();
-            assert_eq!(scaled_sum(&x, 1.0), want, "n={n}");
             assert_eq!(centered(&x, 0.0, 1.0, 0.0), [want, want2], "n={n}");
             let ones = vec![1.0f32; n];
             let [sd, sg, sgd] = backward_sums(&x, &ones, Some(&ones), 0.0, 1.0);

@@ -46,11 +46,6 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
 
-    /// Σ x·s.
-    fn scaled_sum(x: &[Self], s: Self) -> f64 {
-        sum_of(x, |v| v * s)
-    }
-
     /// (Σe, Σe²) with e = (x − m)·s − ml.
     fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
         residual_sums(x, m, s, ml)
@@ -72,9 +67,6 @@ impl Real for f32 {
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
-    }
-    fn scaled_sum(x: &[f32], s: f32) -> f64 {
-        crate::reduce::scaled_sum(x, s)
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
         crate::reduce::centered(x, m, s, ml)
@@ -117,40 +109,13 @@ macro_rules! reduction {
 }
 
 reduction! {
-/// Σ over the row of `f(x)`: `LANES` accumulators inside blocks of `BLOCK`, blocks folded into
-/// `f64`.
-///
-/// The reduction sweeps are functions of their own, multiversioned: inlined into the large row
-/// functions, LLVM's SLP vectorizer paired the lanes into 2-wide operations or left them scalar;
-/// compiled alone, each lane loop is a full-width vector operation. Each chunk is first computed
-/// into a temporary lane array and then added, which is the shape the vectorizer recognizes.
-fn sum_of<A: Real>(x: &[A], f: impl Fn(A) -> A) -> f64 {
-    let mut total = 0f64;
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    for group in chunks.chunks(BLOCK / LANES) {
-        let mut acc = [A::zero(); LANES];
-        for c in group {
-            let mut t = [A::zero(); LANES];
-            for l in 0..LANES {
-                t[l] = f(c[l]);
-            }
-            for l in 0..LANES {
-                acc[l] = acc[l] + t[l];
-            }
-        }
-        total += fold(acc).into();
-    }
-    rest.iter().fold(total, |s, &v| s + f(v).into())
-}
-}
-
-reduction! {
-/// (Σe, Σe²) with e = (x − m)·s − ml: the residual sweep of the forward.
+/// (Σe, Σe²) with e = (x − m)·s − ml: the residual sweep of the forward, portable version (used
+/// for `f64`; `f32` uses the explicit SIMD of `reduce.rs`). A function of its own, multiversioned,
+/// so that it is compiled with the target features rather than inlined into the large row code.
 fn residual_sums<A: Real>(x: &[A], m: A, s: A, ml: A) -> [f64; 2] {
     let mut total = [0f64; 2];
     let (chunks, rest) = x.as_chunks::<LANES>();
     for group in chunks.chunks(BLOCK / LANES) {
-        // Both accumulators in one array: as two arrays, SLP paired a1[l] with a2[l].
         let mut acc = [A::zero(); 2 * LANES];
         for c in group {
             let mut d = [A::zero(); LANES];
@@ -295,7 +260,7 @@ pub(crate) fn forward<A: Real>(
 
 reduction! {
 /// The backward's reduction sweep: (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ. Multiversioned
-/// on its own, like [`sum_of`].
+/// on its own, like [`residual_sums`].
 fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -> [f64; 3] {
     let n = x.len();
     let (xc, xr) = x.as_chunks::<LANES>();
@@ -435,7 +400,6 @@ mod tests {
     #[test]
     fn sums_are_exact_on_integers() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        assert_eq!(sum_of(&x, |v| v), 499_500.0);
         let [s, s2] = residual_sums(&x, 0.0, 1.0, 0.0);
         assert_eq!(s, 499_500.0);
         assert_eq!(s2, (0..1000u64).map(|i| i * i).sum::<u64>() as f64);
