@@ -1,0 +1,71 @@
+//! Random problems against the f64 reference: shapes, offsets, scales, eps and affine flags drawn
+//! by proptest, forward and backward, held to the `f32` tolerances of the conformance suite
+//! (error relative to the size of the terms that form each output).
+
+use layernorm_core::{DType, HostNormalizeExt, NormSpec, reference};
+use layernorm_cpu::CpuBackend;
+use proptest::prelude::*;
+
+fn row_err(got: &[f32], want: &[f64], scale: f64) -> f64 {
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs())) / scale
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn f32_matches_the_reference(
+        rows in 0usize..24,
+        n in 1usize..300,
+        offset_exp in -3i32..7,
+        scale_exp in -20i32..30,
+        eps_exp in -12i32..-2,
+        gamma_on: bool,
+        beta_on: bool,
+        seed: u64,
+    ) {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        let (offset, scale) = (10f64.powi(offset_exp), 10f64.powi(scale_exp));
+        let x: Vec<f32> = (0..rows * n).map(|_| (offset * scale + scale * next()) as f32).collect();
+        let dy: Vec<f32> = (0..rows * n).map(|_| next() as f32).collect();
+        let gamma: Vec<f32> = (0..n).map(|_| (1.0 + 0.5 * next()) as f32).collect();
+        let beta: Vec<f32> = (0..n).map(|_| (0.5 * next()) as f32).collect();
+        let spec = NormSpec::layer_norm(rows, n, DType::F32)
+            .with_eps(10f64.powi(eps_exp))
+            .with_gamma(gamma_on)
+            .with_beta(beta_on);
+        let (g, b) = (gamma_on.then_some(&gamma[..]), beta_on.then_some(&beta[..]));
+        let cpu = CpuBackend::new();
+        let f = cpu.forward_vec(&spec, &x, g, b).unwrap();
+        let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let (x64, dy64) = (wide(&x), wide(&dy));
+        let (g64, b64) = (g.map(wide), b.map(wide));
+        let r = reference::forward(&spec, &x64, g64.as_deref(), b64.as_deref()).unwrap();
+        let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, g).unwrap();
+        let rb = reference::backward(&spec, &x64, &dy64, &r.mean, &r.rstd, g64.as_deref()).unwrap();
+        for row in 0..rows {
+            let span = row * n..(row + 1) * n;
+            let xhat: Vec<f64> = x64[span.clone()].iter().map(|&v| (v - r.mean[row]) * r.rstd[row]).collect();
+            let gj = |j: usize| g64.as_ref().map_or(1.0, |g| g[j]);
+            let bj = |j: usize| b64.as_ref().map_or(0.0, |b| b[j]);
+            let y_scale = (0..n).map(|j| (xhat[j] * gj(j)).abs() + bj(j).abs()).fold(0.0, f64::max);
+            if y_scale > 0.0 {
+                let e = row_err(&f.y[span.clone()], &r.y[span.clone()], y_scale);
+                prop_assert!(e <= 1e-6, "row {row}: y error {e:e}");
+            }
+            let gs: Vec<f64> = (0..n).map(|j| dy64[row * n + j] * gj(j)).collect();
+            let c1 = gs.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / n as f64;
+            let c2 = gs.iter().sum::<f64>() / n as f64;
+            let dx_scale = r.rstd[row]
+                * (0..n).map(|j| gs[j].abs() + c2.abs() + (xhat[j] * c1).abs()).fold(0.0, f64::max);
+            if dx_scale > 0.0 && dx_scale.is_finite() {
+                let e = row_err(&gr.dx[span.clone()], &rb.dx[span], dx_scale);
+                prop_assert!(e <= 1e-6, "row {row}: dx error {e:e}");
+            }
+        }
+    }
+}
