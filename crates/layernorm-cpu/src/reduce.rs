@@ -70,6 +70,94 @@ impl WithSimd for Centered<'_> {
     }
 }
 
+/// One row normalized while the next row's statistics are summed, in the same loop: the load
+/// stream of the next row and the store stream of this one are in flight together, instead of
+/// one row's compute waiting on memory at a time. The sums are bitwise those of [`Centered`] with
+/// s = 1, ml = 0, and y is bitwise that of `row::normalize` (same operations, same order).
+struct Fused<'a> {
+    next: &'a [f32],
+    m_next: f32,
+    cur: &'a [f32],
+    m_hi: f32,
+    m_lo: f32,
+    r: f32,
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [f32],
+}
+
+impl WithSimd for Fused<'_> {
+    type Output = [f64; 2];
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
+        let n = self.cur.len();
+        let (nh, nt) = S::as_simd_f32s(&self.next[..n]);
+        let (ch, ct) = S::as_simd_f32s(self.cur);
+        let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[..n]);
+        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]));
+        let bh = self.beta.map(|b| S::as_simd_f32s(&b[..n]));
+        let (m, one, zero) =
+            (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), simd.splat_f32s(0.0));
+        let (mh, ml, r) =
+            (simd.splat_f32s(self.m_hi), simd.splat_f32s(self.m_lo), simd.splat_f32s(self.r));
+        let mut total = [0f64; 2];
+        let pb = per_block::<S>();
+        let mut i = 0;
+        while i < nh.len() {
+            let end = (i + pb).min(nh.len());
+            let (mut a1, mut a2) = (zero, zero);
+            for k in i..end {
+                let e = simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(nh[k], m), one), zero);
+                a1 = simd.add_f32s(a1, e);
+                a2 = simd.add_f32s(a2, simd.mul_f32s(e, e));
+                let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[k], mh), ml), r);
+                if let Some((g, _)) = gh {
+                    t = simd.mul_f32s(t, g[k]);
+                }
+                if let Some((b, _)) = bh {
+                    t = simd.add_f32s(t, b[k]);
+                }
+                yh[k] = t;
+            }
+            total[0] += fold(a1);
+            total[1] += fold(a2);
+            i = end;
+        }
+        for &v in nt {
+            let e = (v - self.m_next) * 1.0 - 0.0;
+            total[0] += f64::from(e);
+            total[1] += f64::from(e * e);
+        }
+        let base = n - ct.len();
+        for (j, (y, &x)) in yt.iter_mut().zip(ct).enumerate() {
+            let mut t = ((x - self.m_hi) - self.m_lo) * self.r;
+            if let Some(g) = self.gamma {
+                t *= g[base + j];
+            }
+            if let Some(b) = self.beta {
+                t += b[base + j];
+            }
+            *y = t;
+        }
+        total
+    }
+}
+
+/// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
+/// from `m_next`; returns the latter, bitwise equal to `centered(next, m_next, 1, 0)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused(
+    next: &[f32],
+    m_next: f32,
+    cur: &[f32],
+    (m_hi, m_lo, r): (f32, f32, f32),
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [f32],
+) -> [f64; 2] {
+    Arch::new().dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y })
+}
+
 /// (Σe, Σe²) with e = (x − m)·s − ml, in `f32` lanes, blocks in `f64`.
 pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
     Arch::new().dispatch(Centered { x, m, s, ml })

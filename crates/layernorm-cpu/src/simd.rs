@@ -28,6 +28,10 @@ pub(crate) fn forward_rows<T: CpuElement>(
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
 ) {
+    if let (Some(xa), Some(ya)) = (T::as_acc(x), T::as_acc_mut(y)) {
+        row::forward_rows(n, xa, gamma, beta, ya, mean, rstd, eps);
+        return;
+    }
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for (((xr, yr), m), s) in
         x.chunks_exact(n).zip(y.chunks_exact_mut(n)).zip(mean.iter_mut()).zip(rstd.iter_mut())
