@@ -11,7 +11,7 @@
 
 use pulp::{Arch, Simd, WithSimd};
 
-use crate::row::BLOCK;
+use crate::row::{BLOCK, BackParams};
 
 /// Folds the lanes of one vector pairwise, in a fixed order, into an `f64`.
 #[inline(always)]
@@ -233,6 +233,117 @@ fn backward_block<S: Simd>(
     total[0] += fold(sd);
     total[1] += fold(sg);
     total[2] += fold(sgd);
+}
+
+struct FusedBackward<'a> {
+    next: (&'a [f32], &'a [f32], f32, f32),
+    x: &'a [f32],
+    dy: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    p: BackParams<f32>,
+    dx: &'a mut [f32],
+    dgamma: Option<&'a mut [f32]>,
+    dbeta: Option<&'a mut [f32]>,
+}
+
+impl WithSimd for FusedBackward<'_> {
+    type Output = [f64; 3];
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> [f64; 3] {
+        let n = self.x.len();
+        let (nx, ndy, nm, ns) = self.next;
+        let (nxh, nxt) = S::as_simd_f32s(&nx[..n]);
+        let (ndh, ndt) = S::as_simd_f32s(&ndy[..n]);
+        let (xh, xt) = S::as_simd_f32s(self.x);
+        let (dh, dt) = S::as_simd_f32s(&self.dy[..n]);
+        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]));
+        let (dxh, dxt) = S::as_mut_simd_f32s(&mut self.dx[..n]);
+        let mut dgs = self.dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+        let mut dbs = self.dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+        let p = self.p;
+        let (vnm, vns) = (simd.splat_f32s(nm), simd.splat_f32s(ns));
+        let (m, sa, ml, r) = (
+            simd.splat_f32s(p.m),
+            simd.splat_f32s(p.sa),
+            simd.splat_f32s(p.m_lo),
+            simd.splat_f32s(p.r),
+        );
+        let (a, b, c) = (simd.splat_f32s(p.a), simd.splat_f32s(p.b), simd.splat_f32s(p.c));
+        let zero = simd.splat_f32s(0.0);
+        let mut total = [0f64; 3];
+        let pb = per_block::<S>();
+        let mut i = 0;
+        while i < nxh.len() {
+            let end = (i + pb).min(nxh.len());
+            let (mut sd, mut sg, mut sgd) = (zero, zero, zero);
+            for k in i..end {
+                // The next row's sums, exactly as `backward_block` forms them.
+                let d = simd.mul_f32s(simd.sub_f32s(nxh[k], vnm), vns);
+                let g = match gh {
+                    Some((gg, _)) => simd.mul_f32s(ndh[k], gg[k]),
+                    None => ndh[k],
+                };
+                sd = simd.add_f32s(sd, d);
+                sg = simd.add_f32s(sg, g);
+                sgd = simd.add_f32s(sgd, simd.mul_f32s(g, d));
+                // This row's dx and dγ/dβ terms, exactly as `row::back_apply` forms them.
+                let xhat =
+                    simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(xh[k], m), sa), ml), r);
+                let gc = match gh {
+                    Some((gg, _)) => simd.mul_f32s(dh[k], gg[k]),
+                    None => dh[k],
+                };
+                dxh[k] =
+                    simd.add_f32s(simd.add_f32s(simd.mul_f32s(a, gc), b), simd.mul_f32s(xhat, c));
+                if let Some((dg, _)) = dgs.as_mut() {
+                    dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
+                }
+                if let Some((db, _)) = dbs.as_mut() {
+                    db[k] = simd.add_f32s(db[k], dh[k]);
+                }
+            }
+            total[0] += fold(sd);
+            total[1] += fold(sg);
+            total[2] += fold(sgd);
+            i = end;
+        }
+        let base = n - xt.len();
+        for (j, (&xv, &dv)) in nxt.iter().zip(ndt).enumerate() {
+            let d = (xv - nm) * ns;
+            let g = self.gamma.map_or(dv, |g| dv * g[base + j]);
+            total[0] += f64::from(d);
+            total[1] += f64::from(g);
+            total[2] += f64::from(g * d);
+        }
+        for (j, ((dxv, &xv), &dv)) in dxt.iter_mut().zip(xt).zip(dt).enumerate() {
+            let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
+            let gc = self.gamma.map_or(dv, |g| dv * g[base + j]);
+            *dxv = p.a * gc + p.b + xhat * p.c;
+            if let Some((_, dgt)) = dgs.as_mut() {
+                dgt[j] += dv * xhat;
+            }
+            if let Some((_, dbt)) = dbs.as_mut() {
+                dbt[j] += dv;
+            }
+        }
+        total
+    }
+}
+
+/// The backward's second sweep over one row fused with the next row's first sweep; returns the
+/// latter, bitwise equal to `backward_sums` of the next row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_backward(
+    next: (&[f32], &[f32], f32, f32),
+    x: &[f32],
+    dy: &[f32],
+    gamma: Option<&[f32]>,
+    p: &BackParams<f32>,
+    dx: &mut [f32],
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) -> [f64; 3] {
+    Arch::new().dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).

@@ -70,6 +70,22 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         None
     }
 
+    /// The backward's second sweep over `cur` (dx, dγ/dβ terms) while summing the next row's
+    /// first sweep (bitwise equal to `backward_sums` of it); `None` where there is no fused kernel.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn fused_backward(
+        _next: (&[Self], &[Self], Self, Self),
+        _x: &[Self],
+        _dy: &[Self],
+        _gamma: Option<&[Self]>,
+        _p: &BackParams<Self>,
+        _dx: &mut [Self],
+        _dgamma: Option<&mut [Self]>,
+        _dbeta: Option<&mut [Self]>,
+    ) -> Option<[f64; 3]> {
+        None
+    }
+
     /// (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ.
     fn backward_sums(
         x: &[Self],
@@ -104,6 +120,18 @@ impl Real for f32 {
     ) -> Option<[f64; 2]> {
         let params = (st.m_hi, st.m_lo, st.rstd as f32);
         Some(crate::reduce::fused(next, m_next, cur, params, gamma, beta, y))
+    }
+    fn fused_backward(
+        next: (&[f32], &[f32], f32, f32),
+        x: &[f32],
+        dy: &[f32],
+        gamma: Option<&[f32]>,
+        p: &BackParams<f32>,
+        dx: &mut [f32],
+        dgamma: Option<&mut [f32]>,
+        dbeta: Option<&mut [f32]>,
+    ) -> Option<[f64; 3]> {
+        Some(crate::reduce::fused_backward(next, x, dy, gamma, p, dx, dgamma, dbeta))
     }
 }
 
@@ -426,6 +454,55 @@ fn backward_lanes<A: Real>(
     tot[2] += fold(sgd).into();
 }
 
+/// The per-row constants of the backward's second sweep: x̂ = ((x − m)·sa − m_lo)·r and
+/// dx = a·g + b + x̂·c (g = dy·γ).
+#[derive(Clone, Copy, Debug)]
+pub struct BackParams<A> {
+    /// The saved mean, rounded to `A` (the centering shift).
+    pub m: A,
+    /// The power-of-two scale of the residuals.
+    pub sa: A,
+    /// The exact mean's distance from `m`, scaled.
+    pub m_lo: A,
+    /// rstd / scale.
+    pub r: A,
+    /// rstd.
+    pub a: A,
+    /// −rstd·c2.
+    pub b: A,
+    /// −rstd·c1.
+    pub c: A,
+}
+
+/// The centering shift and scale of a backward row: (m, s).
+#[inline(always)]
+fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {
+    (A::of(mean_saved), rstd_scale(rstd))
+}
+
+/// The constants of the second sweep from the first sweep's sums (equations (8)–(9)).
+#[inline(always)]
+fn back_params<A: Real>(n: usize, mean_saved: f64, rstd: f64, sums: [f64; 3]) -> BackParams<A> {
+    let nf = n as f64;
+    let (m, s) = back_shift::<A>(mean_saved, rstd);
+    let [sd, sg, sgd] = sums;
+    // The exact mean's distance from the saved one, scaled like d.
+    let m_lo = sd / nf;
+    let r = rstd / s;
+    let c2 = sg / nf;
+    let c1 = (sgd - m_lo * sg) / nf * r;
+    // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (d − m_lo)·r
+    BackParams {
+        m,
+        sa: A::of(s),
+        m_lo: A::of(m_lo),
+        r: A::of(r),
+        a: A::of(rstd),
+        b: A::of(-rstd * c2),
+        c: A::of(-rstd * c1),
+    }
+}
+
 /// Backward of one row: writes dx and adds this row's dy·x̂ and dy into `dgamma` / `dbeta`.
 ///
 /// `mean_saved` is used only to center; the exact mean is recomputed from x.
@@ -441,18 +518,90 @@ pub(crate) fn backward<A: Real>(
     dgamma: Option<&mut [A]>,
     dbeta: Option<&mut [A]>,
 ) {
-    let nf = x.len() as f64;
-    let s = rstd_scale(rstd);
-    let (m, sa) = (A::of(mean_saved), A::of(s));
-    let [sd, sg, sgd] = A::backward_sums(x, dy, gamma, m, sa);
-    // The exact mean's distance from the saved one, scaled like d.
-    let m_lo = sd / nf;
-    let r = rstd / s;
-    let c2 = sg / nf;
-    let c1 = (sgd - m_lo * sg) / nf * r;
-    // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (d − m_lo)·r
-    let (a, b, c) = (A::of(rstd), A::of(-rstd * c2), A::of(-rstd * c1));
-    let (m_lo, r) = (A::of(m_lo), A::of(r));
+    let (m, s) = back_shift::<A>(mean_saved, rstd);
+    let sums = A::backward_sums(x, dy, gamma, m, A::of(s));
+    let p = back_params(x.len(), mean_saved, rstd, sums);
+    back_apply(x, dy, gamma, &p, dx, dgamma, dbeta);
+}
+
+/// The backward over consecutive rows of `n`: each row's dx sweep fused with the next row's
+/// reduction sweep where the type has a fused kernel (`f32`, N ≥ [`FUSE_MIN_N`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn backward_rows<A: Real>(
+    n: usize,
+    x: &[A],
+    dy: &[A],
+    mean: &[A],
+    rstd: &[A],
+    gamma: Option<&[A]>,
+    dx: &mut [A],
+    mut dgamma: Option<&mut [A]>,
+    mut dbeta: Option<&mut [A]>,
+) {
+    let rows = mean.len().min(rstd.len());
+    if rows == 0 {
+        return;
+    }
+    let row = |v: &[A], r: usize| -> std::ops::Range<usize> {
+        let _ = v;
+        r * n..(r + 1) * n
+    };
+    let stats = |r: usize| -> (f64, f64) { (mean[r].into(), rstd[r].into()) };
+    let sums_of = |r: usize| {
+        let (mu, rs) = stats(r);
+        let (m, s) = back_shift::<A>(mu, rs);
+        A::backward_sums(&x[row(x, r)], &dy[row(dy, r)], gamma, m, A::of(s))
+    };
+    let mut sums = sums_of(0);
+    for r in 0..rows {
+        let (mu, rs) = stats(r);
+        let p = back_params::<A>(n, mu, rs, sums);
+        let (xr, dyr) = (&x[row(x, r)], &dy[row(dy, r)]);
+        let dxr = &mut dx[r * n..(r + 1) * n];
+        let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
+        if r + 1 < rows {
+            let (mn, rn) = stats(r + 1);
+            let (m_next, s_next) = back_shift::<A>(mn, rn);
+            let next = (&x[row(x, r + 1)], &dy[row(dy, r + 1)], m_next, A::of(s_next));
+            let fused = if n >= FUSE_MIN_N {
+                A::fused_backward(next, xr, dyr, gamma, &p, dxr, dg, db)
+            } else {
+                None
+            };
+            sums = match fused {
+                Some(s) => s,
+                None => {
+                    back_apply(
+                        xr,
+                        dyr,
+                        gamma,
+                        &p,
+                        dxr,
+                        dgamma.as_deref_mut(),
+                        dbeta.as_deref_mut(),
+                    );
+                    sums_of(r + 1)
+                }
+            };
+        } else {
+            back_apply(xr, dyr, gamma, &p, dxr, dg, db);
+        }
+    }
+}
+
+/// The backward's second sweep over one row: dx, and this row's dγ/dβ terms.
+#[inline(always)]
+fn back_apply<A: Real>(
+    x: &[A],
+    dy: &[A],
+    gamma: Option<&[A]>,
+    p: &BackParams<A>,
+    dx: &mut [A],
+    dgamma: Option<&mut [A]>,
+    dbeta: Option<&mut [A]>,
+) {
+    let BackParams { m, sa, m_lo, r, a, b, c } = *p;
     let xhat = |v: A| ((v - m) * sa - m_lo) * r;
     // One sweep writes dx and accumulates this row's dγ/dβ terms. Re-slicing every operand to
     // the row length lets the compiler drop the bounds checks and vectorize.

@@ -69,6 +69,10 @@ pub(crate) fn backward_rows<T: CpuElement>(
     mut dgamma: Option<&mut [T::Acc]>,
     mut dbeta: Option<&mut [T::Acc]>,
 ) {
+    if let (Some(xa), Some(dya), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
+        row::backward_rows(n, xa, dya, mean, rstd, gamma, dxa, dgamma, dbeta);
+        return;
+    }
     let (mut xs, mut dys, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
     for ((((xr, dyr), dxr), &mu), &rs) in
         x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n)).zip(mean).zip(rstd)

@@ -282,16 +282,33 @@ fn f32_accuracy_at_the_spine_issues_hard_cases() {
 
 #[test]
 fn rows_are_independent_of_their_neighbours() {
-    // The same row gives the same bits whether alone or among 999 others (no cross-row state).
+    // The same row gives the same bits whether alone or among 999 others (no cross-row state),
+    // forward and backward — also where a row's sweep is fused with its neighbour's (N ≥ 512).
     let cpu = CpuBackend::new();
-    let n = 300;
-    let many = normal(1000 * n, 19);
-    let spec = NormSpec::layer_norm(1000, n, DType::F32).with_affine(false);
-    let all = cpu.forward_vec(&spec, &many, None, None).unwrap();
-    let one_spec = NormSpec::layer_norm(1, n, DType::F32).with_affine(false);
-    for r in [0, 517, 999] {
-        let one = cpu.forward_vec(&one_spec, &many[r * n..(r + 1) * n], None, None).unwrap();
-        assert_eq!(bits(&one.y), bits(&all.y[r * n..(r + 1) * n]));
-        assert_eq!(one.mean[0].to_bits(), all.mean[r].to_bits());
+    for n in [300, 600, 1000] {
+        let many = normal(1000 * n, 19);
+        let dy = normal(1000 * n, 20);
+        let g = normal(n, 21);
+        let spec = NormSpec::layer_norm(1000, n, DType::F32).with_beta(false);
+        let all = cpu.forward_vec(&spec, &many, Some(&g), None).unwrap();
+        let all_b = cpu.backward_vec(&spec, &many, &dy, &all.mean, &all.rstd, Some(&g)).unwrap();
+        let one_spec = NormSpec::layer_norm(1, n, DType::F32).with_beta(false);
+        for r in [0, 517, 998, 999] {
+            let span = r * n..(r + 1) * n;
+            let one = cpu.forward_vec(&one_spec, &many[span.clone()], Some(&g), None).unwrap();
+            assert_eq!(bits(&one.y), bits(&all.y[span.clone()]), "y, n={n} row {r}");
+            assert_eq!(one.mean[0].to_bits(), all.mean[r].to_bits());
+            let one_b = cpu
+                .backward_vec(
+                    &one_spec,
+                    &many[span.clone()],
+                    &dy[span.clone()],
+                    &one.mean,
+                    &one.rstd,
+                    Some(&g),
+                )
+                .unwrap();
+            assert_eq!(bits(&one_b.dx), bits(&all_b.dx[span]), "dx, n={n} row {r}");
+        }
     }
 }
