@@ -40,7 +40,7 @@ const SHIFT_SAMPLE: usize = 32;
 /// Shortest row for which the forward fuses one row's normalize with the next row's statistics:
 /// below it the fused kernel's fixed cost outweighs the overlap (measured: N = 128 lost 15%,
 /// N = 768 gained 10%).
-const FUSE_MIN_N: usize = 512;
+pub(crate) const FUSE_MIN_N: usize = 512;
 
 /// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
 ///
@@ -251,7 +251,9 @@ pub(crate) fn shift<A: Real>(x: &[A]) -> A {
 }
 
 /// Mean and rstd of one row (equations (1)–(3) of `docs/math.md`), computed as the module docs say.
-#[inline(always)]
+/// The kernels call [`shift`] and [`finish`] around their (possibly fused) sweeps; this is the
+/// one-row composition, for the unit tests.
+#[cfg(test)]
 pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
     let m_hi = shift(x);
     finish(x, m_hi, A::centered(x, m_hi, A::one(), A::zero()), eps)
@@ -289,8 +291,9 @@ pub(crate) fn finish<A: Real>(x: &[A], m_hi: A, sums: [f64; 2], eps: f64) -> Row
     }
 }
 
-/// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd).
-#[inline(always)]
+/// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd). For the unit
+/// tests; the kernels run the pipelined loop of `simd.rs`.
+#[cfg(test)]
 pub(crate) fn forward<A: Real>(
     x: &[A],
     gamma: Option<&[A]>,
@@ -301,50 +304,6 @@ pub(crate) fn forward<A: Real>(
     let st = stats(x, eps);
     normalize(x, &st, gamma, beta, y);
     (st.mean, st.rstd)
-}
-
-/// The forward over consecutive rows of `n`, each row normalized in the same sweep that sums the
-/// next row's residuals where the type has a fused kernel (`f32`), else row by row.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn forward_rows<A: Real>(
-    n: usize,
-    x: &[A],
-    gamma: Option<&[A]>,
-    beta: Option<&[A]>,
-    y: &mut [A],
-    mean: &mut [A],
-    rstd: &mut [A],
-    eps: f64,
-) {
-    let rows = mean.len().min(rstd.len());
-    if rows == 0 {
-        return;
-    }
-    let row = |r: usize| &x[r * n..(r + 1) * n];
-    let mut m_next = shift(row(0));
-    let mut sums = A::centered(row(0), m_next, A::one(), A::zero());
-    for r in 0..rows {
-        let (xr, yr) = (row(r), &mut y[r * n..(r + 1) * n]);
-        let st = finish(xr, m_next, sums, eps);
-        if r + 1 < rows {
-            let xn = row(r + 1);
-            m_next = shift(xn);
-            let fused =
-                if n >= FUSE_MIN_N { A::fused(xn, m_next, xr, &st, gamma, beta, yr) } else { None };
-            sums = match fused {
-                Some(s) => s,
-                None => {
-                    normalize(xr, &st, gamma, beta, yr);
-                    A::centered(xn, m_next, A::one(), A::zero())
-                }
-            };
-        } else {
-            normalize(xr, &st, gamma, beta, yr);
-        }
-        mean[r] = A::of(st.mean);
-        rstd[r] = A::of(st.rstd);
-    }
 }
 
 /// y = ((x − m_hi) − m_lo) · rstd · γ + β for one row.

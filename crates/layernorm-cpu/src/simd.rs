@@ -6,12 +6,17 @@
 //! cached). Nothing else in the crate mentions an instruction set.
 
 use multiversion::multiversion;
-use num_traits::Zero;
+use num_traits::{One, Zero};
 
 use crate::element::{CpuElement, load};
-use crate::row;
+use crate::row::{self, Real};
 
 /// Forward over consecutive rows: `x`/`y` hold `mean.len()` rows of `n`.
+///
+/// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
+/// `FUSE_MIN_N`), row r is normalized in the same sweep that sums row r+1's statistics. 16-bit
+/// rows are widened one at a time into two rotating scratch rows (this one, the next), so the
+/// pipeline serves them too.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
     "x86_64+avx2+fma+f16c",
@@ -28,26 +33,68 @@ pub(crate) fn forward_rows<T: CpuElement>(
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
 ) {
-    if let (Some(xa), Some(ya)) = (T::as_acc(x), T::as_acc_mut(y)) {
-        row::forward_rows(n, xa, gamma, beta, ya, mean, rstd, eps);
+    let rows = mean.len().min(rstd.len());
+    if rows == 0 {
         return;
     }
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    for (((xr, yr), m), s) in
-        x.chunks_exact(n).zip(y.chunks_exact_mut(n)).zip(mean.iter_mut()).zip(rstd.iter_mut())
-    {
-        let xa = load(xr, &mut xs);
-        let (mu, rs) = match T::as_acc_mut(yr) {
-            Some(ya) => row::forward(xa, gamma, beta, ya, eps),
-            None => {
-                ys.resize(n, T::Acc::zero());
-                let out = row::forward(xa, gamma, beta, &mut ys, eps);
-                T::narrow(&ys, yr);
-                out
+    let zero = T::Acc::zero();
+    let direct = T::as_acc(x).is_some();
+    let xrow = |r: usize| &x[r * n..(r + 1) * n];
+    let (mut xb, mut yb) = ([Vec::new(), Vec::new()], vec![zero; if direct { 0 } else { n }]);
+    widen_into(xrow(0), &mut xb[0]);
+    let x0 = acc_row(xrow(0), &xb[0]);
+    let mut m_next = row::shift(x0);
+    let mut sums = <T::Acc as Real>::centered(x0, m_next, T::Acc::one(), zero);
+    for r in 0..rows {
+        let (lo, hi) = xb.split_at_mut(1);
+        let (cur, nxt) = if r % 2 == 0 { (&lo[0], &mut hi[0]) } else { (&hi[0], &mut lo[0]) };
+        let xc = acc_row(xrow(r), cur);
+        let st = row::finish(xc, m_next, sums, eps);
+        {
+            let yr: &mut [T::Acc] = match T::as_acc_mut(&mut y[r * n..(r + 1) * n]) {
+                Some(yr) => yr,
+                None => &mut yb[..],
+            };
+            if r + 1 < rows {
+                widen_into(xrow(r + 1), nxt);
+                let xn = acc_row(xrow(r + 1), nxt);
+                m_next = row::shift(xn);
+                let fused = if n >= row::FUSE_MIN_N {
+                    <T::Acc as Real>::fused(xn, m_next, xc, &st, gamma, beta, yr)
+                } else {
+                    None
+                };
+                sums = match fused {
+                    Some(s) => s,
+                    None => {
+                        row::normalize(xc, &st, gamma, beta, yr);
+                        <T::Acc as Real>::centered(xn, m_next, T::Acc::one(), zero)
+                    }
+                };
+            } else {
+                row::normalize(xc, &st, gamma, beta, yr);
             }
-        };
-        *m = <T::Acc as row::Real>::of(mu);
-        *s = <T::Acc as row::Real>::of(rs);
+        }
+        if !direct {
+            T::narrow(&yb, &mut y[r * n..(r + 1) * n]);
+        }
+        mean[r] = <T::Acc as Real>::of(st.mean);
+        rstd[r] = <T::Acc as Real>::of(st.rstd);
+    }
+}
+
+/// A row in the accumulation type: the row itself, or the scratch it was widened into.
+#[inline(always)]
+fn acc_row<'a, T: CpuElement>(row: &'a [T], scratch: &'a [T::Acc]) -> &'a [T::Acc] {
+    T::as_acc(row).unwrap_or(scratch)
+}
+
+/// Widens a 16-bit row into `scratch` (nothing to do for `f32`/`f64`).
+#[inline(always)]
+fn widen_into<T: CpuElement>(row: &[T], scratch: &mut Vec<T::Acc>) {
+    if T::as_acc(row).is_none() {
+        scratch.resize(row.len(), T::Acc::zero());
+        T::widen(row, scratch);
     }
 }
 
