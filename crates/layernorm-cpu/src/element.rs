@@ -96,18 +96,6 @@ impl CpuElement for bf16 {
     }
 }
 
-/// A row as the kernels see it: borrowed in place, or widened into scratch.
-pub(crate) fn load<'a, T: CpuElement>(row: &'a [T], scratch: &'a mut Vec<T::Acc>) -> &'a [T::Acc] {
-    match T::as_acc(row) {
-        Some(r) => r,
-        None => {
-            scratch.resize(row.len(), T::Acc::zero());
-            T::widen(row, scratch);
-            scratch
-        }
-    }
-}
-
 /// A whole parameter vector (γ, β) in the accumulation type.
 pub(crate) fn load_param<T: CpuElement>(p: Option<&[T]>) -> Option<std::borrow::Cow<'_, [T::Acc]>> {
     p.map(|p| match T::as_acc(p) {

@@ -435,13 +435,18 @@ pub struct BackParams<A> {
 
 /// The centering shift and scale of a backward row: (m, s).
 #[inline(always)]
-fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {
+pub(crate) fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {
     (A::of(mean_saved), rstd_scale(rstd))
 }
 
 /// The constants of the second sweep from the first sweep's sums (equations (8)–(9)).
 #[inline(always)]
-fn back_params<A: Real>(n: usize, mean_saved: f64, rstd: f64, sums: [f64; 3]) -> BackParams<A> {
+pub(crate) fn back_params<A: Real>(
+    n: usize,
+    mean_saved: f64,
+    rstd: f64,
+    sums: [f64; 3],
+) -> BackParams<A> {
     let nf = n as f64;
     let (m, s) = back_shift::<A>(mean_saved, rstd);
     let [sd, sg, sgd] = sums;
@@ -462,96 +467,9 @@ fn back_params<A: Real>(n: usize, mean_saved: f64, rstd: f64, sums: [f64; 3]) ->
     }
 }
 
-/// Backward of one row: writes dx and adds this row's dy·x̂ and dy into `dgamma` / `dbeta`.
-///
-/// `mean_saved` is used only to center; the exact mean is recomputed from x.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn backward<A: Real>(
-    x: &[A],
-    dy: &[A],
-    mean_saved: f64,
-    rstd: f64,
-    gamma: Option<&[A]>,
-    dx: &mut [A],
-    dgamma: Option<&mut [A]>,
-    dbeta: Option<&mut [A]>,
-) {
-    let (m, s) = back_shift::<A>(mean_saved, rstd);
-    let sums = A::backward_sums(x, dy, gamma, m, A::of(s));
-    let p = back_params(x.len(), mean_saved, rstd, sums);
-    back_apply(x, dy, gamma, &p, dx, dgamma, dbeta);
-}
-
-/// The backward over consecutive rows of `n`: each row's dx sweep fused with the next row's
-/// reduction sweep where the type has a fused kernel (`f32`, N ≥ [`FUSE_MIN_N`]).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn backward_rows<A: Real>(
-    n: usize,
-    x: &[A],
-    dy: &[A],
-    mean: &[A],
-    rstd: &[A],
-    gamma: Option<&[A]>,
-    dx: &mut [A],
-    mut dgamma: Option<&mut [A]>,
-    mut dbeta: Option<&mut [A]>,
-) {
-    let rows = mean.len().min(rstd.len());
-    if rows == 0 {
-        return;
-    }
-    let row = |v: &[A], r: usize| -> std::ops::Range<usize> {
-        let _ = v;
-        r * n..(r + 1) * n
-    };
-    let stats = |r: usize| -> (f64, f64) { (mean[r].into(), rstd[r].into()) };
-    let sums_of = |r: usize| {
-        let (mu, rs) = stats(r);
-        let (m, s) = back_shift::<A>(mu, rs);
-        A::backward_sums(&x[row(x, r)], &dy[row(dy, r)], gamma, m, A::of(s))
-    };
-    let mut sums = sums_of(0);
-    for r in 0..rows {
-        let (mu, rs) = stats(r);
-        let p = back_params::<A>(n, mu, rs, sums);
-        let (xr, dyr) = (&x[row(x, r)], &dy[row(dy, r)]);
-        let dxr = &mut dx[r * n..(r + 1) * n];
-        let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
-        if r + 1 < rows {
-            let (mn, rn) = stats(r + 1);
-            let (m_next, s_next) = back_shift::<A>(mn, rn);
-            let next = (&x[row(x, r + 1)], &dy[row(dy, r + 1)], m_next, A::of(s_next));
-            let fused = if n >= FUSE_MIN_N {
-                A::fused_backward(next, xr, dyr, gamma, &p, dxr, dg, db)
-            } else {
-                None
-            };
-            sums = match fused {
-                Some(s) => s,
-                None => {
-                    back_apply(
-                        xr,
-                        dyr,
-                        gamma,
-                        &p,
-                        dxr,
-                        dgamma.as_deref_mut(),
-                        dbeta.as_deref_mut(),
-                    );
-                    sums_of(r + 1)
-                }
-            };
-        } else {
-            back_apply(xr, dyr, gamma, &p, dxr, dg, db);
-        }
-    }
-}
-
 /// The backward's second sweep over one row: dx, and this row's dγ/dβ terms.
 #[inline(always)]
-fn back_apply<A: Real>(
+pub(crate) fn back_apply<A: Real>(
     x: &[A],
     dy: &[A],
     gamma: Option<&[A]>,

@@ -8,7 +8,7 @@
 use multiversion::multiversion;
 use num_traits::{One, Zero};
 
-use crate::element::{CpuElement, load};
+use crate::element::CpuElement;
 use crate::row::{self, Real};
 
 /// Forward over consecutive rows: `x`/`y` hold `mean.len()` rows of `n`.
@@ -99,6 +99,9 @@ fn widen_into<T: CpuElement>(row: &[T], scratch: &mut Vec<T::Acc>) {
 }
 
 /// Backward over one block of consecutive rows, adding into the block's dγ/dβ partials.
+///
+/// Pipelined like [`forward_rows`]: row r's dx sweep runs fused with row r+1's reduction sweep
+/// where the type has the kernel; 16-bit rows of x and dy are widened into rotating scratch rows.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
     "x86_64+avx2+fma+f16c",
@@ -116,42 +119,90 @@ pub(crate) fn backward_rows<T: CpuElement>(
     mut dgamma: Option<&mut [T::Acc]>,
     mut dbeta: Option<&mut [T::Acc]>,
 ) {
-    if let (Some(xa), Some(dya), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
-        row::backward_rows(n, xa, dya, mean, rstd, gamma, dxa, dgamma, dbeta);
+    let rows = mean.len().min(rstd.len());
+    if rows == 0 {
         return;
     }
-    let (mut xs, mut dys, mut dxs) = (Vec::new(), Vec::new(), Vec::new());
-    for ((((xr, dyr), dxr), &mu), &rs) in
-        x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n)).zip(mean).zip(rstd)
-    {
-        let xa = load(xr, &mut xs);
-        let dya = load(dyr, &mut dys);
-        let (mu, rs) = (mu.into(), rs.into());
-        match T::as_acc_mut(dxr) {
-            Some(dxa) => row::backward(
-                xa,
-                dya,
-                mu,
-                rs,
-                gamma,
-                dxa,
-                dgamma.as_deref_mut(),
-                dbeta.as_deref_mut(),
-            ),
-            None => {
-                dxs.resize(n, T::Acc::zero());
-                row::backward(
-                    xa,
-                    dya,
-                    mu,
-                    rs,
+    let zero = T::Acc::zero();
+    let direct = T::as_acc(x).is_some();
+    let span = |r: usize| r * n..(r + 1) * n;
+    let stats = |r: usize| -> (f64, f64) { (mean[r].into(), rstd[r].into()) };
+    let (mut xb, mut db_) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let mut dxb = vec![zero; if direct { 0 } else { n }];
+    widen_into(&x[span(0)], &mut xb[0]);
+    widen_into(&dy[span(0)], &mut db_[0]);
+    let mut sums = {
+        let (mu, rs) = stats(0);
+        let (m, s) = row::back_shift::<T::Acc>(mu, rs);
+        let (x0, dy0) = (acc_row(&x[span(0)], &xb[0]), acc_row(&dy[span(0)], &db_[0]));
+        <T::Acc as Real>::backward_sums(x0, dy0, gamma, m, <T::Acc as Real>::of(s))
+    };
+    for r in 0..rows {
+        let (xlo, xhi) = xb.split_at_mut(1);
+        let (dlo, dhi) = db_.split_at_mut(1);
+        let ((xcur, xnxt), (dcur, dnxt)) = if r % 2 == 0 {
+            ((&xlo[0], &mut xhi[0]), (&dlo[0], &mut dhi[0]))
+        } else {
+            ((&xhi[0], &mut xlo[0]), (&dhi[0], &mut dlo[0]))
+        };
+        let (xr, dyr) = (acc_row(&x[span(r)], xcur), acc_row(&dy[span(r)], dcur));
+        let (mu, rs) = stats(r);
+        let p = row::back_params::<T::Acc>(n, mu, rs, sums);
+        {
+            let dxr: &mut [T::Acc] = match T::as_acc_mut(&mut dx[span(r)]) {
+                Some(d) => d,
+                None => &mut dxb[..],
+            };
+            if r + 1 < rows {
+                widen_into(&x[span(r + 1)], xnxt);
+                widen_into(&dy[span(r + 1)], dnxt);
+                let (xn, dyn_) = (acc_row(&x[span(r + 1)], xnxt), acc_row(&dy[span(r + 1)], dnxt));
+                let (mn, rn) = stats(r + 1);
+                let (m_next, s_next) = row::back_shift::<T::Acc>(mn, rn);
+                let s_next = <T::Acc as Real>::of(s_next);
+                let fused = if n >= row::FUSE_MIN_N {
+                    <T::Acc as Real>::fused_backward(
+                        (xn, dyn_, m_next, s_next),
+                        xr,
+                        dyr,
+                        gamma,
+                        &p,
+                        dxr,
+                        dgamma.as_deref_mut(),
+                        dbeta.as_deref_mut(),
+                    )
+                } else {
+                    None
+                };
+                sums = match fused {
+                    Some(s) => s,
+                    None => {
+                        row::back_apply(
+                            xr,
+                            dyr,
+                            gamma,
+                            &p,
+                            dxr,
+                            dgamma.as_deref_mut(),
+                            dbeta.as_deref_mut(),
+                        );
+                        <T::Acc as Real>::backward_sums(xn, dyn_, gamma, m_next, s_next)
+                    }
+                };
+            } else {
+                row::back_apply(
+                    xr,
+                    dyr,
                     gamma,
-                    &mut dxs,
+                    &p,
+                    dxr,
                     dgamma.as_deref_mut(),
                     dbeta.as_deref_mut(),
                 );
-                T::narrow(&dxs, dxr);
             }
+        }
+        if !direct {
+            T::narrow(&dxb, &mut dx[span(r)]);
         }
     }
 }
