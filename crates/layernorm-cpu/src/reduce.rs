@@ -36,6 +36,73 @@ fn per_block<S: Simd>() -> usize {
     (BLOCK / (size_of::<S::f32s>() / 4)).max(1)
 }
 
+/// One vector of the residual sums: e = (v − m)·s − ml; acc += (e, e²). Shared by [`Centered`]
+/// and [`Fused`], whose sums must agree bit for bit.
+#[inline(always)]
+fn centered_step<S: Simd>(
+    simd: S,
+    v: S::f32s,
+    (m, s, ml): (S::f32s, S::f32s, S::f32s),
+    acc: &mut [S::f32s; 2],
+) {
+    let e = simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml);
+    acc[0] = simd.add_f32s(acc[0], e);
+    acc[1] = simd.add_f32s(acc[1], simd.mul_f32s(e, e));
+}
+
+/// The scalar tail of the residual sums, added into `total`.
+#[inline(always)]
+fn centered_tail(tail: &[f32], (m, s, ml): (f32, f32, f32), total: &mut [f64; 2]) {
+    for &v in tail {
+        let e = (v - m) * s - ml;
+        total[0] += f64::from(e);
+        total[1] += f64::from(e * e);
+    }
+}
+
+/// One vector of the backward's sums: d = (x − m)·s, g = dy·γ; acc += (d, g, g·d). Shared by
+/// [`Backward`] and [`FusedBackward`], whose sums must agree bit for bit.
+#[inline(always)]
+fn backward_step<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (S::f32s, S::f32s, Option<S::f32s>),
+    (m, s): (S::f32s, S::f32s),
+    acc: &mut [S::f32s; 3],
+) {
+    let d = simd.mul_f32s(simd.sub_f32s(x, m), s);
+    let g = match gamma {
+        Some(gamma) => simd.mul_f32s(dy, gamma),
+        None => dy,
+    };
+    acc[0] = simd.add_f32s(acc[0], d);
+    acc[1] = simd.add_f32s(acc[1], g);
+    acc[2] = simd.add_f32s(acc[2], simd.mul_f32s(g, d));
+}
+
+/// The scalar tail of the backward's sums, added into `total`.
+#[inline(always)]
+fn backward_tail(
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (m, s): (f32, f32),
+    total: &mut [f64; 3],
+) {
+    for (j, (&xv, &dv)) in x.iter().zip(dy).enumerate() {
+        let d = (xv - m) * s;
+        let g = gamma.map_or(dv, |g| dv * g[j]);
+        total[0] += f64::from(d);
+        total[1] += f64::from(g);
+        total[2] += f64::from(g * d);
+    }
+}
+
+/// Folds block accumulators into the `f64` totals.
+#[inline(always)]
+fn fold_into<V: bytemuck::Pod, const K: usize>(acc: [V; K], total: &mut [f64; K]) {
+    for (t, a) in total.iter_mut().zip(acc) {
+        *t += fold(a);
+    }
+}
+
 struct Centered<'a> {
     x: &'a [f32],
     m: f32,
@@ -48,24 +115,16 @@ impl WithSimd for Centered<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
         let (head, tail) = S::as_simd_f32s(self.x);
-        let (m, s, ml) =
-            (simd.splat_f32s(self.m), simd.splat_f32s(self.s), simd.splat_f32s(self.ml));
+        let k = (simd.splat_f32s(self.m), simd.splat_f32s(self.s), simd.splat_f32s(self.ml));
         let mut total = [0f64; 2];
         for group in head.chunks(per_block::<S>()) {
-            let (mut a1, mut a2) = (simd.splat_f32s(0.0), simd.splat_f32s(0.0));
+            let mut acc = [simd.splat_f32s(0.0); 2];
             for &v in group {
-                let e = simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml);
-                a1 = simd.add_f32s(a1, e);
-                a2 = simd.add_f32s(a2, simd.mul_f32s(e, e));
+                centered_step(simd, v, k, &mut acc);
             }
-            total[0] += fold(a1);
-            total[1] += fold(a2);
+            fold_into(acc, &mut total);
         }
-        for &v in tail {
-            let e = (v - self.m) * self.s - self.ml;
-            total[0] += f64::from(e);
-            total[1] += f64::from(e * e);
-        }
+        centered_tail(tail, (self.m, self.s, self.ml), &mut total);
         total
     }
 }
@@ -96,8 +155,8 @@ impl WithSimd for Fused<'_> {
         let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[..n]);
         let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]));
         let bh = self.beta.map(|b| S::as_simd_f32s(&b[..n]));
-        let (m, one, zero) =
-            (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), simd.splat_f32s(0.0));
+        let zero = simd.splat_f32s(0.0);
+        let k = (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), zero);
         let (mh, ml, r) =
             (simd.splat_f32s(self.m_hi), simd.splat_f32s(self.m_lo), simd.splat_f32s(self.r));
         let mut total = [0f64; 2];
@@ -105,29 +164,22 @@ impl WithSimd for Fused<'_> {
         let mut i = 0;
         while i < nh.len() {
             let end = (i + pb).min(nh.len());
-            let (mut a1, mut a2) = (zero, zero);
-            for k in i..end {
-                let e = simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(nh[k], m), one), zero);
-                a1 = simd.add_f32s(a1, e);
-                a2 = simd.add_f32s(a2, simd.mul_f32s(e, e));
-                let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[k], mh), ml), r);
+            let mut acc = [zero; 2];
+            for j in i..end {
+                centered_step(simd, nh[j], k, &mut acc);
+                let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
                 if let Some((g, _)) = gh {
-                    t = simd.mul_f32s(t, g[k]);
+                    t = simd.mul_f32s(t, g[j]);
                 }
                 if let Some((b, _)) = bh {
-                    t = simd.add_f32s(t, b[k]);
+                    t = simd.add_f32s(t, b[j]);
                 }
-                yh[k] = t;
+                yh[j] = t;
             }
-            total[0] += fold(a1);
-            total[1] += fold(a2);
+            fold_into(acc, &mut total);
             i = end;
         }
-        for &v in nt {
-            let e = (v - self.m_next) * 1.0 - 0.0;
-            total[0] += f64::from(e);
-            total[1] += f64::from(e * e);
-        }
+        centered_tail(nt, (self.m_next, 1.0, 0.0), &mut total);
         let base = n - ct.len();
         for (j, (y, &x)) in yt.iter_mut().zip(ct).enumerate() {
             let mut t = ((x - self.m_hi) - self.m_lo) * self.r;
@@ -181,58 +233,24 @@ impl WithSimd for Backward<'_> {
         let (m, s) = (simd.splat_f32s(self.m), simd.splat_f32s(self.s));
         let mut total = [0f64; 3];
         let pb = per_block::<S>();
-        match self.gamma {
-            Some(g) => {
-                let (gh, _) = S::as_simd_f32s(&g[..n]);
-                for ((xg, dg), gg) in xh.chunks(pb).zip(dh.chunks(pb)).zip(gh.chunks(pb)) {
-                    backward_block(simd, &mut total, xg, dg, Some(gg), m, s);
-                }
+        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+        // Plain index loops, not closures: a closure is compiled without the caller's target
+        // features, so every SIMD operation in it became a call.
+        let mut i = 0;
+        while i < xh.len() {
+            let end = (i + pb).min(xh.len());
+            let mut acc = [simd.splat_f32s(0.0); 3];
+            for j in i..end {
+                backward_step(simd, (xh[j], dh[j], gh.map(|g| g[j])), (m, s), &mut acc);
             }
-            None => {
-                for (xg, dg) in xh.chunks(pb).zip(dh.chunks(pb)) {
-                    backward_block(simd, &mut total, xg, dg, None, m, s);
-                }
-            }
+            fold_into(acc, &mut total);
+            i = end;
         }
         let base = n - xt.len();
-        for (j, (&xv, &dv)) in xt.iter().zip(dt).enumerate() {
-            let d = (xv - self.m) * self.s;
-            let g = self.gamma.map_or(dv, |g| dv * g[base + j]);
-            total[0] += f64::from(d);
-            total[1] += f64::from(g);
-            total[2] += f64::from(g * d);
-        }
+        let gt = self.gamma.map(|g| &g[base..n]);
+        backward_tail((xt, dt, gt), (self.m, self.s), &mut total);
         total
     }
-}
-
-/// One block of [`Backward`]. A function, not a closure: a closure is compiled without the
-/// caller's target features, so every SIMD operation in it became a call.
-#[inline(always)]
-fn backward_block<S: Simd>(
-    simd: S,
-    total: &mut [f64; 3],
-    xg: &[S::f32s],
-    dg: &[S::f32s],
-    gg: Option<&[S::f32s]>,
-    m: S::f32s,
-    s: S::f32s,
-) {
-    let zero = simd.splat_f32s(0.0);
-    let (mut sd, mut sg, mut sgd) = (zero, zero, zero);
-    for i in 0..xg.len().min(dg.len()) {
-        let d = simd.mul_f32s(simd.sub_f32s(xg[i], m), s);
-        let g = match gg {
-            Some(gg) => simd.mul_f32s(dg[i], gg[i]),
-            None => dg[i],
-        };
-        sd = simd.add_f32s(sd, d);
-        sg = simd.add_f32s(sg, g);
-        sgd = simd.add_f32s(sgd, simd.mul_f32s(g, d));
-    }
-    total[0] += fold(sd);
-    total[1] += fold(sg);
-    total[2] += fold(sgd);
 }
 
 struct FusedBackward<'a> {
@@ -275,17 +293,10 @@ impl WithSimd for FusedBackward<'_> {
         let mut i = 0;
         while i < nxh.len() {
             let end = (i + pb).min(nxh.len());
-            let (mut sd, mut sg, mut sgd) = (zero, zero, zero);
+            let mut acc = [zero; 3];
             for k in i..end {
-                // The next row's sums, exactly as `backward_block` forms them.
-                let d = simd.mul_f32s(simd.sub_f32s(nxh[k], vnm), vns);
-                let g = match gh {
-                    Some((gg, _)) => simd.mul_f32s(ndh[k], gg[k]),
-                    None => ndh[k],
-                };
-                sd = simd.add_f32s(sd, d);
-                sg = simd.add_f32s(sg, g);
-                sgd = simd.add_f32s(sgd, simd.mul_f32s(g, d));
+                // The next row's sums, exactly as [`Backward`] forms them.
+                backward_step(simd, (nxh[k], ndh[k], gh.map(|(g, _)| g[k])), (vnm, vns), &mut acc);
                 // This row's dx and dγ/dβ terms, exactly as `row::back_apply` forms them.
                 let xhat =
                     simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(xh[k], m), sa), ml), r);
@@ -302,19 +313,11 @@ impl WithSimd for FusedBackward<'_> {
                     db[k] = simd.add_f32s(db[k], dh[k]);
                 }
             }
-            total[0] += fold(sd);
-            total[1] += fold(sg);
-            total[2] += fold(sgd);
+            fold_into(acc, &mut total);
             i = end;
         }
         let base = n - xt.len();
-        for (j, (&xv, &dv)) in nxt.iter().zip(ndt).enumerate() {
-            let d = (xv - nm) * ns;
-            let g = self.gamma.map_or(dv, |g| dv * g[base + j]);
-            total[0] += f64::from(d);
-            total[1] += f64::from(g);
-            total[2] += f64::from(g * d);
-        }
+        backward_tail((nxt, ndt, self.gamma.map(|g| &g[base..n])), (nm, ns), &mut total);
         for (j, ((dxv, &xv), &dv)) in dxt.iter_mut().zip(xt).zip(dt).enumerate() {
             let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
             let gc = self.gamma.map_or(dv, |g| dv * g[base + j]);
