@@ -55,24 +55,28 @@ pub(crate) fn forward_rows<T: CpuElement>(
                 Some(yr) => yr,
                 None => &mut yb[..],
             };
-            if r + 1 < rows {
+            let next = if r + 1 < rows {
                 widen_into(xrow(r + 1), nxt);
                 let xn = acc_row(xrow(r + 1), nxt);
                 m_next = row::shift(xn);
-                let fused = if n >= row::FUSE_MIN_N {
-                    <T::Acc as Real>::fused(xn, m_next, xc, &st, gamma, beta, yr)
-                } else {
-                    None
-                };
-                sums = match fused {
-                    Some(s) => s,
-                    None => {
-                        row::normalize(xc, &st, gamma, beta, yr);
-                        <T::Acc as Real>::centered(xn, m_next, T::Acc::one(), zero)
-                    }
-                };
+                Some(xn)
             } else {
-                row::normalize(xc, &st, gamma, beta, yr);
+                None
+            };
+            let fused = match next {
+                Some(xn) if n >= row::FUSE_MIN_N => {
+                    <T::Acc as Real>::fused(xn, m_next, xc, &st, gamma, beta, yr)
+                }
+                _ => None,
+            };
+            match (fused, next) {
+                (Some(s), _) => sums = s,
+                (None, next) => {
+                    row::normalize(xc, &st, gamma, beta, yr);
+                    if let Some(xn) = next {
+                        sums = <T::Acc as Real>::centered(xn, m_next, T::Acc::one(), zero);
+                    }
+                }
             }
         }
         if !direct {
@@ -153,44 +157,19 @@ pub(crate) fn backward_rows<T: CpuElement>(
                 Some(d) => d,
                 None => &mut dxb[..],
             };
-            if r + 1 < rows {
+            let next = if r + 1 < rows {
                 widen_into(&x[span(r + 1)], xnxt);
                 widen_into(&dy[span(r + 1)], dnxt);
-                let (xn, dyn_) = (acc_row(&x[span(r + 1)], xnxt), acc_row(&dy[span(r + 1)], dnxt));
                 let (mn, rn) = stats(r + 1);
                 let (m_next, s_next) = row::back_shift::<T::Acc>(mn, rn);
-                let s_next = <T::Acc as Real>::of(s_next);
-                let fused = if n >= row::FUSE_MIN_N {
-                    <T::Acc as Real>::fused_backward(
-                        (xn, dyn_, m_next, s_next),
-                        xr,
-                        dyr,
-                        gamma,
-                        &p,
-                        dxr,
-                        dgamma.as_deref_mut(),
-                        dbeta.as_deref_mut(),
-                    )
-                } else {
-                    None
-                };
-                sums = match fused {
-                    Some(s) => s,
-                    None => {
-                        row::back_apply(
-                            xr,
-                            dyr,
-                            gamma,
-                            &p,
-                            dxr,
-                            dgamma.as_deref_mut(),
-                            dbeta.as_deref_mut(),
-                        );
-                        <T::Acc as Real>::backward_sums(xn, dyn_, gamma, m_next, s_next)
-                    }
-                };
+                let rows_next = (acc_row(&x[span(r + 1)], xnxt), acc_row(&dy[span(r + 1)], dnxt));
+                Some((rows_next.0, rows_next.1, m_next, <T::Acc as Real>::of(s_next)))
             } else {
-                row::back_apply(
+                None
+            };
+            let fused = match next {
+                Some(next) if n >= row::FUSE_MIN_N => <T::Acc as Real>::fused_backward(
+                    next,
                     xr,
                     dyr,
                     gamma,
@@ -198,7 +177,18 @@ pub(crate) fn backward_rows<T: CpuElement>(
                     dxr,
                     dgamma.as_deref_mut(),
                     dbeta.as_deref_mut(),
-                );
+                ),
+                _ => None,
+            };
+            match (fused, next) {
+                (Some(s), _) => sums = s,
+                (None, next) => {
+                    let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
+                    row::back_apply(xr, dyr, gamma, &p, dxr, dg, db);
+                    if let Some((xn, dyn_, m_next, s_next)) = next {
+                        sums = <T::Acc as Real>::backward_sums(xn, dyn_, gamma, m_next, s_next);
+                    }
+                }
             }
         }
         if !direct {
