@@ -20,6 +20,14 @@ pub(crate) const TASK_ELEMS: usize = 1 << 15;
 /// Below this many elements, everything runs on the calling thread.
 pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
+/// With `Stores::Auto`, forward problems whose input and output together exceed this many bytes
+/// write their output with non-temporal (streaming) stores: it cannot stay in cache anyway, and
+/// ordinary stores would first read every output line from memory (a third stream of traffic).
+/// Below it, the output is left in cache for whoever reads it next. 32 MiB: a typical server L3
+/// slice; the operating system's report of the L3 size is not trusted (virtual machines report
+/// the host's).
+pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+
 /// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).
 pub(crate) fn is_parallel(numel: usize) -> bool {
     numel >= PARALLEL_MIN_ELEMS
@@ -40,12 +48,13 @@ pub(crate) fn forward<T: CpuElement>(
     y: &mut [T],
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
+    stream: bool,
 ) {
     let gamma = load_param(gamma);
     let beta = load_param(beta);
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
     if !is_parallel(x.len()) {
-        simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd);
+        simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd, stream);
         return;
     }
     let per = rows_per_task(n);
@@ -53,7 +62,7 @@ pub(crate) fn forward<T: CpuElement>(
         .zip(x.par_chunks(per * n))
         .zip(mean.par_chunks_mut(per))
         .zip(rstd.par_chunks_mut(per))
-        .for_each(|(((y, x), m), s)| simd::forward_rows(n, eps, x, gamma, beta, y, m, s));
+        .for_each(|(((y, x), m), s)| simd::forward_rows(n, eps, x, gamma, beta, y, m, s, stream));
 }
 
 /// Backward over contiguous rows. Lengths are validated by the caller.

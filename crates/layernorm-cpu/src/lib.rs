@@ -51,6 +51,37 @@ pub use row::Real;
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
+    stores: Stores,
+}
+
+/// How the forward writes `y`: a performance choice only — the values are bitwise the same.
+///
+/// Ordinary stores first read every output cache line from memory (to own it), then write it back:
+/// for an output larger than the caches that is a third stream of memory traffic beside reading x
+/// and writing y. Non-temporal ("streaming") stores write whole lines without reading them, but
+/// leave y out of cache, which costs whoever reads y next if it would have fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stores {
+    /// Streaming stores when x and y together exceed 32 MiB (more than a server L3 slice holds),
+    /// ordinary stores otherwise.
+    #[default]
+    Auto,
+    /// Always ordinary stores (y stays in cache).
+    Cached,
+    /// Streaming stores whatever the size, where the instruction set has them (x86-64); ordinary
+    /// stores elsewhere.
+    Streaming,
+}
+
+impl Stores {
+    /// Whether a forward over `x_bytes` of input (and as many of output) streams its stores.
+    fn stream(self, x_bytes: usize) -> bool {
+        match self {
+            Stores::Auto => 2 * x_bytes > driver::STREAM_MIN_BYTES,
+            Stores::Cached => false,
+            Stores::Streaming => true,
+        }
+    }
 }
 
 /// A CPU "device" buffer: a host vector of one dtype.
@@ -72,12 +103,17 @@ impl CpuBackend {
 
     /// A backend that runs on the rayon pool current at each call.
     pub fn new() -> CpuBackend {
-        CpuBackend { pool: None }
+        CpuBackend::default()
     }
 
     /// A backend that runs every call inside `pool`.
     pub fn with_pool(pool: Arc<rayon::ThreadPool>) -> CpuBackend {
-        CpuBackend { pool: Some(pool) }
+        CpuBackend { pool: Some(pool), ..CpuBackend::default() }
+    }
+
+    /// This backend, writing forward outputs as `stores` says (default: [`Stores::Auto`]).
+    pub fn with_stores(self, stores: Stores) -> CpuBackend {
+        CpuBackend { stores, ..self }
     }
 
     /// Runs `f` on this backend's pool — but only when the problem is large enough to be split:
@@ -114,7 +150,10 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd));
+        let stream = self.stores.stream(size_of_val(x));
+        self.run(x.len(), || {
+            driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, stream)
+        });
         Ok(())
     }
 

@@ -11,24 +11,7 @@
 
 use pulp::{Arch, Simd, WithSimd};
 
-use crate::row::{BLOCK, BackParams};
-
-/// Folds the lanes of one vector pairwise, in a fixed order, into an `f64`.
-#[inline(always)]
-fn fold<V: bytemuck::Pod>(v: V) -> f64 {
-    let lanes: &[f32] = bytemuck::cast_slice(std::slice::from_ref(&v));
-    let mut buf = [0f32; 16];
-    let n = lanes.len().min(16);
-    buf[..n].copy_from_slice(&lanes[..n]);
-    let mut w = n;
-    while w > 1 {
-        w /= 2;
-        for l in 0..w {
-            buf[l] += buf[l + w];
-        }
-    }
-    f64::from(buf[0])
-}
+use crate::row::{self, BLOCK, BackParams, SHIFT_SAMPLE};
 
 /// Vectors per block for this instruction set.
 #[inline(always)]
@@ -36,18 +19,53 @@ fn per_block<S: Simd>() -> usize {
     (BLOCK / (size_of::<S::f32s>() / 4)).max(1)
 }
 
-/// One vector of the residual sums: e = (v − m)·s − ml; acc += (e, e²). Shared by [`Centered`]
-/// and [`Fused`], whose sums must agree bit for bit.
+/// One vector of the residual sums: e = (v − m)·s − ml; acc += (e, e²). Shared by [`Centered`],
+/// [`Fused`] and [`Rows`], whose sums must agree bit for bit. `PLAIN` (s = 1, ml = 0, the
+/// forward's first sweep) skips the two operations that are then exact identities.
 #[inline(always)]
-fn centered_step<S: Simd>(
+fn centered_step<S: Simd, const PLAIN: bool>(
     simd: S,
     v: S::f32s,
     (m, s, ml): (S::f32s, S::f32s, S::f32s),
     acc: &mut [S::f32s; 2],
 ) {
-    let e = simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml);
+    let e = if PLAIN {
+        simd.sub_f32s(v, m)
+    } else {
+        simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml)
+    };
     acc[0] = simd.add_f32s(acc[0], e);
     acc[1] = simd.add_f32s(acc[1], simd.mul_f32s(e, e));
+}
+
+/// γ·t + β for one vector, where which of γ/β exist is known at compile time (`G`, `B`), so the
+/// loops carry no per-vector tests.
+#[inline(always)]
+fn affine<S: Simd, const G: bool, const B: bool>(
+    simd: S,
+    t: S::f32s,
+    gamma: &[S::f32s],
+    beta: &[S::f32s],
+    j: usize,
+) -> S::f32s {
+    let t = if G { simd.mul_f32s(t, gamma[j]) } else { t };
+    if B { simd.add_f32s(t, beta[j]) } else { t }
+}
+
+/// Calls `$f::<S, G, B, ST>(args)` with the three flags turned into const generics.
+macro_rules! specialize {
+    ($f:ident::<$s:ident>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+        match ($g, $b, $st) {
+            (false, false, false) => $f::<$s, false, false, false>($($arg),*),
+            (false, false, true) => $f::<$s, false, false, true>($($arg),*),
+            (false, true, false) => $f::<$s, false, true, false>($($arg),*),
+            (false, true, true) => $f::<$s, false, true, true>($($arg),*),
+            (true, false, false) => $f::<$s, true, false, false>($($arg),*),
+            (true, false, true) => $f::<$s, true, false, true>($($arg),*),
+            (true, true, false) => $f::<$s, true, true, false>($($arg),*),
+            (true, true, true) => $f::<$s, true, true, true>($($arg),*),
+        }
+    };
 }
 
 /// The scalar tail of the residual sums, added into `total`.
@@ -58,6 +76,129 @@ fn centered_tail(tail: &[f32], (m, s, ml): (f32, f32, f32), total: &mut [f64; 2]
         total[0] += f64::from(e);
         total[1] += f64::from(e * e);
     }
+}
+
+/// Writes one vector; with `stream`, as a non-temporal store where the instruction set has one
+/// (x86), so that an output larger than the caches is written without first being read in.
+/// With `stream`, `dst` must be aligned to the vector's size (see [`stream_head`]).
+#[inline(always)]
+fn put<S: Simd>(dst: &mut S::f32s, v: S::f32s, stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        use core::arch::x86_64::{_mm_stream_ps, _mm256_stream_ps, _mm512_stream_ps};
+        let p = (dst as *mut S::f32s).cast::<f32>();
+        debug_assert!(p.addr() % size_of::<S::f32s>() == 0);
+        // SAFETY: `dst` is an exclusively borrowed vector, aligned to its size (the callers start
+        // the streamed part of a row at an aligned element, `stream_head`). The sizes match the
+        // transmuted types, and a vector of 64 / 32 / 16 bytes only exists under an instruction
+        // set with AVX-512F / AVX / SSE, checked at run time by the dispatch that chose `S`.
+        unsafe {
+            match size_of::<S::f32s>() {
+                64 => return _mm512_stream_ps(p, core::mem::transmute_copy(&v)),
+                32 => return _mm256_stream_ps(p, core::mem::transmute_copy(&v)),
+                16 => return _mm_stream_ps(p, core::mem::transmute_copy(&v)),
+                _ => {}
+            }
+        }
+    }
+    let _ = stream;
+    *dst = v;
+}
+
+/// Where the streamed part of an output row starts, and whether it is streamed at all: rows
+/// shorter than two vectors (and vectors too narrow to fill a line) are not; otherwise it starts at
+/// the first element aligned to a vector, the elements before it written by [`normalize_head`].
+#[inline(always)]
+fn stream_head<S: Simd>(y: &[f32], stream: bool) -> (usize, bool) {
+    let w = size_of::<S::f32s>() / 4;
+    if !stream || w < 4 || y.len() < 2 * w {
+        return (0, false);
+    }
+    let p = y.as_ptr().align_offset(size_of::<S::f32s>());
+    if p < w { (p, true) } else { (0, false) }
+}
+
+/// Asks for `v`'s cache lines to be brought into L1 (a hint; nothing on other architectures).
+#[inline(always)]
+fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: PREFETCHT0 is part of SSE (every x86_64 CPU) and never faults.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr().cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// Orders this thread's non-temporal stores before whatever it does next (they are weakly
+/// ordered); called once at the end of a task that streamed.
+pub(crate) fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SFENCE is part of SSE, which every x86_64 CPU has.
+    unsafe {
+        core::arch::x86_64::_mm_sfence()
+    }
+}
+
+/// Normalizes one row into `y` (vectors, then a scalar tail); `p` from [`stream_head`].
+#[inline(always)]
+fn normalize_in<S: Simd>(
+    simd: S,
+    x: &[f32],
+    params: (f32, f32, f32),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+    stream: bool,
+) {
+    let n = x.len();
+    let k = (simd.splat_f32s(params.0), simd.splat_f32s(params.1), simd.splat_f32s(params.2));
+    let (p, stream) = stream_head::<S>(y, stream);
+    if p > 0 {
+        normalize_head(simd, x, k, (gamma, beta), y, p);
+    }
+    let (xh, xt) = S::as_simd_f32s(&x[p..]);
+    let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
+    let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
+    let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);
+    let (g, b) = (gamma.is_some(), beta.is_some());
+    specialize!(normalize_vecs::<S>(g, b, stream)(simd, xh, k, (gh, bh), yh));
+    normalize_tail(xt, params, (gamma, beta), n - xt.len(), yt);
+}
+
+/// The vector body of [`normalize_in`].
+#[inline(always)]
+fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
+    simd: S,
+    xh: &[S::f32s],
+    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    (gh, bh): (&[S::f32s], &[S::f32s]),
+    yh: &mut [S::f32s],
+) {
+    let yh = &mut yh[..xh.len()];
+    for j in 0..xh.len() {
+        let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(xh[j], mh), ml), r);
+        put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
+    }
+}
+
+/// The row's elements before the streamed part (`p` of them, fewer than a vector), with masked
+/// ordinary stores: they share a cache line with the previous row, which streaming must not touch.
+#[inline(always)]
+fn normalize_head<S: Simd>(
+    simd: S,
+    x: &[f32],
+    k: (S::f32s, S::f32s, S::f32s),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+    p: usize,
+) {
+    let load = |v: &[f32]| simd.partial_load_f32s(&v[..p]);
+    let v = normalize_step(simd, load(x), k, gamma.map(load), beta.map(load));
+    simd.partial_store_f32s(&mut y[..p], v);
 }
 
 /// One vector of the backward's sums: d = (x − m)·s, g = dy·γ; acc += (d, g, g·d). Shared by
@@ -95,11 +236,110 @@ fn backward_tail(
     }
 }
 
-/// Folds block accumulators into the `f64` totals.
+/// Folds block accumulators into the `f64` totals. Each vector's lanes are summed as a halving
+/// tree (lane l with lane l + w, w = width/2, …, 1) — a fixed order, so the sums are deterministic.
 #[inline(always)]
-fn fold_into<V: bytemuck::Pod, const K: usize>(acc: [V; K], total: &mut [f64; K]) {
+fn fold_into<S: Simd, const K: usize>(simd: S, acc: [S::f32s; K], total: &mut [f64; K]) {
     for (t, a) in total.iter_mut().zip(acc) {
-        *t += fold(a);
+        *t += f64::from(simd.reduce_sum_f32s(a));
+    }
+}
+
+/// The forward's shift: the mean of the row's first [`SHIFT_SAMPLE`] elements, summed in `f32`
+/// lanes. Any value within a few standard deviations of the mean serves (the residual sums
+/// correct it); where the `f32` sum overflows, the sample is averaged in `f64`.
+#[inline(always)]
+fn shift_in<S: Simd>(simd: S, x: &[f32]) -> f32 {
+    let k = x.len().min(SHIFT_SAMPLE);
+    if k == 0 {
+        return 0.0;
+    }
+    let (head, tail) = S::as_simd_f32s(&x[..k]);
+    let mut acc = simd.splat_f32s(0.0);
+    for &v in head {
+        acc = simd.add_f32s(acc, v);
+    }
+    let mut sum = simd.reduce_sum_f32s(acc);
+    for &v in tail {
+        sum += v;
+    }
+    let m = sum / k as f32;
+    if m.is_finite() {
+        m
+    } else {
+        (x[..k].iter().map(|&v| f64::from(v)).sum::<f64>() / k as f64) as f32
+    }
+}
+
+/// (Σe, Σe²) with e = (x − m)·s − ml over one row, blocks folded into `f64`.
+#[inline(always)]
+fn centered_in<S: Simd>(simd: S, x: &[f32], (m, s, ml): (f32, f32, f32)) -> [f64; 2] {
+    let (head, tail) = S::as_simd_f32s(x);
+    let k = (simd.splat_f32s(m), simd.splat_f32s(s), simd.splat_f32s(ml));
+    let mut total = if s == 1.0 && ml == 0.0 {
+        centered_vecs::<S, true>(simd, head, k)
+    } else {
+        centered_vecs::<S, false>(simd, head, k)
+    };
+    centered_tail(tail, (m, s, ml), &mut total);
+    total
+}
+
+/// The vector body of [`centered_in`].
+#[inline(always)]
+fn centered_vecs<S: Simd, const PLAIN: bool>(
+    simd: S,
+    head: &[S::f32s],
+    k: (S::f32s, S::f32s, S::f32s),
+) -> [f64; 2] {
+    let mut total = [0f64; 2];
+    for group in head.chunks(per_block::<S>()) {
+        let mut acc = [simd.splat_f32s(0.0); 2];
+        for &v in group {
+            centered_step::<S, PLAIN>(simd, v, k, &mut acc);
+        }
+        fold_into(simd, acc, &mut total);
+    }
+    total
+}
+
+/// One vector of y = ((x − m_hi) − m_lo)·r·γ + β (the operations and order of `row::normalize`).
+#[inline(always)]
+fn normalize_step<S: Simd>(
+    simd: S,
+    x: S::f32s,
+    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    gamma: Option<S::f32s>,
+    beta: Option<S::f32s>,
+) -> S::f32s {
+    let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(x, mh), ml), r);
+    if let Some(g) = gamma {
+        t = simd.mul_f32s(t, g);
+    }
+    if let Some(b) = beta {
+        t = simd.add_f32s(t, b);
+    }
+    t
+}
+
+/// The scalar tail of the normalize sweep; `base` is the tail's offset in the row.
+#[inline(always)]
+fn normalize_tail(
+    x: &[f32],
+    (m_hi, m_lo, r): (f32, f32, f32),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    base: usize,
+    y: &mut [f32],
+) {
+    for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+        let mut t = ((x - m_hi) - m_lo) * r;
+        if let Some(g) = gamma {
+            t *= g[base + j];
+        }
+        if let Some(b) = beta {
+            t += b[base + j];
+        }
+        *y = t;
     }
 }
 
@@ -114,18 +354,7 @@ impl WithSimd for Centered<'_> {
     type Output = [f64; 2];
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
-        let (head, tail) = S::as_simd_f32s(self.x);
-        let k = (simd.splat_f32s(self.m), simd.splat_f32s(self.s), simd.splat_f32s(self.ml));
-        let mut total = [0f64; 2];
-        for group in head.chunks(per_block::<S>()) {
-            let mut acc = [simd.splat_f32s(0.0); 2];
-            for &v in group {
-                centered_step(simd, v, k, &mut acc);
-            }
-            fold_into(acc, &mut total);
-        }
-        centered_tail(tail, (self.m, self.s, self.ml), &mut total);
-        total
+        centered_in(simd, self.x, (self.m, self.s, self.ml))
     }
 }
 
@@ -143,6 +372,7 @@ struct Fused<'a> {
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
     y: &'a mut [f32],
+    stream: bool,
 }
 
 impl WithSimd for Fused<'_> {
@@ -151,48 +381,64 @@ impl WithSimd for Fused<'_> {
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
         let n = self.cur.len();
         let (nh, nt) = S::as_simd_f32s(&self.next[..n]);
-        let (ch, ct) = S::as_simd_f32s(self.cur);
-        let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[..n]);
-        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]));
-        let bh = self.beta.map(|b| S::as_simd_f32s(&b[..n]));
         let zero = simd.splat_f32s(0.0);
         let k = (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), zero);
         let (mh, ml, r) =
             (simd.splat_f32s(self.m_hi), simd.splat_f32s(self.m_lo), simd.splat_f32s(self.r));
-        let mut total = [0f64; 2];
-        let pb = per_block::<S>();
-        let mut i = 0;
-        while i < nh.len() {
-            let end = (i + pb).min(nh.len());
-            let mut acc = [zero; 2];
-            for j in i..end {
-                centered_step(simd, nh[j], k, &mut acc);
-                let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
-                if let Some((g, _)) = gh {
-                    t = simd.mul_f32s(t, g[j]);
-                }
-                if let Some((b, _)) = bh {
-                    t = simd.add_f32s(t, b[j]);
-                }
-                yh[j] = t;
-            }
-            fold_into(acc, &mut total);
-            i = end;
+        // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
+        // next row's, which is why the normalize below is guarded by `j < ch.len()`.
+        let (p, stream) = stream_head::<S>(&self.y[..n], self.stream);
+        if p > 0 {
+            let params = (self.gamma, self.beta);
+            normalize_head(simd, self.cur, (mh, ml, r), params, self.y, p);
         }
+        let (ch, ct) = S::as_simd_f32s(&self.cur[p..n]);
+        let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[p..n]);
+        let gh = self.gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
+        let bh = self.beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
+        let (g, b) = (self.gamma.is_some(), self.beta.is_some());
+        let mut total = specialize!(fused_vecs::<S>(g, b, stream)(
+            simd,
+            (nh, k),
+            (ch, (mh, ml, r)),
+            (gh, bh),
+            yh
+        ));
         centered_tail(nt, (self.m_next, 1.0, 0.0), &mut total);
-        let base = n - ct.len();
-        for (j, (y, &x)) in yt.iter_mut().zip(ct).enumerate() {
-            let mut t = ((x - self.m_hi) - self.m_lo) * self.r;
-            if let Some(g) = self.gamma {
-                t *= g[base + j];
-            }
-            if let Some(b) = self.beta {
-                t += b[base + j];
-            }
-            *y = t;
-        }
+        let params = (self.m_hi, self.m_lo, self.r);
+        normalize_tail(ct, params, (self.gamma, self.beta), n - ct.len(), yt);
         total
     }
+}
+
+/// The vector body of [`Fused`]: the next row's sums, this row's normalize.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
+    simd: S,
+    (nh, k): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
+    (ch, (mh, ml, r)): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
+    (gh, bh): (&[S::f32s], &[S::f32s]),
+    yh: &mut [S::f32s],
+) -> [f64; 2] {
+    let yh = &mut yh[..ch.len()];
+    let mut total = [0f64; 2];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nh.len() {
+        let end = (i + pb).min(nh.len());
+        let mut acc = [simd.splat_f32s(0.0); 2];
+        for j in i..end {
+            centered_step::<S, true>(simd, nh[j], k, &mut acc);
+            if j < ch.len() {
+                let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
+                put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
+            }
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    total
 }
 
 /// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
@@ -206,8 +452,24 @@ pub(crate) fn fused(
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
     y: &mut [f32],
+    stream: bool,
 ) -> [f64; 2] {
-    Arch::new().dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y })
+    Arch::new().dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream })
+}
+
+struct Shift<'a>(&'a [f32]);
+
+impl WithSimd for Shift<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        shift_in(simd, self.0)
+    }
+}
+
+/// The forward's shift of one row (see [`shift_in`]).
+pub(crate) fn shift(x: &[f32]) -> f32 {
+    Arch::new().dispatch(Shift(x))
 }
 
 /// (Σe, Σe²) with e = (x − m)·s − ml, in `f32` lanes, blocks in `f64`.
@@ -227,29 +489,106 @@ impl WithSimd for Backward<'_> {
     type Output = [f64; 3];
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 3] {
-        let n = self.x.len();
-        let (xh, xt) = S::as_simd_f32s(self.x);
-        let (dh, dt) = S::as_simd_f32s(&self.dy[..n]);
-        let (m, s) = (simd.splat_f32s(self.m), simd.splat_f32s(self.s));
-        let mut total = [0f64; 3];
-        let pb = per_block::<S>();
-        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
-        // Plain index loops, not closures: a closure is compiled without the caller's target
-        // features, so every SIMD operation in it became a call.
-        let mut i = 0;
-        while i < xh.len() {
-            let end = (i + pb).min(xh.len());
-            let mut acc = [simd.splat_f32s(0.0); 3];
-            for j in i..end {
-                backward_step(simd, (xh[j], dh[j], gh.map(|g| g[j])), (m, s), &mut acc);
-            }
-            fold_into(acc, &mut total);
-            i = end;
+        backward_in(simd, (self.x, self.dy, self.gamma), (self.m, self.s))
+    }
+}
+
+/// (Σd, Σg, Σg·d) over one row, blocks folded into `f64`.
+#[inline(always)]
+fn backward_in<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (m, s): (f32, f32),
+) -> [f64; 3] {
+    let n = x.len();
+    let (xh, xt) = S::as_simd_f32s(x);
+    let (dh, dt) = S::as_simd_f32s(&dy[..n]);
+    let (vm, vs) = (simd.splat_f32s(m), simd.splat_f32s(s));
+    let mut total = [0f64; 3];
+    let pb = per_block::<S>();
+    let gh = gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+    // Plain index loops, not closures: a closure is compiled without the caller's target
+    // features, so every SIMD operation in it became a call.
+    let mut i = 0;
+    while i < xh.len() {
+        let end = (i + pb).min(xh.len());
+        let mut acc = [simd.splat_f32s(0.0); 3];
+        for j in i..end {
+            backward_step(simd, (xh[j], dh[j], gh.map(|g| g[j])), (vm, vs), &mut acc);
         }
-        let base = n - xt.len();
-        let gt = self.gamma.map(|g| &g[base..n]);
-        backward_tail((xt, dt, gt), (self.m, self.s), &mut total);
-        total
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    let base = n - xt.len();
+    backward_tail((xt, dt, gamma.map(|g| &g[base..n])), (m, s), &mut total);
+    total
+}
+
+/// The backward's per-row constants as vectors: (m, sa, m_lo, r, a, b, c).
+#[derive(Clone, Copy)]
+struct BackVecs<V> {
+    m: V,
+    sa: V,
+    ml: V,
+    r: V,
+    a: V,
+    b: V,
+    c: V,
+}
+
+impl<V: Copy> BackVecs<V> {
+    #[inline(always)]
+    fn new<S: Simd<f32s = V>>(simd: S, p: &BackParams<f32>) -> Self {
+        let v = |x: f32| simd.splat_f32s(x);
+        BackVecs {
+            m: v(p.m),
+            sa: v(p.sa),
+            ml: v(p.m_lo),
+            r: v(p.r),
+            a: v(p.a),
+            b: v(p.b),
+            c: v(p.c),
+        }
+    }
+}
+
+/// One vector of the backward's second sweep: returns (dx, x̂) with x̂ = ((x − m)·sa − m_lo)·r and
+/// dx = a·g + b + x̂·c (the operations and order of `row::back_apply`).
+#[inline(always)]
+fn apply_step<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (S::f32s, S::f32s, Option<S::f32s>),
+    p: &BackVecs<S::f32s>,
+) -> (S::f32s, S::f32s) {
+    let xhat = simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(x, p.m), p.sa), p.ml), p.r);
+    let g = match gamma {
+        Some(gamma) => simd.mul_f32s(dy, gamma),
+        None => dy,
+    };
+    let dx = simd.add_f32s(simd.add_f32s(simd.mul_f32s(p.a, g), p.b), simd.mul_f32s(xhat, p.c));
+    (dx, xhat)
+}
+
+/// The scalar tail of the backward's second sweep; `base` is the tail's offset in the row.
+#[inline(always)]
+fn apply_tail(
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    base: usize,
+    dx: &mut [f32],
+    mut dgamma: Option<&mut [f32]>,
+    mut dbeta: Option<&mut [f32]>,
+) {
+    for (j, ((dxv, &xv), &dv)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
+        let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
+        let gc = gamma.map_or(dv, |g| dv * g[base + j]);
+        *dxv = p.a * gc + p.b + xhat * p.c;
+        if let Some(dg) = dgamma.as_deref_mut() {
+            dg[j] += dv * xhat;
+        }
+        if let Some(db) = dbeta.as_deref_mut() {
+            db[j] += dv;
+        }
     }
 }
 
@@ -274,19 +613,12 @@ impl WithSimd for FusedBackward<'_> {
         let (ndh, ndt) = S::as_simd_f32s(&ndy[..n]);
         let (xh, xt) = S::as_simd_f32s(self.x);
         let (dh, dt) = S::as_simd_f32s(&self.dy[..n]);
-        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]));
+        let gh = self.gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
         let (dxh, dxt) = S::as_mut_simd_f32s(&mut self.dx[..n]);
         let mut dgs = self.dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
         let mut dbs = self.dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
-        let p = self.p;
+        let pv = BackVecs::new(simd, &self.p);
         let (vnm, vns) = (simd.splat_f32s(nm), simd.splat_f32s(ns));
-        let (m, sa, ml, r) = (
-            simd.splat_f32s(p.m),
-            simd.splat_f32s(p.sa),
-            simd.splat_f32s(p.m_lo),
-            simd.splat_f32s(p.r),
-        );
-        let (a, b, c) = (simd.splat_f32s(p.a), simd.splat_f32s(p.b), simd.splat_f32s(p.c));
         let zero = simd.splat_f32s(0.0);
         let mut total = [0f64; 3];
         let pb = per_block::<S>();
@@ -295,17 +627,12 @@ impl WithSimd for FusedBackward<'_> {
             let end = (i + pb).min(nxh.len());
             let mut acc = [zero; 3];
             for k in i..end {
+                let g = gh.map(|g| g[k]);
                 // The next row's sums, exactly as [`Backward`] forms them.
-                backward_step(simd, (nxh[k], ndh[k], gh.map(|(g, _)| g[k])), (vnm, vns), &mut acc);
+                backward_step(simd, (nxh[k], ndh[k], g), (vnm, vns), &mut acc);
                 // This row's dx and dγ/dβ terms, exactly as `row::back_apply` forms them.
-                let xhat =
-                    simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(xh[k], m), sa), ml), r);
-                let gc = match gh {
-                    Some((gg, _)) => simd.mul_f32s(dh[k], gg[k]),
-                    None => dh[k],
-                };
-                dxh[k] =
-                    simd.add_f32s(simd.add_f32s(simd.mul_f32s(a, gc), b), simd.mul_f32s(xhat, c));
+                let (dx, xhat) = apply_step(simd, (xh[k], dh[k], g), &pv);
+                dxh[k] = dx;
                 if let Some((dg, _)) = dgs.as_mut() {
                     dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
                 }
@@ -313,24 +640,235 @@ impl WithSimd for FusedBackward<'_> {
                     db[k] = simd.add_f32s(db[k], dh[k]);
                 }
             }
-            fold_into(acc, &mut total);
+            fold_into(simd, acc, &mut total);
             i = end;
         }
         let base = n - xt.len();
-        backward_tail((nxt, ndt, self.gamma.map(|g| &g[base..n])), (nm, ns), &mut total);
-        for (j, ((dxv, &xv), &dv)) in dxt.iter_mut().zip(xt).zip(dt).enumerate() {
-            let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
-            let gc = self.gamma.map_or(dv, |g| dv * g[base + j]);
-            *dxv = p.a * gc + p.b + xhat * p.c;
-            if let Some((_, dgt)) = dgs.as_mut() {
-                dgt[j] += dv * xhat;
-            }
-            if let Some((_, dbt)) = dbs.as_mut() {
-                dbt[j] += dv;
-            }
-        }
+        let gt = self.gamma.map(|g| &g[base..n]);
+        backward_tail((nxt, ndt, gt), (nm, ns), &mut total);
+        let (dgt, dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
+        apply_tail((xt, dt, self.gamma), &self.p, base, dxt, dgt, dbt);
         total
     }
+}
+
+/// The backward's second sweep over one row (dx, and the row's dγ/dβ terms added in).
+#[inline(always)]
+fn apply_in<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    dx: &mut [f32],
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) {
+    let n = x.len();
+    let (xh, xt) = S::as_simd_f32s(x);
+    let (dh, dt) = S::as_simd_f32s(&dy[..n]);
+    let gh = gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+    let (dxh, dxt) = S::as_mut_simd_f32s(&mut dx[..n]);
+    let mut dgs = dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let pv = BackVecs::new(simd, p);
+    for k in 0..xh.len() {
+        let (d, xhat) = apply_step(simd, (xh[k], dh[k], gh.map(|g| g[k])), &pv);
+        dxh[k] = d;
+        if let Some((dg, _)) = dgs.as_mut() {
+            dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
+        }
+        if let Some((db, _)) = dbs.as_mut() {
+            db[k] = simd.add_f32s(db[k], dh[k]);
+        }
+    }
+    let base = n - xt.len();
+    apply_tail((xt, dt, gamma), p, base, dxt, dgs.map(|d| d.1), dbs.map(|d| d.1));
+}
+
+/// Forward of consecutive short rows in one dispatch: per row, the shift, the residual sums, the
+/// statistics and the normalize sweep, with no per-row call overhead (the row stays in L1).
+struct Rows<'a> {
+    n: usize,
+    eps: f64,
+    x: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [f32],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+    stream: bool,
+}
+
+impl WithSimd for Rows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let n = self.n;
+        let rows = self.mean.len().min(self.rstd.len());
+        let per = group_rows(n);
+        let mut g = Group::default();
+        let mut start = 0;
+        while start < rows {
+            let count = per.min(rows - start);
+            let row = |i: usize| &self.x[(start + i) * n..(start + i + 1) * n];
+            // Phase 1: the group's sums. Rows are independent, so their loads overlap.
+            for i in 0..count {
+                g.shift[i] = shift_in(simd, row(i));
+                [g.sd[i], g.sdd[i]] = centered_in(simd, row(i), (g.shift[i], 1.0, 0.0));
+            }
+            // Phase 2: the statistics of all the group's rows at once.
+            g.finish(n, self.eps);
+            for i in 0..count {
+                if g.rare[i] {
+                    let st = row::finish(row(i), g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
+                    g.set(i, &st);
+                }
+            }
+            // Phase 3: normalize, from L1, while the next group is fetched.
+            for i in 0..count {
+                let next = (start + count + i) * n;
+                if next < self.x.len() {
+                    prefetch(&self.x[next..(next + n).min(self.x.len())]);
+                }
+                let (x, r) = (row(i), start + i);
+                let params = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
+                let y = &mut self.y[r * n..(r + 1) * n];
+                normalize_in(simd, x, params, (self.gamma, self.beta), y, self.stream);
+                self.mean[r] = g.mean[i] as f32;
+                self.rstd[r] = g.rstd[i] as f32;
+            }
+            start += count;
+        }
+    }
+}
+
+/// The statistics of a group of short rows, computed across rows (one row per lane).
+#[derive(Default)]
+struct Group {
+    /// Each row's shift (`m_hi` of `row::RowStats`).
+    shift: [f32; GROUP_ROWS],
+    /// Σd and Σd² of the residuals d = x − shift.
+    sd: [f64; GROUP_ROWS],
+    sdd: [f64; GROUP_ROWS],
+    /// What `row::finish` returns: m_lo (rounded), mean and rstd.
+    m_lo: [f32; GROUP_ROWS],
+    mean: [f64; GROUP_ROWS],
+    rstd: [f64; GROUP_ROWS],
+    /// Rows that need `row::finish`'s rare paths (overflowed sums, a shift far from the mean).
+    rare: [bool; GROUP_ROWS],
+}
+
+impl Group {
+    /// `row::finish` for every row, in its common case (no rescaling, no second pass): the same
+    /// operations in the same order, so bitwise its result, but in lanes across rows; rows that
+    /// need the rare paths are flagged in `rare` for the caller to finish one by one.
+    #[inline(always)]
+    fn finish(&mut self, n: usize, eps: f64) {
+        let nf = n as f64;
+        for i in 0..GROUP_ROWS {
+            let (sd, sdd) = (self.sd[i], self.sdd[i]);
+            let m_lo = sd / nf;
+            let var = sdd / nf - m_lo * m_lo;
+            self.rare[i] = !(sd.is_finite() && sdd.is_finite()) || m_lo * m_lo > var.abs() * 0.25;
+            let var = if var < 0.0 { 0.0 } else { var };
+            self.m_lo[i] = m_lo as f32;
+            self.mean[i] = f64::from(self.shift[i]) + m_lo;
+            self.rstd[i] = 1.0 / (var + eps).sqrt();
+        }
+    }
+
+    /// Overwrites row `i` with the statistics `row::finish` computed.
+    #[inline(always)]
+    fn set(&mut self, i: usize, st: &row::RowStats<f32>) {
+        (self.m_lo[i], self.mean[i], self.rstd[i]) = (st.m_lo, st.mean, st.rstd);
+    }
+}
+
+/// Most rows per group of the short-row kernels.
+const GROUP_ROWS: usize = 16;
+
+/// Rows per group of the short-row kernels: about 2 K elements (8 KiB per operand, in L1).
+#[inline(always)]
+fn group_rows(n: usize) -> usize {
+    (2048 / n.max(1)).clamp(1, GROUP_ROWS)
+}
+
+/// Forward of `mean.len()` consecutive rows of `n` in one explicit-SIMD loop (for short rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows(
+    n: usize,
+    eps: f64,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    stream: bool,
+) {
+    Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, stream })
+}
+
+/// Backward of consecutive short rows in one dispatch, adding into one block's dγ/dβ partials.
+struct BackRows<'a> {
+    n: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    dx: &'a mut [f32],
+    dgamma: Option<&'a mut [f32]>,
+    dbeta: Option<&'a mut [f32]>,
+}
+
+impl WithSimd for BackRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(mut self, simd: S) {
+        let n = self.n;
+        let rows = self.mean.len().min(self.rstd.len());
+        let per = group_rows(n);
+        let mut sums = [[0f64; 3]; GROUP_ROWS];
+        let mut start = 0;
+        while start < rows {
+            let count = per.min(rows - start);
+            let span = |i: usize| (start + i) * n..(start + i + 1) * n;
+            let stats =
+                |i: usize| (f64::from(self.mean[start + i]), f64::from(self.rstd[start + i]));
+            // Phase 1: the group's sums (rows independent: their loads overlap).
+            for (i, s) in sums.iter_mut().enumerate().take(count) {
+                let (mu, rs) = stats(i);
+                let (m, sc) = row::back_shift::<f32>(mu, rs);
+                let (x, dy) = (&self.x[span(i)], &self.dy[span(i)]);
+                *s = backward_in(simd, (x, dy, self.gamma), (m, sc as f32));
+            }
+            // Phase 2: dx and the dγ/dβ terms in row order, from L1.
+            for (i, &s) in sums.iter().enumerate().take(count) {
+                let (mu, rs) = stats(i);
+                let p = row::back_params::<f32>(n, mu, rs, s);
+                let (x, dy) = (&self.x[span(i)], &self.dy[span(i)]);
+                let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
+                apply_in(simd, (x, dy, self.gamma), &p, &mut self.dx[span(i)], dg, db);
+            }
+            start += count;
+        }
+    }
+}
+
+/// Backward of `mean.len()` consecutive rows of `n` in one explicit-SIMD loop (for short rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn back_rows(
+    n: usize,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: Option<&[f32]>,
+    dx: &mut [f32],
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) {
+    Arch::new().dispatch(BackRows { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -363,6 +901,76 @@ pub(crate) fn backward_sums(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows, a
+    /// huge mean, squares that overflow, an outlying head, a NaN; and plain pseudo-random rows.
+    fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
+        let mut s = 0x2545_f491u32;
+        let mut x = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            for j in 0..n {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let u = s as f32 / u32::MAX as f32 - 0.5;
+                x.push(match r % 7 {
+                    0 => 3.25,
+                    1 => 1e6 + u,
+                    2 => 1e37 * u,
+                    3 if j < 32 => 50.0 + u,
+                    4 if j == n / 2 => f32::NAN,
+                    _ => u * 3.0,
+                });
+            }
+        }
+        x
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn short_row_kernels_match_the_portable_composition_bit_for_bit() {
+        let nrows = 45; // two full groups of 16 and a ragged one
+        for n in [1usize, 5, 16, 17, 40, 100, 128, 255, 256, 300, 511] {
+            let x = mixed_rows(nrows, n);
+            let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            {
+                let (mut y0, mut m0, mut r0) =
+                    (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
+                let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
+                row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
+                for stream in [false, true] {
+                    rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, stream);
+                    stream_fence();
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, stream={stream}");
+                    assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
+                }
+                // Backward from finite statistics (the NaN row's are NaN, which is fine too).
+                let (mut dx0, mut dg0, mut db0) =
+                    (vec![0f32; nrows * n], vec![0f32; n], vec![0f32; n]);
+                let (mut dx1, mut dg1, mut db1) = (dx0.clone(), dg0.clone(), db0.clone());
+                row::back_rows_portable(
+                    n,
+                    &x,
+                    &dy,
+                    &m0,
+                    &r0,
+                    gamma,
+                    &mut dx0,
+                    Some(&mut dg0),
+                    Some(&mut db0),
+                );
+                back_rows(n, &x, &dy, &m0, &r0, gamma, &mut dx1, Some(&mut dg1), Some(&mut db1));
+                assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}");
+                assert_eq!((bits(&dg1), bits(&db1)), (bits(&dg0), bits(&db0)), "dγ/dβ, n={n}");
+            }
+        }
+    }
 
     #[test]
     fn sums_are_exact_on_small_integers_whatever_the_length() {

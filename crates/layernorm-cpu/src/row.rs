@@ -36,7 +36,7 @@ pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
 pub(crate) const BLOCK: usize = 256;
 /// Elements whose mean is the forward's shift (see [`stats`]).
-const SHIFT_SAMPLE: usize = 32;
+pub(crate) const SHIFT_SAMPLE: usize = 32;
 /// Shortest row for which the forward fuses one row's normalize with the next row's statistics:
 /// below it the fused kernel's fixed cost outweighs the overlap (measured: N = 128 lost 15%,
 /// N = 768 gained 10%).
@@ -49,6 +49,49 @@ pub(crate) const FUSE_MIN_N: usize = 512;
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
+
+    /// The forward's shift: the mean of the row's first [`SHIFT_SAMPLE`] elements, rounded to
+    /// this type (any value within a few standard deviations of the mean serves).
+    fn shift(x: &[Self]) -> Self {
+        let head = &x[..x.len().min(SHIFT_SAMPLE)];
+        Self::of(head.iter().map(|&v| v.into()).sum::<f64>() / head.len().max(1) as f64)
+    }
+
+    /// Forward of `mean.len()` consecutive rows of `n` (the short-row path: no pipelining). The
+    /// portable default composes [`shift`], [`finish`] and [`normalize`] row by row. `stream`
+    /// asks for non-temporal stores of `y` where the kernel has them (a hint).
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        n: usize,
+        eps: f64,
+        x: &[Self],
+        gamma: Option<&[Self]>,
+        beta: Option<&[Self]>,
+        y: &mut [Self],
+        mean: &mut [Self],
+        rstd: &mut [Self],
+        _stream: bool,
+    ) {
+        rows_portable(n, eps, x, gamma, beta, y, mean, rstd)
+    }
+
+    /// Backward of `mean.len()` consecutive rows of `n` (the short-row path), adding the rows'
+    /// dγ/dβ terms into `dgamma`/`dbeta` in row order. The portable default composes
+    /// [`back_params`] and [`back_apply`] row by row.
+    #[allow(clippy::too_many_arguments)]
+    fn back_rows(
+        n: usize,
+        x: &[Self],
+        dy: &[Self],
+        mean: &[Self],
+        rstd: &[Self],
+        gamma: Option<&[Self]>,
+        dx: &mut [Self],
+        dgamma: Option<&mut [Self]>,
+        dbeta: Option<&mut [Self]>,
+    ) {
+        back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    }
 
     /// (Σe, Σe²) with e = (x − m)·s − ml.
     fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
@@ -66,6 +109,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         _gamma: Option<&[Self]>,
         _beta: Option<&[Self]>,
         _y: &mut [Self],
+        _stream: bool,
     ) -> Option<[f64; 2]> {
         None
     }
@@ -103,6 +147,35 @@ impl Real for f32 {
     fn of(v: f64) -> f32 {
         v as f32
     }
+    fn shift(x: &[f32]) -> f32 {
+        crate::reduce::shift(x)
+    }
+    fn rows(
+        n: usize,
+        eps: f64,
+        x: &[f32],
+        gamma: Option<&[f32]>,
+        beta: Option<&[f32]>,
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        stream: bool,
+    ) {
+        crate::reduce::rows(n, eps, x, gamma, beta, y, mean, rstd, stream)
+    }
+    fn back_rows(
+        n: usize,
+        x: &[f32],
+        dy: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: Option<&[f32]>,
+        dx: &mut [f32],
+        dgamma: Option<&mut [f32]>,
+        dbeta: Option<&mut [f32]>,
+    ) {
+        crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
         crate::reduce::centered(x, m, s, ml)
     }
@@ -117,9 +190,10 @@ impl Real for f32 {
         gamma: Option<&[f32]>,
         beta: Option<&[f32]>,
         y: &mut [f32],
+        stream: bool,
     ) -> Option<[f64; 2]> {
         let params = (st.m_hi, st.m_lo, st.rstd as f32);
-        Some(crate::reduce::fused(next, m_next, cur, params, gamma, beta, y))
+        Some(crate::reduce::fused(next, m_next, cur, params, gamma, beta, y, stream))
     }
     fn fused_backward(
         next: (&[f32], &[f32], f32, f32),
@@ -139,6 +213,53 @@ impl Real for f64 {
     #[inline(always)]
     fn of(v: f64) -> f64 {
         v
+    }
+}
+
+/// The short-row forward composed row by row from [`shift`], [`finish`] and [`normalize`]: the
+/// portable default of [`Real::rows`], and what the `f32` kernel must reproduce bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_portable<A: Real>(
+    n: usize,
+    eps: f64,
+    x: &[A],
+    gamma: Option<&[A]>,
+    beta: Option<&[A]>,
+    y: &mut [A],
+    mean: &mut [A],
+    rstd: &mut [A],
+) {
+    let rows = x.chunks_exact(n).zip(y.chunks_exact_mut(n));
+    for ((x, y), (mean, rstd)) in rows.zip(mean.iter_mut().zip(rstd.iter_mut())) {
+        let m = shift(x);
+        let st = finish(x, m, A::centered(x, m, A::one(), A::zero()), eps);
+        normalize(x, &st, gamma, beta, y);
+        *mean = A::of(st.mean);
+        *rstd = A::of(st.rstd);
+    }
+}
+
+/// The short-row backward composed row by row from [`back_params`] and [`back_apply`]: the
+/// portable default of [`Real::back_rows`], and what the `f32` kernel must reproduce bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn back_rows_portable<A: Real>(
+    n: usize,
+    x: &[A],
+    dy: &[A],
+    mean: &[A],
+    rstd: &[A],
+    gamma: Option<&[A]>,
+    dx: &mut [A],
+    mut dgamma: Option<&mut [A]>,
+    mut dbeta: Option<&mut [A]>,
+) {
+    let rows = x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n));
+    for (((x, dy), dx), (&mu, &rs)) in rows.zip(mean.iter().zip(rstd)) {
+        let (mu, rs) = (mu.into(), rs.into());
+        let (m, s) = back_shift::<A>(mu, rs);
+        let sums = A::backward_sums(x, dy, gamma, m, A::of(s));
+        let p = back_params::<A>(n, mu, rs, sums);
+        back_apply(x, dy, gamma, &p, dx, dgamma.as_deref_mut(), dbeta.as_deref_mut());
     }
 }
 
@@ -246,8 +367,7 @@ pub struct RowStats<A> {
 /// The forward's shift: the mean of the row's first elements, rounded to `A` (see the module docs).
 #[inline(always)]
 pub(crate) fn shift<A: Real>(x: &[A]) -> A {
-    let head = &x[..x.len().min(SHIFT_SAMPLE)];
-    A::of(head.iter().map(|&v| v.into()).sum::<f64>() / head.len().max(1) as f64)
+    A::shift(x)
 }
 
 /// Mean and rstd of one row (equations (1)–(3) of `docs/math.md`), computed as the module docs say.

@@ -32,11 +32,40 @@ pub(crate) fn forward_rows<T: CpuElement>(
     y: &mut [T],
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
+    stream: bool,
 ) {
     let rows = mean.len().min(rstd.len());
     if rows == 0 {
         return;
     }
+    // Streaming stores apply to rows written in place (`f32`/`f64`), not to 16-bit rows, which
+    // are computed into a scratch row and narrowed.
+    let stream = stream && T::as_acc(x).is_some();
+    if n < row::FUSE_MIN_N {
+        forward_short(n, eps, x, gamma, beta, y, mean, rstd, stream);
+    } else {
+        forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
+    }
+    if stream {
+        crate::reduce::stream_fence();
+    }
+}
+
+/// [`forward_rows`] for rows of at least `FUSE_MIN_N`: the pipelined loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_long<T: CpuElement>(
+    n: usize,
+    eps: f64,
+    x: &[T],
+    gamma: Option<&[T::Acc]>,
+    beta: Option<&[T::Acc]>,
+    y: &mut [T],
+    mean: &mut [T::Acc],
+    rstd: &mut [T::Acc],
+    stream: bool,
+) {
+    let rows = mean.len().min(rstd.len());
     let zero = T::Acc::zero();
     let direct = T::as_acc(x).is_some();
     let xrow = |r: usize| &x[r * n..(r + 1) * n];
@@ -65,7 +94,7 @@ pub(crate) fn forward_rows<T: CpuElement>(
             };
             let fused = match next {
                 Some(xn) if n >= row::FUSE_MIN_N => {
-                    <T::Acc as Real>::fused(xn, m_next, xc, &st, gamma, beta, yr)
+                    <T::Acc as Real>::fused(xn, m_next, xc, &st, gamma, beta, yr, stream)
                 }
                 _ => None,
             };
@@ -84,6 +113,85 @@ pub(crate) fn forward_rows<T: CpuElement>(
         }
         mean[r] = <T::Acc as Real>::of(st.mean);
         rstd[r] = <T::Acc as Real>::of(st.rstd);
+    }
+}
+
+/// Elements per widened chunk of 16-bit short rows (the chunk and its output stay in L1/L2).
+const SHORT_CHUNK: usize = 4096;
+
+/// Forward of short rows (N < `FUSE_MIN_N`): the type's one-loop row kernel, on the rows
+/// themselves or on chunks of rows widened to the accumulation type.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_short<T: CpuElement>(
+    n: usize,
+    eps: f64,
+    x: &[T],
+    gamma: Option<&[T::Acc]>,
+    beta: Option<&[T::Acc]>,
+    y: &mut [T],
+    mean: &mut [T::Acc],
+    rstd: &mut [T::Acc],
+    stream: bool,
+) {
+    let rows = mean.len().min(rstd.len());
+    let (x, y) = (&x[..rows * n], &mut y[..rows * n]);
+    let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
+    if let (Some(xa), Some(ya)) = (T::as_acc(x), T::as_acc_mut(y)) {
+        return <T::Acc as Real>::rows(n, eps, xa, gamma, beta, ya, mean, rstd, stream);
+    }
+    let per = (SHORT_CHUNK / n).max(1);
+    let zero = T::Acc::zero();
+    let (mut xb, mut yb) = (vec![zero; per * n], vec![zero; per * n]);
+    let chunks = x.chunks(per * n).zip(y.chunks_mut(per * n));
+    for ((xc, yc), (mc, sc)) in chunks.zip(mean.chunks_mut(per).zip(rstd.chunks_mut(per))) {
+        let len = xc.len();
+        T::widen(xc, &mut xb[..len]);
+        <T::Acc as Real>::rows(n, eps, &xb[..len], gamma, beta, &mut yb[..len], mc, sc, false);
+        T::narrow(&yb[..len], yc);
+    }
+}
+
+/// Backward of short rows (N < `FUSE_MIN_N`), like [`forward_short`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_short<T: CpuElement>(
+    n: usize,
+    x: &[T],
+    dy: &[T],
+    mean: &[T::Acc],
+    rstd: &[T::Acc],
+    gamma: Option<&[T::Acc]>,
+    dx: &mut [T],
+    mut dgamma: Option<&mut [T::Acc]>,
+    mut dbeta: Option<&mut [T::Acc]>,
+) {
+    let rows = mean.len().min(rstd.len());
+    let (x, dy, dx) = (&x[..rows * n], &dy[..rows * n], &mut dx[..rows * n]);
+    if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
+        return <T::Acc as Real>::back_rows(n, xa, da, mean, rstd, gamma, dxa, dgamma, dbeta);
+    }
+    let per = (SHORT_CHUNK / n).max(1);
+    let zero = T::Acc::zero();
+    let (mut xb, mut db, mut dxb) = (vec![zero; per * n], vec![zero; per * n], vec![zero; per * n]);
+    let chunks = x.chunks(per * n).zip(dy.chunks(per * n)).zip(dx.chunks_mut(per * n));
+    for (((xc, dc), dxc), (mc, sc)) in chunks.zip(mean.chunks(per).zip(rstd.chunks(per))) {
+        let len = xc.len();
+        T::widen(xc, &mut xb[..len]);
+        T::widen(dc, &mut db[..len]);
+        let (dg, dbeta) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
+        <T::Acc as Real>::back_rows(
+            n,
+            &xb[..len],
+            &db[..len],
+            mc,
+            sc,
+            gamma,
+            &mut dxb[..len],
+            dg,
+            dbeta,
+        );
+        T::narrow(&dxb[..len], dxc);
     }
 }
 
@@ -126,6 +234,9 @@ pub(crate) fn backward_rows<T: CpuElement>(
     let rows = mean.len().min(rstd.len());
     if rows == 0 {
         return;
+    }
+    if n < row::FUSE_MIN_N {
+        return backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
     }
     let zero = T::Acc::zero();
     let direct = T::as_acc(x).is_some();

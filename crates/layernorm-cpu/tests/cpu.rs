@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use layernorm_core::{DType, Error, HostNormalizeExt, NormSpec, bf16, f16, reference};
-use layernorm_cpu::{CpuBackend, ROW_BLOCK};
+use layernorm_cpu::{CpuBackend, ROW_BLOCK, Stores};
 use ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -309,6 +309,39 @@ fn rows_are_independent_of_their_neighbours() {
                 )
                 .unwrap();
             assert_eq!(bits(&one_b.dx), bits(&all_b.dx[span]), "dx, n={n} row {r}");
+        }
+    }
+}
+
+#[test]
+fn streaming_stores_give_the_same_bits_at_every_alignment() {
+    // Streaming stores split each output row at its first 64-byte boundary; the values must not
+    // depend on where that falls, nor on the store kind. Short rows, pipelined rows, and a
+    // problem large enough to run in parallel; y at every 4-byte phase of a cache line.
+    let cached = CpuBackend::new().with_stores(Stores::Cached);
+    let streaming = CpuBackend::new().with_stores(Stores::Streaming);
+    for (rows, n) in
+        [(67, 7), (67, 16), (67, 33), (67, 128), (40, 300), (9, 512), (9, 777), (1024, 128)]
+    {
+        let x = normal(rows * n, 22 + n as u64);
+        let (g, b) = (normal(n, 23), normal(n, 24));
+        for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (None, Some(&b[..]))] {
+            let spec = NormSpec::layer_norm(rows, n, DType::F32)
+                .with_gamma(gamma.is_some())
+                .with_beta(beta.is_some());
+            let (mut y0, mut m0, mut r0) =
+                (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
+            cached.forward_into(&spec, &x, gamma, beta, &mut y0, &mut m0, &mut r0).unwrap();
+            for offset in 0..16 {
+                let mut y1 = vec![-7f32; rows * n + 16];
+                let (mut m1, mut r1) = (vec![0f32; rows], vec![0f32; rows]);
+                let out = &mut y1[offset..offset + rows * n];
+                streaming.forward_into(&spec, &x, gamma, beta, out, &mut m1, &mut r1).unwrap();
+                assert_eq!(bits(out), bits(&y0), "n={n}, offset {offset}");
+                assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)));
+                let outside = y1[..offset].iter().chain(&y1[offset + rows * n..]);
+                assert!(outside.into_iter().all(|&v| v == -7.0), "wrote outside y");
+            }
         }
     }
 }
