@@ -122,12 +122,17 @@ fn stream_head<S: Simd>(y: &[f32], stream: bool) -> (usize, bool) {
 #[inline(always)]
 fn prefetch(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    for line in v.chunks(16) {
-        // SAFETY: PREFETCHT0 is part of SSE (every x86_64 CPU) and never faults.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                line.as_ptr().cast(),
-            )
+    {
+        let p = v.as_ptr();
+        let mut i = 0;
+        while i < v.len() {
+            // SAFETY: PREFETCHT1 is part of SSE (every x86_64 CPU); `p + i` lies inside `v`.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    p.add(i).cast(),
+                )
+            }
+            i += 16; // one 64-byte line
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -706,14 +711,27 @@ impl WithSimd for Rows<'_> {
         let rows = self.mean.len().min(self.rstd.len());
         let per = group_rows(n);
         let mut g = Group::default();
+        // With streaming, a group's output is staged in L1 and written out as one span (only the
+        // span's two ends are partial cache lines; per row, two in every row would be), each
+        // row's whole lines as soon as they are complete.
+        let mut stage = self.stream.then(|| {
+            let buf = vec![0f32; per * n + 16];
+            let off = buf.as_ptr().align_offset(64).min(16);
+            (buf, off)
+        });
         let mut start = 0;
         while start < rows {
             let count = per.min(rows - start);
             let row = |i: usize| &self.x[(start + i) * n..(start + i + 1) * n];
-            // Phase 1: the group's sums. Rows are independent, so their loads overlap.
-            for i in 0..count {
-                g.shift[i] = shift_in(simd, row(i));
-                [g.sd[i], g.sdd[i]] = centered_in(simd, row(i), (g.shift[i], 1.0, 0.0));
+            // Phase 1: the group's sums, four rows side by side (independent dependency chains).
+            let mut i = 0;
+            while i + 4 <= count {
+                g.sums::<S, 4>(simd, i, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                i += 4;
+            }
+            while i < count {
+                g.sums::<S, 1>(simd, i, [row(i)]);
+                i += 1;
             }
             // Phase 2: the statistics of all the group's rows at once.
             g.finish(n, self.eps);
@@ -724,6 +742,9 @@ impl WithSimd for Rows<'_> {
                 }
             }
             // Phase 3: normalize, from L1, while the next group is fetched.
+            let w = size_of::<S::f32s>() / 4;
+            let mut flush =
+                stage.is_some().then(|| Flush::new::<S>(self.y, start * n..(start + count) * n));
             for i in 0..count {
                 let next = (start + count + i) * n;
                 if next < self.x.len() {
@@ -731,13 +752,75 @@ impl WithSimd for Rows<'_> {
                 }
                 let (x, r) = (row(i), start + i);
                 let params = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
-                let y = &mut self.y[r * n..(r + 1) * n];
-                normalize_in(simd, x, params, (self.gamma, self.beta), y, self.stream);
+                let y = match stage.as_mut() {
+                    Some((buf, off)) => &mut buf[*off + i * n..*off + (i + 1) * n],
+                    None => &mut self.y[r * n..(r + 1) * n],
+                };
+                normalize_in(simd, x, params, (self.gamma, self.beta), y, false);
                 self.mean[r] = g.mean[i] as f32;
                 self.rstd[r] = g.rstd[i] as f32;
+                if let (Some(f), Some((buf, off))) = (flush.as_mut(), stage.as_ref()) {
+                    f.write(simd, &buf[*off..], self.y, ((i + 1) * n).saturating_sub(f.head) / w);
+                }
+            }
+            if let (Some(f), Some((buf, off))) = (flush, stage.as_ref()) {
+                f.finish(simd, &buf[*off..], self.y);
             }
             start += count;
         }
+    }
+}
+
+/// A staged span of output (`src`, hot in L1) being written to `y[span]` in pieces: streaming
+/// stores for the span's aligned vectors, ordinary masked stores for its unaligned ends.
+struct Flush {
+    span: core::ops::Range<usize>,
+    /// Elements before the first aligned one.
+    head: usize,
+    /// Aligned whole vectors, and how many are written.
+    body: usize,
+    done: usize,
+}
+
+impl Flush {
+    #[inline(always)]
+    fn new<S: Simd>(y: &[f32], span: core::ops::Range<usize>) -> Flush {
+        let (head, stream) = stream_head::<S>(&y[span.clone()], true);
+        let body = if stream { (span.len() - head) / (size_of::<S::f32s>() / 4) } else { 0 };
+        Flush { span, head, body, done: 0 }
+    }
+
+    /// Writes the aligned vectors up to `upto` (of `body`).
+    #[inline(always)]
+    fn write<S: Simd>(&mut self, _simd: S, src: &[f32], y: &mut [f32], upto: usize) {
+        let upto = upto.min(self.body);
+        if upto <= self.done {
+            return;
+        }
+        let (h, len) = (self.head, self.span.len());
+        let sh = &S::as_simd_f32s(&src[h..len]).0[self.done..upto];
+        let dh = &mut S::as_mut_simd_f32s(&mut y[self.span.start + h..self.span.end]).0;
+        for (d, &v) in dh[self.done..upto].iter_mut().zip(sh) {
+            put::<S>(d, v, true);
+        }
+        self.done = upto;
+    }
+
+    /// Writes everything not yet written.
+    #[inline(always)]
+    fn finish<S: Simd>(mut self, simd: S, src: &[f32], y: &mut [f32]) {
+        self.write(simd, src, y, self.body);
+        let (h, len) = (self.head, self.span.len());
+        let dst = &mut y[self.span.clone()];
+        if self.body == 0 {
+            dst.copy_from_slice(&src[..len]);
+            return;
+        }
+        if h > 0 {
+            simd.partial_store_f32s(&mut dst[..h], simd.partial_load_f32s(&src[..h]));
+        }
+        let tail = h + self.body * (size_of::<S::f32s>() / 4);
+        dst[tail..].copy_from_slice(&src[tail..len]);
     }
 }
 
@@ -758,6 +841,46 @@ struct Group {
 }
 
 impl Group {
+    /// The shifts and residual sums of rows `i..i + R`: per row exactly `shift_in` and
+    /// `centered_in(x, (shift, 1, 0))`, with the rows' steps interleaved so their dependency
+    /// chains overlap.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
+    fn sums<S: Simd, const R: usize>(&mut self, simd: S, i: usize, x: [&[f32]; R]) {
+        // Loops, not `array::map`: closures are compiled without the target features.
+        let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
+        let nv = S::as_simd_f32s(x[0]).0.len();
+        let mut shift = [0f32; R];
+        let mut k = [(zero, one, zero); R];
+        let mut heads: [&[S::f32s]; R] = [&[]; R];
+        for r in 0..R {
+            shift[r] = shift_in(simd, x[r]);
+            k[r].0 = simd.splat_f32s(shift[r]);
+            heads[r] = &S::as_simd_f32s(x[r]).0[..nv];
+        }
+        let mut total = [[0f64; 2]; R];
+        let pb = per_block::<S>();
+        let mut b = 0;
+        while b < nv {
+            let end = (b + pb).min(nv);
+            let mut acc = [[zero; 2]; R];
+            for j in b..end {
+                for r in 0..R {
+                    centered_step::<S, true>(simd, heads[r][j], k[r], &mut acc[r]);
+                }
+            }
+            for r in 0..R {
+                fold_into(simd, acc[r], &mut total[r]);
+            }
+            b = end;
+        }
+        for r in 0..R {
+            centered_tail(S::as_simd_f32s(x[r]).1, (shift[r], 1.0, 0.0), &mut total[r]);
+            self.shift[i + r] = shift[r];
+            [self.sd[i + r], self.sdd[i + r]] = total[r];
+        }
+    }
+
     /// `row::finish` for every row, in its common case (no rescaling, no second pass): the same
     /// operations in the same order, so bitwise its result, but in lanes across rows; rows that
     /// need the rare paths are flagged in `rare` for the caller to finish one by one.
