@@ -1010,6 +1010,229 @@ pub(crate) fn fused_backward(
     Arch::new().dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
 }
 
+/// Backward of one block of long rows (`f32`, in place), two rows per sweep: the sweep writes
+/// rows r and r+1's dx while summing rows r+2 and r+3's reductions, and reads and writes each
+/// dγ/dβ partial once per pair of rows instead of once per row — that traffic was the backward's
+/// largest cost beside x, dy and dx. Per row the operations and their order are those of
+/// [`FusedBackward`] / `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the
+/// results are bitwise those of the one-row pipeline.
+struct BackLong<'a> {
+    n: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    dx: &'a mut [f32],
+    dgamma: Option<&'a mut [f32]>,
+    dbeta: Option<&'a mut [f32]>,
+}
+
+impl WithSimd for BackLong<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(mut self, simd: S) {
+        let n = self.n;
+        let rows = self.mean.len().min(self.rstd.len());
+        let (x, dy, gamma) = (self.x, self.dy, self.gamma);
+        let span = |r: usize| r * n..(r + 1) * n;
+        let mut sums = [[0f64; 3]; 2];
+        for (r, s) in sums.iter_mut().enumerate().take(rows.min(2)) {
+            *s =
+                back_row_sums(simd, (&x[span(r)], &dy[span(r)], gamma), self.mean[r], self.rstd[r]);
+        }
+        let mut r = 0;
+        while r < rows {
+            let params = |i: usize| {
+                let (mu, rs) = (f64::from(self.mean[r + i]), f64::from(self.rstd[r + i]));
+                row::back_params::<f32>(n, mu, rs, sums[i])
+            };
+            if r + 4 <= rows {
+                // The pipelined case: this pair's dx, the next pair's sums.
+                let p = [params(0), params(1)];
+                let next = [r + 2, r + 3].map(|q| {
+                    let (m, s) =
+                        row::back_shift::<f32>(f64::from(self.mean[q]), f64::from(self.rstd[q]));
+                    (q, m, s as f32)
+                });
+                let (dx0, dx1) = self.dx[r * n..(r + 2) * n].split_at_mut(n);
+                sums = back_pair(
+                    simd,
+                    n,
+                    (x, dy, gamma),
+                    (r, p),
+                    next,
+                    [dx0, dx1],
+                    (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut()),
+                );
+                r += 2;
+            } else {
+                // The block's last rows: one at a time, each summing the row after next.
+                let p = params(0);
+                let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
+                apply_in(
+                    simd,
+                    (&x[span(r)], &dy[span(r)], gamma),
+                    &p,
+                    &mut self.dx[span(r)],
+                    dg,
+                    db,
+                );
+                sums[0] = sums[1];
+                if r + 2 < rows {
+                    let q = r + 2;
+                    sums[1] = back_row_sums(
+                        simd,
+                        (&x[span(q)], &dy[span(q)], gamma),
+                        self.mean[q],
+                        self.rstd[q],
+                    );
+                }
+                r += 1;
+            }
+        }
+    }
+}
+
+/// One row's backward sums from its saved statistics (as [`Backward`] forms them).
+#[inline(always)]
+fn back_row_sums<S: Simd>(
+    simd: S,
+    rows: (&[f32], &[f32], Option<&[f32]>),
+    mean: f32,
+    rstd: f32,
+) -> [f64; 3] {
+    let (m, s) = row::back_shift::<f32>(f64::from(mean), f64::from(rstd));
+    backward_in(simd, rows, (m, s as f32))
+}
+
+/// One sweep of [`BackLong`]: rows `r`, `r+1` (with their constants `p`) written, the rows in
+/// `next` (index, centering shift, scale) summed; returns the latter's sums.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn back_pair<S: Simd>(
+    simd: S,
+    n: usize,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (r, p): (usize, [BackParams<f32>; 2]),
+    next: [(usize, f32, f32); 2],
+    dx: [&mut [f32]; 2],
+    (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
+) -> [[f64; 3]; 2] {
+    let (xr, dr) = (|q: usize| &x[q * n..(q + 1) * n], |q: usize| &dy[q * n..(q + 1) * n]);
+    let (cx, cd) =
+        ([xr(r), xr(r + 1)].map(S::as_simd_f32s), [dr(r), dr(r + 1)].map(S::as_simd_f32s));
+    let (q0, q1) = (next[0].0, next[1].0);
+    let (nx, nd) = ([xr(q0), xr(q1)].map(S::as_simd_f32s), [dr(q0), dr(q1)].map(S::as_simd_f32s));
+    let nv = cx[0].0.len();
+    let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+    let [dx0, dx1] = dx;
+    let (dxh0, dxt0) = S::as_mut_simd_f32s(dx0);
+    let (dxh1, dxt1) = S::as_mut_simd_f32s(dx1);
+    let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
+    let mut dgs = dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let pv = [BackVecs::new(simd, &p[0]), BackVecs::new(simd, &p[1])];
+    let nk = [
+        (simd.splat_f32s(next[0].1), simd.splat_f32s(next[0].2)),
+        (simd.splat_f32s(next[1].1), simd.splat_f32s(next[1].2)),
+    ];
+    let empty: &mut [S::f32s] = &mut [];
+    let (dgh, dbh) = (
+        dgs.as_mut().map_or(empty, |d| &mut d.0[..nv]),
+        dbs.as_mut().map_or(&mut [][..], |d| &mut d.0[..nv]),
+    );
+    let cur = [(&cx[0].0[..nv], &cd[0].0[..nv]), (&cx[1].0[..nv], &cd[1].0[..nv])];
+    let nxt = [(&nx[0].0[..nv], &nd[0].0[..nv]), (&nx[1].0[..nv], &nd[1].0[..nv])];
+    let dxh = [&mut dxh0[..nv], &mut dxh1[..nv]];
+    let mut total = specialize!(back_pair_vecs::<S>(gamma.is_some(), want_g, want_b)(
+        simd,
+        (nxt, nk),
+        (cur, &pv),
+        gh,
+        dxh,
+        (dgh, dbh)
+    ));
+    // Scalar tails: the next rows' sums, then this pair's dx and dγ/dβ terms in row order.
+    let base = n - cx[0].1.len();
+    let gt = gamma.map(|g| &g[base..n]);
+    for k in 0..2 {
+        backward_tail((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2), &mut total[k]);
+    }
+    let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
+    apply_tail(
+        (cx[0].1, cd[0].1, gamma),
+        &p[0],
+        base,
+        dxt0,
+        dgt.as_deref_mut(),
+        dbt.as_deref_mut(),
+    );
+    apply_tail((cx[1].1, cd[1].1, gamma), &p[1], base, dxt1, dgt, dbt);
+    total
+}
+
+/// The vector body of [`back_pair`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted.
+#[inline(always)]
+#[allow(clippy::type_complexity, clippy::needless_range_loop)]
+fn back_pair_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
+    simd: S,
+    (nxt, nk): ([(&[S::f32s], &[S::f32s]); 2], [(S::f32s, S::f32s); 2]),
+    (cur, pv): ([(&[S::f32s], &[S::f32s]); 2], &[BackVecs<S::f32s>; 2]),
+    gh: &[S::f32s],
+    dxh: [&mut [S::f32s]; 2],
+    (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
+) -> [[f64; 3]; 2] {
+    let nv = cur[0].0.len();
+    let [dxh0, dxh1] = dxh;
+    let zero = simd.splat_f32s(0.0);
+    let mut total = [[0f64; 3]; 2];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [[zero; 3]; 2];
+        for j in i..end {
+            let g = if G { Some(gh[j]) } else { None };
+            for k in 0..2 {
+                backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
+            }
+            let (d0, xh0) = apply_step(simd, (cur[0].0[j], cur[0].1[j], g), &pv[0]);
+            let (d1, xh1) = apply_step(simd, (cur[1].0[j], cur[1].1[j], g), &pv[1]);
+            dxh0[j] = d0;
+            dxh1[j] = d1;
+            if DG {
+                let t = simd.add_f32s(dgh[j], simd.mul_f32s(cur[0].1[j], xh0));
+                dgh[j] = simd.add_f32s(t, simd.mul_f32s(cur[1].1[j], xh1));
+            }
+            if DB {
+                dbh[j] = simd.add_f32s(simd.add_f32s(dbh[j], cur[0].1[j]), cur[1].1[j]);
+            }
+        }
+        for k in 0..2 {
+            fold_into(simd, acc[k], &mut total[k]);
+        }
+        i = end;
+    }
+    total
+}
+
+/// Backward of a block of long rows in place (see [`BackLong`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn back_long(
+    n: usize,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: Option<&[f32]>,
+    dx: &mut [f32],
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) {
+    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
+}
+
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
 pub(crate) fn backward_sums(
     x: &[f32],

@@ -93,6 +93,24 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
 
+    /// Backward of a block of rows of at least [`FUSE_MIN_N`], in place, adding into the block's
+    /// dγ/dβ partials in row order; `false` where the type has no such kernel (the caller then
+    /// runs the generic pipelined loop, with the same results).
+    #[allow(clippy::too_many_arguments)]
+    fn back_long(
+        _n: usize,
+        _x: &[Self],
+        _dy: &[Self],
+        _mean: &[Self],
+        _rstd: &[Self],
+        _gamma: Option<&[Self]>,
+        _dx: &mut [Self],
+        _dgamma: Option<&mut [Self]>,
+        _dbeta: Option<&mut [Self]>,
+    ) -> bool {
+        false
+    }
+
     /// (Σe, Σe²) with e = (x − m)·s − ml.
     fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
         residual_sums(x, m, s, ml)
@@ -175,6 +193,20 @@ impl Real for f32 {
         dbeta: Option<&mut [f32]>,
     ) {
         crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    }
+    fn back_long(
+        n: usize,
+        x: &[f32],
+        dy: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: Option<&[f32]>,
+        dx: &mut [f32],
+        dgamma: Option<&mut [f32]>,
+        dbeta: Option<&mut [f32]>,
+    ) -> bool {
+        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
+        true
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
         crate::reduce::centered(x, m, s, ml)

@@ -238,6 +238,12 @@ pub(crate) fn backward_rows<T: CpuElement>(
     if n < row::FUSE_MIN_N {
         return backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
     }
+    if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
+        let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
+        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, dg, db) {
+            return;
+        }
+    }
     let zero = T::Acc::zero();
     let direct = T::as_acc(x).is_some();
     let span = |r: usize| r * n..(r + 1) * n;
