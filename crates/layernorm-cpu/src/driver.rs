@@ -20,12 +20,13 @@ pub(crate) const TASK_ELEMS: usize = 1 << 15;
 /// Below this many elements, everything runs on the calling thread.
 pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
-/// With `Stores::Auto`, forward problems whose input and output together exceed this many bytes
-/// write their output with non-temporal (streaming) stores: it cannot stay in cache anyway, and
-/// ordinary stores would first read every output line from memory (a third stream of traffic).
-/// Below it, the output is left in cache for whoever reads it next. 32 MiB: a typical server L3
-/// slice; the operating system's report of the L3 size is not trusted (virtual machines report
-/// the host's).
+/// With `Stores::Auto`, calls whose output (y, or dx) is at least this many bytes write it with
+/// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary
+/// stores would first read every output line from memory (one more stream of traffic). Below it,
+/// the output is left in cache for whoever reads it next. 32 MiB: with the inputs, more than a
+/// typical server L3 slice; measured here, streaming won from outputs of 32 MiB up and lost at
+/// 16 MiB (`docs/performance.md`). The operating system's report of the L3 size is not used:
+/// virtual machines report the host's.
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).
@@ -77,6 +78,7 @@ pub(crate) fn backward<T: CpuElement>(
     dx: &mut [T],
     dgamma: Option<&mut [T]>,
     dbeta: Option<&mut [T]>,
+    stream: bool,
 ) {
     let rows = mean.len();
     let gamma = load_param(gamma);
@@ -107,6 +109,7 @@ pub(crate) fn backward<T: CpuElement>(
             dx,
             pg,
             pb,
+            stream,
         );
     };
 

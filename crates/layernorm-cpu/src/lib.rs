@@ -54,7 +54,8 @@ pub struct CpuBackend {
     stores: Stores,
 }
 
-/// How the forward writes `y`: a performance choice only — the values are bitwise the same.
+/// How the forward writes `y` and the backward `dx`: a performance choice only — the values are
+/// bitwise the same.
 ///
 /// Ordinary stores first read every output cache line from memory (to own it), then write it back:
 /// for an output larger than the caches that is a third stream of memory traffic beside reading x
@@ -62,8 +63,8 @@ pub struct CpuBackend {
 /// leave y out of cache, which costs whoever reads y next if it would have fit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stores {
-    /// Streaming stores when x and y together exceed 32 MiB (more than a server L3 slice holds),
-    /// ordinary stores otherwise.
+    /// Streaming stores when the call's output (y, or dx) is 32 MiB or more — with the inputs,
+    /// more than a server L3 slice holds — ordinary stores otherwise.
     #[default]
     Auto,
     /// Always ordinary stores (y stays in cache).
@@ -74,10 +75,10 @@ pub enum Stores {
 }
 
 impl Stores {
-    /// Whether a forward over `x_bytes` of input (and as many of output) streams its stores.
-    fn stream(self, x_bytes: usize) -> bool {
+    /// Whether a call writing `out_bytes` of output (y, or dx) streams its stores.
+    fn stream(self, out_bytes: usize) -> bool {
         match self {
-            Stores::Auto => 2 * x_bytes > driver::STREAM_MIN_BYTES,
+            Stores::Auto => out_bytes >= driver::STREAM_MIN_BYTES,
             Stores::Cached => false,
             Stores::Streaming => true,
         }
@@ -150,7 +151,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        let stream = self.stores.stream(size_of_val(x));
+        let stream = self.stores.stream(size_of_val(y));
         self.run(x.len(), || {
             driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, stream)
         });
@@ -186,7 +187,10 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        self.run(x.len(), || driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta));
+        let stream = self.stores.stream(size_of_val(dx));
+        self.run(x.len(), || {
+            driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
+        });
         Ok(())
     }
 

@@ -1026,6 +1026,7 @@ struct BackLong<'a> {
     dx: &'a mut [f32],
     dgamma: Option<&'a mut [f32]>,
     dbeta: Option<&'a mut [f32]>,
+    stream: bool,
 }
 
 impl WithSimd for BackLong<'_> {
@@ -1036,6 +1037,11 @@ impl WithSimd for BackLong<'_> {
         let rows = self.mean.len().min(self.rstd.len());
         let (x, dy, gamma) = (self.x, self.dy, self.gamma);
         let span = |r: usize| r * n..(r + 1) * n;
+        let mut stage = self.stream.then(|| {
+            let buf = vec![0f32; 2 * n + 16];
+            let off = buf.as_ptr().align_offset(64).min(16);
+            (buf, off)
+        });
         let mut sums = [[0f64; 3]; 2];
         for (r, s) in sums.iter_mut().enumerate().take(rows.min(2)) {
             *s =
@@ -1055,7 +1061,12 @@ impl WithSimd for BackLong<'_> {
                         row::back_shift::<f32>(f64::from(self.mean[q]), f64::from(self.rstd[q]));
                     (q, m, s as f32)
                 });
-                let (dx0, dx1) = self.dx[r * n..(r + 2) * n].split_at_mut(n);
+                // With streaming, the pair's dx is staged in L1 and written as one span.
+                let out = match stage.as_mut() {
+                    Some((buf, off)) => &mut buf[*off..*off + 2 * n],
+                    None => &mut self.dx[r * n..(r + 2) * n],
+                };
+                let (dx0, dx1) = out.split_at_mut(n);
                 sums = back_pair(
                     simd,
                     n,
@@ -1065,6 +1076,10 @@ impl WithSimd for BackLong<'_> {
                     [dx0, dx1],
                     (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut()),
                 );
+                if let Some((buf, off)) = stage.as_ref() {
+                    let f = Flush::new::<S>(self.dx, r * n..(r + 2) * n);
+                    f.finish(simd, &buf[*off..], self.dx);
+                }
                 r += 2;
             } else {
                 // The block's last rows: one at a time, each summing the row after next.
@@ -1229,8 +1244,9 @@ pub(crate) fn back_long(
     dx: &mut [f32],
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
+    stream: bool,
 ) {
-    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
+    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream })
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).

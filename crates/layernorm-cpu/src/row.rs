@@ -95,7 +95,8 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
 
     /// Backward of a block of rows of at least [`FUSE_MIN_N`], in place, adding into the block's
     /// dγ/dβ partials in row order; `false` where the type has no such kernel (the caller then
-    /// runs the generic pipelined loop, with the same results).
+    /// runs the generic pipelined loop, with the same results). `stream` asks for non-temporal
+    /// stores of dx (a hint).
     #[allow(clippy::too_many_arguments)]
     fn back_long(
         _n: usize,
@@ -107,6 +108,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         _dx: &mut [Self],
         _dgamma: Option<&mut [Self]>,
         _dbeta: Option<&mut [Self]>,
+        _stream: bool,
     ) -> bool {
         false
     }
@@ -204,8 +206,9 @@ impl Real for f32 {
         dx: &mut [f32],
         dgamma: Option<&mut [f32]>,
         dbeta: Option<&mut [f32]>,
+        stream: bool,
     ) -> bool {
-        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
+        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
         true
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {

@@ -230,6 +230,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
     dx: &mut [T],
     mut dgamma: Option<&mut [T::Acc]>,
     mut dbeta: Option<&mut [T::Acc]>,
+    stream: bool,
 ) {
     let rows = mean.len().min(rstd.len());
     if rows == 0 {
@@ -240,7 +241,10 @@ pub(crate) fn backward_rows<T: CpuElement>(
     }
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
-        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, dg, db) {
+        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, dg, db, stream) {
+            if stream {
+                crate::reduce::stream_fence();
+            }
             return;
         }
     }

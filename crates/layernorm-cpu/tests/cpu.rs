@@ -315,9 +315,9 @@ fn rows_are_independent_of_their_neighbours() {
 
 #[test]
 fn streaming_stores_give_the_same_bits_at_every_alignment() {
-    // Streaming stores split each output row at its first 64-byte boundary; the values must not
+    // Streaming stores split each output span at its first 64-byte boundary; the values must not
     // depend on where that falls, nor on the store kind. Short rows, pipelined rows, and a
-    // problem large enough to run in parallel; y at every 4-byte phase of a cache line.
+    // problem large enough to run in parallel; y and dx at every 4-byte phase of a cache line.
     let cached = CpuBackend::new().with_stores(Stores::Cached);
     let streaming = CpuBackend::new().with_stores(Stores::Streaming);
     for (rows, n) in
@@ -341,6 +341,25 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
                 assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)));
                 let outside = y1[..offset].iter().chain(&y1[offset + rows * n..]);
                 assert!(outside.into_iter().all(|&v| v == -7.0), "wrote outside y");
+            }
+            // Backward: dx streamed at every phase, dγ/dβ unchanged.
+            let dy = normal(rows * n, 25 + n as u64);
+            let (want_g, want_b) = (gamma.is_some(), beta.is_some());
+            let grads = |cpu: &CpuBackend, dx: &mut [f32]| {
+                let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
+                let (g_out, b_out) = (want_g.then_some(&mut dg[..]), want_b.then_some(&mut db[..]));
+                cpu.backward_into(&spec, &x, &dy, &m0, &r0, gamma, dx, g_out, b_out).unwrap();
+                (bits(&dg), bits(&db))
+            };
+            let mut dx0 = vec![0f32; rows * n];
+            let params0 = grads(&cached, &mut dx0);
+            for offset in 0..16 {
+                let mut dx1 = vec![-7f32; rows * n + 16];
+                let out = &mut dx1[offset..offset + rows * n];
+                assert_eq!(grads(&streaming, out), params0, "dγ/dβ, n={n}, offset {offset}");
+                assert_eq!(bits(out), bits(&dx0), "dx, n={n}, offset {offset}");
+                let outside = dx1[..offset].iter().chain(&dx1[offset + rows * n..]);
+                assert!(outside.into_iter().all(|&v| v == -7.0), "wrote outside dx");
             }
         }
     }
