@@ -52,18 +52,18 @@ fn affine<S: Simd, const G: bool, const B: bool>(
     if B { simd.add_f32s(t, beta[j]) } else { t }
 }
 
-/// Calls `$f::<S, G, B, ST>(args)` with the three flags turned into const generics.
+/// Calls `$f::<S, [K,] G, B, ST>(args)` with the three flags turned into const generics.
 macro_rules! specialize {
-    ($f:ident::<$s:ident>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
         match ($g, $b, $st) {
-            (false, false, false) => $f::<$s, false, false, false>($($arg),*),
-            (false, false, true) => $f::<$s, false, false, true>($($arg),*),
-            (false, true, false) => $f::<$s, false, true, false>($($arg),*),
-            (false, true, true) => $f::<$s, false, true, true>($($arg),*),
-            (true, false, false) => $f::<$s, true, false, false>($($arg),*),
-            (true, false, true) => $f::<$s, true, false, true>($($arg),*),
-            (true, true, false) => $f::<$s, true, true, false>($($arg),*),
-            (true, true, true) => $f::<$s, true, true, true>($($arg),*),
+            (false, false, false) => $f::<$s, $($k,)? false, false, false>($($arg),*),
+            (false, false, true) => $f::<$s, $($k,)? false, false, true>($($arg),*),
+            (false, true, false) => $f::<$s, $($k,)? false, true, false>($($arg),*),
+            (false, true, true) => $f::<$s, $($k,)? false, true, true>($($arg),*),
+            (true, false, false) => $f::<$s, $($k,)? true, false, false>($($arg),*),
+            (true, false, true) => $f::<$s, $($k,)? true, false, true>($($arg),*),
+            (true, true, false) => $f::<$s, $($k,)? true, true, false>($($arg),*),
+            (true, true, true) => $f::<$s, $($k,)? true, true, true>($($arg),*),
         }
     };
 }
@@ -933,6 +933,7 @@ pub(crate) fn rows(
 
 /// Backward of consecutive short rows in one dispatch, adding into one block's dγ/dβ partials.
 struct BackRows<'a> {
+    stream: bool,
     n: usize,
     x: &'a [f32],
     dy: &'a [f32],
@@ -951,29 +952,229 @@ impl WithSimd for BackRows<'_> {
         let n = self.n;
         let rows = self.mean.len().min(self.rstd.len());
         let per = group_rows(n);
+        let gamma = self.gamma;
         let mut sums = [[0f64; 3]; GROUP_ROWS];
+        let mut params = [BackParams::<f32>::default(); GROUP_ROWS];
+        // With streaming, a group's dx is staged in L1 and written as one span (see `Rows`).
+        let mut stage = self.stream.then(|| {
+            let buf = vec![0f32; per * n + 16];
+            let off = buf.as_ptr().align_offset(64).min(16);
+            (buf, off)
+        });
         let mut start = 0;
         while start < rows {
             let count = per.min(rows - start);
-            let span = |i: usize| (start + i) * n..(start + i + 1) * n;
-            let stats =
-                |i: usize| (f64::from(self.mean[start + i]), f64::from(self.rstd[start + i]));
-            // Phase 1: the group's sums (rows independent: their loads overlap).
-            for (i, s) in sums.iter_mut().enumerate().take(count) {
-                let (mu, rs) = stats(i);
-                let (m, sc) = row::back_shift::<f32>(mu, rs);
-                let (x, dy) = (&self.x[span(i)], &self.dy[span(i)]);
-                *s = backward_in(simd, (x, dy, self.gamma), (m, sc as f32));
+            let (x, dy) = (self.x, self.dy);
+            let xr = |i: usize| row_at(x, n, start + i);
+            let dr = |i: usize| row_at(dy, n, start + i);
+            // Phase 1: the group's sums, two rows side by side.
+            let mut i = 0;
+            while i < count {
+                let k = if i + 2 <= count { 2 } else { 1 };
+                for (q, p) in params.iter_mut().enumerate().skip(i).take(k) {
+                    let (mu, rs) =
+                        (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
+                    let (m, s) = row::back_shift::<f32>(mu, rs);
+                    (p.m, p.sa) = (m, s as f32);
+                }
+                if k == 2 {
+                    let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
+                    let ms = [(params[i].m, params[i].sa), (params[i + 1].m, params[i + 1].sa)];
+                    let got = back_sums_k::<S, 2>(simd, rows2, gamma, ms);
+                    sums[i..i + 2].copy_from_slice(&got);
+                } else {
+                    let got = back_sums_k::<S, 1>(
+                        simd,
+                        [(xr(i), dr(i))],
+                        gamma,
+                        [(params[i].m, params[i].sa)],
+                    );
+                    sums[i] = got[0];
+                }
+                i += k;
             }
-            // Phase 2: dx and the dγ/dβ terms in row order, from L1.
-            for (i, &s) in sums.iter().enumerate().take(count) {
-                let (mu, rs) = stats(i);
-                let p = row::back_params::<f32>(n, mu, rs, s);
-                let (x, dy) = (&self.x[span(i)], &self.dy[span(i)]);
+            // Phase 2: every row's constants.
+            for q in 0..count {
+                let (mu, rs) = (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
+                params[q] = row::back_params::<f32>(n, mu, rs, sums[q]);
+            }
+            // Phase 3: dx and the dγ/dβ terms (four rows per pass over the partials), from L1,
+            // while the next group is fetched.
+            let out = match stage.as_mut() {
+                Some((buf, off)) => &mut buf[*off..*off + count * n],
+                None => &mut self.dx[start * n..(start + count) * n],
+            };
+            let mut i = 0;
+            while i < count {
+                let k = if i + 2 <= count { 2 } else { 1 };
+                let ahead = (start + count + i) * n;
+                let ahead = ahead.min(x.len())..(ahead + k * n).min(x.len());
+                prefetch(&x[ahead.clone()]);
+                prefetch(&dy[ahead]);
                 let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
-                apply_in(simd, (x, dy, self.gamma), &p, &mut self.dx[span(i)], dg, db);
+                let out = &mut out[i * n..(i + k) * n];
+                if k == 2 {
+                    let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
+                    apply_k::<S, 2>(simd, rows2, gamma, &[params[i], params[i + 1]], out, (dg, db));
+                } else {
+                    apply_k::<S, 1>(simd, [(xr(i), dr(i))], gamma, &[params[i]], out, (dg, db));
+                }
+                i += k;
+            }
+            if let Some((buf, off)) = stage.as_ref() {
+                let f = Flush::new::<S>(self.dx, start * n..(start + count) * n);
+                f.finish(simd, &buf[*off..], self.dx);
             }
             start += count;
+        }
+    }
+}
+
+/// Row `r` of rows of `n`.
+#[inline(always)]
+fn row_at(v: &[f32], n: usize, r: usize) -> &[f32] {
+    &v[r * n..(r + 1) * n]
+}
+
+/// The backward sums of K rows side by side: per row exactly [`backward_in`] (same operations,
+/// same order), interleaved so that the rows' dependency chains overlap.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn back_sums_k<S: Simd, const K: usize>(
+    simd: S,
+    rows: [(&[f32], &[f32]); K],
+    gamma: Option<&[f32]>,
+    shifts: [(f32, f32); K],
+) -> [[f64; 3]; K] {
+    let n = rows[0].0.len();
+    let zero = simd.splat_f32s(0.0);
+    let nv = S::as_simd_f32s(rows[0].0).0.len();
+    let mut xs: [&[S::f32s]; K] = [&[]; K];
+    let mut ds: [&[S::f32s]; K] = [&[]; K];
+    let mut ks = [(zero, zero); K];
+    for r in 0..K {
+        xs[r] = &S::as_simd_f32s(rows[r].0).0[..nv];
+        ds[r] = &S::as_simd_f32s(&rows[r].1[..n]).0[..nv];
+        ks[r] = (simd.splat_f32s(shifts[r].0), simd.splat_f32s(shifts[r].1));
+    }
+    let gh = gamma.map(|g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+    let mut total = [[0f64; 3]; K];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [[zero; 3]; K];
+        for j in i..end {
+            let g = gh.map(|g| g[j]);
+            for r in 0..K {
+                backward_step(simd, (xs[r][j], ds[r][j], g), ks[r], &mut acc[r]);
+            }
+        }
+        for r in 0..K {
+            fold_into(simd, acc[r], &mut total[r]);
+        }
+        i = end;
+    }
+    let base = nv * (size_of::<S::f32s>() / 4);
+    for r in 0..K {
+        let gt = gamma.map(|g| &g[base..n]);
+        backward_tail((&rows[r].0[base..], &rows[r].1[base..n], gt), shifts[r], &mut total[r]);
+    }
+    total
+}
+
+/// The backward's second sweep over K consecutive rows (dx into `out`, K rows of n), adding
+/// their dγ/dβ terms into the partials in row order with one read and one write of each partial
+/// vector per K rows: per row the operations of [`apply_in`], so bitwise its results.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn apply_k<S: Simd, const K: usize>(
+    simd: S,
+    rows: [(&[f32], &[f32]); K],
+    gamma: Option<&[f32]>,
+    p: &[BackParams<f32>; K],
+    out: &mut [f32],
+    (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
+) {
+    let n = rows[0].0.len();
+    let nv = S::as_simd_f32s(rows[0].0).0.len();
+    let base = nv * (size_of::<S::f32s>() / 4);
+    let zero = simd.splat_f32s(0.0);
+    let mut xs: [&[S::f32s]; K] = [&[]; K];
+    let mut ds: [&[S::f32s]; K] = [&[]; K];
+    let mut pv = [BackVecs { m: zero, sa: zero, ml: zero, r: zero, a: zero, b: zero, c: zero }; K];
+    for r in 0..K {
+        xs[r] = &S::as_simd_f32s(rows[r].0).0[..nv];
+        ds[r] = &S::as_simd_f32s(&rows[r].1[..n]).0[..nv];
+        pv[r] = BackVecs::new(simd, &p[r]);
+    }
+    let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+    let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
+    let (mut dgv, mut dbv) = (dgamma, dbeta);
+    {
+        let empty_g: &mut [S::f32s] = &mut [];
+        let empty_b: &mut [S::f32s] = &mut [];
+        let dgh =
+            dgv.as_deref_mut().map_or(empty_g, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
+        let dbh =
+            dbv.as_deref_mut().map_or(empty_b, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
+        specialize!(apply_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
+            simd,
+            (&xs, &ds),
+            gh,
+            &pv,
+            out,
+            (dgh, dbh)
+        ));
+    }
+    for r in 0..K {
+        let dxr = &mut out[r * n + base..(r + 1) * n];
+        let (dg, db) = (
+            dgv.as_deref_mut().map(|d| &mut d[base..n]),
+            dbv.as_deref_mut().map(|d| &mut d[base..n]),
+        );
+        apply_tail((&rows[r].0[base..], &rows[r].1[base..n], gamma), &p[r], base, dxr, dg, db);
+    }
+}
+
+/// The vector body of [`apply_k`].
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::type_complexity)]
+fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
+    simd: S,
+    (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
+    gh: &[S::f32s],
+    pv: &[BackVecs<S::f32s>; K],
+    out: &mut [f32],
+    (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
+) {
+    let n = out.len() / K;
+    let nv = xs[0].len();
+    let mut chunks = out.chunks_exact_mut(n);
+    let outs: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
+        let row = chunks.next().unwrap_or_default();
+        &mut S::as_mut_simd_f32s(row).0[..nv]
+    });
+    for j in 0..nv {
+        let g = if G { Some(gh[j]) } else { None };
+        let (mut dgv, mut dbv) =
+            (if DG { dgh[j] } else { ds[0][j] }, if DB { dbh[j] } else { ds[0][j] });
+        for r in 0..K {
+            let dyv = ds[r][j];
+            let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
+            outs[r][j] = d;
+            if DG {
+                dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xhat));
+            }
+            if DB {
+                dbv = simd.add_f32s(dbv, dyv);
+            }
+        }
+        if DG {
+            dgh[j] = dgv;
+        }
+        if DB {
+            dbh[j] = dbv;
         }
     }
 }
@@ -990,8 +1191,9 @@ pub(crate) fn back_rows(
     dx: &mut [f32],
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
+    stream: bool,
 ) {
-    Arch::new().dispatch(BackRows { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
+    Arch::new().dispatch(BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -1315,7 +1517,7 @@ mod tests {
                 // Backward from finite statistics (the NaN row's are NaN, which is fine too).
                 let (mut dx0, mut dg0, mut db0) =
                     (vec![0f32; nrows * n], vec![0f32; n], vec![0f32; n]);
-                let (mut dx1, mut dg1, mut db1) = (dx0.clone(), dg0.clone(), db0.clone());
+                let (dx1, dg1, db1) = (dx0.clone(), dg0.clone(), db0.clone());
                 row::back_rows_portable(
                     n,
                     &x,
@@ -1327,9 +1529,15 @@ mod tests {
                     Some(&mut dg0),
                     Some(&mut db0),
                 );
-                back_rows(n, &x, &dy, &m0, &r0, gamma, &mut dx1, Some(&mut dg1), Some(&mut db1));
-                assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}");
-                assert_eq!((bits(&dg1), bits(&db1)), (bits(&dg0), bits(&db0)), "dγ/dβ, n={n}");
+                for stream in [false, true] {
+                    let (mut dx1, mut dg1, mut db1) = (dx1.clone(), dg1.clone(), db1.clone());
+                    let (dg, db) = (Some(&mut dg1[..]), Some(&mut db1[..]));
+                    back_rows(n, &x, &dy, &m0, &r0, gamma, &mut dx1, dg, db, stream);
+                    stream_fence();
+                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}");
+                    let (g1, b1, g0, b0) = (bits(&dg1), bits(&db1), bits(&dg0), bits(&db0));
+                    assert_eq!((g1, b1), (g0, b0), "dγ/dβ, n={n}");
+                }
             }
         }
     }

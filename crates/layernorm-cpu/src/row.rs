@@ -77,7 +77,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
 
     /// Backward of `mean.len()` consecutive rows of `n` (the short-row path), adding the rows'
     /// dγ/dβ terms into `dgamma`/`dbeta` in row order. The portable default composes
-    /// [`back_params`] and [`back_apply`] row by row.
+    /// [`back_params`] and [`back_apply`] row by row. `stream`: as for [`Real::rows`].
     #[allow(clippy::too_many_arguments)]
     fn back_rows(
         n: usize,
@@ -89,6 +89,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         dx: &mut [Self],
         dgamma: Option<&mut [Self]>,
         dbeta: Option<&mut [Self]>,
+        _stream: bool,
     ) {
         back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
@@ -193,8 +194,9 @@ impl Real for f32 {
         dx: &mut [f32],
         dgamma: Option<&mut [f32]>,
         dbeta: Option<&mut [f32]>,
+        stream: bool,
     ) {
-        crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+        crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
     }
     fn back_long(
         n: usize,
@@ -570,7 +572,7 @@ fn backward_lanes<A: Real>(
 
 /// The per-row constants of the backward's second sweep: x̂ = ((x − m)·sa − m_lo)·r and
 /// dx = a·g + b + x̂·c (g = dy·γ).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct BackParams<A> {
     /// The saved mean, rounded to `A` (the centering shift).
     pub m: A,

@@ -165,11 +165,14 @@ fn backward_short<T: CpuElement>(
     dx: &mut [T],
     mut dgamma: Option<&mut [T::Acc]>,
     mut dbeta: Option<&mut [T::Acc]>,
+    stream: bool,
 ) {
     let rows = mean.len().min(rstd.len());
     let (x, dy, dx) = (&x[..rows * n], &dy[..rows * n], &mut dx[..rows * n]);
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
-        return <T::Acc as Real>::back_rows(n, xa, da, mean, rstd, gamma, dxa, dgamma, dbeta);
+        return <T::Acc as Real>::back_rows(
+            n, xa, da, mean, rstd, gamma, dxa, dgamma, dbeta, stream,
+        );
     }
     let per = (SHORT_CHUNK / n).max(1);
     let zero = T::Acc::zero();
@@ -190,6 +193,7 @@ fn backward_short<T: CpuElement>(
             &mut dxb[..len],
             dg,
             dbeta,
+            false,
         );
         T::narrow(&dxb[..len], dxc);
     }
@@ -237,7 +241,11 @@ pub(crate) fn backward_rows<T: CpuElement>(
         return;
     }
     if n < row::FUSE_MIN_N {
-        return backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
+        backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
+        if stream {
+            crate::reduce::stream_fence();
+        }
+        return;
     }
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
