@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 use layernorm_benches::{SHAPES, data, quick};
-use layernorm_core::{Element, NormSpec};
+use layernorm_core::{DType, Element, HostNormalizeExt, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
 use rayon::prelude::*;
 
@@ -90,11 +90,37 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
     }
 }
 
+/// The allocating path as users call it in a loop (`forward_vec`: outputs allocated, then
+/// dropped, every call) beside the same copy baseline: with the backend's output cache, large
+/// outputs are not faulted in afresh each call.
+fn bench_allocating(c: &mut Criterion) {
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+    let cpu = CpuBackend::with_pool(pool.clone());
+    let mut group = c.benchmark_group("cpu/fwd-alloc/f32/1t");
+    for (rows, n) in SHAPES {
+        let numel = rows * n;
+        let id = format!("{rows}x{n}");
+        let spec = NormSpec::layer_norm(rows, n, DType::F32);
+        let x = data(numel, 1);
+        let (g, b) = (data(n, 3), data(n, 4));
+        let mut y = x.clone();
+        group.throughput(Throughput::Bytes((2 * numel * 4) as u64));
+        group.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
+            bch.iter(|| drop(cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap()))
+        });
+        group.bench_function(BenchmarkId::new("baseline", &id), |bch| {
+            bch.iter(|| pool.install(|| copy(&x, &mut y)))
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     for threads in [1, 2] {
         bench_dtype::<f32>(c, threads);
         bench_dtype::<bf16>(c, threads);
     }
+    bench_allocating(c);
 }
 
 fn config() -> Criterion {

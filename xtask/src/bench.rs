@@ -155,7 +155,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<6} {:<4} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}",
+        "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}",
         "bench", "pass", "dtype", "thr", "shape", "GB/s", "baseline", "fraction"
     );
     for r in rows {
@@ -164,7 +164,7 @@ fn print_table(rows: &[Row]) {
             _ => ("-".into(), "-".into()),
         };
         println!(
-            "{:<6} {:<4} {:<5} {:<4} {:<11} {:>9.1} {:>12} {:>9}",
+            "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9.1} {:>12} {:>9}",
             r.backend,
             r.pass,
             r.dtype,

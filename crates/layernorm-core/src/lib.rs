@@ -15,12 +15,14 @@
 //! # Ok::<(), layernorm_core::Error>(())
 //! ```
 
+mod cache;
 mod dtype;
 mod error;
 mod normalize;
 pub mod reference;
 mod spec;
 
+pub use cache::{Out, OutputCache};
 pub use dtype::{DType, Element, HostSlice, HostSliceMut, HostVec};
 pub use error::{Error, Result};
 pub use normalize::{

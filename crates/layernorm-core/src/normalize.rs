@@ -20,6 +20,10 @@
 //!   variants are new kinds (and, where they need more tensors, new optional fields of the argument
 //!   bundles, which are `#[non_exhaustive]`).
 
+use std::sync::Arc;
+
+use crate::cache::{Out, OutputCache};
+
 use crate::{DType, Element, Error, HostSlice, HostSliceMut, NormKind, NormSpec, Result};
 
 /// Anything with a dtype and a length: device buffers, and host slices.
@@ -255,6 +259,29 @@ pub trait Normalize: Send + Sync {
         DeviceInfo { kind: DeviceKind::Cpu, name: "host CPU".into() }
     }
 
+    /// Runs a forward pass directly on host memory, for backends whose buffers are host memory
+    /// (the CPU): called by the host layer ([`HostNormalize`]) after validation. `None`, the
+    /// default, makes the host layer upload the inputs, run, and download the outputs.
+    fn forward_on_host(&self, _spec: &NormSpec, _args: &mut HostForward<'_>) -> Option<Result<()>> {
+        None
+    }
+
+    /// The backward counterpart of [`Normalize::forward_on_host`].
+    fn backward_on_host(
+        &self,
+        _spec: &NormSpec,
+        _args: &mut HostBackward<'_>,
+    ) -> Option<Result<()>> {
+        None
+    }
+
+    /// The cache the allocating conveniences ([`HostNormalizeExt`]) draw their outputs from, so
+    /// that repeated calls reuse memory instead of faulting in fresh pages; `None` (the default)
+    /// allocates plainly.
+    fn output_cache(&self) -> Option<Arc<OutputCache>> {
+        None
+    }
+
     /// Validates, then runs the forward pass: y, and the per-row mean and rstd.
     fn forward(&self, spec: &NormSpec, args: Forward<'_, Self::Buffer>) -> Result<()> {
         validate_forward(spec, &args)?;
@@ -310,6 +337,8 @@ pub trait HostNormalize: Send + Sync {
     fn forward_host(&self, spec: &NormSpec, args: HostForward<'_>) -> Result<()>;
     /// Backward over host slices.
     fn backward_host(&self, spec: &NormSpec, args: HostBackward<'_>) -> Result<()>;
+    /// See [`Normalize::output_cache`].
+    fn output_cache(&self) -> Option<Arc<OutputCache>>;
 }
 
 impl<B: Normalize> HostNormalize for B {
@@ -325,9 +354,16 @@ impl<B: Normalize> HostNormalize for B {
         Normalize::device(self)
     }
 
-    fn forward_host(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
+    fn output_cache(&self) -> Option<Arc<OutputCache>> {
+        Normalize::output_cache(self)
+    }
+
+    fn forward_host(&self, spec: &NormSpec, mut a: HostForward<'_>) -> Result<()> {
         validate_forward(spec, &a)?;
         Normalize::supports(self, spec.kind, spec.dtype)?;
+        if let Some(done) = self.forward_on_host(spec, &mut a) {
+            return done;
+        }
         let x = self.upload(a.x)?;
         let gamma = a.gamma.map(|g| self.upload(g)).transpose()?;
         let beta = a.beta.map(|b| self.upload(b)).transpose()?;
@@ -343,9 +379,12 @@ impl<B: Normalize> HostNormalize for B {
         self.download(&rstd, a.rstd)
     }
 
-    fn backward_host(&self, spec: &NormSpec, a: HostBackward<'_>) -> Result<()> {
+    fn backward_host(&self, spec: &NormSpec, mut a: HostBackward<'_>) -> Result<()> {
         validate_backward(spec, &a)?;
         Normalize::supports(self, spec.kind, spec.dtype)?;
+        if let Some(done) = self.backward_on_host(spec, &mut a) {
+            return done;
+        }
         let x = self.upload(a.x)?;
         let dy = self.upload(a.dy)?;
         let mean = self.upload(a.mean)?;
@@ -378,26 +417,35 @@ impl<B: Normalize> HostNormalize for B {
     }
 }
 
-/// Outputs of a forward pass, as vectors.
+/// Outputs of a forward pass, as vectors (each returns to the backend's [`OutputCache`] when
+/// dropped, if it keeps one; [`Out::into_vec`] keeps it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Forwarded<T: Element> {
     /// y, rows × N.
-    pub y: Vec<T>,
+    pub y: Out<T>,
     /// Per-row mean.
-    pub mean: Vec<T::Acc>,
+    pub mean: Out<T::Acc>,
     /// Per-row rstd.
-    pub rstd: Vec<T::Acc>,
+    pub rstd: Out<T::Acc>,
 }
 
-/// Outputs of a backward pass, as vectors.
+/// Outputs of a backward pass, as vectors (recycled like [`Forwarded`]'s).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gradients<T: Element> {
     /// dx, rows × N.
-    pub dx: Vec<T>,
+    pub dx: Out<T>,
     /// dγ (N), when the problem has γ.
-    pub dgamma: Option<Vec<T>>,
+    pub dgamma: Option<Out<T>>,
     /// dβ (N), when the problem has β.
-    pub dbeta: Option<Vec<T>>,
+    pub dbeta: Option<Out<T>>,
+}
+
+/// An output vector of `len` elements, from `cache` when there is one.
+fn out_vec<T: Element>(cache: &Option<Arc<OutputCache>>, len: usize) -> Out<T> {
+    match cache {
+        Some(c) => c.vec(len),
+        None => Out::detached(vec![T::from_f64(0.0); len]),
+    }
 }
 
 /// Typed, allocating conveniences over [`HostNormalize`], for any backend (trait objects too).
@@ -411,11 +459,11 @@ pub trait HostNormalizeExt: HostNormalize {
         beta: Option<&[T]>,
     ) -> Result<Forwarded<T>> {
         spec.validate()?;
-        let zero = T::Acc::from_f64(0.0);
+        let cache = self.output_cache();
         let mut out = Forwarded {
-            y: vec![T::from_f64(0.0); x.len()],
-            mean: vec![zero; spec.rows],
-            rstd: vec![zero; spec.rows],
+            y: out_vec(&cache, x.len()),
+            mean: out_vec(&cache, spec.rows),
+            rstd: out_vec(&cache, spec.rows),
         };
         self.forward_host(
             spec,
@@ -443,11 +491,11 @@ pub trait HostNormalizeExt: HostNormalize {
         gamma: Option<&[T]>,
     ) -> Result<Gradients<T>> {
         spec.validate()?;
-        let zero = T::from_f64(0.0);
+        let cache = self.output_cache();
         let mut out = Gradients {
-            dx: vec![zero; x.len()],
-            dgamma: spec.gamma.then(|| vec![zero; spec.n]),
-            dbeta: spec.beta.then(|| vec![zero; spec.n]),
+            dx: out_vec(&cache, x.len()),
+            dgamma: spec.gamma.then(|| out_vec(&cache, spec.n)),
+            dbeta: spec.beta.then(|| out_vec(&cache, spec.n)),
         };
         self.backward_host(
             spec,
@@ -458,8 +506,8 @@ pub trait HostNormalizeExt: HostNormalize {
                 T::Acc::host(rstd),
                 gamma.map(T::host),
                 T::host_mut(&mut out.dx),
-                out.dgamma.as_deref_mut().map(T::host_mut),
-                out.dbeta.as_deref_mut().map(T::host_mut),
+                out.dgamma.as_mut().map(|v| T::host_mut(v)),
+                out.dbeta.as_mut().map(|v| T::host_mut(v)),
             ),
         )?;
         Ok(out)

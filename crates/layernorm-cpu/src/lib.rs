@@ -37,14 +37,14 @@ mod simd;
 use std::sync::Arc;
 
 use layernorm_core::{
-    BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostSlice, HostSliceMut, HostVec,
-    NormKind, NormSpec, Normalize, Result, Storage, bf16, check_download, f16, validate_backward,
-    validate_forward,
+    BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostBackward, HostForward,
+    HostSlice, HostSliceMut, HostVec, NormKind, NormSpec, Normalize, OutputCache, Result, Storage,
+    bf16, check_download, f16, validate_backward, validate_forward,
 };
 
 pub use driver::ROW_BLOCK;
 pub use element::CpuElement;
-pub use nd::{NdForward, NdGradients};
+pub use nd::{NdForward, NdGradients, OutArray};
 pub use row::Real;
 
 /// The CPU backend. Cheap to create and to clone.
@@ -52,6 +52,9 @@ pub use row::Real;
 pub struct CpuBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
     stores: Stores,
+    /// Where the allocating calls (`forward_vec`, `forward_nd`, …) take their outputs from and
+    /// return them to; shared by clones.
+    cache: Arc<OutputCache>,
 }
 
 /// How the forward writes `y` and the backward `dx`: a performance choice only — the values are
@@ -225,6 +228,50 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// The host layer's forward, in place on the caller's slices (no upload or download).
+    fn forward_host_typed<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        a: &mut HostForward<'_>,
+    ) -> Result<()> {
+        let x = host::<T>("x", a.x)?;
+        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
+        let beta = a.beta.map(|b| host::<T>("beta", b)).transpose()?;
+        let y = host_mut::<T>("y", a.y.reborrow())?;
+        let mean = host_mut::<T::Acc>("mean", a.mean.reborrow())?;
+        let rstd = host_mut::<T::Acc>("rstd", a.rstd.reborrow())?;
+        self.forward_into(spec, x, gamma, beta, y, mean, rstd)
+    }
+
+    /// The host layer's backward, in place on the caller's slices.
+    fn backward_host_typed<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        a: &mut HostBackward<'_>,
+    ) -> Result<()> {
+        let x = host::<T>("x", a.x)?;
+        let dy = host::<T>("dy", a.dy)?;
+        let mean = host::<T::Acc>("mean", a.mean)?;
+        let rstd = host::<T::Acc>("rstd", a.rstd)?;
+        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
+        let dx = host_mut::<T>("dx", a.dx.reborrow())?;
+        let dgamma =
+            a.dgamma.as_mut().map(|g| host_mut::<T>("dgamma", g.reborrow())).transpose()?;
+        let dbeta = a.dbeta.as_mut().map(|b| host_mut::<T>("dbeta", b.reborrow())).transpose()?;
+        self.backward_into(spec, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    }
+}
+
+fn host<'a, T: Element>(tensor: &'static str, s: HostSlice<'a>) -> Result<&'a [T]> {
+    T::from_host(s).ok_or(Error::DTypeMismatch { tensor, expected: T::DTYPE, got: s.dtype() })
+}
+
+fn host_mut<'a, T: Element>(tensor: &'static str, s: HostSliceMut<'a>) -> Result<&'a mut [T]> {
+    let got = s.dtype();
+    T::from_host_mut(s).ok_or(Error::DTypeMismatch { tensor, expected: T::DTYPE, got })
+}
+
 fn check_kind(kind: NormKind) -> Result<()> {
     match kind {
         NormKind::LayerNorm => Ok(()),
@@ -274,6 +321,30 @@ impl Normalize for CpuBackend {
         check_download(buffer, &out)?;
         out.as_bytes_mut().copy_from_slice(buffer.0.as_slice().as_bytes());
         Ok(())
+    }
+
+    fn output_cache(&self) -> Option<Arc<OutputCache>> {
+        Some(self.cache.clone())
+    }
+
+    fn forward_on_host(&self, spec: &NormSpec, a: &mut HostForward<'_>) -> Option<Result<()>> {
+        Some(match spec.dtype {
+            DType::F32 => self.forward_host_typed::<f32>(spec, a),
+            DType::F64 => self.forward_host_typed::<f64>(spec, a),
+            DType::F16 => self.forward_host_typed::<f16>(spec, a),
+            DType::BF16 => self.forward_host_typed::<bf16>(spec, a),
+            _ => return None,
+        })
+    }
+
+    fn backward_on_host(&self, spec: &NormSpec, a: &mut HostBackward<'_>) -> Option<Result<()>> {
+        Some(match spec.dtype {
+            DType::F32 => self.backward_host_typed::<f32>(spec, a),
+            DType::F64 => self.backward_host_typed::<f64>(spec, a),
+            DType::F16 => self.backward_host_typed::<f16>(spec, a),
+            DType::BF16 => self.backward_host_typed::<bf16>(spec, a),
+            _ => return None,
+        })
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CpuBuffer>) -> Result<()> {

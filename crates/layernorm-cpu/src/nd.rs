@@ -1,10 +1,14 @@
 //! The ndarray layer: any number of leading dims, normalized over the trailing dims.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
-use layernorm_core::{DType, Error, NormSpec, Result};
-use ndarray::{ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, IxDyn};
-use num_traits::Zero;
+use layernorm_core::{DType, Element, Error, NormSpec, OutputCache, Result};
+use ndarray::{
+    Array1, ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, IxDyn,
+};
 
 use crate::{CpuBackend, CpuElement};
 
@@ -12,22 +16,95 @@ use crate::{CpuBackend, CpuElement};
 #[derive(Clone, Debug, PartialEq)]
 pub struct NdForward<T: CpuElement> {
     /// y, with the shape of x.
-    pub y: ArrayD<T>,
+    pub y: OutArray<T>,
     /// Per-row mean, with the shape of x's leading (not normalized) dims.
-    pub mean: ArrayD<T::Acc>,
+    pub mean: OutArray<T::Acc>,
     /// Per-row rstd, with the shape of x's leading dims.
-    pub rstd: ArrayD<T::Acc>,
+    pub rstd: OutArray<T::Acc>,
 }
 
 /// Outputs of [`CpuBackend::backward_nd`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct NdGradients<T: CpuElement> {
     /// dx, with the shape of x.
-    pub dx: ArrayD<T>,
+    pub dx: OutArray<T>,
     /// dγ, with the normalized shape, when γ was given.
-    pub dgamma: Option<ArrayD<T>>,
+    pub dgamma: Option<OutArray<T>>,
     /// dβ, with the normalized shape, when requested.
-    pub dbeta: Option<ArrayD<T>>,
+    pub dbeta: Option<OutArray<T>>,
+}
+
+/// An output array of the allocating ndarray calls. It dereferences to the [`ArrayD`] it holds;
+/// when dropped, its memory returns to the backend's [`OutputCache`] for the next call, so that
+/// a loop of calls does not fault in fresh pages for every large output.
+/// [`OutArray::into_array`] keeps the array for good.
+pub struct OutArray<T: Element> {
+    array: ArrayD<T>,
+    cache: Option<Arc<OutputCache>>,
+}
+
+impl<T: Element> OutArray<T> {
+    /// A `shape`d array from `cache`; its elements are stale or zero until overwritten.
+    fn new(cache: &Arc<OutputCache>, shape: &[usize]) -> OutArray<T> {
+        let len = shape.iter().product();
+        let vec = cache.vec::<T>(len).into_vec();
+        let array = ArrayD::from_shape_vec(IxDyn(shape), vec)
+            .unwrap_or_else(|_| ArrayD::from_elem(IxDyn(shape), T::zeroed()));
+        OutArray { array, cache: Some(cache.clone()) }
+    }
+
+    /// The array, detached from the cache.
+    pub fn into_array(mut self) -> ArrayD<T> {
+        self.cache = None;
+        std::mem::replace(&mut self.array, Array1::from_vec(Vec::new()).into_dyn())
+    }
+}
+
+impl<T: Element> Drop for OutArray<T> {
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache.take() {
+            let array = std::mem::replace(&mut self.array, Array1::from_vec(Vec::new()).into_dyn());
+            cache.vec_returned(array.into_raw_vec_and_offset().0);
+        }
+    }
+}
+
+impl<T: Element> Deref for OutArray<T> {
+    type Target = ArrayD<T>;
+    fn deref(&self) -> &ArrayD<T> {
+        &self.array
+    }
+}
+
+impl<T: Element> DerefMut for OutArray<T> {
+    fn deref_mut(&mut self) -> &mut ArrayD<T> {
+        &mut self.array
+    }
+}
+
+impl<T: Element> Clone for OutArray<T> {
+    /// A copy of the array, detached from the cache.
+    fn clone(&self) -> OutArray<T> {
+        OutArray { array: self.array.clone(), cache: None }
+    }
+}
+
+impl<T: Element> fmt::Debug for OutArray<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.array.fmt(f)
+    }
+}
+
+impl<T: Element> PartialEq for OutArray<T> {
+    fn eq(&self, other: &OutArray<T>) -> bool {
+        self.array == other.array
+    }
+}
+
+impl<T: Element> PartialEq<ArrayD<T>> for OutArray<T> {
+    fn eq(&self, other: &ArrayD<T>) -> bool {
+        self.array == *other
+    }
 }
 
 /// Splits a shape into (leading dims, normalized dims).
@@ -92,9 +169,9 @@ impl CpuBackend {
         eps: f64,
     ) -> Result<NdForward<T>> {
         let (lead, _) = split(x.shape(), normalized_ndim)?;
-        let mut y = ArrayD::from_elem(IxDyn(x.shape()), T::from_f64(0.0));
-        let mut mean = ArrayD::from_elem(IxDyn(lead), T::Acc::zero());
-        let mut rstd = mean.clone();
+        let mut y = OutArray::new(&self.cache, x.shape());
+        let mut mean = OutArray::new(&self.cache, lead);
+        let mut rstd = OutArray::new(&self.cache, lead);
         self.forward_nd_into(
             x.into_dyn(),
             normalized_ndim,
@@ -160,10 +237,9 @@ impl CpuBackend {
         beta: bool,
     ) -> Result<NdGradients<T>> {
         let (_, norm) = split(x.shape(), normalized_ndim)?;
-        let zero = T::from_f64(0.0);
-        let mut dx = ArrayD::from_elem(IxDyn(x.shape()), zero);
-        let mut dgamma = gamma.as_ref().map(|_| ArrayD::from_elem(IxDyn(norm), zero));
-        let mut dbeta = beta.then(|| ArrayD::from_elem(IxDyn(norm), zero));
+        let mut dx = OutArray::new(&self.cache, x.shape());
+        let mut dgamma = gamma.as_ref().map(|_| OutArray::new(&self.cache, norm));
+        let mut dbeta = beta.then(|| OutArray::new(&self.cache, norm));
         self.backward_nd_into(
             x.into_dyn(),
             dy.into_dyn(),

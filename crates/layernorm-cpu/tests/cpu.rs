@@ -37,7 +37,7 @@ fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
         let cpu = CpuBackend::with_pool(pool(threads));
         let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
         let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
-        let got = (gr.dx, gr.dgamma.unwrap(), gr.dbeta.unwrap());
+        let got = (gr.dx.into_vec(), gr.dgamma.unwrap().into_vec(), gr.dbeta.unwrap().into_vec());
         match &first {
             None => first = Some(got),
             Some(want) => {
@@ -144,9 +144,9 @@ fn nd_accepts_non_contiguous_views_and_writes_into_strided_outputs() {
         rstd.view_mut(),
     )
     .unwrap();
-    assert_eq!(ybuf.slice(s![.., .., ..;2]).to_owned().into_dyn(), want.y);
+    assert_eq!(ybuf.slice(s![.., .., ..;2]).to_owned().into_dyn(), *want.y);
     assert!(ybuf.slice(s![.., .., 1..;2]).iter().all(|&v| v == 0.0));
-    assert_eq!(mean, want.mean);
+    assert_eq!(mean, *want.mean);
 }
 
 #[test]
@@ -363,4 +363,40 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
             }
         }
     }
+}
+
+#[test]
+fn allocating_calls_reuse_their_outputs_memory() {
+    // A loop of allocating calls must not get fresh pages for every large output: dropped
+    // outputs return to the backend's cache and the next call takes them back.
+    let cpu = CpuBackend::new();
+    let (rows, n) = (512, 1024); // 2 MiB of y
+    let spec = NormSpec::layer_norm(rows, n, DType::F32);
+    let x = normal(rows * n, 26);
+    let (g, b) = (normal(n, 27), normal(n, 28));
+    let first = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    let (ptr, want) = (first.y.as_ptr(), first.y.clone());
+    drop(first);
+    let again = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    assert_eq!(again.y.as_ptr(), ptr, "y reuses the dropped output's memory");
+    assert_eq!(bits(&again.y), bits(&want), "and is fully overwritten");
+    let dy = normal(rows * n, 29);
+    let grads = cpu.backward_vec(&spec, &x, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
+    let dx_ptr = grads.dx.as_ptr();
+    let dx_want = grads.dx.clone();
+    drop(grads);
+    let grads = cpu.backward_vec(&spec, &x, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
+    assert_eq!((grads.dx.as_ptr(), bits(&grads.dx)), (dx_ptr, bits(&dx_want)));
+
+    // The ndarray calls share the cache; `into_array` keeps an output for good.
+    let xa = Array2::from_shape_vec((rows, n), x.clone()).unwrap();
+    let out = cpu.forward_nd(xa.view(), 1, None, None, 1e-5).unwrap();
+    let nd_ptr = out.y.as_ptr();
+    drop(out);
+    let out = cpu.forward_nd(xa.view(), 1, None, None, 1e-5).unwrap();
+    assert_eq!(out.y.as_ptr(), nd_ptr);
+    let copy = out.y.clone().into_array();
+    let kept = out.y.into_array();
+    assert_eq!(kept, copy);
+    assert_eq!(kept.as_ptr(), nd_ptr, "into_array keeps the same memory");
 }

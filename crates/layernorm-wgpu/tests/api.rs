@@ -86,7 +86,7 @@ fn user_buffers_are_wrapped_and_misuse_is_an_error() {
     let mut got = [0.0f32; 4];
     b.download(&y, HostSliceMut::F32(&mut got)).unwrap();
     let want = b.forward_vec(&spec, &xs, None, None).unwrap().y;
-    assert_eq!(got.to_vec(), want);
+    assert_eq!(got.to_vec(), *want);
 
     // Too small, and missing usages.
     assert_eq!(
@@ -148,7 +148,7 @@ fn parameter_gradients_are_bitwise_reproducible() {
     let first = b.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
     for _ in 0..3 {
         let again = b.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
-        let bits = |v: &Option<Vec<f32>>| {
+        let bits = |v: &Option<layernorm_core::Out<f32>>| {
             v.as_ref().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         };
         assert_eq!(bits(&first.dgamma), bits(&again.dgamma));
