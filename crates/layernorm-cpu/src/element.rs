@@ -18,6 +18,22 @@ pub trait CpuElement: Element<Acc: Real> {
     fn widen(src: &[Self], dst: &mut [Self::Acc]);
     /// Rounds `src` into `dst` (same length), once per element.
     fn narrow(src: &[Self::Acc], dst: &mut [Self]);
+
+    /// [`CpuElement::narrow`] one row and [`CpuElement::widen`] another (same length), in one
+    /// sweep where the type has a loop for it, so the two memory streams overlap.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    fn narrow_widen(
+        narrow: Option<(&[Self::Acc], &mut [Self])>,
+        widen: Option<(&[Self], &mut [Self::Acc])>,
+    ) {
+        if let Some((src, dst)) = narrow {
+            Self::narrow(src, dst);
+        }
+        if let Some((src, dst)) = widen {
+            Self::widen(src, dst);
+        }
+    }
 }
 
 macro_rules! direct {
@@ -92,6 +108,27 @@ impl CpuElement for bf16 {
     fn narrow(src: &[f32], dst: &mut [Self]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = bf16::from_f32(s);
+        }
+    }
+    #[inline(always)]
+    fn narrow_widen(narrow: Option<(&[f32], &mut [Self])>, widen: Option<(&[Self], &mut [f32])>) {
+        match (narrow, widen) {
+            (Some((ns, nd)), Some((ws, wd))) if ns.len() == ws.len() => {
+                let n = ns.len();
+                let (nd, ws, wd) = (&mut nd[..n], &ws[..n], &mut wd[..n]);
+                for j in 0..n {
+                    nd[j] = bf16::from_f32(ns[j]);
+                    wd[j] = ws[j].to_f32();
+                }
+            }
+            (narrow, widen) => {
+                if let Some((src, dst)) = narrow {
+                    Self::narrow(src, dst);
+                }
+                if let Some((src, dst)) = widen {
+                    Self::widen(src, dst);
+                }
+            }
         }
     }
 }

@@ -77,6 +77,17 @@ fn forward_long<T: CpuElement>(
     for r in 0..rows {
         let (lo, hi) = xb.split_at_mut(1);
         let (cur, nxt) = if r % 2 == 0 { (&lo[0], &mut hi[0]) } else { (&hi[0], &mut lo[0]) };
+        if !direct {
+            // 16-bit rows: write out the previous row's y and widen the next row's x in one
+            // sweep, so that the store and the load stream are in flight together.
+            let (done, _) = y.split_at_mut(r * n);
+            let prev = (r > 0).then(|| (&yb[..], &mut done[(r - 1) * n..]));
+            let next = (r + 1 < rows).then(|| {
+                nxt.resize(n, zero);
+                (xrow(r + 1), &mut nxt[..])
+            });
+            T::narrow_widen(prev, next);
+        }
         let xc = acc_row(xrow(r), cur);
         let st = row::finish(xc, m_next, sums, eps);
         {
@@ -85,7 +96,6 @@ fn forward_long<T: CpuElement>(
                 None => &mut yb[..],
             };
             let next = if r + 1 < rows {
-                widen_into(xrow(r + 1), nxt);
                 let xn = acc_row(xrow(r + 1), nxt);
                 m_next = row::shift(xn);
                 Some(xn)
@@ -108,11 +118,11 @@ fn forward_long<T: CpuElement>(
                 }
             }
         }
-        if !direct {
-            T::narrow(&yb, &mut y[r * n..(r + 1) * n]);
-        }
         mean[r] = <T::Acc as Real>::of(st.mean);
         rstd[r] = <T::Acc as Real>::of(st.rstd);
+    }
+    if !direct {
+        T::narrow(&yb, &mut y[(rows - 1) * n..rows * n]);
     }
 }
 
