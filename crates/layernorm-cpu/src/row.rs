@@ -41,6 +41,10 @@ pub(crate) const SHIFT_SAMPLE: usize = 32;
 /// below it the fused kernel's fixed cost outweighs the overlap (measured: N = 128 lost 15%,
 /// N = 768 gained 10%).
 pub(crate) const FUSE_MIN_N: usize = 512;
+/// The backward's counterpart of [`FUSE_MIN_N`]: from here on, rows go through the pipelined
+/// pair sweeps rather than the short-row groups (measured: N = 256 backward 0.52 → 0.66 of the
+/// baseline in pairs; N = 128 was faster in groups, 0.59 against 0.53).
+pub(crate) const BACK_FUSE_MIN_N: usize = 256;
 
 /// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
 ///

@@ -162,7 +162,7 @@ fn forward_short<T: CpuElement>(
     }
 }
 
-/// Backward of short rows (N < `FUSE_MIN_N`), like [`forward_short`].
+/// Backward of short rows (N < `BACK_FUSE_MIN_N`), like [`forward_short`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_short<T: CpuElement>(
@@ -250,7 +250,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
     if rows == 0 {
         return;
     }
-    if n < row::FUSE_MIN_N {
+    if n < row::BACK_FUSE_MIN_N {
         backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
         if stream {
             crate::reduce::stream_fence();
@@ -307,7 +307,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
                 None
             };
             let fused = match next {
-                Some(next) if n >= row::FUSE_MIN_N => <T::Acc as Real>::fused_backward(
+                Some(next) if n >= row::BACK_FUSE_MIN_N => <T::Acc as Real>::fused_backward(
                     next,
                     xr,
                     dyr,
