@@ -16,7 +16,7 @@
 //!   `(x − m_hi) − m_lo`, keeps rows at mean 1e6, std 1 exact in `f32`, where a rounded mean alone
 //!   would be off by up to 3% of a std.
 //! - **Variance** comes from the same sweep over the residuals (shifted data: Σd²/N − m_lo², never
-//!   E[x²] − E[x]²). The shift lies within a fraction of a std of the mean, so the subtraction
+//!   E\[x²\] − E\[x\]²). The shift lies within a fraction of a std of the mean, so the subtraction
 //!   cancels nothing; where it would (an outlying head, a row constant to a few ulps), an exact
 //!   pass over ((x − m_hi) − m_lo)² replaces it. So the forward sweeps a row twice: statistics,
 //!   then normalize. If squares overflow (|x| ≳ 1e18 in `f32`), the sweep is redone on values
@@ -35,7 +35,7 @@ use num_traits::Float;
 pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
 pub(crate) const BLOCK: usize = 256;
-/// Elements whose mean is the forward's shift (see [`stats`]).
+/// Elements whose mean is the forward's shift (see `stats`).
 pub(crate) const SHIFT_SAMPLE: usize = 32;
 /// Shortest row for which the forward fuses one row's normalize with the next row's statistics:
 /// below it the fused kernel's fixed cost outweighs the overlap (measured: N = 128 lost 15%,
@@ -54,7 +54,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
 
-    /// The forward's shift: the mean of the row's first [`SHIFT_SAMPLE`] elements, rounded to
+    /// The forward's shift: the mean of the row's first `SHIFT_SAMPLE` elements, rounded to
     /// this type (any value within a few standard deviations of the mean serves).
     fn shift(x: &[Self]) -> Self {
         let head = &x[..x.len().min(SHIFT_SAMPLE)];
@@ -62,7 +62,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     }
 
     /// Forward of `mean.len()` consecutive rows of `n` (the short-row path: no pipelining). The
-    /// portable default composes [`shift`], [`finish`] and [`normalize`] row by row. `stream`
+    /// portable default composes `shift`, `finish` and `normalize` row by row. `stream`
     /// asks for non-temporal stores of `y` where the kernel has them (a hint).
     #[allow(clippy::too_many_arguments)]
     fn rows(
@@ -81,7 +81,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
 
     /// Backward of `mean.len()` consecutive rows of `n` (the short-row path), adding the rows'
     /// dγ/dβ terms into `dgamma`/`dbeta` in row order. The portable default composes
-    /// [`back_params`] and [`back_apply`] row by row. `stream`: as for [`Real::rows`].
+    /// `back_params` and `back_apply` row by row. `stream`: as for [`Real::rows`].
     #[allow(clippy::too_many_arguments)]
     fn back_rows(
         n: usize,
@@ -98,7 +98,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
 
-    /// Backward of a block of rows of at least [`FUSE_MIN_N`], in place, adding into the block's
+    /// Backward of a block of rows of at least `FUSE_MIN_N`, in place, adding into the block's
     /// dγ/dβ partials in row order; `false` where the type has no such kernel (the caller then
     /// runs the generic pipelined loop, with the same results). `stream` asks for non-temporal
     /// stores of dx (a hint).

@@ -1,0 +1,317 @@
+//! The forward kernels: the residual sums, the pipelined long-row sweep, the short-row groups.
+
+use pulp::{Arch, Simd, WithSimd};
+
+use super::steps::*;
+use super::store::*;
+use crate::row;
+
+struct Centered<'a> {
+    x: &'a [f32],
+    m: f32,
+    s: f32,
+    ml: f32,
+}
+
+impl WithSimd for Centered<'_> {
+    type Output = [f64; 2];
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
+        centered_in(simd, self.x, (self.m, self.s, self.ml))
+    }
+}
+
+/// One row normalized while the next row's statistics are summed, in the same loop: the load
+/// stream of the next row and the store stream of this one are in flight together, instead of
+/// one row's compute waiting on memory at a time. The sums are bitwise those of [`Centered`] with
+/// s = 1, ml = 0, and y is bitwise that of `row::normalize` (same operations, same order).
+struct Fused<'a> {
+    next: &'a [f32],
+    m_next: f32,
+    cur: &'a [f32],
+    m_hi: f32,
+    m_lo: f32,
+    r: f32,
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [f32],
+    stream: bool,
+}
+
+impl WithSimd for Fused<'_> {
+    type Output = [f64; 2];
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
+        let n = self.cur.len();
+        let (nh, nt) = S::as_simd_f32s(&self.next[..n]);
+        let zero = simd.splat_f32s(0.0);
+        let k = (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), zero);
+        let (mh, ml, r) =
+            (simd.splat_f32s(self.m_hi), simd.splat_f32s(self.m_lo), simd.splat_f32s(self.r));
+        // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
+        // next row's, which is why the normalize below is guarded by `j < ch.len()`.
+        let (p, stream) = stream_head::<S>(&self.y[..n], self.stream);
+        if p > 0 {
+            let params = (self.gamma, self.beta);
+            normalize_head(simd, self.cur, (mh, ml, r), params, self.y, p);
+        }
+        let (ch, ct) = S::as_simd_f32s(&self.cur[p..n]);
+        let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[p..n]);
+        let gh = self.gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
+        let bh = self.beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
+        let (g, b) = (self.gamma.is_some(), self.beta.is_some());
+        let mut total = specialize!(fused_vecs::<S>(g, b, stream)(
+            simd,
+            (nh, k),
+            (ch, (mh, ml, r)),
+            (gh, bh),
+            yh
+        ));
+        centered_tail(nt, (self.m_next, 1.0, 0.0), &mut total);
+        let params = (self.m_hi, self.m_lo, self.r);
+        normalize_tail(ct, params, (self.gamma, self.beta), n - ct.len(), yt);
+        total
+    }
+}
+
+/// The vector body of [`Fused`]: the next row's sums, this row's normalize.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
+    simd: S,
+    (nh, k): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
+    (ch, (mh, ml, r)): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
+    (gh, bh): (&[S::f32s], &[S::f32s]),
+    yh: &mut [S::f32s],
+) -> [f64; 2] {
+    let yh = &mut yh[..ch.len()];
+    let mut total = [0f64; 2];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nh.len() {
+        let end = (i + pb).min(nh.len());
+        let mut acc = [simd.splat_f32s(0.0); 2];
+        for j in i..end {
+            centered_step::<S, true>(simd, nh[j], k, &mut acc);
+            if j < ch.len() {
+                let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
+                put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
+            }
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    total
+}
+
+/// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
+/// from `m_next`; returns the latter, bitwise equal to `centered(next, m_next, 1, 0)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused(
+    next: &[f32],
+    m_next: f32,
+    cur: &[f32],
+    (m_hi, m_lo, r): (f32, f32, f32),
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [f32],
+    stream: bool,
+) -> [f64; 2] {
+    Arch::new().dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream })
+}
+
+struct Shift<'a>(&'a [f32]);
+
+impl WithSimd for Shift<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        shift_in(simd, self.0)
+    }
+}
+
+/// The forward's shift of one row (see [`shift_in`]).
+pub(crate) fn shift(x: &[f32]) -> f32 {
+    Arch::new().dispatch(Shift(x))
+}
+
+/// (Σe, Σe²) with e = (x − m)·s − ml, in `f32` lanes, blocks in `f64`.
+pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
+    Arch::new().dispatch(Centered { x, m, s, ml })
+}
+
+/// Forward of consecutive short rows in one dispatch: per row, the shift, the residual sums, the
+/// statistics and the normalize sweep, with no per-row call overhead (the row stays in L1).
+struct Rows<'a> {
+    n: usize,
+    eps: f64,
+    x: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [f32],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+    stream: bool,
+}
+
+impl WithSimd for Rows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let n = self.n;
+        let rows = self.mean.len().min(self.rstd.len());
+        let per = group_rows(n);
+        let mut g = Group::default();
+        // With streaming, a group's output is staged in L1 and written out as one span (only the
+        // span's two ends are partial cache lines; per row, two in every row would be), each
+        // row's whole lines as soon as they are complete.
+        let mut stage = self.stream.then(|| staging(per * n));
+        let mut start = 0;
+        while start < rows {
+            let count = per.min(rows - start);
+            let row = |i: usize| &self.x[(start + i) * n..(start + i + 1) * n];
+            // Phase 1: the group's sums, four rows side by side (independent dependency chains).
+            let mut i = 0;
+            while i + 4 <= count {
+                g.sums::<S, 4>(simd, i, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                i += 4;
+            }
+            while i < count {
+                g.sums::<S, 1>(simd, i, [row(i)]);
+                i += 1;
+            }
+            // Phase 2: the statistics of all the group's rows at once.
+            g.finish(n, self.eps);
+            for i in 0..count {
+                if g.rare[i] {
+                    let st = row::finish(row(i), g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
+                    g.set(i, &st);
+                }
+            }
+            // Phase 3: normalize, from L1, while the next group is fetched.
+            let w = size_of::<S::f32s>() / 4;
+            let mut flush =
+                stage.is_some().then(|| Flush::new::<S>(self.y, start * n..(start + count) * n));
+            for i in 0..count {
+                let next = (start + count + i) * n;
+                if next < self.x.len() {
+                    prefetch(&self.x[next..(next + n).min(self.x.len())]);
+                }
+                let (x, r) = (row(i), start + i);
+                let params = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
+                let y = match stage.as_mut() {
+                    Some((buf, off)) => &mut buf[*off + i * n..*off + (i + 1) * n],
+                    None => &mut self.y[r * n..(r + 1) * n],
+                };
+                normalize_in(simd, x, params, (self.gamma, self.beta), y, false);
+                self.mean[r] = g.mean[i] as f32;
+                self.rstd[r] = g.rstd[i] as f32;
+                if let (Some(f), Some((buf, off))) = (flush.as_mut(), stage.as_ref()) {
+                    f.write(simd, &buf[*off..], self.y, ((i + 1) * n).saturating_sub(f.head) / w);
+                }
+            }
+            if let (Some(f), Some((buf, off))) = (flush, stage.as_ref()) {
+                f.finish(simd, &buf[*off..], self.y);
+            }
+            start += count;
+        }
+    }
+}
+
+/// The statistics of a group of short rows, computed across rows (one row per lane).
+#[derive(Default)]
+struct Group {
+    /// Each row's shift (`m_hi` of `row::RowStats`).
+    shift: [f32; GROUP_ROWS],
+    /// Σd and Σd² of the residuals d = x − shift.
+    sd: [f64; GROUP_ROWS],
+    sdd: [f64; GROUP_ROWS],
+    /// What `row::finish` returns: m_lo (rounded), mean and rstd.
+    m_lo: [f32; GROUP_ROWS],
+    mean: [f64; GROUP_ROWS],
+    rstd: [f64; GROUP_ROWS],
+    /// Rows that need `row::finish`'s rare paths (overflowed sums, a shift far from the mean).
+    rare: [bool; GROUP_ROWS],
+}
+
+impl Group {
+    /// The shifts and residual sums of rows `i..i + R`: per row exactly `shift_in` and
+    /// `centered_in(x, (shift, 1, 0))`, with the rows' steps interleaved so their dependency
+    /// chains overlap.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
+    fn sums<S: Simd, const R: usize>(&mut self, simd: S, i: usize, x: [&[f32]; R]) {
+        // Loops, not `array::map`: closures are compiled without the target features.
+        let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
+        let nv = S::as_simd_f32s(x[0]).0.len();
+        let mut shift = [0f32; R];
+        let mut k = [(zero, one, zero); R];
+        let mut heads: [&[S::f32s]; R] = [&[]; R];
+        for r in 0..R {
+            shift[r] = shift_in(simd, x[r]);
+            k[r].0 = simd.splat_f32s(shift[r]);
+            heads[r] = &S::as_simd_f32s(x[r]).0[..nv];
+        }
+        let mut total = [[0f64; 2]; R];
+        let pb = per_block::<S>();
+        let mut b = 0;
+        while b < nv {
+            let end = (b + pb).min(nv);
+            let mut acc = [[zero; 2]; R];
+            for j in b..end {
+                for r in 0..R {
+                    centered_step::<S, true>(simd, heads[r][j], k[r], &mut acc[r]);
+                }
+            }
+            for r in 0..R {
+                fold_into(simd, acc[r], &mut total[r]);
+            }
+            b = end;
+        }
+        for r in 0..R {
+            centered_tail(S::as_simd_f32s(x[r]).1, (shift[r], 1.0, 0.0), &mut total[r]);
+            self.shift[i + r] = shift[r];
+            [self.sd[i + r], self.sdd[i + r]] = total[r];
+        }
+    }
+
+    /// `row::finish` for every row, in its common case (no rescaling, no second pass): the same
+    /// operations in the same order, so bitwise its result, but in lanes across rows; rows that
+    /// need the rare paths are flagged in `rare` for the caller to finish one by one.
+    #[inline(always)]
+    fn finish(&mut self, n: usize, eps: f64) {
+        let nf = n as f64;
+        for i in 0..GROUP_ROWS {
+            let (sd, sdd) = (self.sd[i], self.sdd[i]);
+            let m_lo = sd / nf;
+            let var = sdd / nf - m_lo * m_lo;
+            self.rare[i] = !(sd.is_finite() && sdd.is_finite()) || m_lo * m_lo > var.abs() * 0.25;
+            let var = if var < 0.0 { 0.0 } else { var };
+            self.m_lo[i] = m_lo as f32;
+            self.mean[i] = f64::from(self.shift[i]) + m_lo;
+            self.rstd[i] = 1.0 / (var + eps).sqrt();
+        }
+    }
+
+    /// Overwrites row `i` with the statistics `row::finish` computed.
+    #[inline(always)]
+    fn set(&mut self, i: usize, st: &row::RowStats<f32>) {
+        (self.m_lo[i], self.mean[i], self.rstd[i]) = (st.m_lo, st.mean, st.rstd);
+    }
+}
+
+/// Forward of `mean.len()` consecutive rows of `n` in one explicit-SIMD loop (for short rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows(
+    n: usize,
+    eps: f64,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    stream: bool,
+) {
+    Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, stream })
+}

@@ -1,0 +1,132 @@
+//! The `f32` kernels, explicit SIMD written once with `pulp` and dispatched to AVX-512,
+//! AVX2+FMA, NEON or scalar code at run time: `steps` (the per-vector operations and whole-row
+//! sweeps they are all built from), `forward` and `backward` (the kernels), `store` (ordinary
+//! or streaming stores, staging, prefetch).
+//!
+//! Why not the compiler: the elementwise sweeps vectorize well from plain Rust, but LLVM's SLP
+//! vectorizer turned these multi-accumulator reductions into 2-wide or scalar code (it pairs one
+//! accumulator's lane with another's), which made the statistics pass five times slower than the
+//! memory traffic. Here every accumulator is one SIMD register.
+//!
+//! Numerics match `row.rs`: per-lane sums inside blocks of `BLOCK` elements, each block's lanes
+//! folded pairwise in a fixed order and added into an `f64`.
+
+/// Calls `$f::<S, [K,] G, B, ST>(args)` with the three flags turned into const generics.
+macro_rules! specialize {
+    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+        match ($g, $b, $st) {
+            (false, false, false) => $f::<$s, $($k,)? false, false, false>($($arg),*),
+            (false, false, true) => $f::<$s, $($k,)? false, false, true>($($arg),*),
+            (false, true, false) => $f::<$s, $($k,)? false, true, false>($($arg),*),
+            (false, true, true) => $f::<$s, $($k,)? false, true, true>($($arg),*),
+            (true, false, false) => $f::<$s, $($k,)? true, false, false>($($arg),*),
+            (true, false, true) => $f::<$s, $($k,)? true, false, true>($($arg),*),
+            (true, true, false) => $f::<$s, $($k,)? true, true, false>($($arg),*),
+            (true, true, true) => $f::<$s, $($k,)? true, true, true>($($arg),*),
+        }
+    };
+}
+
+mod backward;
+mod forward;
+mod steps;
+mod store;
+
+pub(crate) use backward::{back_long, back_rows, backward_sums, fused_backward};
+pub(crate) use forward::{centered, fused, rows, shift};
+pub(crate) use store::stream_fence;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::row;
+
+    /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows, a
+    /// huge mean, squares that overflow, an outlying head, a NaN; and plain pseudo-random rows.
+    fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
+        let mut s = 0x2545_f491u32;
+        let mut x = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            for j in 0..n {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let u = s as f32 / u32::MAX as f32 - 0.5;
+                x.push(match r % 7 {
+                    0 => 3.25,
+                    1 => 1e6 + u,
+                    2 => 1e37 * u,
+                    3 if j < 32 => 50.0 + u,
+                    4 if j == n / 2 => f32::NAN,
+                    _ => u * 3.0,
+                });
+            }
+        }
+        x
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn short_row_kernels_match_the_portable_composition_bit_for_bit() {
+        let nrows = 45; // two full groups of 16 and a ragged one
+        for n in [1usize, 5, 16, 17, 40, 100, 128, 255, 256, 300, 511] {
+            let x = mixed_rows(nrows, n);
+            let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            {
+                let (mut y0, mut m0, mut r0) =
+                    (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
+                let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
+                row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
+                for stream in [false, true] {
+                    rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, stream);
+                    stream_fence();
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, stream={stream}");
+                    assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
+                }
+                // Backward from finite statistics (the NaN row's are NaN, which is fine too).
+                let (mut dx0, mut dg0, mut db0) =
+                    (vec![0f32; nrows * n], vec![0f32; n], vec![0f32; n]);
+                let (dx1, dg1, db1) = (dx0.clone(), dg0.clone(), db0.clone());
+                row::back_rows_portable(
+                    n,
+                    &x,
+                    &dy,
+                    &m0,
+                    &r0,
+                    gamma,
+                    &mut dx0,
+                    Some(&mut dg0),
+                    Some(&mut db0),
+                );
+                for stream in [false, true] {
+                    let (mut dx1, mut dg1, mut db1) = (dx1.clone(), dg1.clone(), db1.clone());
+                    let (dg, db) = (Some(&mut dg1[..]), Some(&mut db1[..]));
+                    back_rows(n, &x, &dy, &m0, &r0, gamma, &mut dx1, dg, db, stream);
+                    stream_fence();
+                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}");
+                    let (g1, b1, g0, b0) = (bits(&dg1), bits(&db1), bits(&dg0), bits(&db0));
+                    assert_eq!((g1, b1), (g0, b0), "dγ/dβ, n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sums_are_exact_on_small_integers_whatever_the_length() {
+        for n in [0usize, 1, 7, 16, 17, 255, 256, 257, 1000] {
+            let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let want: f64 = (0..n).map(|i| i as f64).sum();
+            let want2: f64 = (0..n).map(|i| (i * i) as f64).sum();
+            assert_eq!(centered(&x, 0.0, 1.0, 0.0), [want, want2], "n={n}");
+            let ones = vec![1.0f32; n];
+            let [sd, sg, sgd] = backward_sums(&x, &ones, Some(&ones), 0.0, 1.0);
+            assert_eq!([sd, sg, sgd], [want, n as f64, want], "n={n}");
+        }
+    }
+}

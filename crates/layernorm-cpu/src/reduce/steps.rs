@@ -1,0 +1,401 @@
+//! The per-vector steps and whole-row sweeps every kernel is built from: one definition each, so
+//! that the fused and standalone kernels agree bit for bit.
+
+use pulp::Simd;
+
+use super::store::{put, stream_head};
+use crate::row::{BLOCK, BackParams, SHIFT_SAMPLE};
+
+/// Vectors per block for this instruction set.
+#[inline(always)]
+pub(super) fn per_block<S: Simd>() -> usize {
+    (BLOCK / (size_of::<S::f32s>() / 4)).max(1)
+}
+
+/// One vector of the residual sums: e = (v − m)·s − ml; acc += (e, e²). Shared by `Centered`,
+/// `Fused` and `Rows`, whose sums must agree bit for bit. `PLAIN` (s = 1, ml = 0, the
+/// forward's first sweep) skips the two operations that are then exact identities.
+#[inline(always)]
+pub(super) fn centered_step<S: Simd, const PLAIN: bool>(
+    simd: S,
+    v: S::f32s,
+    (m, s, ml): (S::f32s, S::f32s, S::f32s),
+    acc: &mut [S::f32s; 2],
+) {
+    let e = if PLAIN {
+        simd.sub_f32s(v, m)
+    } else {
+        simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml)
+    };
+    acc[0] = simd.add_f32s(acc[0], e);
+    acc[1] = simd.add_f32s(acc[1], simd.mul_f32s(e, e));
+}
+
+/// γ·t + β for one vector, where which of γ/β exist is known at compile time (`G`, `B`), so the
+/// loops carry no per-vector tests.
+#[inline(always)]
+pub(super) fn affine<S: Simd, const G: bool, const B: bool>(
+    simd: S,
+    t: S::f32s,
+    gamma: &[S::f32s],
+    beta: &[S::f32s],
+    j: usize,
+) -> S::f32s {
+    let t = if G { simd.mul_f32s(t, gamma[j]) } else { t };
+    if B { simd.add_f32s(t, beta[j]) } else { t }
+}
+
+/// The scalar tail of the residual sums, added into `total`.
+#[inline(always)]
+pub(super) fn centered_tail(tail: &[f32], (m, s, ml): (f32, f32, f32), total: &mut [f64; 2]) {
+    for &v in tail {
+        let e = (v - m) * s - ml;
+        total[0] += f64::from(e);
+        total[1] += f64::from(e * e);
+    }
+}
+
+/// Normalizes one row into `y` (vectors, then a scalar tail); `p` from [`stream_head`].
+#[inline(always)]
+pub(super) fn normalize_in<S: Simd>(
+    simd: S,
+    x: &[f32],
+    params: (f32, f32, f32),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+    stream: bool,
+) {
+    let n = x.len();
+    let k = (simd.splat_f32s(params.0), simd.splat_f32s(params.1), simd.splat_f32s(params.2));
+    let (p, stream) = stream_head::<S>(y, stream);
+    if p > 0 {
+        normalize_head(simd, x, k, (gamma, beta), y, p);
+    }
+    let (xh, xt) = S::as_simd_f32s(&x[p..]);
+    let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
+    let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
+    let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);
+    let (g, b) = (gamma.is_some(), beta.is_some());
+    specialize!(normalize_vecs::<S>(g, b, stream)(simd, xh, k, (gh, bh), yh));
+    normalize_tail(xt, params, (gamma, beta), n - xt.len(), yt);
+}
+
+/// The vector body of [`normalize_in`].
+#[inline(always)]
+pub(super) fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
+    simd: S,
+    xh: &[S::f32s],
+    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    (gh, bh): (&[S::f32s], &[S::f32s]),
+    yh: &mut [S::f32s],
+) {
+    let yh = &mut yh[..xh.len()];
+    for j in 0..xh.len() {
+        let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(xh[j], mh), ml), r);
+        put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
+    }
+}
+
+/// The row's elements before the streamed part (`p` of them, fewer than a vector), with masked
+/// ordinary stores: they share a cache line with the previous row, which streaming must not touch.
+#[inline(always)]
+pub(super) fn normalize_head<S: Simd>(
+    simd: S,
+    x: &[f32],
+    k: (S::f32s, S::f32s, S::f32s),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+    p: usize,
+) {
+    let load = |v: &[f32]| simd.partial_load_f32s(&v[..p]);
+    let v = normalize_step(simd, load(x), k, gamma.map(load), beta.map(load));
+    simd.partial_store_f32s(&mut y[..p], v);
+}
+
+/// One vector of the backward's sums: d = (x − m)·s, g = dy·γ; acc += (d, g, g·d). Shared by
+/// `Backward` and `FusedBackward`, whose sums must agree bit for bit.
+#[inline(always)]
+pub(super) fn backward_step<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (S::f32s, S::f32s, Option<S::f32s>),
+    (m, s): (S::f32s, S::f32s),
+    acc: &mut [S::f32s; 3],
+) {
+    let d = simd.mul_f32s(simd.sub_f32s(x, m), s);
+    let g = match gamma {
+        Some(gamma) => simd.mul_f32s(dy, gamma),
+        None => dy,
+    };
+    acc[0] = simd.add_f32s(acc[0], d);
+    acc[1] = simd.add_f32s(acc[1], g);
+    acc[2] = simd.add_f32s(acc[2], simd.mul_f32s(g, d));
+}
+
+/// The scalar tail of the backward's sums, added into `total`.
+#[inline(always)]
+pub(super) fn backward_tail(
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (m, s): (f32, f32),
+    total: &mut [f64; 3],
+) {
+    for (j, (&xv, &dv)) in x.iter().zip(dy).enumerate() {
+        let d = (xv - m) * s;
+        let g = gamma.map_or(dv, |g| dv * g[j]);
+        total[0] += f64::from(d);
+        total[1] += f64::from(g);
+        total[2] += f64::from(g * d);
+    }
+}
+
+/// Folds block accumulators into the `f64` totals. Each vector's lanes are summed as a halving
+/// tree (lane l with lane l + w, w = width/2, …, 1) — a fixed order, so the sums are deterministic.
+#[inline(always)]
+pub(super) fn fold_into<S: Simd, const K: usize>(simd: S, acc: [S::f32s; K], total: &mut [f64; K]) {
+    for (t, a) in total.iter_mut().zip(acc) {
+        *t += f64::from(simd.reduce_sum_f32s(a));
+    }
+}
+
+/// The forward's shift: the mean of the row's first [`SHIFT_SAMPLE`] elements, summed in `f32`
+/// lanes. Any value within a few standard deviations of the mean serves (the residual sums
+/// correct it); where the `f32` sum overflows, the sample is averaged in `f64`.
+#[inline(always)]
+pub(super) fn shift_in<S: Simd>(simd: S, x: &[f32]) -> f32 {
+    let k = x.len().min(SHIFT_SAMPLE);
+    if k == 0 {
+        return 0.0;
+    }
+    let (head, tail) = S::as_simd_f32s(&x[..k]);
+    let mut acc = simd.splat_f32s(0.0);
+    for &v in head {
+        acc = simd.add_f32s(acc, v);
+    }
+    let mut sum = simd.reduce_sum_f32s(acc);
+    for &v in tail {
+        sum += v;
+    }
+    let m = sum / k as f32;
+    if m.is_finite() {
+        m
+    } else {
+        (x[..k].iter().map(|&v| f64::from(v)).sum::<f64>() / k as f64) as f32
+    }
+}
+
+/// (Σe, Σe²) with e = (x − m)·s − ml over one row, blocks folded into `f64`.
+#[inline(always)]
+pub(super) fn centered_in<S: Simd>(simd: S, x: &[f32], (m, s, ml): (f32, f32, f32)) -> [f64; 2] {
+    let (head, tail) = S::as_simd_f32s(x);
+    let k = (simd.splat_f32s(m), simd.splat_f32s(s), simd.splat_f32s(ml));
+    let mut total = if s == 1.0 && ml == 0.0 {
+        centered_vecs::<S, true>(simd, head, k)
+    } else {
+        centered_vecs::<S, false>(simd, head, k)
+    };
+    centered_tail(tail, (m, s, ml), &mut total);
+    total
+}
+
+/// The vector body of [`centered_in`].
+#[inline(always)]
+pub(super) fn centered_vecs<S: Simd, const PLAIN: bool>(
+    simd: S,
+    head: &[S::f32s],
+    k: (S::f32s, S::f32s, S::f32s),
+) -> [f64; 2] {
+    let mut total = [0f64; 2];
+    for group in head.chunks(per_block::<S>()) {
+        let mut acc = [simd.splat_f32s(0.0); 2];
+        for &v in group {
+            centered_step::<S, PLAIN>(simd, v, k, &mut acc);
+        }
+        fold_into(simd, acc, &mut total);
+    }
+    total
+}
+
+/// One vector of y = ((x − m_hi) − m_lo)·r·γ + β (the operations and order of `row::normalize`).
+#[inline(always)]
+pub(super) fn normalize_step<S: Simd>(
+    simd: S,
+    x: S::f32s,
+    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    gamma: Option<S::f32s>,
+    beta: Option<S::f32s>,
+) -> S::f32s {
+    let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(x, mh), ml), r);
+    if let Some(g) = gamma {
+        t = simd.mul_f32s(t, g);
+    }
+    if let Some(b) = beta {
+        t = simd.add_f32s(t, b);
+    }
+    t
+}
+
+/// The scalar tail of the normalize sweep; `base` is the tail's offset in the row.
+#[inline(always)]
+pub(super) fn normalize_tail(
+    x: &[f32],
+    (m_hi, m_lo, r): (f32, f32, f32),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    base: usize,
+    y: &mut [f32],
+) {
+    for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+        let mut t = ((x - m_hi) - m_lo) * r;
+        if let Some(g) = gamma {
+            t *= g[base + j];
+        }
+        if let Some(b) = beta {
+            t += b[base + j];
+        }
+        *y = t;
+    }
+}
+
+/// (Σd, Σg, Σg·d) over one row, blocks folded into `f64`.
+#[inline(always)]
+pub(super) fn backward_in<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (m, s): (f32, f32),
+) -> [f64; 3] {
+    let n = x.len();
+    let (xh, xt) = S::as_simd_f32s(x);
+    let (dh, dt) = S::as_simd_f32s(&dy[..n]);
+    let (vm, vs) = (simd.splat_f32s(m), simd.splat_f32s(s));
+    let mut total = [0f64; 3];
+    let pb = per_block::<S>();
+    let gh = gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+    // Plain index loops, not closures: a closure is compiled without the caller's target
+    // features, so every SIMD operation in it became a call.
+    let mut i = 0;
+    while i < xh.len() {
+        let end = (i + pb).min(xh.len());
+        let mut acc = [simd.splat_f32s(0.0); 3];
+        for j in i..end {
+            backward_step(simd, (xh[j], dh[j], gh.map(|g| g[j])), (vm, vs), &mut acc);
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    let base = n - xt.len();
+    backward_tail((xt, dt, gamma.map(|g| &g[base..n])), (m, s), &mut total);
+    total
+}
+
+/// The backward's per-row constants as vectors: (m, sa, m_lo, r, a, b, c).
+#[derive(Clone, Copy)]
+pub(super) struct BackVecs<V> {
+    pub(super) m: V,
+    pub(super) sa: V,
+    pub(super) ml: V,
+    pub(super) r: V,
+    pub(super) a: V,
+    pub(super) b: V,
+    pub(super) c: V,
+}
+
+impl<V: Copy> BackVecs<V> {
+    #[inline(always)]
+    pub(super) fn new<S: Simd<f32s = V>>(simd: S, p: &BackParams<f32>) -> Self {
+        let v = |x: f32| simd.splat_f32s(x);
+        BackVecs {
+            m: v(p.m),
+            sa: v(p.sa),
+            ml: v(p.m_lo),
+            r: v(p.r),
+            a: v(p.a),
+            b: v(p.b),
+            c: v(p.c),
+        }
+    }
+}
+
+/// One vector of the backward's second sweep: returns (dx, x̂) with x̂ = ((x − m)·sa − m_lo)·r and
+/// dx = a·g + b + x̂·c (the operations and order of `row::back_apply`).
+#[inline(always)]
+pub(super) fn apply_step<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (S::f32s, S::f32s, Option<S::f32s>),
+    p: &BackVecs<S::f32s>,
+) -> (S::f32s, S::f32s) {
+    let xhat = simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(x, p.m), p.sa), p.ml), p.r);
+    let g = match gamma {
+        Some(gamma) => simd.mul_f32s(dy, gamma),
+        None => dy,
+    };
+    let dx = simd.add_f32s(simd.add_f32s(simd.mul_f32s(p.a, g), p.b), simd.mul_f32s(xhat, p.c));
+    (dx, xhat)
+}
+
+/// The scalar tail of the backward's second sweep; `base` is the tail's offset in the row.
+#[inline(always)]
+pub(super) fn apply_tail(
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    base: usize,
+    dx: &mut [f32],
+    mut dgamma: Option<&mut [f32]>,
+    mut dbeta: Option<&mut [f32]>,
+) {
+    for (j, ((dxv, &xv), &dv)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
+        let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
+        let gc = gamma.map_or(dv, |g| dv * g[base + j]);
+        *dxv = p.a * gc + p.b + xhat * p.c;
+        if let Some(dg) = dgamma.as_deref_mut() {
+            dg[j] += dv * xhat;
+        }
+        if let Some(db) = dbeta.as_deref_mut() {
+            db[j] += dv;
+        }
+    }
+}
+
+/// The backward's second sweep over one row (dx, and the row's dγ/dβ terms added in).
+#[inline(always)]
+pub(super) fn apply_in<S: Simd>(
+    simd: S,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    dx: &mut [f32],
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) {
+    let n = x.len();
+    let (xh, xt) = S::as_simd_f32s(x);
+    let (dh, dt) = S::as_simd_f32s(&dy[..n]);
+    let gh = gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+    let (dxh, dxt) = S::as_mut_simd_f32s(&mut dx[..n]);
+    let mut dgs = dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
+    let pv = BackVecs::new(simd, p);
+    for k in 0..xh.len() {
+        let (d, xhat) = apply_step(simd, (xh[k], dh[k], gh.map(|g| g[k])), &pv);
+        dxh[k] = d;
+        if let Some((dg, _)) = dgs.as_mut() {
+            dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
+        }
+        if let Some((db, _)) = dbs.as_mut() {
+            db[k] = simd.add_f32s(db[k], dh[k]);
+        }
+    }
+    let base = n - xt.len();
+    apply_tail((xt, dt, gamma), p, base, dxt, dgs.map(|d| d.1), dbs.map(|d| d.1));
+}
+
+/// Most rows per group of the short-row kernels.
+pub(super) const GROUP_ROWS: usize = 16;
+
+/// Rows per group of the short-row kernels: about 2 K elements (8 KiB per operand, in L1).
+#[inline(always)]
+pub(super) fn group_rows(n: usize) -> usize {
+    (2048 / n.max(1)).clamp(1, GROUP_ROWS)
+}
+
+/// Row `r` of rows of `n`.
+#[inline(always)]
+pub(super) fn row_at(v: &[f32], n: usize, r: usize) -> &[f32] {
+    &v[r * n..(r + 1) * n]
+}

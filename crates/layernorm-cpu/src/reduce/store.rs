@@ -1,0 +1,136 @@
+//! How outputs reach memory: ordinary or streaming (non-temporal) stores, staging of short rows,
+//! prefetching.
+
+use pulp::Simd;
+
+/// Writes one vector; with `stream`, as a non-temporal store where the instruction set has one
+/// (x86), so that an output larger than the caches is written without first being read in.
+/// With `stream`, `dst` must be aligned to the vector's size (see [`stream_head`]).
+#[inline(always)]
+pub(super) fn put<S: Simd>(dst: &mut S::f32s, v: S::f32s, stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if stream {
+        use core::arch::x86_64::{_mm_stream_ps, _mm256_stream_ps, _mm512_stream_ps};
+        let p = (dst as *mut S::f32s).cast::<f32>();
+        debug_assert!(p.addr() % size_of::<S::f32s>() == 0);
+        // SAFETY: `dst` is an exclusively borrowed vector, aligned to its size (the callers start
+        // the streamed part of a row at an aligned element, `stream_head`). The sizes match the
+        // transmuted types, and a vector of 64 / 32 / 16 bytes only exists under an instruction
+        // set with AVX-512F / AVX / SSE, checked at run time by the dispatch that chose `S`.
+        unsafe {
+            match size_of::<S::f32s>() {
+                64 => return _mm512_stream_ps(p, core::mem::transmute_copy(&v)),
+                32 => return _mm256_stream_ps(p, core::mem::transmute_copy(&v)),
+                16 => return _mm_stream_ps(p, core::mem::transmute_copy(&v)),
+                _ => {}
+            }
+        }
+    }
+    let _ = stream;
+    *dst = v;
+}
+
+/// Where the streamed part of an output row starts, and whether it is streamed at all: rows
+/// shorter than two vectors (and vectors too narrow to fill a line) are not; otherwise it starts at
+/// the first element aligned to a vector, the elements before it written by `normalize_head`.
+#[inline(always)]
+pub(super) fn stream_head<S: Simd>(y: &[f32], stream: bool) -> (usize, bool) {
+    let w = size_of::<S::f32s>() / 4;
+    if !stream || w < 4 || y.len() < 2 * w {
+        return (0, false);
+    }
+    let p = y.as_ptr().align_offset(size_of::<S::f32s>());
+    if p < w { (p, true) } else { (0, false) }
+}
+
+/// Asks for `v`'s cache lines to be brought into L1 (a hint; nothing on other architectures).
+#[inline(always)]
+pub(super) fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = v.as_ptr();
+        let mut i = 0;
+        while i < v.len() {
+            // SAFETY: PREFETCHT1 is part of SSE (every x86_64 CPU); `p + i` lies inside `v`.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    p.add(i).cast(),
+                )
+            }
+            i += 16; // one 64-byte line
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// Orders this thread's non-temporal stores before whatever it does next (they are weakly
+/// ordered); called once at the end of a task that streamed.
+pub(crate) fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SFENCE is part of SSE, which every x86_64 CPU has.
+    unsafe {
+        core::arch::x86_64::_mm_sfence()
+    }
+}
+
+/// A staging buffer for `len` elements of output, and the offset of its first 64-byte-aligned
+/// element, where the staged span starts (so its vectors do not straddle cache lines).
+pub(super) fn staging(len: usize) -> (Vec<f32>, usize) {
+    let buf = vec![0f32; len + 16];
+    let off = buf.as_ptr().align_offset(64).min(16);
+    (buf, off)
+}
+
+/// A staged span of output (`src`, hot in L1) being written to `y[span]` in pieces: streaming
+/// stores for the span's aligned vectors, ordinary masked stores for its unaligned ends.
+pub(super) struct Flush {
+    pub(super) span: core::ops::Range<usize>,
+    /// Elements before the first aligned one.
+    pub(super) head: usize,
+    /// Aligned whole vectors, and how many are written.
+    pub(super) body: usize,
+    pub(super) done: usize,
+}
+
+impl Flush {
+    #[inline(always)]
+    pub(super) fn new<S: Simd>(y: &[f32], span: core::ops::Range<usize>) -> Flush {
+        let (head, stream) = stream_head::<S>(&y[span.clone()], true);
+        let body = if stream { (span.len() - head) / (size_of::<S::f32s>() / 4) } else { 0 };
+        Flush { span, head, body, done: 0 }
+    }
+
+    /// Writes the aligned vectors up to `upto` (of `body`).
+    #[inline(always)]
+    pub(super) fn write<S: Simd>(&mut self, _simd: S, src: &[f32], y: &mut [f32], upto: usize) {
+        let upto = upto.min(self.body);
+        if upto <= self.done {
+            return;
+        }
+        let (h, len) = (self.head, self.span.len());
+        let sh = &S::as_simd_f32s(&src[h..len]).0[self.done..upto];
+        let dh = &mut S::as_mut_simd_f32s(&mut y[self.span.start + h..self.span.end]).0;
+        for (d, &v) in dh[self.done..upto].iter_mut().zip(sh) {
+            put::<S>(d, v, true);
+        }
+        self.done = upto;
+    }
+
+    /// Writes everything not yet written.
+    #[inline(always)]
+    pub(super) fn finish<S: Simd>(mut self, simd: S, src: &[f32], y: &mut [f32]) {
+        self.write(simd, src, y, self.body);
+        let (h, len) = (self.head, self.span.len());
+        let dst = &mut y[self.span.clone()];
+        if self.body == 0 {
+            dst.copy_from_slice(&src[..len]);
+            return;
+        }
+        if h > 0 {
+            simd.partial_store_f32s(&mut dst[..h], simd.partial_load_f32s(&src[..h]));
+        }
+        let tail = h + self.body * (size_of::<S::f32s>() / 4);
+        dst[tail..].copy_from_slice(&src[tail..len]);
+    }
+}
