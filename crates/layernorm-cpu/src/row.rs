@@ -49,7 +49,7 @@ pub(crate) const BACK_FUSE_MIN_N: usize = 256;
 /// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
 ///
 /// The sweeps have portable defaults (lane arrays the compiler vectorizes, adequately for `f64`);
-/// `f32` overrides them with explicit SIMD (`reduce.rs`).
+/// `f32` overrides them with explicit SIMD (`reduce/`).
 pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
@@ -331,7 +331,7 @@ macro_rules! reduction {
 
 reduction! {
 /// (Σe, Σe²) with e = (x − m)·s − ml: the residual sweep of the forward, portable version (used
-/// for `f64`; `f32` uses the explicit SIMD of `reduce.rs`). A function of its own, multiversioned,
+/// for `f64`; `f32` uses the explicit SIMD of `reduce/`). A function of its own, multiversioned,
 /// so that it is compiled with the target features rather than inlined into the large row code.
 fn residual_sums<A: Real>(x: &[A], m: A, s: A, ml: A) -> [f64; 2] {
     let mut total = [0f64; 2];
