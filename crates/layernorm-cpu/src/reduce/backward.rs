@@ -599,3 +599,76 @@ pub(crate) fn backward_sums(
 ) -> [f64; 3] {
     Arch::new().dispatch(Backward { x, dy, gamma, m, s })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reduce::tests::close;
+    use layernorm_core::{DType, NormSpec, reference};
+
+    /// Finite, varied rows (the backward of a NaN row would make every dγ column NaN); with
+    /// `offset`, every fifth row sits at mean 1e4 (σ ≈ 0.3).
+    fn rows_of(rows: usize, n: usize, seed: u32, offset: bool) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..rows * n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let u = s as f32 / u32::MAX as f32 - 0.5;
+                if offset && (i / n) % 5 == 1 { 1e4 + u } else { 3.0 * u }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_backward_kernels_are_right_on_every_instruction_set() {
+        let rows = 37;
+        for n in [3usize, 16, 33, 128, 255, 256, 300, 515, 1024] {
+            let x = rows_of(rows, n, 7, true);
+            let dy = rows_of(rows, n, 11, false);
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let spec = NormSpec::layer_norm(rows, n, DType::F32).with_beta(true);
+            let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let fwd = reference::forward(&spec, &wide(&x), Some(&wide(&g)), Some(&vec![0.0; n]))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = (
+                fwd.mean.iter().map(|&v| v as f32).collect(),
+                fwd.rstd.iter().map(|&v| v as f32).collect(),
+            );
+            let want = reference::backward(
+                &spec,
+                &wide(&x),
+                &wide(&dy),
+                &fwd.mean,
+                &fwd.rstd,
+                Some(&wide(&g)),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let (want_dg, want_db) =
+                (want.dgamma.unwrap_or_default(), want.dbeta.unwrap_or_default());
+            for_each_isa!(simd, isa => {
+                for (long, stream) in [(false, false), (false, true), (true, false), (true, true)] {
+                    if long && n < 2 {
+                        continue;
+                    }
+                    let mut dxbuf = vec![0f32; rows * n + 3];
+                    let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
+                    let dx = &mut dxbuf[3..];
+                    let (dgamma, dbeta) = (Some(&mut dg[..]), Some(&mut db[..]));
+                    let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
+                    if long {
+                        pulp::Simd::vectorize(simd, BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream });
+                    } else {
+                        pulp::Simd::vectorize(simd, BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta });
+                    }
+                    crate::reduce::stream_fence();
+                    let what = format!("{isa}, n={n}, long={long}, stream={stream}");
+                    close(&format!("dx {what}"), &dxbuf[3..], &want.dx, 2e-5);
+                    close(&format!("dgamma {what}"), &dg, &want_dg, 1e-4);
+                    close(&format!("dbeta {what}"), &db, &want_db, 1e-5);
+                }
+            });
+        }
+    }
+}

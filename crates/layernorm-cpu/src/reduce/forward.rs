@@ -315,3 +315,83 @@ pub(crate) fn rows(
 ) {
     Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, stream })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reduce::tests::{close, mixed_rows};
+    use layernorm_core::{DType, NormSpec, reference};
+
+    #[test]
+    fn the_short_row_kernel_is_right_on_every_instruction_set() {
+        let rows = 37;
+        for n in [3usize, 8, 16, 24, 33, 100, 128, 300] {
+            let x = mixed_rows(rows, n);
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            let spec = NormSpec::layer_norm(rows, n, DType::F32);
+            let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let want = reference::forward(&spec, &wide(&x), Some(&wide(&g)), Some(&wide(&b)))
+                .unwrap_or_else(|e| panic!("{e}"));
+            for_each_isa!(simd, isa => {
+                for stream in [false, true] {
+                    // y at an odd offset, so that streaming has a head and a tail to mask.
+                    let mut ybuf = vec![0f32; rows * n + 3];
+                    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+                    let y = &mut ybuf[3..];
+                    let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
+                    pulp::Simd::vectorize(simd, Rows { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, stream });
+                    crate::reduce::stream_fence();
+                    let what = format!("{isa}, n={n}, stream={stream}");
+                    close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
+                    // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean
+                    // that is small next to its elements.
+                    for (r, (&m, &w)) in mean.iter().zip(&want.mean).enumerate() {
+                        let scale = 1.0 / want.rstd[r] + w.abs();
+                        let ok = if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
+                        assert!(ok, "mean {what}, row {r}: got {m}, want {w}");
+                    }
+                    close(&format!("rstd {what}"), &rstd, &want.rstd, 1e-5);
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn the_pipelined_sweep_is_right_on_every_instruction_set() {
+        // One row normalized while the next is summed: y against the reference, the sums against
+        // a direct f64 evaluation, at lengths with and without tails, y at an odd offset.
+        for n in [512usize, 515, 777, 1024] {
+            let x = mixed_rows(2, n)
+                .iter()
+                .map(|v| if v.is_nan() { 0.5 } else { *v })
+                .collect::<Vec<_>>();
+            let (cur, next) = x.split_at(n);
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            let spec = NormSpec::layer_norm(1, n, DType::F32);
+            let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let want = reference::forward(&spec, &wide(cur), Some(&wide(&g)), Some(&wide(&b)))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let st = row::stats(cur, 1e-5);
+            let m_next = next[0];
+            let sum: f64 = next.iter().map(|&v| f64::from(v - m_next)).sum();
+            let sum2: f64 = next.iter().map(|&v| f64::from((v - m_next) * (v - m_next))).sum();
+            for_each_isa!(simd, isa => {
+                for stream in [false, true] {
+                    let mut ybuf = vec![0f32; n + 3];
+                    let y = &mut ybuf[3..];
+                    let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
+                    let (m_hi, m_lo, r) = (st.m_hi, st.m_lo, st.rstd as f32);
+                    let op = Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream };
+                    let [s1, s2] = pulp::Simd::vectorize(simd, op);
+                    crate::reduce::stream_fence();
+                    let what = format!("{isa}, n={n}, stream={stream}");
+                    close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
+                    assert!((s1 - sum).abs() <= 1e-5 * (1.0 + sum.abs()), "Σd {what}: {s1} vs {sum}");
+                    assert!((s2 - sum2).abs() <= 1e-5 * sum2, "Σd² {what}: {s2} vs {sum2}");
+                }
+            });
+        }
+    }
+}

@@ -27,6 +27,31 @@ macro_rules! specialize {
     };
 }
 
+/// Runs `$body` once per instruction set this machine has (the scalar fallback, AVX2, AVX-512),
+/// with `$simd` bound to its token and `$name` to its name: the kernels are compiled for each,
+/// and those the dispatch does not pick here must be right too.
+#[cfg(test)]
+macro_rules! for_each_isa {
+    ($simd:ident, $name:ident => $body:block) => {{
+        {
+            let $simd = pulp::Scalar::new();
+            let $name = "scalar";
+            $body
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some($simd) = pulp::x86::V3::try_new() {
+                let $name = "avx2";
+                $body
+            }
+            if let Some($simd) = pulp::x86::V4::try_new() {
+                let $name = "avx512";
+                $body
+            }
+        }
+    }};
+}
+
 mod backward;
 mod forward;
 mod steps;
@@ -37,13 +62,26 @@ pub(crate) use forward::{centered, fused, rows, shift};
 pub(crate) use store::stream_fence;
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::row;
 
+    /// `got` within `tol · (1 + |want|)` of `want` everywhere (NaN where `want` is NaN).
+    pub(super) fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = if w.is_nan() {
+                g.is_nan()
+            } else {
+                (f64::from(g) - w).abs() <= tol * (1.0 + w.abs())
+            };
+            assert!(ok, "{what}[{i}]: got {g}, want {w}");
+        }
+    }
+
     /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows, a
     /// huge mean, squares that overflow, an outlying head, a NaN; and plain pseudo-random rows.
-    fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
+    pub(super) fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
         let mut s = 0x2545_f491u32;
         let mut x = Vec::with_capacity(rows * n);
         for r in 0..rows {
