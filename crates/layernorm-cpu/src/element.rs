@@ -19,6 +19,24 @@ pub trait CpuElement: Element<Acc: Real> {
     /// Rounds `src` into `dst` (same length), once per element.
     fn narrow(src: &[Self::Acc], dst: &mut [Self]);
 
+    /// Forward of rows of at least `FUSE_MIN_N` converting in registers, where the type has such a
+    /// kernel (`bf16`): `false` otherwise, and the caller widens rows into scratch. The bits are
+    /// the same either way.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn forward_converted(
+        _n: usize,
+        _eps: f64,
+        _x: &[Self],
+        _gamma: Option<&[Self::Acc]>,
+        _beta: Option<&[Self::Acc]>,
+        _y: &mut [Self],
+        _mean: &mut [Self::Acc],
+        _rstd: &mut [Self::Acc],
+    ) -> bool {
+        false
+    }
+
     /// [`CpuElement::narrow`] one row and [`CpuElement::widen`] another (same length), in one
     /// sweep where the type has a loop for it, so the two memory streams overlap.
     #[inline(always)]
@@ -109,6 +127,20 @@ impl CpuElement for bf16 {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = bf16::from_f32(s);
         }
+    }
+    #[inline(always)]
+    fn forward_converted(
+        n: usize,
+        eps: f64,
+        x: &[Self],
+        gamma: Option<&[f32]>,
+        beta: Option<&[f32]>,
+        y: &mut [Self],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) -> bool {
+        crate::reduce::forward_bf16(n, eps, x, gamma, beta, y, mean, rstd);
+        true
     }
     #[inline(always)]
     fn narrow_widen(narrow: Option<(&[f32], &mut [Self])>, widen: Option<(&[Self], &mut [f32])>) {

@@ -424,6 +424,9 @@ pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
 /// in the rare cases the module docs describe (overflow; a shift far from the mean).
 #[inline(always)]
 pub(crate) fn finish<A: Real>(x: &[A], m_hi: A, sums: [f64; 2], eps: f64) -> RowStats<A> {
+    if let Some(st) = finish_common(x.len(), m_hi, sums, eps) {
+        return st;
+    }
     let nf = x.len() as f64;
     let mut s = 1.0;
     let [mut sd, mut sdd] = sums;
@@ -450,6 +453,33 @@ pub(crate) fn finish<A: Real>(x: &[A], m_hi: A, sums: [f64; 2], eps: f64) -> Row
         mean: m_hi.into() + m_lo,
         rstd: 1.0 / (var_s / (s * s) + eps).sqrt(),
     }
+}
+
+/// [`finish`] without the row, for its common case (sums finite, shift near the mean): `None`
+/// where it would need the row again. The same operations as [`finish`] with s = 1.
+#[inline(always)]
+pub(crate) fn finish_common<A: Real>(
+    n: usize,
+    m_hi: A,
+    [sd, sdd]: [f64; 2],
+    eps: f64,
+) -> Option<RowStats<A>> {
+    if !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite() {
+        return None;
+    }
+    let nf = n as f64;
+    let m_lo = sd / nf;
+    let var = sdd / nf - m_lo * m_lo;
+    if m_lo * m_lo > var.abs() * 0.25 {
+        return None;
+    }
+    let var = if var < 0.0 { 0.0 } else { var };
+    Some(RowStats {
+        m_hi,
+        m_lo: A::of(m_lo),
+        mean: m_hi.into() + m_lo,
+        rstd: 1.0 / (var + eps).sqrt(),
+    })
 }
 
 /// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd). For the unit

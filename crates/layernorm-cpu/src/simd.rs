@@ -43,7 +43,7 @@ pub(crate) fn forward_rows<T: CpuElement>(
     let stream = stream && T::as_acc(x).is_some();
     if n < row::FUSE_MIN_N {
         forward_short(n, eps, x, gamma, beta, y, mean, rstd, stream);
-    } else {
+    } else if !T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
     }
     if stream {
@@ -332,6 +332,52 @@ pub(crate) fn backward_rows<T: CpuElement>(
         }
         if !direct {
             T::narrow(&dxb, &mut dx[span(r)]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layernorm_core::bf16;
+
+    #[test]
+    fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
+        let rows = 9;
+        for n in [512usize, 515, 600, 777, 1024] {
+            let mut s = 0x1234_5678u32;
+            let x: Vec<bf16> = (0..rows * n)
+                .map(|i| {
+                    s ^= s << 13;
+                    s ^= s >> 17;
+                    s ^= s << 5;
+                    let u = s as f32 / u32::MAX as f32 - 0.5;
+                    bf16::from_f32(match (i / n) % 6 {
+                        0 => 3.25,
+                        1 => 1e6 + 1e3 * u,
+                        2 => 1e37 * u,
+                        3 if i % n < 32 => 50.0 + u,
+                        4 if i % n == n / 2 => f32::NAN,
+                        _ => 3.0 * u,
+                    })
+                })
+                .collect();
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            {
+                let (mut y0, mut m0, mut r0) =
+                    (vec![bf16::ZERO; rows * n], vec![0f32; rows], vec![0f32; rows]);
+                let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
+                forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                assert!(bf16::forward_converted(
+                    n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1
+                ));
+                let bits = |v: &[bf16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y1), bits(&y0), "y, n={n}");
+                assert_eq!((fbits(&m1), fbits(&r1)), (fbits(&m0), fbits(&r0)), "stats, n={n}");
+            }
         }
     }
 }

@@ -1,0 +1,320 @@
+//! `bf16` rows converted in registers: the long-row forward loads `bf16` vectors, widens them in
+//! the register, and rounds y back before its store — no `f32` scratch rows and no separate
+//! conversion sweeps. The widening is exact and the rounding is `half`'s (nearest even, NaN
+//! quieted), on the same vectors in the same order as the scratch path, so the bits are the same.
+//!
+//! AVX-512 BF16's `vcvtneps2bf16` is not used for the rounding: it flushes subnormal inputs to
+//! zero, where `half` rounds them.
+
+use layernorm_core::bf16;
+use pulp::{Arch, Simd, WithSimd};
+
+use super::steps::*;
+use crate::row;
+
+/// `W` `bf16` values from `src` (at least `W` long), widened to an `f32` vector exactly, NaNs
+/// quieted as `half` does.
+#[inline(always)]
+fn load<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
+    let w = size_of::<S::f32s>() / 4;
+    let src = &src[..w];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::*;
+        let p = src.as_ptr();
+        // SAFETY: `src` holds `w` elements: 32 bytes for 16 lanes, 16 bytes for 8 (unaligned
+        // loads). A vector of 64 / 32 bytes exists only under AVX-512F / AVX2, checked at run time
+        // by the dispatch that chose `S`; the transmutes are between types of the same size.
+        unsafe {
+            if w == 16 {
+                let wide =
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())));
+                return quiet(simd, core::mem::transmute_copy(&wide));
+            }
+            if w == 8 {
+                let wide =
+                    _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())));
+                return quiet(simd, core::mem::transmute_copy(&wide));
+            }
+        }
+    }
+    let mut lanes = [0f32; 16];
+    for (l, v) in lanes.iter_mut().zip(src) {
+        *l = v.to_f32();
+    }
+    simd.partial_load_f32s(&lanes[..w])
+}
+
+/// Sets the quiet bit of NaN lanes (what `half`'s `bf16::to_f32` does).
+#[inline(always)]
+fn quiet<S: Simd>(simd: S, v: S::u32s) -> S::f32s {
+    let abs = simd.and_u32s(v, simd.splat_u32s(0x7fff_ffff));
+    let nan = simd.greater_than_u32s(abs, simd.splat_u32s(0x7f80_0000));
+    let quieted = simd.or_u32s(v, simd.splat_u32s(0x0040_0000));
+    simd.transmute_f32s_u32s(simd.select_u32s(nan, quieted, v))
+}
+
+/// Rounds an `f32` vector to `bf16` (nearest even, NaN quieted: `half`'s `bf16::from_f32`) and
+/// stores its `W` values at the start of `dst`.
+#[inline(always)]
+fn store<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
+    let w = size_of::<S::f32s>() / 4;
+    let dst = &mut dst[..w];
+    let bits = simd.transmute_u32s_f32s(v);
+    let sixteen = simd.splat_u32s(16);
+    let high = simd.wrapping_dyn_shr_u32s(bits, sixteen);
+    let odd = simd.and_u32s(high, simd.splat_u32s(1));
+    let biased = simd.add_u32s(simd.add_u32s(bits, simd.splat_u32s(0x7fff)), odd);
+    let rounded = simd.wrapping_dyn_shr_u32s(biased, sixteen);
+    let abs = simd.and_u32s(bits, simd.splat_u32s(0x7fff_ffff));
+    let nan = simd.greater_than_u32s(abs, simd.splat_u32s(0x7f80_0000));
+    let r = simd.select_u32s(nan, simd.or_u32s(high, simd.splat_u32s(0x40)), rounded);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::*;
+        let p = dst.as_mut_ptr();
+        // SAFETY: as in `load`: `dst` holds `w` elements, the ISA matches the vector width, and
+        // every lane of `r` is below 2^16, so narrowing each to 16 bits loses nothing.
+        unsafe {
+            if w == 16 {
+                let r: __m512i = core::mem::transmute_copy(&r);
+                return _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(r));
+            }
+            if w == 8 {
+                let r: __m256i = core::mem::transmute_copy(&r);
+                let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
+                return _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed));
+            }
+        }
+    }
+    let lanes: &[u32] = bytemuck::cast_slice(core::slice::from_ref(&r));
+    for (d, &l) in dst.iter_mut().zip(lanes) {
+        *d = bf16::from_bits(l as u16);
+    }
+}
+
+/// The forward's shift of a `bf16` row: `shift_in` of the widened row, without widening it.
+#[inline(always)]
+fn shift<S: Simd>(simd: S, x: &[bf16]) -> f32 {
+    let w = size_of::<S::f32s>() / 4;
+    let k = x.len().min(row::SHIFT_SAMPLE);
+    if k == 0 {
+        return 0.0;
+    }
+    let mut acc = simd.splat_f32s(0.0);
+    let heads = k / w;
+    for j in 0..heads {
+        acc = simd.add_f32s(acc, load(simd, &x[j * w..]));
+    }
+    let mut sum = simd.reduce_sum_f32s(acc);
+    for v in &x[heads * w..k] {
+        sum += v.to_f32();
+    }
+    let m = sum / k as f32;
+    if m.is_finite() {
+        m
+    } else {
+        (x[..k].iter().map(|v| v.to_f64()).sum::<f64>() / k as f64) as f32
+    }
+}
+
+/// `centered_in(x, (m, 1, 0))` of a `bf16` row, without widening it.
+#[inline(always)]
+fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
+    let w = size_of::<S::f32s>() / 4;
+    let nv = x.len() / w;
+    let zero = simd.splat_f32s(0.0);
+    let k = (simd.splat_f32s(m), simd.splat_f32s(1.0), zero);
+    let mut total = [0f64; 2];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [zero; 2];
+        for j in i..end {
+            centered_step::<S, true>(simd, load(simd, &x[j * w..]), k, &mut acc);
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    let tail: Vec<f32> = x[nv * w..].iter().map(|v| v.to_f32()).collect();
+    centered_tail(&tail, (m, 1.0, 0.0), &mut total);
+    total
+}
+
+/// Forward of long `bf16` rows (N ≥ `FUSE_MIN_N`), pipelined like the `f32` one: row r normalized
+/// while row r+1 is summed, every vector converted in its register.
+struct FwdBf16<'a> {
+    n: usize,
+    eps: f64,
+    x: &'a [bf16],
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [bf16],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+}
+
+impl WithSimd for FwdBf16<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let n = self.n;
+        let w = size_of::<S::f32s>() / 4;
+        let nv = n / w;
+        let rows = self.mean.len().min(self.rstd.len());
+        let x = self.x;
+        let xr = |q: usize| &x[q * n..(q + 1) * n];
+        let (gamma, beta) = (self.gamma, self.beta);
+        let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+        let bh = beta.map_or(&[][..], |b| &S::as_simd_f32s(&b[..n]).0[..nv]);
+        // A widened copy of a row, made only for `finish`'s rare paths and for the tails.
+        let mut scratch = vec![0f32; n];
+        let mut m_next = shift(simd, xr(0));
+        let mut next_sums = sums(simd, xr(0), m_next);
+        for r in 0..rows {
+            let cur = xr(r);
+            let st = match row::finish_common(n, m_next, next_sums, self.eps) {
+                Some(st) => st,
+                None => {
+                    widen(cur, &mut scratch);
+                    row::finish(&scratch, m_next, next_sums, self.eps)
+                }
+            };
+            let (mh, ml, rs) = (st.m_hi, st.m_lo, st.rstd as f32);
+            let kc = (simd.splat_f32s(mh), simd.splat_f32s(ml), simd.splat_f32s(rs));
+            let y = &mut self.y[r * n..(r + 1) * n];
+            let zero = simd.splat_f32s(0.0);
+            let has_next = r + 1 < rows;
+            let nxt = if has_next { xr(r + 1) } else { cur };
+            if has_next {
+                m_next = shift(simd, nxt);
+            }
+            let kn = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
+            let mut total = [0f64; 2];
+            let pb = per_block::<S>();
+            let mut i = 0;
+            while i < nv {
+                let end = (i + pb).min(nv);
+                let mut acc = [zero; 2];
+                for j in i..end {
+                    if has_next {
+                        centered_step::<S, true>(simd, load(simd, &nxt[j * w..]), kn, &mut acc);
+                    }
+                    let c = load(simd, &cur[j * w..]);
+                    let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(c, kc.0), kc.1), kc.2);
+                    if gamma.is_some() {
+                        t = simd.mul_f32s(t, gh[j]);
+                    }
+                    if beta.is_some() {
+                        t = simd.add_f32s(t, bh[j]);
+                    }
+                    store(simd, &mut y[j * w..], t);
+                }
+                fold_into(simd, acc, &mut total);
+                i = end;
+            }
+            let base = nv * w;
+            if base < n {
+                // Tails: the scalar code of the f32 kernels, on widened values.
+                let tail = &mut scratch[..n - base];
+                widen(&cur[base..], tail);
+                let mut out = [0f32; 16];
+                let out = &mut out[..n - base];
+                normalize_tail(tail, (mh, ml, rs), (gamma, beta), base, out);
+                for (d, &v) in y[base..].iter_mut().zip(out.iter()) {
+                    *d = bf16::from_f32(v);
+                }
+                if has_next {
+                    widen(&nxt[base..], tail);
+                    centered_tail(tail, (m_next, 1.0, 0.0), &mut total);
+                }
+            }
+            if has_next {
+                next_sums = total;
+            }
+            self.mean[r] = st.mean as f32;
+            self.rstd[r] = st.rstd as f32;
+        }
+    }
+}
+
+#[inline(always)]
+fn widen(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// Forward of long `bf16` rows in one explicit-SIMD loop (see [`FwdBf16`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_bf16(
+    n: usize,
+    eps: f64,
+    x: &[bf16],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [bf16],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    Arch::new().dispatch(FwdBf16 { n, eps, x, gamma, beta, y, mean, rstd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Widens all of `wide_in` and rounds all of `narrow_in`, a vector at a time.
+    struct Convert<'a> {
+        wide_in: &'a [bf16],
+        wide_out: &'a mut [f32],
+        narrow_in: &'a [f32],
+        narrow_out: &'a mut [bf16],
+    }
+
+    impl WithSimd for Convert<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let w = size_of::<S::f32s>() / 4;
+            for (src, dst) in self.wide_in.chunks_exact(w).zip(self.wide_out.chunks_exact_mut(w)) {
+                let v = load(simd, src);
+                dst.copy_from_slice(bytemuck::cast_slice(core::slice::from_ref(&v)));
+            }
+            let pairs = self.narrow_in.chunks_exact(w).zip(self.narrow_out.chunks_exact_mut(w));
+            for (src, dst) in pairs {
+                store(simd, dst, simd.partial_load_f32s(src));
+            }
+        }
+    }
+
+    #[test]
+    fn conversions_match_half_on_every_instruction_set() {
+        // Every bf16 bit pattern, and f32 patterns around every rounding case: each bf16 value
+        // with each of the low-half patterns that decide the rounding (ties, just above/below,
+        // all ones), which covers NaNs, infinities, subnormals and overflow to infinity.
+        let wide_in: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let lows = [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000];
+        let narrow_in: Vec<f32> =
+            (0..=u16::MAX as u32).flat_map(|h| lows.map(|l| f32::from_bits(h << 16 | l))).collect();
+        let want_wide: Vec<u32> = wide_in.iter().map(|v| v.to_f32().to_bits()).collect();
+        let want_narrow: Vec<u16> =
+            narrow_in.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        for_each_isa!(simd, isa => {
+            let mut wide_out = vec![0f32; wide_in.len()];
+            let mut narrow_out = vec![bf16::ZERO; narrow_in.len()];
+            let op = Convert {
+                wide_in: &wide_in,
+                wide_out: &mut wide_out,
+                narrow_in: &narrow_in,
+                narrow_out: &mut narrow_out,
+            };
+            pulp::Simd::vectorize(simd, op);
+            let got_wide: Vec<u32> = wide_out.iter().map(|v| v.to_bits()).collect();
+            let got_narrow: Vec<u16> = narrow_out.iter().map(|v| v.to_bits()).collect();
+            assert!(got_wide == want_wide, "{isa}: widening differs from half");
+            assert!(got_narrow == want_narrow, "{isa}: rounding differs from half");
+        });
+    }
+}
