@@ -175,6 +175,7 @@ impl WithSimd for BackRows<'_> {
             }
             start += count;
         }
+        unstage(stage);
     }
 }
 
@@ -446,6 +447,7 @@ impl WithSimd for BackLong<'_> {
                 r += 1;
             }
         }
+        unstage(stage);
     }
 }
 

@@ -215,6 +215,7 @@ impl WithSimd for Rows<'_> {
             }
             start += count;
         }
+        unstage(stage);
     }
 }
 

@@ -77,9 +77,25 @@ pub(crate) fn stream_fence() {
 /// A staging buffer for `len` elements of output, and the offset of its first 64-byte-aligned
 /// element, where the staged span starts (so its vectors do not straddle cache lines).
 pub(super) fn staging(len: usize) -> (Vec<f32>, usize) {
-    let buf = vec![0f32; len + 16];
+    // Each thread keeps its buffer between calls: the short-row kernels run once per block of
+    // rows, and a fresh zeroed buffer each time cost a pass of its own (and an allocation).
+    let mut buf = STAGING.with(|s| s.take());
+    if buf.len() < len + 16 {
+        buf.resize(len + 16, 0.0);
+    }
     let off = buf.as_ptr().align_offset(64).min(16);
     (buf, off)
+}
+
+/// Gives a staging buffer back to this thread for its next call (see [`staging`]).
+pub(super) fn unstage(stage: Option<(Vec<f32>, usize)>) {
+    if let Some((buf, _)) = stage {
+        STAGING.with(|s| s.replace(buf));
+    }
+}
+
+thread_local! {
+    static STAGING: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A staged span of output (`src`, hot in L1) being written to `y[span]` in pieces: streaming
