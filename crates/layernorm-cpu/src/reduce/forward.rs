@@ -140,8 +140,10 @@ pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
     Arch::new().dispatch(Centered { x, m, s, ml })
 }
 
-/// Forward of consecutive short rows in one dispatch: per row, the shift, the residual sums, the
-/// statistics and the normalize sweep, with no per-row call overhead (the row stays in L1).
+/// Forward of consecutive short rows in one dispatch, in groups of up to [`GROUP_ROWS`] rows: the
+/// group's shifts and residual sums (four rows side by side), the statistics of all its rows at
+/// once ([`Group`]), then the normalize sweep from L1 while the next group is prefetched. Per row
+/// the operations are those of `row::rows_portable`, so the bits are too (tested).
 struct Rows<'a> {
     n: usize,
     eps: f64,

@@ -43,7 +43,7 @@ pub(super) fn stream_head<S: Simd>(y: &[f32], stream: bool) -> (usize, bool) {
     if p < w { (p, true) } else { (0, false) }
 }
 
-/// Asks for `v`'s cache lines to be brought into L1 (a hint; nothing on other architectures).
+/// Asks for `v`'s cache lines to be brought into L2 (a hint; nothing on other architectures).
 #[inline(always)]
 pub(super) fn prefetch(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -75,7 +75,7 @@ pub(crate) fn stream_fence() {
 }
 
 /// A staging buffer for `len` elements of output, and the offset of its first 64-byte-aligned
-/// element, where the staged span starts (so its vectors do not straddle cache lines).
+/// element, where the staged span starts.
 pub(super) fn staging(len: usize) -> (Vec<f32>, usize) {
     // Each thread keeps its buffer between calls: the short-row kernels run once per block of
     // rows, and a fresh zeroed buffer each time cost a pass of its own (and an allocation).
