@@ -137,8 +137,10 @@ fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
         fold_into(simd, acc, &mut total);
         i = end;
     }
-    let tail: Vec<f32> = x[nv * w..].iter().map(|v| v.to_f32()).collect();
-    centered_tail(&tail, (m, 1.0, 0.0), &mut total);
+    let mut tail = [0f32; 16];
+    let tail = &mut tail[..x.len() - nv * w];
+    widen(&x[nv * w..], tail);
+    centered_tail(tail, (m, 1.0, 0.0), &mut total);
     total
 }
 
