@@ -89,54 +89,30 @@ pub(crate) fn backward<T: CpuElement>(
     let width = 2 * n;
     let mut partials = vec![T::Acc::zero(); if want_g || want_b { blocks * width } else { 0 }];
 
-    let block = |b: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
-        let rows = b * ROW_BLOCK..(b * ROW_BLOCK + ROW_BLOCK).min(mean.len());
-        let elems = rows.start * n..rows.end * n;
-        let (pg, pb) = match part {
-            Some(p) => {
-                let (g, bb) = p.split_at_mut(n);
-                (want_g.then_some(g), want_b.then_some(bb))
-            }
-            None => (None, None),
-        };
-        simd::backward_rows(
-            n,
-            &x[elems.clone()],
-            &dy[elems],
-            &mean[rows.clone()],
-            &rstd[rows],
-            gamma,
-            dx,
-            pg,
-            pb,
-            stream,
-        );
-    };
-
+    // Blocks are handed out in groups (a task's worth of rows); within a group the kernels
+    // pipeline across block boundaries. The grouping depends only on N, and the results do not
+    // depend on it at all: each block's partials gain its rows' terms in row order.
     let chunk = ROW_BLOCK * n;
+    let group_blocks =
+        if is_parallel(x.len()) { (TASK_ELEMS / chunk).max(1) } else { blocks.max(1) };
+    let group = |g: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
+        let rows = g * group_blocks * ROW_BLOCK..((g + 1) * group_blocks * ROW_BLOCK).min(rows);
+        let elems = rows.start * n..rows.end * n;
+        let (x, dy) = (&x[elems.clone()], &dy[elems]);
+        let (m, s) = (&mean[rows.clone()], &rstd[rows]);
+        simd::backward_blocks(n, x, dy, m, s, gamma, dx, part, (want_g, want_b), stream);
+    };
+    let (gchunk, gwidth) = (group_blocks * chunk, group_blocks * width);
     if !is_parallel(x.len()) {
-        if partials.is_empty() {
-            dx.chunks_mut(chunk).enumerate().for_each(|(b, d)| block(b, d, None));
-        } else {
-            dx.chunks_mut(chunk)
-                .zip(partials.chunks_mut(width))
-                .enumerate()
-                .for_each(|(b, (d, p))| block(b, d, Some(p)));
-        }
+        let part = (!partials.is_empty()).then_some(&mut partials[..]);
+        group(0, dx, part);
+    } else if partials.is_empty() {
+        dx.par_chunks_mut(gchunk).enumerate().for_each(|(g, d)| group(g, d, None));
     } else {
-        let min_len = (TASK_ELEMS / chunk).max(1);
-        if partials.is_empty() {
-            dx.par_chunks_mut(chunk)
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(b, d)| block(b, d, None));
-        } else {
-            dx.par_chunks_mut(chunk)
-                .zip(partials.par_chunks_mut(width))
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(b, (d, p))| block(b, d, Some(p)));
-        }
+        dx.par_chunks_mut(gchunk)
+            .zip(partials.par_chunks_mut(gwidth))
+            .enumerate()
+            .for_each(|(g, (d, p))| group(g, d, Some(p)));
     }
     // Fixed-order reduction of the block partials: block 0, 1, 2, … in f64, rounded once.
     let reduce = |offset: usize, out: &mut [T]| {

@@ -98,10 +98,11 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
 
-    /// Backward of a block of rows of at least `FUSE_MIN_N`, in place, adding into the block's
-    /// dγ/dβ partials in row order; `false` where the type has no such kernel (the caller then
-    /// runs the generic pipelined loop, with the same results). `stream` asks for non-temporal
-    /// stores of dx (a hint).
+    /// Backward of consecutive blocks of `ROW_BLOCK` rows of at least `BACK_FUSE_MIN_N`, in
+    /// place, adding into each block's dγ/dβ partials (`partials`: block b's `[dγ (n) | dβ (n)]`
+    /// at `2·n·b`, for the gradients `want`ed) in row order; `false` where the type has no such
+    /// kernel (the caller then runs the generic loop block by block, with the same results).
+    /// `stream` asks for non-temporal stores of dx (a hint).
     #[allow(clippy::too_many_arguments)]
     fn back_long(
         _n: usize,
@@ -111,8 +112,8 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         _rstd: &[Self],
         _gamma: Option<&[Self]>,
         _dx: &mut [Self],
-        _dgamma: Option<&mut [Self]>,
-        _dbeta: Option<&mut [Self]>,
+        _partials: Option<&mut [Self]>,
+        _want: (bool, bool),
         _stream: bool,
     ) -> bool {
         false
@@ -210,11 +211,12 @@ impl Real for f32 {
         rstd: &[f32],
         gamma: Option<&[f32]>,
         dx: &mut [f32],
-        dgamma: Option<&mut [f32]>,
-        dbeta: Option<&mut [f32]>,
+        partials: Option<&mut [f32]>,
+        want: (bool, bool),
         stream: bool,
     ) -> bool {
-        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
+        let partials = crate::reduce::Partials { buf: partials, want };
+        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);
         true
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {

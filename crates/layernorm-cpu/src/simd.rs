@@ -126,6 +126,51 @@ fn forward_long<T: CpuElement>(
     }
 }
 
+/// Backward over consecutive blocks of `ROW_BLOCK` rows (the first row starts a block), with
+/// their dγ/dβ partials laid out per block as `[dγ (n) | dβ (n)]` for the gradients `want`ed.
+/// Long rows in the accumulation type go to its pair kernel in one call, pipelined across the
+/// block boundaries; everything else runs block by block through [`backward_rows`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_blocks<T: CpuElement>(
+    n: usize,
+    x: &[T],
+    dy: &[T],
+    mean: &[T::Acc],
+    rstd: &[T::Acc],
+    gamma: Option<&[T::Acc]>,
+    dx: &mut [T],
+    mut partials: Option<&mut [T::Acc]>,
+    want: (bool, bool),
+    stream: bool,
+) {
+    if n >= row::BACK_FUSE_MIN_N
+        && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
+    {
+        let parts = partials.as_deref_mut();
+        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, parts, want, stream) {
+            if stream {
+                crate::reduce::stream_fence();
+            }
+            return;
+        }
+    }
+    let rows = mean.len().min(rstd.len());
+    let chunk = crate::driver::ROW_BLOCK * n;
+    for (b, dxb) in dx.chunks_mut(chunk).enumerate() {
+        let r = b * crate::driver::ROW_BLOCK..((b + 1) * crate::driver::ROW_BLOCK).min(rows);
+        let e = r.start * n..r.end * n;
+        let (pg, pb) = match partials.as_deref_mut() {
+            Some(p) => {
+                let (g, bb) = p[2 * n * b..2 * n * (b + 1)].split_at_mut(n);
+                (want.0.then_some(g), want.1.then_some(bb))
+            }
+            None => (None, None),
+        };
+        let (xb, dyb, m, s) = (&x[e.clone()], &dy[e], &mean[r.clone()], &rstd[r]);
+        backward_rows(n, xb, dyb, m, s, gamma, dxb, pg, pb, stream);
+    }
+}
+
 /// Elements per widened chunk of 16-bit short rows (the chunk and its output stay in L1/L2).
 const SHORT_CHUNK: usize = 4096;
 
@@ -256,15 +301,6 @@ pub(crate) fn backward_rows<T: CpuElement>(
             crate::reduce::stream_fence();
         }
         return;
-    }
-    if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
-        let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
-        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, dg, db, stream) {
-            if stream {
-                crate::reduce::stream_fence();
-            }
-            return;
-        }
     }
     let zero = T::Acc::zero();
     let direct = T::as_acc(x).is_some();

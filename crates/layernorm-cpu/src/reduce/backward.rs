@@ -369,9 +369,32 @@ struct BackLong<'a> {
     rstd: &'a [f32],
     gamma: Option<&'a [f32]>,
     dx: &'a mut [f32],
-    dgamma: Option<&'a mut [f32]>,
-    dbeta: Option<&'a mut [f32]>,
+    partials: Partials<'a>,
     stream: bool,
+}
+
+/// The dγ/dβ partials of consecutive blocks of `ROW_BLOCK` rows: block b's are
+/// `[dγ (n) | dβ (n)]` at `2·n·b`, for the gradients wanted.
+pub(crate) struct Partials<'a> {
+    /// All the blocks' partials (`None` when neither gradient is wanted).
+    pub(crate) buf: Option<&'a mut [f32]>,
+    /// Whether dγ, dβ are wanted.
+    pub(crate) want: (bool, bool),
+}
+
+impl Partials<'_> {
+    /// The partials row `r` adds into (rows are counted from the first block's first row).
+    #[inline(always)]
+    fn of_row(&mut self, r: usize, n: usize) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+        let b = r / crate::driver::ROW_BLOCK;
+        match self.buf.as_deref_mut() {
+            Some(p) => {
+                let (g, bb) = p[2 * n * b..2 * n * (b + 1)].split_at_mut(n);
+                (self.want.0.then_some(g), self.want.1.then_some(bb))
+            }
+            None => (None, None),
+        }
+    }
 }
 
 impl WithSimd for BackLong<'_> {
@@ -408,24 +431,19 @@ impl WithSimd for BackLong<'_> {
                     None => &mut self.dx[r * n..(r + 2) * n],
                 };
                 let (dx0, dx1) = out.split_at_mut(n);
-                sums = back_pair(
-                    simd,
-                    n,
-                    (x, dy, gamma),
-                    (r, p),
-                    next,
-                    [dx0, dx1],
-                    (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut()),
-                );
+                // A pair never straddles two blocks: blocks have an even number of rows and
+                // every call starts at a block's first row.
+                let parts = self.partials.of_row(r, n);
+                sums = back_pair(simd, n, (x, dy, gamma), (r, p), next, [dx0, dx1], parts);
                 if let Some((buf, off)) = stage.as_ref() {
                     let f = Flush::new::<S>(self.dx, r * n..(r + 2) * n);
                     f.finish(simd, &buf[*off..], self.dx);
                 }
                 r += 2;
             } else {
-                // The block's last rows: one at a time, each summing the row after next.
+                // The last rows: one at a time, each summing the row after next.
                 let p = params(0);
-                let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
+                let (dg, db) = self.partials.of_row(r, n);
                 apply_in(
                     simd,
                     (&x[span(r)], &dy[span(r)], gamma),
@@ -574,7 +592,8 @@ fn back_pair_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
     total
 }
 
-/// Backward of a block of long rows in place (see [`BackLong`]).
+/// Backward of consecutive blocks of long rows in place (see [`BackLong`]), pipelined across the
+/// blocks' boundaries.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn back_long(
     n: usize,
@@ -584,11 +603,10 @@ pub(crate) fn back_long(
     rstd: &[f32],
     gamma: Option<&[f32]>,
     dx: &mut [f32],
-    dgamma: Option<&mut [f32]>,
-    dbeta: Option<&mut [f32]>,
+    partials: Partials<'_>,
     stream: bool,
 ) {
-    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream })
+    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, partials, stream })
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
@@ -660,7 +678,17 @@ mod tests {
                     let (dgamma, dbeta) = (Some(&mut dg[..]), Some(&mut db[..]));
                     let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
                     if long {
-                        pulp::Simd::vectorize(simd, BackLong { n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream });
+                        // Partials for each 32-row block, summed over blocks as the driver does.
+                        let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
+                        let mut parts = vec![0f32; blocks * 2 * n];
+                        let partials = Partials { buf: Some(&mut parts), want: (true, true) };
+                        pulp::Simd::vectorize(simd, BackLong { n, x, dy, mean, rstd, gamma, dx, partials, stream });
+                        if let (Some(g), Some(b)) = (dgamma, dbeta) {
+                            for j in 0..n {
+                                let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
+                                (g[j], b[j]) = (sum(0) as f32, sum(n) as f32);
+                            }
+                        }
                     } else {
                         pulp::Simd::vectorize(simd, BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta });
                     }

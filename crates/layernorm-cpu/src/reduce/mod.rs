@@ -58,7 +58,7 @@ mod half;
 mod steps;
 mod store;
 
-pub(crate) use backward::{back_long, back_rows, backward_sums, fused_backward};
+pub(crate) use backward::{Partials, back_long, back_rows, backward_sums, fused_backward};
 pub(crate) use forward::{centered, fused, rows, shift};
 pub(crate) use half::forward_bf16;
 pub(crate) use store::stream_fence;
