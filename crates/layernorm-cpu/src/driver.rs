@@ -29,6 +29,24 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// virtual machines report the host's.
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
+/// Block `b`'s dγ and dβ partials (those `want`ed) in a buffer laid out per block as
+/// `[dγ (n) | dβ (n)]` at `2·n·b`; `(None, None)` without a buffer.
+#[inline(always)]
+pub(crate) fn block_partials<A>(
+    partials: Option<&mut [A]>,
+    n: usize,
+    b: usize,
+    want: (bool, bool),
+) -> (Option<&mut [A]>, Option<&mut [A]>) {
+    match partials {
+        Some(p) => {
+            let (g, bb) = p[2 * n * b..2 * n * (b + 1)].split_at_mut(n);
+            (want.0.then_some(g), want.1.then_some(bb))
+        }
+        None => (None, None),
+    }
+}
+
 /// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).
 pub(crate) fn is_parallel(numel: usize) -> bool {
     numel >= PARALLEL_MIN_ELEMS

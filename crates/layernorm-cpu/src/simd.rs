@@ -159,13 +159,7 @@ pub(crate) fn backward_blocks<T: CpuElement>(
     for (b, dxb) in dx.chunks_mut(chunk).enumerate() {
         let r = b * crate::driver::ROW_BLOCK..((b + 1) * crate::driver::ROW_BLOCK).min(rows);
         let e = r.start * n..r.end * n;
-        let (pg, pb) = match partials.as_deref_mut() {
-            Some(p) => {
-                let (g, bb) = p[2 * n * b..2 * n * (b + 1)].split_at_mut(n);
-                (want.0.then_some(g), want.1.then_some(bb))
-            }
-            None => (None, None),
-        };
+        let (pg, pb) = crate::driver::block_partials(partials.as_deref_mut(), n, b, want);
         let (xb, dyb, m, s) = (&x[e.clone()], &dy[e], &mean[r.clone()], &rstd[r]);
         backward_rows(n, xb, dyb, m, s, gamma, dxb, pg, pb, stream);
     }

@@ -387,13 +387,7 @@ impl Partials<'_> {
     #[inline(always)]
     fn of_row(&mut self, r: usize, n: usize) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
         let b = r / crate::driver::ROW_BLOCK;
-        match self.buf.as_deref_mut() {
-            Some(p) => {
-                let (g, bb) = p[2 * n * b..2 * n * (b + 1)].split_at_mut(n);
-                (self.want.0.then_some(g), self.want.1.then_some(bb))
-            }
-            None => (None, None),
-        }
+        crate::driver::block_partials(self.buf.as_deref_mut(), n, b, self.want)
     }
 }
 

@@ -10,6 +10,7 @@ use layernorm_core::bf16;
 use pulp::{Arch, Simd, WithSimd};
 
 use super::steps::*;
+use crate::CpuElement;
 use crate::row;
 
 /// `W` `bf16` values from `src` (at least `W` long), widened to an `f32` vector exactly, NaNs
@@ -139,7 +140,7 @@ fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
     }
     let mut tail = [0f32; 16];
     let tail = &mut tail[..x.len() - nv * w];
-    widen(&x[nv * w..], tail);
+    bf16::widen(&x[nv * w..], tail);
     centered_tail(tail, (m, 1.0, 0.0), &mut total);
     total
 }
@@ -179,7 +180,7 @@ impl WithSimd for FwdBf16<'_> {
             let st = match row::finish_common(n, m_next, next_sums, self.eps) {
                 Some(st) => st,
                 None => {
-                    widen(cur, &mut scratch);
+                    bf16::widen(cur, &mut scratch);
                     row::finish(&scratch, m_next, next_sums, self.eps)
                 }
             };
@@ -220,15 +221,13 @@ impl WithSimd for FwdBf16<'_> {
             if base < n {
                 // Tails: the scalar code of the f32 kernels, on widened values.
                 let tail = &mut scratch[..n - base];
-                widen(&cur[base..], tail);
+                bf16::widen(&cur[base..], tail);
                 let mut out = [0f32; 16];
                 let out = &mut out[..n - base];
                 normalize_tail(tail, (mh, ml, rs), (gamma, beta), base, out);
-                for (d, &v) in y[base..].iter_mut().zip(out.iter()) {
-                    *d = bf16::from_f32(v);
-                }
+                bf16::narrow(out, &mut y[base..]);
                 if has_next {
-                    widen(&nxt[base..], tail);
+                    bf16::widen(&nxt[base..], tail);
                     centered_tail(tail, (m_next, 1.0, 0.0), &mut total);
                 }
             }
@@ -238,13 +237,6 @@ impl WithSimd for FwdBf16<'_> {
             self.mean[r] = st.mean as f32;
             self.rstd[r] = st.rstd as f32;
         }
-    }
-}
-
-#[inline(always)]
-fn widen(src: &[bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
     }
 }
 
