@@ -355,12 +355,13 @@ pub(crate) fn fused_backward(
     Arch::new().dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
 }
 
-/// Backward of one block of long rows (`f32`, in place), two rows per sweep: the sweep writes
-/// rows r and r+1's dx while summing rows r+2 and r+3's reductions, and reads and writes each
-/// dγ/dβ partial once per pair of rows instead of once per row — that traffic was the backward's
-/// largest cost beside x, dy and dx. Per row the operations and their order are those of
-/// [`FusedBackward`] / `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the
-/// results are bitwise those of the one-row pipeline.
+/// Backward of consecutive blocks of long rows (`f32`, in place), K rows per sweep (two with
+/// AVX-512, one with narrower vectors): the sweep writes rows r..r+K's dx while summing the next
+/// K rows' reductions. With K = 2 each dγ/dβ partial is read and written once per pair of rows
+/// instead of once per row — on AVX-512 that traffic was the backward's largest cost beside x,
+/// dy and dx. Per row the operations and their order are those of [`FusedBackward`] /
+/// `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the results are bitwise those
+/// of the one-row pipeline whatever K is.
 struct BackLong<'a> {
     n: usize,
     x: &'a [f32],
@@ -394,14 +395,24 @@ impl Partials<'_> {
 impl WithSimd for BackLong<'_> {
     type Output = ();
     #[inline(always)]
-    fn with_simd<S: Simd>(mut self, simd: S) {
+    fn with_simd<S: Simd>(self, simd: S) {
+        // Two rows per sweep needs the registers of AVX-512 (32 of them): with 16 (AVX2) the
+        // pair's fourteen row constants spill, and one row per sweep measured faster.
+        if size_of::<S::f32s>() >= 64 { self.run::<S, 2>(simd) } else { self.run::<S, 1>(simd) }
+    }
+}
+
+impl BackLong<'_> {
+    /// The rows K at a time: each sweep writes rows r..r+K's dx while summing rows r+K..r+2K.
+    #[inline(always)]
+    fn run<S: Simd, const K: usize>(mut self, simd: S) {
         let n = self.n;
         let rows = self.mean.len().min(self.rstd.len());
         let (x, dy, gamma) = (self.x, self.dy, self.gamma);
         let span = |r: usize| r * n..(r + 1) * n;
-        let mut stage = self.stream.then(|| staging(2 * n));
-        let mut sums = [[0f64; 3]; 2];
-        for (r, s) in sums.iter_mut().enumerate().take(rows.min(2)) {
+        let mut stage = self.stream.then(|| staging(K * n));
+        let mut sums = [[0f64; 3]; K];
+        for (r, s) in sums.iter_mut().enumerate().take(rows.min(K)) {
             *s =
                 back_row_sums(simd, (&x[span(r)], &dy[span(r)], gamma), self.mean[r], self.rstd[r]);
         }
@@ -411,31 +422,31 @@ impl WithSimd for BackLong<'_> {
                 let (mu, rs) = (f64::from(self.mean[r + i]), f64::from(self.rstd[r + i]));
                 row::back_params::<f32>(n, mu, rs, sums[i])
             };
-            if r + 4 <= rows {
-                // The pipelined case: this pair's dx, the next pair's sums.
-                let p = [params(0), params(1)];
-                let next = [r + 2, r + 3].map(|q| {
+            if r + 2 * K <= rows {
+                // The pipelined case: these K rows' dx, the next K rows' sums.
+                let p: [BackParams<f32>; K] = core::array::from_fn(params);
+                let next: [(usize, f32, f32); K] = core::array::from_fn(|i| {
+                    let q = r + K + i;
                     let (m, s) =
                         row::back_shift::<f32>(f64::from(self.mean[q]), f64::from(self.rstd[q]));
                     (q, m, s as f32)
                 });
-                // With streaming, the pair's dx is staged in L1 and written as one span.
+                // With streaming, the rows' dx is staged in L1 and written as one span.
                 let out = match stage.as_mut() {
-                    Some((buf, off)) => &mut buf[*off..*off + 2 * n],
-                    None => &mut self.dx[r * n..(r + 2) * n],
+                    Some((buf, off)) => &mut buf[*off..*off + K * n],
+                    None => &mut self.dx[r * n..(r + K) * n],
                 };
-                let (dx0, dx1) = out.split_at_mut(n);
-                // A pair never straddles two blocks: blocks have an even number of rows and
+                // K rows never straddle two blocks: blocks have an even number of rows and
                 // every call starts at a block's first row.
                 let parts = self.partials.of_row(r, n);
-                sums = back_pair(simd, n, (x, dy, gamma), (r, p), next, [dx0, dx1], parts);
+                sums = back_k::<S, K>(simd, n, (x, dy, gamma), (r, p), next, out, parts);
                 if let Some((buf, off)) = stage.as_ref() {
-                    let f = Flush::new::<S>(self.dx, r * n..(r + 2) * n);
+                    let f = Flush::new::<S>(self.dx, r * n..(r + K) * n);
                     f.finish(simd, &buf[*off..], self.dx);
                 }
-                r += 2;
+                r += K;
             } else {
-                // The last rows: one at a time, each summing the row after next.
+                // The last rows: one at a time, each summing the row K after it.
                 let p = params(0);
                 let (dg, db) = self.partials.of_row(r, n);
                 apply_in(
@@ -446,10 +457,10 @@ impl WithSimd for BackLong<'_> {
                     dg,
                     db,
                 );
-                sums[0] = sums[1];
-                if r + 2 < rows {
-                    let q = r + 2;
-                    sums[1] = back_row_sums(
+                sums.copy_within(1.., 0);
+                if r + K < rows {
+                    let q = r + K;
+                    sums[K - 1] = back_row_sums(
                         simd,
                         (&x[span(q)], &dy[span(q)], gamma),
                         self.mean[q],
@@ -475,110 +486,121 @@ fn back_row_sums<S: Simd>(
     backward_in(simd, rows, (m, s as f32))
 }
 
-/// One sweep of [`BackLong`]: rows `r`, `r+1` (with their constants `p`) written, the rows in
-/// `next` (index, centering shift, scale) summed; returns the latter's sums.
+/// One sweep of [`BackLong`]: rows `r..r+K` (with their constants `p`) written into `dx` (K rows
+/// of n), the rows in `next` (index, centering shift, scale) summed; returns the latter's sums.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn back_pair<S: Simd>(
+fn back_k<S: Simd, const K: usize>(
     simd: S,
     n: usize,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
-    (r, p): (usize, [BackParams<f32>; 2]),
-    next: [(usize, f32, f32); 2],
-    dx: [&mut [f32]; 2],
+    (r, p): (usize, [BackParams<f32>; K]),
+    next: [(usize, f32, f32); K],
+    dx: &mut [f32],
     (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
-) -> [[f64; 3]; 2] {
+) -> [[f64; 3]; K] {
     let (xr, dr) = (|q: usize| &x[q * n..(q + 1) * n], |q: usize| &dy[q * n..(q + 1) * n]);
-    let (cx, cd) =
-        ([xr(r), xr(r + 1)].map(S::as_simd_f32s), [dr(r), dr(r + 1)].map(S::as_simd_f32s));
-    let (q0, q1) = (next[0].0, next[1].0);
-    let (nx, nd) = ([xr(q0), xr(q1)].map(S::as_simd_f32s), [dr(q0), dr(q1)].map(S::as_simd_f32s));
+    let cx: [_; K] = core::array::from_fn(|k| S::as_simd_f32s(xr(r + k)));
+    let cd: [_; K] = core::array::from_fn(|k| S::as_simd_f32s(dr(r + k)));
+    let nx: [_; K] = core::array::from_fn(|k| S::as_simd_f32s(xr(next[k].0)));
+    let nd: [_; K] = core::array::from_fn(|k| S::as_simd_f32s(dr(next[k].0)));
     let nv = cx[0].0.len();
+    let base = n - cx[0].1.len();
     let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
-    let [dx0, dx1] = dx;
-    let (dxh0, dxt0) = S::as_mut_simd_f32s(dx0);
-    let (dxh1, dxt1) = S::as_mut_simd_f32s(dx1);
     let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
     let mut dgs = dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
     let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
-    let pv = [BackVecs::new(simd, &p[0]), BackVecs::new(simd, &p[1])];
-    let nk = [
-        (simd.splat_f32s(next[0].1), simd.splat_f32s(next[0].2)),
-        (simd.splat_f32s(next[1].1), simd.splat_f32s(next[1].2)),
-    ];
+    let pv: [BackVecs<S::f32s>; K] = core::array::from_fn(|k| BackVecs::new(simd, &p[k]));
+    let nk: [(S::f32s, S::f32s); K] =
+        core::array::from_fn(|k| (simd.splat_f32s(next[k].1), simd.splat_f32s(next[k].2)));
     let empty: &mut [S::f32s] = &mut [];
     let (dgh, dbh) = (
         dgs.as_mut().map_or(empty, |d| &mut d.0[..nv]),
         dbs.as_mut().map_or(&mut [][..], |d| &mut d.0[..nv]),
     );
-    let cur = [(&cx[0].0[..nv], &cd[0].0[..nv]), (&cx[1].0[..nv], &cd[1].0[..nv])];
-    let nxt = [(&nx[0].0[..nv], &nd[0].0[..nv]), (&nx[1].0[..nv], &nd[1].0[..nv])];
-    let dxh = [&mut dxh0[..nv], &mut dxh1[..nv]];
-    let mut total = specialize!(back_pair_vecs::<S>(gamma.is_some(), want_g, want_b)(
-        simd,
-        (nxt, nk),
-        (cur, &pv),
-        gh,
-        dxh,
-        (dgh, dbh)
-    ));
-    // Scalar tails: the next rows' sums, then this pair's dx and dγ/dβ terms in row order.
-    let base = n - cx[0].1.len();
+    let cur: [_; K] = core::array::from_fn(|k| (&cx[k].0[..nv], &cd[k].0[..nv]));
+    let nxt: [_; K] = core::array::from_fn(|k| (&nx[k].0[..nv], &nd[k].0[..nv]));
+    let mut total = {
+        let mut rows = dx.chunks_exact_mut(n);
+        let dxh: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
+            let row = rows.next().unwrap_or_default();
+            &mut S::as_mut_simd_f32s(row).0[..nv]
+        });
+        specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
+            simd,
+            (nxt, nk),
+            (cur, &pv),
+            gh,
+            dxh,
+            (dgh, dbh)
+        ))
+    };
+    // Scalar tails: the next rows' sums, then these rows' dx and dγ/dβ terms in row order.
     let gt = gamma.map(|g| &g[base..n]);
-    for k in 0..2 {
+    for k in 0..K {
         backward_tail((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2), &mut total[k]);
     }
     let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
-    apply_tail(
-        (cx[0].1, cd[0].1, gamma),
-        &p[0],
-        base,
-        dxt0,
-        dgt.as_deref_mut(),
-        dbt.as_deref_mut(),
-    );
-    apply_tail((cx[1].1, cd[1].1, gamma), &p[1], base, dxt1, dgt, dbt);
+    for (k, dxr) in dx.chunks_exact_mut(n).enumerate().take(K) {
+        let (cxt, cdt) = (cx[k].1, cd[k].1);
+        apply_tail(
+            (cxt, cdt, gamma),
+            &p[k],
+            base,
+            &mut dxr[base..],
+            dgt.as_deref_mut(),
+            dbt.as_deref_mut(),
+        );
+    }
     total
 }
 
-/// The vector body of [`back_pair`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted.
+/// The vector body of [`back_k`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted. Each partial vector
+/// gains row r's term, then row r+1's…, added in a register and stored once per sweep.
 #[inline(always)]
 #[allow(clippy::type_complexity, clippy::needless_range_loop)]
-fn back_pair_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
+fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
     simd: S,
-    (nxt, nk): ([(&[S::f32s], &[S::f32s]); 2], [(S::f32s, S::f32s); 2]),
-    (cur, pv): ([(&[S::f32s], &[S::f32s]); 2], &[BackVecs<S::f32s>; 2]),
+    (nxt, nk): ([(&[S::f32s], &[S::f32s]); K], [(S::f32s, S::f32s); K]),
+    (cur, pv): ([(&[S::f32s], &[S::f32s]); K], &[BackVecs<S::f32s>; K]),
     gh: &[S::f32s],
-    dxh: [&mut [S::f32s]; 2],
+    dxh: [&mut [S::f32s]; K],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
-) -> [[f64; 3]; 2] {
+) -> [[f64; 3]; K] {
     let nv = cur[0].0.len();
-    let [dxh0, dxh1] = dxh;
     let zero = simd.splat_f32s(0.0);
-    let mut total = [[0f64; 3]; 2];
+    let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();
     let mut i = 0;
     while i < nv {
         let end = (i + pb).min(nv);
-        let mut acc = [[zero; 3]; 2];
+        let mut acc = [[zero; 3]; K];
         for j in i..end {
             let g = if G { Some(gh[j]) } else { None };
-            for k in 0..2 {
+            for k in 0..K {
                 backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
             }
-            let (d0, xh0) = apply_step(simd, (cur[0].0[j], cur[0].1[j], g), &pv[0]);
-            let (d1, xh1) = apply_step(simd, (cur[1].0[j], cur[1].1[j], g), &pv[1]);
-            dxh0[j] = d0;
-            dxh1[j] = d1;
+            let (mut dgv, mut dbv) =
+                (if DG { dgh[j] } else { zero }, if DB { dbh[j] } else { zero });
+            for k in 0..K {
+                let dyv = cur[k].1[j];
+                let (d, xh) = apply_step(simd, (cur[k].0[j], dyv, g), &pv[k]);
+                dxh[k][j] = d;
+                if DG {
+                    dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xh));
+                }
+                if DB {
+                    dbv = simd.add_f32s(dbv, dyv);
+                }
+            }
             if DG {
-                let t = simd.add_f32s(dgh[j], simd.mul_f32s(cur[0].1[j], xh0));
-                dgh[j] = simd.add_f32s(t, simd.mul_f32s(cur[1].1[j], xh1));
+                dgh[j] = dgv;
             }
             if DB {
-                dbh[j] = simd.add_f32s(simd.add_f32s(dbh[j], cur[0].1[j]), cur[1].1[j]);
+                dbh[j] = dbv;
             }
         }
-        for k in 0..2 {
+        for k in 0..K {
             fold_into(simd, acc[k], &mut total[k]);
         }
         i = end;
@@ -633,6 +655,52 @@ mod tests {
                 if offset && (i / n) % 5 == 1 { 1e4 + u } else { 3.0 * u }
             })
             .collect()
+    }
+
+    /// `BackLong` with K rows per sweep chosen by the test, not by the vector width.
+    struct RowsPerSweep<'a, const K: usize>(BackLong<'a>);
+
+    impl<const K: usize> WithSimd for RowsPerSweep<'_, K> {
+        type Output = ();
+        fn with_simd<S: Simd>(self, simd: S) {
+            self.0.run::<S, K>(simd)
+        }
+    }
+
+    #[test]
+    fn one_and_two_rows_per_sweep_give_the_same_bits_on_every_instruction_set() {
+        // AVX-512 runs two rows per sweep and narrower vectors one; both must give the bits of
+        // the one-row pipeline, whichever machine the test runs on.
+        for (rows, n) in [(37usize, 256usize), (64, 300), (5, 515), (33, 1024)] {
+            let x = rows_of(rows, n, 3, true);
+            let dy = rows_of(rows, n, 5, false);
+            let g: Vec<f32> = (0..n).map(|j| 0.75 + j as f32 / n as f32).collect();
+            let mean: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32 * 0.01).collect();
+            let rstd: Vec<f32> = (0..rows).map(|r| 0.9 + r as f32 * 0.003).collect();
+            let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
+            for_each_isa!(simd, isa => {
+                for stream in [false, true] {
+                    let run = |k: usize| {
+                        let mut dx = vec![0f32; rows * n];
+                        let mut parts = vec![0f32; blocks * 2 * n];
+                        let partials = Partials { buf: Some(&mut parts), want: (true, true) };
+                        let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
+                        let long = BackLong { n, x, dy, mean, rstd, gamma, dx: &mut dx, partials, stream };
+                        if k == 1 {
+                            pulp::Simd::vectorize(simd, RowsPerSweep::<1>(long));
+                        } else {
+                            pulp::Simd::vectorize(simd, RowsPerSweep::<2>(long));
+                        }
+                        crate::reduce::stream_fence();
+                        (dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                         parts.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+                    };
+                    let (one, two) = (run(1), run(2));
+                    assert!(one.0 == two.0, "dx, {isa}, {rows}x{n}, stream={stream}");
+                    assert!(one.1 == two.1, "dγ/dβ partials, {isa}, {rows}x{n}, stream={stream}");
+                }
+            });
+        }
     }
 
     #[test]
