@@ -87,11 +87,17 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
     let yh = &mut yh[..ch.len()];
     let mut total = [0f64; 2];
     let pb = per_block::<S>();
+    let lanes = size_of::<S::f32s>() / 4;
+    let per_line = (16 / lanes).max(1);
+    let ahead = nh.as_ptr().cast::<f32>().wrapping_add(PREFETCH_AHEAD);
     let mut i = 0;
     while i < nh.len() {
         let end = (i + pb).min(nh.len());
         let mut acc = [simd.splat_f32s(0.0); 2];
         for j in i..end {
+            if j % per_line == 0 {
+                prefetch_line(ahead.wrapping_add(j * lanes));
+            }
             centered_step::<S, true>(simd, nh[j], k, &mut acc);
             if j < ch.len() {
                 let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
