@@ -24,51 +24,10 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary
 /// stores would first read every output line from memory (one more stream of traffic). Below it,
 /// the output is left in cache for whoever reads it next. 32 MiB: with the inputs, more than a
-/// typical server L3 slice; measured on an AVX-512 Intel VM, streaming won from outputs of
-/// 32 MiB up and lost at 16 MiB (`docs/performance.md`). The forward may stream earlier, see
-/// [`forward_stream_min_bytes`].
+/// typical server L3 slice; measured here, streaming won from outputs of 32 MiB up and lost at
+/// 16 MiB (`docs/performance.md`). The operating system's report of the L3 size is not used:
+/// virtual machines report the host's.
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
-
-/// The forward's streaming threshold: [`STREAM_MIN_BYTES`], or a quarter of the L3 the operating
-/// system reports if that is less. On an AMD Zen 3 VM (32 MiB L3) the forward streamed faster
-/// from 12 MiB outputs up (4096×768: ~9 → ~11 GB/s), where x and y together (24 MiB) already
-/// crowd an L3 shared with other tenants. The report only lowers the threshold: virtual
-/// machines may report the host's whole L3 (480 MiB was seen), which must not raise it.
-pub(crate) fn forward_stream_min_bytes() -> usize {
-    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| l3_bytes().map_or(STREAM_MIN_BYTES, |l3| (l3 / 4).min(STREAM_MIN_BYTES)))
-}
-
-/// The size of the L3 (or last-level cache at level 3) of CPU 0 as Linux reports it in sysfs.
-fn l3_bytes() -> Option<usize> {
-    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
-    (0..8).find_map(|i| {
-        let index = dir.join(format!("index{i}"));
-        let level = std::fs::read_to_string(index.join("level")).ok()?;
-        if level.trim() != "3" {
-            return None;
-        }
-        parse_cache_size(&std::fs::read_to_string(index.join("size")).ok()?)
-    })
-}
-
-/// sysfs cache sizes: "32768K", "2M", or bytes.
-fn parse_cache_size(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, ""),
-    };
-    let v: usize = digits.parse().ok()?;
-    let scale = match unit {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => return None,
-    };
-    v.checked_mul(scale).filter(|&b| b > 0)
-}
 
 /// Block `b`'s dγ and dβ partials (those `want`ed) in a buffer laid out per block as
 /// `[dγ (n) | dβ (n)]` at `2·n·b`; `(None, None)` without a buffer.
@@ -190,26 +149,5 @@ pub(crate) fn backward<T: CpuElement>(
     }
     if let Some(db) = dbeta {
         reduce(n, db);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_sizes_parse_as_sysfs_writes_them() {
-        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
-        assert_eq!(parse_cache_size("2M"), Some(2 << 20));
-        assert_eq!(parse_cache_size("1048576"), Some(1 << 20));
-        for bad in ["", "K", "0K", "12Q", "-1K", "99999999999999999999G"] {
-            assert_eq!(parse_cache_size(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_forward_never_streams_later_than_the_fixed_threshold() {
-        let t = forward_stream_min_bytes();
-        assert!(t > 0 && t <= STREAM_MIN_BYTES, "{t}");
     }
 }

@@ -67,8 +67,7 @@ pub struct CpuBackend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stores {
     /// Streaming stores when the call's output (y, or dx) is 32 MiB or more — with the inputs,
-    /// more than a server L3 slice holds — or, for the forward's y, a quarter of the L3 that
-    /// the operating system reports if that is less; ordinary stores otherwise.
+    /// more than a server L3 slice holds — ordinary stores otherwise.
     #[default]
     Auto,
     /// Always ordinary stores (y stays in cache).
@@ -79,11 +78,10 @@ pub enum Stores {
 }
 
 impl Stores {
-    /// Whether a call writing `out_bytes` of output streams its stores; `at_least` is the
-    /// `Auto` threshold of the pass.
-    fn stream(self, out_bytes: usize, at_least: usize) -> bool {
+    /// Whether a call writing `out_bytes` of output (y, or dx) streams its stores.
+    fn stream(self, out_bytes: usize) -> bool {
         match self {
-            Stores::Auto => out_bytes >= at_least,
+            Stores::Auto => out_bytes >= driver::STREAM_MIN_BYTES,
             Stores::Cached => false,
             Stores::Streaming => true,
         }
@@ -156,7 +154,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        let stream = self.stores.stream(size_of_val(y), driver::forward_stream_min_bytes());
+        let stream = self.stores.stream(size_of_val(y));
         self.run(x.len(), || {
             driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, stream)
         });
@@ -192,7 +190,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        let stream = self.stores.stream(size_of_val(dx), driver::STREAM_MIN_BYTES);
+        let stream = self.stores.stream(size_of_val(dx));
         self.run(x.len(), || {
             driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
         });
