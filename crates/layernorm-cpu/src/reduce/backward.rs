@@ -282,7 +282,7 @@ fn apply_k<S: Simd, const K: usize>(
 
 /// The vector body of [`apply_k`].
 #[inline(always)]
-#[allow(clippy::needless_range_loop, clippy::type_complexity)]
+#[allow(clippy::needless_range_loop, clippy::type_complexity)] // gh is empty without γ
 fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
     simd: S,
     (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
@@ -294,31 +294,49 @@ fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB
     let n = out.len() / K;
     let nv = xs[0].len();
     let mut chunks = out.chunks_exact_mut(n);
-    let outs: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
+    let mut outs: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
         let row = chunks.next().unwrap_or_default();
         &mut S::as_mut_simd_f32s(row).0[..nv]
     });
     for j in 0..nv {
         let g = if G { Some(gh[j]) } else { None };
-        let (mut dgv, mut dbv) =
-            (if DG { dgh[j] } else { ds[0][j] }, if DB { dbh[j] } else { ds[0][j] });
-        for r in 0..K {
-            let dyv = ds[r][j];
-            let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
-            outs[r][j] = d;
-            if DG {
-                dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xhat));
-            }
-            if DB {
-                dbv = simd.add_f32s(dbv, dyv);
-            }
-        }
+        apply_column::<S, K, DG, DB>(simd, (xs, ds), g, pv, j, &mut outs, (dgh, dbh));
+    }
+}
+
+/// Vector column `j` of K rows' second sweep: their dx, and their dγ/dβ terms added to the
+/// partials in row order in a register, so each partial vector is read and written once per K
+/// rows (per row the operations of [`apply_in`]). Shared by the short-row groups and the
+/// pipelined long-row sweep.
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::type_complexity)]
+fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool>(
+    simd: S,
+    (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
+    g: Option<S::f32s>,
+    pv: &[BackVecs<S::f32s>; K],
+    j: usize,
+    dx: &mut [&mut [S::f32s]; K],
+    (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
+) {
+    let zero = simd.splat_f32s(0.0);
+    let (mut dgv, mut dbv) = (if DG { dgh[j] } else { zero }, if DB { dbh[j] } else { zero });
+    for r in 0..K {
+        let dyv = ds[r][j];
+        let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
+        dx[r][j] = d;
         if DG {
-            dgh[j] = dgv;
+            dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xhat));
         }
         if DB {
-            dbh[j] = dbv;
+            dbv = simd.add_f32s(dbv, dyv);
         }
+    }
+    if DG {
+        dgh[j] = dgv;
+    }
+    if DB {
+        dbh[j] = dbv;
     }
 }
 
@@ -518,56 +536,51 @@ fn back_k<S: Simd, const K: usize>(
         dgs.as_mut().map_or(empty, |d| &mut d.0[..nv]),
         dbs.as_mut().map_or(&mut [][..], |d| &mut d.0[..nv]),
     );
-    let cur: [_; K] = core::array::from_fn(|k| (&cx[k].0[..nv], &cd[k].0[..nv]));
+    let cur: [[&[S::f32s]; K]; 2] =
+        [core::array::from_fn(|k| &cx[k].0[..nv]), core::array::from_fn(|k| &cd[k].0[..nv])];
     let nxt: [_; K] = core::array::from_fn(|k| (&nx[k].0[..nv], &nd[k].0[..nv]));
-    let mut total = {
+    let mut dxt: [&mut [f32]; K] = core::array::from_fn(|_| &mut [][..]);
+    let dxh: [&mut [S::f32s]; K] = {
         let mut rows = dx.chunks_exact_mut(n);
-        let dxh: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
-            let row = rows.next().unwrap_or_default();
-            &mut S::as_mut_simd_f32s(row).0[..nv]
-        });
-        specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
-            simd,
-            (nxt, nk),
-            (cur, &pv),
-            gh,
-            dxh,
-            (dgh, dbh)
-        ))
+        core::array::from_fn(|k| {
+            let (head, tail) = S::as_mut_simd_f32s(rows.next().unwrap_or_default());
+            dxt[k] = tail;
+            &mut head[..nv]
+        })
     };
+    let mut total = specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
+        simd,
+        (nxt, nk),
+        (&cur, &pv),
+        gh,
+        dxh,
+        (dgh, dbh)
+    ));
     // Scalar tails: the next rows' sums, then these rows' dx and dγ/dβ terms in row order.
     let gt = gamma.map(|g| &g[base..n]);
     for k in 0..K {
         backward_tail((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2), &mut total[k]);
     }
     let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
-    for (k, dxr) in dx.chunks_exact_mut(n).enumerate().take(K) {
-        let (cxt, cdt) = (cx[k].1, cd[k].1);
-        apply_tail(
-            (cxt, cdt, gamma),
-            &p[k],
-            base,
-            &mut dxr[base..],
-            dgt.as_deref_mut(),
-            dbt.as_deref_mut(),
-        );
+    for (k, dxr) in dxt.into_iter().enumerate() {
+        let (dg, db) = (dgt.as_deref_mut(), dbt.as_deref_mut());
+        apply_tail((cx[k].1, cd[k].1, gamma), &p[k], base, dxr, dg, db);
     }
     total
 }
 
-/// The vector body of [`back_k`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted. Each partial vector
-/// gains row r's term, then row r+1's…, added in a register and stored once per sweep.
+/// The vector body of [`back_k`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted.
 #[inline(always)]
 #[allow(clippy::type_complexity, clippy::needless_range_loop)]
 fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
     simd: S,
     (nxt, nk): ([(&[S::f32s], &[S::f32s]); K], [(S::f32s, S::f32s); K]),
-    (cur, pv): ([(&[S::f32s], &[S::f32s]); K], &[BackVecs<S::f32s>; K]),
+    (cur, pv): (&[[&[S::f32s]; K]; 2], &[BackVecs<S::f32s>; K]),
     gh: &[S::f32s],
-    dxh: [&mut [S::f32s]; K],
+    mut dxh: [&mut [S::f32s]; K],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) -> [[f64; 3]; K] {
-    let nv = cur[0].0.len();
+    let nv = cur[0][0].len();
     let zero = simd.splat_f32s(0.0);
     let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();
@@ -580,25 +593,8 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
             for k in 0..K {
                 backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
             }
-            let (mut dgv, mut dbv) =
-                (if DG { dgh[j] } else { zero }, if DB { dbh[j] } else { zero });
-            for k in 0..K {
-                let dyv = cur[k].1[j];
-                let (d, xh) = apply_step(simd, (cur[k].0[j], dyv, g), &pv[k]);
-                dxh[k][j] = d;
-                if DG {
-                    dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xh));
-                }
-                if DB {
-                    dbv = simd.add_f32s(dbv, dyv);
-                }
-            }
-            if DG {
-                dgh[j] = dgv;
-            }
-            if DB {
-                dbh[j] = dbv;
-            }
+            let (xs, ds) = (&cur[0], &cur[1]);
+            apply_column::<S, K, DG, DB>(simd, (xs, ds), g, pv, j, &mut dxh, (dgh, dbh));
         }
         for k in 0..K {
             fold_into(simd, acc[k], &mut total[k]);
