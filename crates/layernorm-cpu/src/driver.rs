@@ -52,8 +52,14 @@ pub(crate) fn is_parallel(numel: usize) -> bool {
     numel >= PARALLEL_MIN_ELEMS
 }
 
-fn rows_per_task(n: usize) -> usize {
-    (TASK_ELEMS / n).max(1)
+/// Rows per forward task: at least [`TASK_ELEMS`] elements, and no more tasks than eight per
+/// thread of the pool. Each task pipelines its rows, but its first row is summed alone and its
+/// last normalized alone (no overlap), so with few rows per task — long rows — that cost showed
+/// (256×16384 came in tasks of two rows). Rows are independent: the split does not change
+/// any result.
+fn rows_per_task(n: usize, rows: usize) -> usize {
+    let tasks = 8 * rayon::current_num_threads();
+    (TASK_ELEMS / n).max(rows.div_ceil(tasks)).max(1)
 }
 
 /// Forward over contiguous rows. Lengths are validated by the caller.
@@ -76,7 +82,7 @@ pub(crate) fn forward<T: CpuElement>(
         simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd, stream);
         return;
     }
-    let per = rows_per_task(n);
+    let per = rows_per_task(n, mean.len());
     y.par_chunks_mut(per * n)
         .zip(x.par_chunks(per * n))
         .zip(mean.par_chunks_mut(per))

@@ -98,6 +98,25 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
 
+    /// Forward of `mean.len()` consecutive rows of at least `FUSE_MIN_N`, in place, pipelined
+    /// (each row normalized in the sweep that sums the next); `false` where the type has no such
+    /// kernel (the caller then runs the generic pipelined loop, with the same results).
+    /// `stream`: as for [`Real::rows`].
+    #[allow(clippy::too_many_arguments)]
+    fn long(
+        _n: usize,
+        _eps: f64,
+        _x: &[Self],
+        _gamma: Option<&[Self]>,
+        _beta: Option<&[Self]>,
+        _y: &mut [Self],
+        _mean: &mut [Self],
+        _rstd: &mut [Self],
+        _stream: bool,
+    ) -> bool {
+        false
+    }
+
     /// Backward of consecutive blocks of `ROW_BLOCK` rows of at least `BACK_FUSE_MIN_N`, in
     /// place, adding into each block's dγ/dβ partials (`partials`: block b's `[dγ (n) | dβ (n)]`
     /// at `2·n·b`, for the gradients `want`ed) in row order; `false` where the type has no such
@@ -202,6 +221,20 @@ impl Real for f32 {
         stream: bool,
     ) {
         crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
+    }
+    fn long(
+        n: usize,
+        eps: f64,
+        x: &[f32],
+        gamma: Option<&[f32]>,
+        beta: Option<&[f32]>,
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        stream: bool,
+    ) -> bool {
+        crate::reduce::long(n, eps, x, gamma, beta, y, mean, rstd, stream);
+        true
     }
     fn back_long(
         n: usize,

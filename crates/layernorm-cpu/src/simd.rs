@@ -43,7 +43,9 @@ pub(crate) fn forward_rows<T: CpuElement>(
     let stream = stream && T::as_acc(x).is_some();
     if n < row::FUSE_MIN_N {
         forward_short(n, eps, x, gamma, beta, y, mean, rstd, stream);
-    } else if !T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
+    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, stream)
+        && !T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd)
+    {
         forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
     }
     if stream {
@@ -51,7 +53,29 @@ pub(crate) fn forward_rows<T: CpuElement>(
     }
 }
 
-/// [`forward_rows`] for rows of at least `FUSE_MIN_N`: the pipelined loop.
+/// [`forward_rows`] for long rows already in the accumulation type, by the type's one-dispatch
+/// kernel (`Real::long`) where it has one; `false` otherwise.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn long_in_place<T: CpuElement>(
+    n: usize,
+    eps: f64,
+    x: &[T],
+    gamma: Option<&[T::Acc]>,
+    beta: Option<&[T::Acc]>,
+    y: &mut [T],
+    mean: &mut [T::Acc],
+    rstd: &mut [T::Acc],
+    stream: bool,
+) -> bool {
+    match (T::as_acc(x), T::as_acc_mut(y)) {
+        (Some(x), Some(y)) => <T::Acc as Real>::long(n, eps, x, gamma, beta, y, mean, rstd, stream),
+        _ => false,
+    }
+}
+
+/// [`forward_rows`] for rows of at least `FUSE_MIN_N`: the pipelined loop, calling the type's
+/// fused sweep row by row (16-bit rows widened into scratch rows, and `f64`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_long<T: CpuElement>(

@@ -42,36 +42,45 @@ impl WithSimd for Fused<'_> {
     type Output = [f64; 2];
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
-        let n = self.cur.len();
-        let (nh, nt) = S::as_simd_f32s(&self.next[..n]);
-        let zero = simd.splat_f32s(0.0);
-        let k = (simd.splat_f32s(self.m_next), simd.splat_f32s(1.0), zero);
-        let (mh, ml, r) =
-            (simd.splat_f32s(self.m_hi), simd.splat_f32s(self.m_lo), simd.splat_f32s(self.r));
-        // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
-        // next row's, which is why the normalize below is guarded by `j < ch.len()`.
-        let (p, stream) = stream_head::<S>(&self.y[..n], self.stream);
-        if p > 0 {
-            let params = (self.gamma, self.beta);
-            normalize_head(simd, self.cur, (mh, ml, r), params, self.y, p);
-        }
-        let (ch, ct) = S::as_simd_f32s(&self.cur[p..n]);
-        let (yh, yt) = S::as_mut_simd_f32s(&mut self.y[p..n]);
-        let gh = self.gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
-        let bh = self.beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
-        let (g, b) = (self.gamma.is_some(), self.beta.is_some());
-        let mut total = specialize!(fused_vecs::<S>(g, b, stream)(
-            simd,
-            (nh, k),
-            (ch, (mh, ml, r)),
-            (gh, bh),
-            yh
-        ));
-        centered_tail(nt, (self.m_next, 1.0, 0.0), &mut total);
         let params = (self.m_hi, self.m_lo, self.r);
-        normalize_tail(ct, params, (self.gamma, self.beta), n - ct.len(), yt);
-        total
+        let (cur, gb) = (self.cur, (self.gamma, self.beta));
+        fused_in(simd, (self.next, self.m_next), (cur, params), gb, self.y, self.stream)
     }
+}
+
+/// [`Fused`]'s sweep: `cur` normalized into `y` with (m_hi, m_lo, r) while `next`'s residual sums
+/// from `m_next` are formed.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn fused_in<S: Simd>(
+    simd: S,
+    (next, m_next): (&[f32], f32),
+    (cur, (m_hi, m_lo, r)): (&[f32], (f32, f32, f32)),
+    (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+    stream: bool,
+) -> [f64; 2] {
+    let n = cur.len();
+    let (nh, nt) = S::as_simd_f32s(&next[..n]);
+    let zero = simd.splat_f32s(0.0);
+    let k = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
+    let (mh, ml, rv) = (simd.splat_f32s(m_hi), simd.splat_f32s(m_lo), simd.splat_f32s(r));
+    // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
+    // next row's, which is why the vector body normalizes only `ch.len()` of them.
+    let (p, stream) = stream_head::<S>(&y[..n], stream);
+    if p > 0 {
+        normalize_head(simd, cur, (mh, ml, rv), (gamma, beta), y, p);
+    }
+    let (ch, ct) = S::as_simd_f32s(&cur[p..n]);
+    let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);
+    let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
+    let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
+    let (g, b) = (gamma.is_some(), beta.is_some());
+    let mut total =
+        specialize!(fused_vecs::<S>(g, b, stream)(simd, (nh, k), (ch, (mh, ml, rv)), (gh, bh), yh));
+    centered_tail(nt, (m_next, 1.0, 0.0), &mut total);
+    normalize_tail(ct, (m_hi, m_lo, r), (gamma, beta), n - ct.len(), yt);
+    total
 }
 
 /// The vector body of [`Fused`]: the next row's sums, this row's normalize.
@@ -88,26 +97,100 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
     let mut total = [0f64; 2];
     let pb = per_block::<S>();
     let lanes = size_of::<S::f32s>() / 4;
+    // One prefetch per cache line of the summed row: the inner loop covers one line.
     let per_line = (16 / lanes).max(1);
     let ahead = nh.as_ptr().cast::<f32>().wrapping_add(PREFETCH_AHEAD);
     let mut i = 0;
     while i < nh.len() {
         let end = (i + pb).min(nh.len());
+        // Vectors of both rows, then (streamed rows only) at most one of the next row alone.
+        let both = end.min(ch.len()).max(i);
         let mut acc = [simd.splat_f32s(0.0); 2];
-        for j in i..end {
-            if j % per_line == 0 {
-                prefetch_line(ahead.wrapping_add(j * lanes));
+        let mut j = i;
+        // Whole cache lines (a block is a whole number of them), then the row's last vectors.
+        while j + per_line <= both {
+            prefetch_line(ahead.wrapping_add(j * lanes));
+            for q in j..j + per_line {
+                centered_step::<S, true>(simd, nh[q], k, &mut acc);
+                let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[q], mh), ml), r);
+                put::<S>(&mut yh[q], affine::<S, G, B>(simd, t, gh, bh, q), ST);
             }
-            centered_step::<S, true>(simd, nh[j], k, &mut acc);
-            if j < ch.len() {
-                let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[j], mh), ml), r);
-                put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
-            }
+            j += per_line;
+        }
+        for q in j..both {
+            centered_step::<S, true>(simd, nh[q], k, &mut acc);
+            let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[q], mh), ml), r);
+            put::<S>(&mut yh[q], affine::<S, G, B>(simd, t, gh, bh, q), ST);
+        }
+        for &v in &nh[both..end] {
+            centered_step::<S, true>(simd, v, k, &mut acc);
         }
         fold_into(simd, acc, &mut total);
         i = end;
     }
     total
+}
+
+/// Forward of consecutive long rows (`f32`, in place) in one dispatch: row r is normalized in the
+/// sweep that sums row r+1 (see [`Fused`]); the shift, the statistics and the sweep of each row
+/// are inlined into one loop, with no call or dispatch per row. Per row the operations are those
+/// of the generic pipelined loop (`simd::forward_rows`), so the results are bitwise equal.
+struct Long<'a> {
+    n: usize,
+    eps: f64,
+    x: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [f32],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+    stream: bool,
+}
+
+impl WithSimd for Long<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let n = self.n;
+        let rows = self.mean.len().min(self.rstd.len());
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let (x, gb) = (self.x, (self.gamma, self.beta));
+        let mut m_next = shift_in(simd, row_at(x, n, 0));
+        let mut sums = centered_in(simd, row_at(x, n, 0), (m_next, 1.0, 0.0));
+        for r in 0..rows {
+            let cur = row_at(x, n, r);
+            let st = row::finish(cur, m_next, sums, self.eps);
+            let params = (st.m_hi, st.m_lo, st.rstd as f32);
+            let y = &mut self.y[r * n..(r + 1) * n];
+            if r + 1 < rows {
+                let next = row_at(x, n, r + 1);
+                m_next = shift_in(simd, next);
+                sums = fused_in(simd, (next, m_next), (cur, params), gb, y, self.stream);
+            } else {
+                normalize_in(simd, cur, params, gb, y, self.stream);
+            }
+            self.mean[r] = st.mean as f32;
+            self.rstd[r] = st.rstd as f32;
+        }
+    }
+}
+
+/// Forward of `mean.len()` consecutive rows of `n` (long rows), pipelined in one dispatch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn long(
+    n: usize,
+    eps: f64,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    stream: bool,
+) {
+    Arch::new().dispatch(Long { n, eps, x, gamma, beta, y, mean, rstd, stream })
 }
 
 /// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
@@ -364,6 +447,51 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn the_long_row_kernel_matches_the_row_by_row_composition_bit_for_bit() {
+        // Against shift, sums, finish and normalize row by row on the same instruction set (the
+        // dispatched one's composition is `row::rows_portable`). Rows take every path of
+        // `row::finish` (see `mixed_rows`); lengths with and without tails; y at an odd offset
+        // so that streaming has heads and tails to mask.
+        let rows = 9;
+        for n in [512usize, 515, 777, 1024, 2053] {
+            let x = mixed_rows(rows, n);
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (None, Some(&b[..]))]
+            {
+                for_each_isa!(simd, isa => {
+                    let (mut y0, mut m0, mut r0) =
+                        (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
+                    for r in 0..rows {
+                        let xr = &x[r * n..(r + 1) * n];
+                        let m = shift_in(simd, xr);
+                        let st = row::finish(xr, m, centered_in(simd, xr, (m, 1.0, 0.0)), 1e-5);
+                        let params = (st.m_hi, st.m_lo, st.rstd as f32);
+                        let y = &mut y0[r * n..(r + 1) * n];
+                        normalize_in(simd, xr, params, (gamma, beta), y, false);
+                        (m0[r], r0[r]) = (st.mean as f32, st.rstd as f32);
+                    }
+                    for stream in [false, true] {
+                        let mut ybuf = vec![0f32; rows * n + 3];
+                        let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+                        let y = &mut ybuf[3..];
+                        let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, stream };
+                        pulp::Simd::vectorize(simd, op);
+                        crate::reduce::stream_fence();
+                        let what = format!("{isa}, n={n}, stream={stream}");
+                        assert_eq!(bits(&ybuf[3..]), bits(&y0), "y, {what}");
+                        assert_eq!((bits(&mean), bits(&rstd)), (bits(&m0), bits(&r0)), "stats, {what}");
+                    }
+                });
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
     }
 
     #[test]

@@ -59,7 +59,7 @@ mod steps;
 mod store;
 
 pub(crate) use backward::{Partials, back_long, back_rows, backward_sums, fused_backward};
-pub(crate) use forward::{centered, fused, rows, shift};
+pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::forward_bf16;
 pub(crate) use store::stream_fence;
 
