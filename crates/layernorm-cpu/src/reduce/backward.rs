@@ -584,11 +584,22 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
     let zero = simd.splat_f32s(0.0);
     let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();
+    let lanes = size_of::<S::f32s>() / 4;
+    let per_line = (16 / lanes).max(1);
     let mut i = 0;
     while i < nv {
         let end = (i + pb).min(nv);
         let mut acc = [[zero; 3]; K];
         for j in i..end {
+            // Once per cache line: the summed rows' lines PREFETCH_AHEAD further on.
+            if j % per_line == 0 {
+                for k in 0..K {
+                    let (x, dy) =
+                        (nxt[k].0.as_ptr().cast::<f32>(), nxt[k].1.as_ptr().cast::<f32>());
+                    prefetch_line(x.wrapping_add(j * lanes + PREFETCH_AHEAD));
+                    prefetch_line(dy.wrapping_add(j * lanes + PREFETCH_AHEAD));
+                }
+            }
             let g = if G { Some(gh[j]) } else { None };
             for k in 0..K {
                 backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
