@@ -26,7 +26,8 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// the output is left in cache for whoever reads it next. 32 MiB: with the inputs, more than a
 /// typical server L3 slice; measured here, streaming won from outputs of 32 MiB up and lost at
 /// 16 MiB (`docs/performance.md`). The operating system's report of the L3 size is not used:
-/// virtual machines report the host's.
+/// virtual machines report the host's. (The backward's long rows keep ordinary stores under
+/// `Stores::Auto`: see `Stores::stream_dx`.)
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Block `b`'s dγ and dβ partials (those `want`ed) in a buffer laid out per block as
