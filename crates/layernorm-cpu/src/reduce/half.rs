@@ -10,6 +10,7 @@ use layernorm_core::bf16;
 use pulp::{Arch, Simd, WithSimd};
 
 use super::steps::*;
+use super::store::{PREFETCH_AHEAD, prefetch_line};
 use crate::CpuElement;
 use crate::row;
 
@@ -119,11 +120,12 @@ fn shift<S: Simd>(simd: S, x: &[bf16]) -> f32 {
     }
 }
 
-/// `centered_in(x, (m, 1, 0))` of a `bf16` row, without widening it.
+/// `centered_in(x, (m, 1, 0))` of a `bf16` row, its whole vectors widened into `wide` on the way.
 #[inline(always)]
-fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
+fn sums<S: Simd>(simd: S, x: &[bf16], m: f32, wide: &mut [S::f32s]) -> [f64; 2] {
     let w = size_of::<S::f32s>() / 4;
     let nv = x.len() / w;
+    let wide = &mut wide[..nv];
     let zero = simd.splat_f32s(0.0);
     let k = (simd.splat_f32s(m), simd.splat_f32s(1.0), zero);
     let mut total = [0f64; 2];
@@ -133,7 +135,9 @@ fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
         let end = (i + pb).min(nv);
         let mut acc = [zero; 2];
         for j in i..end {
-            centered_step::<S, true>(simd, load(simd, &x[j * w..]), k, &mut acc);
+            let v = load(simd, &x[j * w..]);
+            wide[j] = v;
+            centered_step::<S, true>(simd, v, k, &mut acc);
         }
         fold_into(simd, acc, &mut total);
         i = end;
@@ -173,8 +177,12 @@ impl WithSimd for FwdBf16<'_> {
         let bh = beta.map_or(&[][..], |b| &S::as_simd_f32s(&b[..n]).0[..nv]);
         // A widened copy of a row, made only for `finish`'s rare paths and for the tails.
         let mut scratch = vec![0f32; n];
+        // This row's and the next row's whole vectors, widened once (while the row is summed)
+        // and read back from L1 by the normalize, instead of converted a second time.
+        let zero = simd.splat_f32s(0.0);
+        let mut wide = [vec![zero; nv], vec![zero; nv]];
         let mut m_next = shift(simd, xr(0));
-        let mut next_sums = sums(simd, xr(0), m_next);
+        let mut next_sums = sums(simd, xr(0), m_next, &mut wide[0]);
         for r in 0..rows {
             let cur = xr(r);
             let st = match row::finish_common(n, m_next, next_sums, self.eps) {
@@ -187,36 +195,22 @@ impl WithSimd for FwdBf16<'_> {
             let (mh, ml, rs) = (st.m_hi, st.m_lo, st.rstd as f32);
             let kc = (simd.splat_f32s(mh), simd.splat_f32s(ml), simd.splat_f32s(rs));
             let y = &mut self.y[r * n..(r + 1) * n];
-            let zero = simd.splat_f32s(0.0);
             let has_next = r + 1 < rows;
             let nxt = if has_next { xr(r + 1) } else { cur };
             if has_next {
                 m_next = shift(simd, nxt);
             }
             let kn = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
-            let mut total = [0f64; 2];
-            let pb = per_block::<S>();
-            let mut i = 0;
-            while i < nv {
-                let end = (i + pb).min(nv);
-                let mut acc = [zero; 2];
-                for j in i..end {
-                    if has_next {
-                        centered_step::<S, true>(simd, load(simd, &nxt[j * w..]), kn, &mut acc);
-                    }
-                    let c = load(simd, &cur[j * w..]);
-                    let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(c, kc.0), kc.1), kc.2);
-                    if gamma.is_some() {
-                        t = simd.mul_f32s(t, gh[j]);
-                    }
-                    if beta.is_some() {
-                        t = simd.add_f32s(t, bh[j]);
-                    }
-                    store(simd, &mut y[j * w..], t);
-                }
-                fold_into(simd, acc, &mut total);
-                i = end;
-            }
+            let (lo, hi) = wide.split_at_mut(1);
+            let (cw, nw) = if r % 2 == 0 { (&lo[0], &mut hi[0]) } else { (&hi[0], &mut lo[0]) };
+            let (g, b) = (gamma.is_some(), beta.is_some());
+            let mut total = specialize!(fused_bf16_vecs::<S>(g, b, has_next)(
+                simd,
+                (nxt, kn, &mut nw[..]),
+                (&cw[..], kc),
+                (gh, bh),
+                y
+            ));
             let base = nv * w;
             if base < n {
                 // Tails: the scalar code of the f32 kernels, on widened values.
@@ -238,6 +232,48 @@ impl WithSimd for FwdBf16<'_> {
             self.rstd[r] = st.rstd as f32;
         }
     }
+}
+
+/// The vector body of [`FwdBf16`]: with `NX`, the next row's vectors widened into `nw` and
+/// summed; this row's widened vectors `cw` normalized and rounded into `y`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn fused_bf16_vecs<S: Simd, const G: bool, const B: bool, const NX: bool>(
+    simd: S,
+    (nxt, kn, nw): (&[bf16], (S::f32s, S::f32s, S::f32s), &mut [S::f32s]),
+    (cw, kc): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
+    (gh, bh): (&[S::f32s], &[S::f32s]),
+    y: &mut [bf16],
+) -> [f64; 2] {
+    let w = size_of::<S::f32s>() / 4;
+    let nv = cw.len();
+    let nw = &mut nw[..nv];
+    let zero = simd.splat_f32s(0.0);
+    let mut total = [0f64; 2];
+    let pb = per_block::<S>();
+    // One prefetch per 64-byte line of the summed row (32 bf16 values), PREFETCH_AHEAD on.
+    let per_line = (32 / w).max(1);
+    let ahead = nxt.as_ptr().wrapping_add(PREFETCH_AHEAD).cast::<f32>();
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [zero; 2];
+        for j in i..end {
+            if NX {
+                if j % per_line == 0 {
+                    prefetch_line(ahead.wrapping_byte_add(j * 2 * w));
+                }
+                let v = load(simd, &nxt[j * w..]);
+                nw[j] = v;
+                centered_step::<S, true>(simd, v, kn, &mut acc);
+            }
+            let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(cw[j], kc.0), kc.1), kc.2);
+            store(simd, &mut y[j * w..], affine::<S, G, B>(simd, t, gh, bh, j));
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    total
 }
 
 /// Forward of long `bf16` rows in one explicit-SIMD loop (see [`FwdBf16`]).
