@@ -37,6 +37,26 @@ pub trait CpuElement: Element<Acc: Real> {
         false
     }
 
+    /// Backward of consecutive blocks of rows of at least `BACK_FUSE_MIN_N` converting in
+    /// registers, adding into the blocks' dγ/dβ partials (laid out as for `Real::back_long`),
+    /// where the type has such a kernel (`bf16`): `false` otherwise, and the caller widens rows
+    /// into scratch. The bits are the same either way.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn backward_converted(
+        _n: usize,
+        _x: &[Self],
+        _dy: &[Self],
+        _mean: &[Self::Acc],
+        _rstd: &[Self::Acc],
+        _gamma: Option<&[Self::Acc]>,
+        _dx: &mut [Self],
+        _partials: Option<&mut [Self::Acc]>,
+        _want: (bool, bool),
+    ) -> bool {
+        false
+    }
+
     /// [`CpuElement::narrow`] one row and [`CpuElement::widen`] another (same length), in one
     /// sweep where the type has a loop for it, so the two memory streams overlap.
     #[inline(always)]
@@ -140,6 +160,21 @@ impl CpuElement for bf16 {
         rstd: &mut [f32],
     ) -> bool {
         crate::reduce::forward_bf16(n, eps, x, gamma, beta, y, mean, rstd);
+        true
+    }
+    fn backward_converted(
+        n: usize,
+        x: &[Self],
+        dy: &[Self],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: Option<&[f32]>,
+        dx: &mut [Self],
+        partials: Option<&mut [f32]>,
+        want: (bool, bool),
+    ) -> bool {
+        let partials = crate::reduce::Partials { buf: partials, want };
+        crate::reduce::backward_bf16(n, x, dy, mean, rstd, gamma, dx, partials);
         true
     }
     #[inline(always)]

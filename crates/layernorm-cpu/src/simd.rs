@@ -178,6 +178,11 @@ pub(crate) fn backward_blocks<T: CpuElement>(
             return;
         }
     }
+    if n >= row::BACK_FUSE_MIN_N
+        && T::backward_converted(n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want)
+    {
+        return;
+    }
     let rows = mean.len().min(rstd.len());
     let chunk = crate::driver::ROW_BLOCK * n;
     for (b, dxb) in dx.chunks_mut(chunk).enumerate() {
@@ -394,6 +399,86 @@ pub(crate) fn backward_rows<T: CpuElement>(
 mod tests {
     use super::*;
     use layernorm_core::bf16;
+
+    #[test]
+    fn bf16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
+        // Two full blocks of rows and a ragged one, lengths with and without tails; dx and
+        // every block's dγ/dβ partials compared bit for bit with the widen-per-row path.
+        let rows = 2 * crate::driver::ROW_BLOCK + 7;
+        for n in [256usize, 300, 515, 1024] {
+            let mut s = 0x9e37_79b9u32;
+            let mut rand = move || {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                s as f32 / u32::MAX as f32 - 0.5
+            };
+            let x: Vec<bf16> = (0..rows * n)
+                .map(|i| {
+                    let u = rand();
+                    bf16::from_f32(match (i / n) % 5 {
+                        0 => 1e4 + 3.0 * u,
+                        1 => 1e30 * u,
+                        2 if i % n == 7 => f32::NAN,
+                        _ => 3.0 * u,
+                    })
+                })
+                .collect();
+            let dy: Vec<bf16> = (0..rows * n).map(|_| bf16::from_f32(2.0 * rand())).collect();
+            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            for r in 0..rows {
+                let v: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|v| v.to_f64()).collect();
+                let m = v.iter().sum::<f64>() / n as f64;
+                let var = v.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n as f64;
+                (mean[r], rstd[r]) = (m as f32, (1.0 / (var + 1e-5).sqrt()) as f32);
+            }
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
+            for (gamma, want) in [
+                (Some(&g[..]), (true, true)),
+                (None, (true, false)),
+                (Some(&g[..]), (false, false)),
+            ] {
+                let (mut dx0, mut p0) = (vec![bf16::ZERO; rows * n], vec![0f32; blocks * 2 * n]);
+                let (mut dx1, mut p1) = (dx0.clone(), p0.clone());
+                let chunk = crate::driver::ROW_BLOCK * n;
+                for (b, dxb) in dx0.chunks_mut(chunk).enumerate() {
+                    let r = b * crate::driver::ROW_BLOCK
+                        ..((b + 1) * crate::driver::ROW_BLOCK).min(rows);
+                    let e = r.start * n..r.end * n;
+                    let (pg, pb) = crate::driver::block_partials(Some(&mut p0), n, b, want);
+                    let (xb, dyb) = (&x[e.clone()], &dy[e]);
+                    backward_rows(
+                        n,
+                        xb,
+                        dyb,
+                        &mean[r.clone()],
+                        &rstd[r],
+                        gamma,
+                        dxb,
+                        pg,
+                        pb,
+                        false,
+                    );
+                }
+                let parts = Some(&mut p1[..]);
+                assert!(bf16::backward_converted(
+                    n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
+                ));
+                // Bits equal, or both NaN (a NaN's sign and payload depend on which operand an
+                // instruction propagates, which the compiler may commute).
+                let same =
+                    |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                let bad = dx1.iter().zip(&dx0).position(|(a, b)| !same(a.to_f32(), b.to_f32()));
+                assert!(bad.is_none(), "dx, n={n}, want={want:?}: first difference at {bad:?}");
+                let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
+                assert!(
+                    bad.is_none(),
+                    "partials, n={n}, want={want:?}: first difference at {bad:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {

@@ -404,7 +404,11 @@ pub(crate) struct Partials<'a> {
 impl Partials<'_> {
     /// The partials row `r` adds into (rows are counted from the first block's first row).
     #[inline(always)]
-    fn of_row(&mut self, r: usize, n: usize) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+    pub(super) fn of_row(
+        &mut self,
+        r: usize,
+        n: usize,
+    ) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
         let b = r / crate::driver::ROW_BLOCK;
         crate::driver::block_partials(self.buf.as_deref_mut(), n, b, self.want)
     }

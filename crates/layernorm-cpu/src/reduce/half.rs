@@ -9,6 +9,7 @@
 use layernorm_core::bf16;
 use pulp::{Arch, Simd, WithSimd};
 
+use super::backward::Partials;
 use super::steps::*;
 use super::store::{PREFETCH_AHEAD, prefetch_line};
 use crate::CpuElement;
@@ -289,6 +290,218 @@ pub(crate) fn forward_bf16(
     rstd: &mut [f32],
 ) {
     Arch::new().dispatch(FwdBf16 { n, eps, x, gamma, beta, y, mean, rstd })
+}
+
+/// Backward of consecutive long `bf16` rows (N ≥ `BACK_FUSE_MIN_N`), pipelined like the `f32`
+/// one-row sweep: row r's dx (rounded to `bf16` in the register) and its dγ/dβ terms while row
+/// r+1 is summed; each row is widened once, while it is summed, into `f32` rows in L1 that the
+/// next sweep reads back. Per row the operations are those of the scratch path (`f32` rows
+/// widened by `CpuElement::widen`, `FusedBackward`, `row::back_apply`, then narrowed), so the
+/// bits are the same (tested).
+struct BackBf16<'a> {
+    n: usize,
+    x: &'a [bf16],
+    dy: &'a [bf16],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    dx: &'a mut [bf16],
+    partials: Partials<'a>,
+}
+
+impl WithSimd for BackBf16<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(mut self, simd: S) {
+        let n = self.n;
+        let w = size_of::<S::f32s>() / 4;
+        let nv = n / w;
+        let base = nv * w;
+        let rows = self.mean.len().min(self.rstd.len());
+        if rows == 0 {
+            return;
+        }
+        let (x, dy, gamma) = (self.x, self.dy, self.gamma);
+        let span = |r: usize| r * n..(r + 1) * n;
+        let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+        let zero = simd.splat_f32s(0.0);
+        // The widened vectors of this row and the next, x and dy.
+        let mut wx = [vec![zero; nv], vec![zero; nv]];
+        let mut wd = [vec![zero; nv], vec![zero; nv]];
+        // Widened tails (fewer than a vector), and the whole row for the last one.
+        let mut tx = vec![0f32; n];
+        let mut td = vec![0f32; n];
+        let shift = |r: usize| {
+            let (m, s) = row::back_shift::<f32>(f64::from(self.mean[r]), f64::from(self.rstd[r]));
+            (m, s as f32)
+        };
+        let mut sums =
+            back_sums(simd, (&x[span(0)], &dy[span(0)]), gamma, shift(0), &mut wx[0], &mut wd[0]);
+        for r in 0..rows {
+            let (mu, rs) = (f64::from(self.mean[r]), f64::from(self.rstd[r]));
+            let p = row::back_params::<f32>(n, mu, rs, sums);
+            let (dg, db) = self.partials.of_row(r, n);
+            let (want_g, want_b) = (dg.is_some(), db.is_some());
+            let dxr = &mut self.dx[span(r)];
+            let (cx, nx) = two(&mut wx, r);
+            let (cd, nd) = two(&mut wd, r);
+            if r + 1 < rows {
+                let next = (&x[span(r + 1)], &dy[span(r + 1)]);
+                let (m, s) = shift(r + 1);
+                let k = (simd.splat_f32s(m), simd.splat_f32s(s));
+                let empty: &mut [f32] = &mut [];
+                let (dgs, dbs) = (dg.unwrap_or(&mut []), db.unwrap_or(empty));
+                let dgh = &mut S::as_mut_simd_f32s(&mut dgs[..]).0;
+                let dbh = &mut S::as_mut_simd_f32s(&mut dbs[..]).0;
+                let mut total = specialize!(back_bf16_vecs::<S>(gamma.is_some(), want_g, want_b)(
+                    simd,
+                    (next, k, (&mut nx[..], &mut nd[..])),
+                    ((cx, cd), &BackVecs::new(simd, &p)),
+                    gh,
+                    dxr,
+                    (dgh, dbh)
+                ));
+                // Tails: the next row's sums, this row's dx and dγ/dβ terms, on widened values.
+                if base < n {
+                    let gt = gamma.map(|g| &g[base..n]);
+                    bf16::widen(&next.0[base..], &mut tx[..n - base]);
+                    bf16::widen(&next.1[base..], &mut td[..n - base]);
+                    backward_tail((&tx[..n - base], &td[..n - base], gt), (m, s), &mut total);
+                    let (dgs, dbs) =
+                        ((want_g).then(|| &mut dgs[base..n]), (want_b).then(|| &mut dbs[base..n]));
+                    let cur = (&x[span(r)], &dy[span(r)]);
+                    bf16::widen(&cur.0[base..], &mut tx[..n - base]);
+                    bf16::widen(&cur.1[base..], &mut td[..n - base]);
+                    let mut out = [0f32; 16];
+                    let out = &mut out[..n - base];
+                    let t = (&tx[..n - base], &td[..n - base], gamma);
+                    apply_tail(t, &p, base, out, dgs, dbs);
+                    bf16::narrow(out, &mut dxr[base..]);
+                }
+                sums = total;
+            } else {
+                // The last row alone: widened whole, as the scratch path does.
+                bf16::widen(&x[span(r)], &mut tx);
+                bf16::widen(&dy[span(r)], &mut td);
+                let mut out = vec![0f32; n];
+                apply_in(simd, (&tx, &td, gamma), &p, &mut out, dg, db);
+                bf16::narrow(&out, dxr);
+            }
+        }
+    }
+}
+
+/// This row's and the next row's buffers of a rotating pair.
+#[inline(always)]
+fn two<V>(pair: &mut [Vec<V>; 2], r: usize) -> (&[V], &mut [V]) {
+    let (lo, hi) = pair.split_at_mut(1);
+    if r.is_multiple_of(2) { (&lo[0], &mut hi[0]) } else { (&hi[0], &mut lo[0]) }
+}
+
+/// `backward_in` of a `bf16` row pair (x, dy), their whole vectors widened into `wx`, `wd`.
+#[inline(always)]
+fn back_sums<S: Simd>(
+    simd: S,
+    (x, dy): (&[bf16], &[bf16]),
+    gamma: Option<&[f32]>,
+    (m, s): (f32, f32),
+    wx: &mut [S::f32s],
+    wd: &mut [S::f32s],
+) -> [f64; 3] {
+    let n = x.len();
+    let w = size_of::<S::f32s>() / 4;
+    let nv = n / w;
+    let gh = gamma.map(|g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+    let k = (simd.splat_f32s(m), simd.splat_f32s(s));
+    let mut total = [0f64; 3];
+    let pb = per_block::<S>();
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [simd.splat_f32s(0.0); 3];
+        for j in i..end {
+            let (xv, dv) = (load(simd, &x[j * w..]), load(simd, &dy[j * w..]));
+            (wx[j], wd[j]) = (xv, dv);
+            backward_step(simd, (xv, dv, gh.map(|g| g[j])), k, &mut acc);
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    let base = nv * w;
+    let (mut tx, mut td) = ([0f32; 16], [0f32; 16]);
+    let (tx, td) = (&mut tx[..n - base], &mut td[..n - base]);
+    bf16::widen(&x[base..], tx);
+    bf16::widen(&dy[base..n], td);
+    backward_tail((tx, td, gamma.map(|g| &g[base..n])), (m, s), &mut total);
+    total
+}
+
+/// The vector body of [`BackBf16`]: the next row widened and summed, this row's dx rounded and
+/// stored with its dγ/dβ terms added (the operations of `FusedBackward`).
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn back_bf16_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
+    simd: S,
+    ((nx, nd), k, (wx, wd)): (
+        (&[bf16], &[bf16]),
+        (S::f32s, S::f32s),
+        (&mut [S::f32s], &mut [S::f32s]),
+    ),
+    ((cx, cd), pv): ((&[S::f32s], &[S::f32s]), &BackVecs<S::f32s>),
+    gh: &[S::f32s],
+    dx: &mut [bf16],
+    (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
+) -> [f64; 3] {
+    let w = size_of::<S::f32s>() / 4;
+    let nv = cx.len();
+    let (wx, wd, cd) = (&mut wx[..nv], &mut wd[..nv], &cd[..nv]);
+    let mut total = [0f64; 3];
+    let pb = per_block::<S>();
+    let per_line = (32 / w).max(1);
+    let (ax, ad) =
+        (nx.as_ptr().wrapping_add(PREFETCH_AHEAD), nd.as_ptr().wrapping_add(PREFETCH_AHEAD));
+    let mut i = 0;
+    while i < nv {
+        let end = (i + pb).min(nv);
+        let mut acc = [simd.splat_f32s(0.0); 3];
+        for j in i..end {
+            if j % per_line == 0 {
+                prefetch_line(ax.wrapping_add(j * w).cast::<f32>());
+                prefetch_line(ad.wrapping_add(j * w).cast::<f32>());
+            }
+            let (xv, dv) = (load(simd, &nx[j * w..]), load(simd, &nd[j * w..]));
+            (wx[j], wd[j]) = (xv, dv);
+            let g = if G { Some(gh[j]) } else { None };
+            backward_step(simd, (xv, dv, g), k, &mut acc);
+            let (d, xhat) = apply_step(simd, (cx[j], cd[j], g), pv);
+            store(simd, &mut dx[j * w..], d);
+            if DG {
+                dgh[j] = simd.add_f32s(dgh[j], simd.mul_f32s(cd[j], xhat));
+            }
+            if DB {
+                dbh[j] = simd.add_f32s(dbh[j], cd[j]);
+            }
+        }
+        fold_into(simd, acc, &mut total);
+        i = end;
+    }
+    total
+}
+
+/// Backward of consecutive blocks of long `bf16` rows (see [`BackBf16`]), adding into the
+/// blocks' dγ/dβ partials (`partials`: as for the `f32` `back_long`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_bf16(
+    n: usize,
+    x: &[bf16],
+    dy: &[bf16],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: Option<&[f32]>,
+    dx: &mut [bf16],
+    partials: Partials<'_>,
+) {
+    Arch::new().dispatch(BackBf16 { n, x, dy, mean, rstd, gamma, dx, partials })
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ mod store;
 
 pub(crate) use backward::{Partials, back_long, back_rows, backward_sums, fused_backward};
 pub(crate) use forward::{centered, fused, long, rows, shift};
-pub(crate) use half::forward_bf16;
+pub(crate) use half::{backward_bf16, forward_bf16};
 pub(crate) use store::stream_fence;
 
 #[cfg(test)]
