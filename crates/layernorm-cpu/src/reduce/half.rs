@@ -202,13 +202,12 @@ impl WithSimd for FwdBf16<'_> {
                 m_next = shift(simd, nxt);
             }
             let kn = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
-            let (lo, hi) = wide.split_at_mut(1);
-            let (cw, nw) = if r % 2 == 0 { (&lo[0], &mut hi[0]) } else { (&hi[0], &mut lo[0]) };
+            let (cw, nw) = two(&mut wide, r);
             let (g, b) = (gamma.is_some(), beta.is_some());
             let mut total = specialize!(fused_bf16_vecs::<S>(g, b, has_next)(
                 simd,
-                (nxt, kn, &mut nw[..]),
-                (&cw[..], kc),
+                (nxt, kn, nw),
+                (cw, kc),
                 (gh, bh),
                 y
             ));
