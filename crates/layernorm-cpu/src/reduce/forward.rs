@@ -69,7 +69,7 @@ fn fused_in<S: Simd>(
     // next row's, which is why the vector body normalizes only `ch.len()` of them.
     let (p, stream) = stream_head::<S>(&y[..n], stream);
     if p > 0 {
-        normalize_head(simd, cur, (mh, ml, rv), (gamma, beta), y, p);
+        normalize_head(cur, (m_hi, m_lo, r), (gamma, beta), y, p);
     }
     let (ch, ct) = S::as_simd_f32s(&cur[p..n]);
     let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);

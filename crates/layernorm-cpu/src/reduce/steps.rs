@@ -69,7 +69,7 @@ pub(super) fn normalize_in<S: Simd>(
     let k = (simd.splat_f32s(params.0), simd.splat_f32s(params.1), simd.splat_f32s(params.2));
     let (p, stream) = stream_head::<S>(y, stream);
     if p > 0 {
-        normalize_head(simd, x, k, (gamma, beta), y, p);
+        normalize_head(x, params, (gamma, beta), y, p);
     }
     let (xh, xt) = S::as_simd_f32s(&x[p..]);
     let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
@@ -96,20 +96,20 @@ pub(super) fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bo
     }
 }
 
-/// The row's elements before the streamed part (`p` of them, fewer than a vector), with masked
-/// ordinary stores: they share a cache line with the previous row, which streaming must not touch.
+/// The row's elements before the streamed part (`p` of them, fewer than a vector), with
+/// ordinary stores: they share a cache line with the previous row, which streaming must not
+/// touch. Scalar code, the operations of the vector steps (so the same bits): `pulp`'s masked
+/// loads and stores are out-of-line calls, and `perf` found them costing several percent of a
+/// streamed sweep.
 #[inline(always)]
-pub(super) fn normalize_head<S: Simd>(
-    simd: S,
+pub(super) fn normalize_head(
     x: &[f32],
-    k: (S::f32s, S::f32s, S::f32s),
+    params: (f32, f32, f32),
     (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
     y: &mut [f32],
     p: usize,
 ) {
-    let load = |v: &[f32]| simd.partial_load_f32s(&v[..p]);
-    let v = normalize_step(simd, load(x), k, gamma.map(load), beta.map(load));
-    simd.partial_store_f32s(&mut y[..p], v);
+    normalize_tail(&x[..p], params, (gamma, beta), 0, &mut y[..p]);
 }
 
 /// One vector of the backward's sums: d = (x − m)·s, g = dy·γ; acc += (d, g, g·d). Shared by
@@ -212,25 +212,6 @@ pub(super) fn centered_vecs<S: Simd, const PLAIN: bool>(
         fold_into(simd, acc, &mut total);
     }
     total
-}
-
-/// One vector of y = ((x − m_hi) − m_lo)·r·γ + β (the operations and order of `row::normalize`).
-#[inline(always)]
-pub(super) fn normalize_step<S: Simd>(
-    simd: S,
-    x: S::f32s,
-    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
-    gamma: Option<S::f32s>,
-    beta: Option<S::f32s>,
-) -> S::f32s {
-    let mut t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(x, mh), ml), r);
-    if let Some(g) = gamma {
-        t = simd.mul_f32s(t, g);
-    }
-    if let Some(b) = beta {
-        t = simd.add_f32s(t, b);
-    }
-    t
 }
 
 /// The scalar tail of the normalize sweep; `base` is the tail's offset in the row.

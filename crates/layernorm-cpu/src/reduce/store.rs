@@ -162,9 +162,8 @@ impl Flush {
             dst.copy_from_slice(&src[..len]);
             return;
         }
-        if h > 0 {
-            simd.partial_store_f32s(&mut dst[..h], simd.partial_load_f32s(&src[..h]));
-        }
+        // The head with ordinary scalar stores (`pulp`'s masked store is an out-of-line call).
+        dst[..h].copy_from_slice(&src[..h]);
         let tail = h + self.body * (size_of::<S::f32s>() / 4);
         dst[tail..].copy_from_slice(&src[tail..len]);
     }
