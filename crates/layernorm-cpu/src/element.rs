@@ -38,7 +38,7 @@ pub trait CpuElement: Element<Acc: Real> {
     }
 
     /// Backward of consecutive blocks of rows of at least `BACK_FUSE_MIN_N` converting in
-    /// registers, adding into the blocks' dγ/dβ partials (laid out as for `Real::back_long`),
+    /// registers, adding into the blocks' dγ/dβ partials (laid out as for `Real::back_blocks`),
     /// where the type has such a kernel (`bf16`): `false` otherwise, and the caller widens rows
     /// into scratch. The bits are the same either way.
     #[allow(clippy::too_many_arguments)]

@@ -117,13 +117,13 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         false
     }
 
-    /// Backward of consecutive blocks of `ROW_BLOCK` rows of at least `BACK_FUSE_MIN_N`, in
-    /// place, adding into each block's dγ/dβ partials (`partials`: block b's `[dγ (n) | dβ (n)]`
-    /// at `2·n·b`, for the gradients `want`ed) in row order; `false` where the type has no such
-    /// kernel (the caller then runs the generic loop block by block, with the same results).
-    /// `stream` asks for non-temporal stores of dx (a hint).
+    /// Backward of consecutive blocks of `ROW_BLOCK` rows in place, in one dispatch, adding into
+    /// each block's dγ/dβ partials (`partials`: block b's `[dγ (n) | dβ (n)]` at `2·n·b`, for the
+    /// gradients `want`ed) in row order; `false` where the type has no such kernel (the caller
+    /// then runs the generic loop block by block, with the same results). `stream` asks for
+    /// non-temporal stores of dx (a hint).
     #[allow(clippy::too_many_arguments)]
-    fn back_long(
+    fn back_blocks(
         _n: usize,
         _x: &[Self],
         _dy: &[Self],
@@ -236,7 +236,7 @@ impl Real for f32 {
         crate::reduce::long(n, eps, x, gamma, beta, y, mean, rstd, stream);
         true
     }
-    fn back_long(
+    fn back_blocks(
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -249,7 +249,11 @@ impl Real for f32 {
         stream: bool,
     ) -> bool {
         let partials = crate::reduce::Partials { buf: partials, want };
-        crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);
+        if n < BACK_FUSE_MIN_N {
+            crate::reduce::back_short_blocks(n, x, dy, mean, rstd, gamma, dx, partials, stream);
+        } else {
+            crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);
+        }
         true
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {

@@ -167,11 +167,9 @@ pub(crate) fn backward_blocks<T: CpuElement>(
     want: (bool, bool),
     stream: bool,
 ) {
-    if n >= row::BACK_FUSE_MIN_N
-        && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
-    {
+    if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         let parts = partials.as_deref_mut();
-        if <T::Acc as Real>::back_long(n, xa, da, mean, rstd, gamma, dxa, parts, want, stream) {
+        if <T::Acc as Real>::back_blocks(n, xa, da, mean, rstd, gamma, dxa, parts, want, stream) {
             if stream {
                 crate::reduce::stream_fence();
             }

@@ -179,6 +179,55 @@ impl WithSimd for BackRows<'_> {
     }
 }
 
+/// Backward of consecutive blocks of short rows in one dispatch: [`BackRows`] block by block,
+/// each adding into its own partials (the same calls the per-block loop made, so the same bits).
+struct ShortBlocks<'a> {
+    stream: bool,
+    n: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    dx: &'a mut [f32],
+    partials: Partials<'a>,
+}
+
+impl WithSimd for ShortBlocks<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(mut self, simd: S) {
+        let (n, block) = (self.n, crate::driver::ROW_BLOCK);
+        let rows = self.mean.len().min(self.rstd.len());
+        for start in (0..rows).step_by(block) {
+            let r = start..(start + block).min(rows);
+            let e = r.start * n..r.end * n;
+            let (dgamma, dbeta) = self.partials.of_row(start, n);
+            let (mean, rstd) = (&self.mean[r.clone()], &self.rstd[r]);
+            let (x, dy, dx) = (&self.x[e.clone()], &self.dy[e.clone()], &mut self.dx[e]);
+            let (stream, gamma) = (self.stream, self.gamma);
+            let op = BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta };
+            op.with_simd(simd);
+        }
+    }
+}
+
+/// Backward of consecutive blocks of short rows (see [`ShortBlocks`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn back_short_blocks(
+    n: usize,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: Option<&[f32]>,
+    dx: &mut [f32],
+    partials: Partials<'_>,
+    stream: bool,
+) {
+    Arch::new().dispatch(ShortBlocks { stream, n, x, dy, mean, rstd, gamma, dx, partials })
+}
+
 /// The backward sums of K rows side by side: per row exactly [`backward_in`] (same operations,
 /// same order), interleaved so that the rows' dependency chains overlap.
 #[inline(always)]

@@ -488,7 +488,7 @@ fn back_bf16_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
 }
 
 /// Backward of consecutive blocks of long `bf16` rows (see [`BackBf16`]), adding into the
-/// blocks' dγ/dβ partials (`partials`: as for the `f32` `back_long`).
+/// blocks' dγ/dβ partials (`partials`: as for `Real::back_blocks`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_bf16(
     n: usize,

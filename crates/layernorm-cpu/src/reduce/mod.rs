@@ -58,7 +58,9 @@ mod half;
 mod steps;
 mod store;
 
-pub(crate) use backward::{Partials, back_long, back_rows, backward_sums, fused_backward};
+pub(crate) use backward::{
+    Partials, back_long, back_rows, back_short_blocks, backward_sums, fused_backward,
+};
 pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::{backward_bf16, forward_bf16};
 pub(crate) use store::stream_fence;
