@@ -112,15 +112,21 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
             prefetch_line(ahead.wrapping_add(j * lanes));
             for q in j..j + per_line {
                 centered_step::<S, true>(simd, nh[q], k, &mut acc);
-                let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[q], mh), ml), r);
-                put::<S>(&mut yh[q], affine::<S, G, B>(simd, t, gh, bh, q), ST);
+                put::<S>(
+                    &mut yh[q],
+                    normalize_vec::<S, G, B>(simd, ch[q], (mh, ml, r), (gh, bh), q),
+                    ST,
+                );
             }
             j += per_line;
         }
         for q in j..both {
             centered_step::<S, true>(simd, nh[q], k, &mut acc);
-            let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(ch[q], mh), ml), r);
-            put::<S>(&mut yh[q], affine::<S, G, B>(simd, t, gh, bh, q), ST);
+            put::<S>(
+                &mut yh[q],
+                normalize_vec::<S, G, B>(simd, ch[q], (mh, ml, r), (gh, bh), q),
+                ST,
+            );
         }
         for &v in &nh[both..end] {
             centered_step::<S, true>(simd, v, k, &mut acc);

@@ -267,8 +267,7 @@ fn fused_bf16_vecs<S: Simd, const G: bool, const B: bool, const NX: bool>(
                 nw[j] = v;
                 centered_step::<S, true>(simd, v, kn, &mut acc);
             }
-            let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(cw[j], kc.0), kc.1), kc.2);
-            store(simd, &mut y[j * w..], affine::<S, G, B>(simd, t, gh, bh, j));
+            store(simd, &mut y[j * w..], normalize_vec::<S, G, B>(simd, cw[j], kc, (gh, bh), j));
         }
         fold_into(simd, acc, &mut total);
         i = end;

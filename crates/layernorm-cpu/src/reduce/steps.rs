@@ -31,16 +31,18 @@ pub(super) fn centered_step<S: Simd, const PLAIN: bool>(
     acc[1] = simd.add_f32s(acc[1], simd.mul_f32s(e, e));
 }
 
-/// γ·t + β for one vector, where which of γ/β exist is known at compile time (`G`, `B`), so the
-/// loops carry no per-vector tests.
+/// One vector (vector `j` of the row) of y = ((x − m_hi) − m_lo)·r·γ + β, the operations and
+/// order of `row::normalize`. Which of γ/β exist is known at compile time (`G`, `B`), so the
+/// loops carry no per-vector tests. Shared by every normalize sweep, `f32` and `bf16`.
 #[inline(always)]
-pub(super) fn affine<S: Simd, const G: bool, const B: bool>(
+pub(super) fn normalize_vec<S: Simd, const G: bool, const B: bool>(
     simd: S,
-    t: S::f32s,
-    gamma: &[S::f32s],
-    beta: &[S::f32s],
+    x: S::f32s,
+    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    (gamma, beta): (&[S::f32s], &[S::f32s]),
     j: usize,
 ) -> S::f32s {
+    let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(x, mh), ml), r);
     let t = if G { simd.mul_f32s(t, gamma[j]) } else { t };
     if B { simd.add_f32s(t, beta[j]) } else { t }
 }
@@ -91,8 +93,7 @@ pub(super) fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bo
 ) {
     let yh = &mut yh[..xh.len()];
     for j in 0..xh.len() {
-        let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(xh[j], mh), ml), r);
-        put::<S>(&mut yh[j], affine::<S, G, B>(simd, t, gh, bh, j), ST);
+        put::<S>(&mut yh[j], normalize_vec::<S, G, B>(simd, xh[j], (mh, ml, r), (gh, bh), j), ST);
     }
 }
 
