@@ -89,6 +89,9 @@ struct BackRows<'a> {
     n: usize,
     x: &'a [f32],
     dy: &'a [f32],
+    /// The rows that follow `x` and `dy` in the caller's task, only prefetched: the last group
+    /// of a block fetches the next block's first rows while it runs from L1.
+    after: (&'a [f32], &'a [f32]),
     mean: &'a [f32],
     rstd: &'a [f32],
     gamma: Option<&'a [f32]>,
@@ -156,9 +159,13 @@ impl WithSimd for BackRows<'_> {
             while i < count {
                 let k = if i + 2 <= count { 2 } else { 1 };
                 let ahead = (start + count + i) * n;
-                let ahead = ahead.min(x.len())..(ahead + k * n).min(x.len());
-                prefetch(&x[ahead.clone()]);
-                prefetch(&dy[ahead]);
+                let (px, pd, ahead) = match ahead.checked_sub(x.len()) {
+                    None => (x, dy, ahead),
+                    Some(a) => (self.after.0, self.after.1, a),
+                };
+                let ahead = ahead.min(px.len())..(ahead + k * n).min(px.len());
+                prefetch(&px[ahead.clone()]);
+                prefetch(&pd[ahead]);
                 let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
                 let out = &mut out[i * n..(i + k) * n];
                 if k == 2 {
@@ -204,9 +211,10 @@ impl WithSimd for ShortBlocks<'_> {
             let e = r.start * n..r.end * n;
             let (dgamma, dbeta) = self.partials.of_row(start, n);
             let (mean, rstd) = (&self.mean[r.clone()], &self.rstd[r]);
+            let after = (&self.x[e.end..], &self.dy[e.end..]);
             let (x, dy, dx) = (&self.x[e.clone()], &self.dy[e.clone()], &mut self.dx[e]);
             let (stream, gamma) = (self.stream, self.gamma);
-            let op = BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta };
+            let op = BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
             op.with_simd(simd);
         }
     }
@@ -403,7 +411,8 @@ pub(crate) fn back_rows(
     dbeta: Option<&mut [f32]>,
     stream: bool,
 ) {
-    Arch::new().dispatch(BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta })
+    let after = (&[][..], &[][..]);
+    Arch::new().dispatch(BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta })
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -812,7 +821,8 @@ mod tests {
                             }
                         }
                     } else {
-                        pulp::Simd::vectorize(simd, BackRows { stream, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta });
+                        let after = (&[][..], &[][..]);
+                        pulp::Simd::vectorize(simd, BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta });
                     }
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, long={long}, stream={stream}");
