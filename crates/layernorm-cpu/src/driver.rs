@@ -142,11 +142,15 @@ pub(crate) fn backward<T: CpuElement>(
     // Fixed-order reduction of the block partials: block 0, 1, 2, … in f64, rounded once.
     let reduce = |offset: usize, out: &mut [T]| {
         let mut acc = vec![0f64; n];
-        for p in partials.chunks_exact(width) {
-            for (a, &v) in acc.iter_mut().zip(&p[offset..offset + n]) {
-                *a += v.into();
+        // Compiled for the machine's instruction set (the loop converts and adds across
+        // columns, so every column still sums its blocks in block order).
+        pulp::Arch::new().dispatch(|| {
+            for p in partials.chunks_exact(width) {
+                for (a, &v) in acc.iter_mut().zip(&p[offset..offset + n]) {
+                    *a += v.into();
+                }
             }
-        }
+        });
         for (o, a) in out.iter_mut().zip(acc) {
             *o = T::from_f64(a);
         }
