@@ -11,6 +11,7 @@ use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::element::{CpuElement, load_param};
+use crate::row::Real;
 use crate::simd;
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
@@ -101,13 +102,24 @@ pub(crate) fn backward<T: CpuElement>(
     rstd: &[T::Acc],
     gamma: Option<&[T]>,
     dx: &mut [T],
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    mut dgamma: Option<&mut [T]>,
+    mut dbeta: Option<&mut [T]>,
     stream: bool,
 ) {
     let rows = mean.len();
     let gamma = load_param(gamma);
     let gamma = gamma.as_deref();
+    // Very long rows: in column chunks (`crate::columns`), where the type has that kernel.
+    if crate::columns::by_columns(rows, n)
+        && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
+    {
+        // The outputs have an accumulation-type view whenever x has (the same `T`).
+        let dg = dgamma.as_deref_mut().and_then(T::as_acc_mut);
+        let db = dbeta.as_deref_mut().and_then(T::as_acc_mut);
+        if <T::Acc as Real>::back_columns(n, xa, da, mean, rstd, gamma, dxa, dg, db) {
+            return;
+        }
+    }
     let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
     let blocks = rows.div_ceil(ROW_BLOCK);
     // Per block: [dγ partial (n) | dβ partial (n)].

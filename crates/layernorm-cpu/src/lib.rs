@@ -27,6 +27,7 @@
 //! # Ok::<(), layernorm_core::Error>(())
 //! ```
 
+mod columns;
 mod driver;
 mod element;
 mod nd;

@@ -138,6 +138,24 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         false
     }
 
+    /// The whole backward of very long rows (`columns::by_columns`) in column chunks, where
+    /// the type has that kernel (`f32`), writing the finished dγ/dβ: `false` otherwise, and the
+    /// caller runs the row-wise path (the bits are the same either way).
+    #[allow(clippy::too_many_arguments)]
+    fn back_columns(
+        _n: usize,
+        _x: &[Self],
+        _dy: &[Self],
+        _mean: &[Self],
+        _rstd: &[Self],
+        _gamma: Option<&[Self]>,
+        _dx: &mut [Self],
+        _dgamma: Option<&mut [Self]>,
+        _dbeta: Option<&mut [Self]>,
+    ) -> bool {
+        false
+    }
+
     /// (Σe, Σe²) with e = (x − m)·s − ml.
     fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
         residual_sums(x, m, s, ml)
@@ -254,6 +272,20 @@ impl Real for f32 {
         } else {
             crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);
         }
+        true
+    }
+    fn back_columns(
+        n: usize,
+        x: &[f32],
+        dy: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: Option<&[f32]>,
+        dx: &mut [f32],
+        dgamma: Option<&mut [f32]>,
+        dbeta: Option<&mut [f32]>,
+    ) -> bool {
+        crate::columns::backward(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
         true
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {

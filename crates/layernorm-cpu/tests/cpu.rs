@@ -50,6 +50,49 @@ fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
 }
 
 #[test]
+fn very_long_rows_give_the_same_bits_on_any_pool() {
+    // Fewer rows than a block, rows of 2^17 + 3: one thread runs the row-wise kernels, more
+    // threads the column chunks (which spread where the blocks cannot); the bits must agree.
+    let (rows, n) = (5, (1 << 17) + 3);
+    let spec = NormSpec::layer_norm(rows, n, DType::F32);
+    let x: Vec<f32> =
+        normal(rows * n, 11).iter().enumerate().map(|(i, v)| v + (i / n) as f32 * 1e3).collect();
+    let dy = normal(rows * n, 12);
+    let (g, b) = (normal(n, 13), normal(n, 14));
+    let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+    for threads in [1, 2, 3] {
+        let cpu = CpuBackend::with_pool(pool(threads));
+        let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+        let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
+        let got = (gr.dx.into_vec(), gr.dgamma.unwrap().into_vec(), gr.dbeta.unwrap().into_vec());
+        match &first {
+            None => first = Some(got),
+            Some(want) => {
+                assert_eq!(bits(&got.1), bits(&want.1), "dgamma differs at {threads} threads");
+                assert_eq!(bits(&got.2), bits(&want.2), "dbeta differs at {threads} threads");
+                assert_eq!(bits(&got.0), bits(&want.0), "dx differs at {threads} threads");
+            }
+        }
+    }
+    // And against the f64 oracle.
+    let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+    let (xw, gw) = (wide(&x), wide(&g));
+    let rf = reference::forward(&spec, &xw, Some(&gw), Some(&wide(&b))).unwrap();
+    let want = reference::backward(&spec, &xw, &wide(&dy), &rf.mean, &rf.rstd, Some(&gw)).unwrap();
+    let (dx, dg, db) = first.unwrap();
+    for (name, got, want) in [
+        ("dx", &dx, &want.dx),
+        ("dgamma", &dg, want.dgamma.as_ref().unwrap()),
+        ("dbeta", &db, want.dbeta.as_ref().unwrap()),
+    ] {
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (&a, &w)) in got.iter().zip(want.iter()).enumerate() {
+            assert!((f64::from(a) - w).abs() <= 1e-4 * scale, "{name}[{i}]: {a} vs {w}");
+        }
+    }
+}
+
+#[test]
 fn bf16_parameter_gradients_are_deterministic_too() {
     let (rows, n) = (ROW_BLOCK * 9 + 1, 130);
     let spec = NormSpec::layer_norm(rows, n, DType::BF16).with_beta(false);

@@ -236,6 +236,76 @@ pub(crate) fn back_short_blocks(
     Arch::new().dispatch(ShortBlocks { stream, n, x, dy, mean, rstd, gamma, dx, partials })
 }
 
+/// One column chunk of the column-chunked backward (`crate::columns`): for every 32-row block,
+/// its rows' dx over the chunk's columns and their dγ/dβ terms added into chunk-sized partials
+/// from zero in row order (`apply_in`, as the row-wise kernels), the partials summed into `f64`
+/// block by block, and the sums rounded into `dgamma`/`dbeta` (the chunk's pieces).
+struct ColumnChunk<'a, 'b> {
+    n: usize,
+    cols: core::ops::Range<usize>,
+    x: &'a [f32],
+    dy: &'a [f32],
+    gamma: Option<&'a [f32]>,
+    params: &'a [BackParams<f32>],
+    dx: Vec<&'b mut [f32]>,
+    dgamma: Option<&'b mut [f32]>,
+    dbeta: Option<&'b mut [f32]>,
+}
+
+impl WithSimd for ColumnChunk<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(mut self, simd: S) {
+        const C: usize = crate::columns::CHUNK;
+        let (n, cols) = (self.n, self.cols.clone());
+        let c = cols.len().min(C);
+        let (want_g, want_b) = (self.dgamma.is_some(), self.dbeta.is_some());
+        let gamma = self.gamma.map(|g| &g[cols.clone()]);
+        let rows = self.params.len().min(self.dx.len());
+        let (mut pg, mut pb) = ([0f32; C], [0f32; C]);
+        let (mut sg, mut sb) = ([0f64; C], [0f64; C]);
+        for start in (0..rows).step_by(crate::driver::ROW_BLOCK) {
+            let end = (start + crate::driver::ROW_BLOCK).min(rows);
+            pg[..c].fill(0.0);
+            pb[..c].fill(0.0);
+            for r in start..end {
+                let span = r * n + cols.start..r * n + cols.start + c;
+                let (dg, db) = (want_g.then_some(&mut pg[..c]), want_b.then_some(&mut pb[..c]));
+                let (x, dy) = (&self.x[span.clone()], &self.dy[span]);
+                apply_in(simd, (x, dy, gamma), &self.params[r], &mut self.dx[r][..c], dg, db);
+            }
+            for j in 0..c {
+                sg[j] += f64::from(pg[j]);
+                sb[j] += f64::from(pb[j]);
+            }
+        }
+        if let Some(d) = self.dgamma {
+            for (o, &s) in d.iter_mut().zip(&sg[..c]) {
+                *o = s as f32;
+            }
+        }
+        if let Some(d) = self.dbeta {
+            for (o, &s) in d.iter_mut().zip(&sb[..c]) {
+                *o = s as f32;
+            }
+        }
+    }
+}
+
+/// Runs one chunk of the column-chunked backward (see [`ColumnChunk`]): `dx` holds the chunk's
+/// piece of every row, `dgamma`/`dbeta` the chunk's pieces of the outputs.
+pub(crate) fn back_column_chunk<'b>(
+    n: usize,
+    cols: core::ops::Range<usize>,
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    params: &[BackParams<f32>],
+    dx: Vec<&'b mut [f32]>,
+    (dgamma, dbeta): (Option<&'b mut [f32]>, Option<&'b mut [f32]>),
+) {
+    let op = ColumnChunk { n, cols, x, dy, gamma, params, dx, dgamma, dbeta };
+    Arch::new().dispatch(op)
+}
+
 /// The backward sums of K rows side by side: per row exactly [`backward_in`] (same operations,
 /// same order), interleaved so that the rows' dependency chains overlap.
 #[inline(always)]

@@ -59,14 +59,15 @@ mod steps;
 mod store;
 
 pub(crate) use backward::{
-    Partials, back_long, back_rows, back_short_blocks, backward_sums, fused_backward,
+    Partials, back_column_chunk, back_long, back_rows, back_short_blocks, backward_sums,
+    fused_backward,
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::{backward_bf16, forward_bf16};
 pub(crate) use store::stream_fence;
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::row;
 
@@ -85,7 +86,7 @@ pub(super) mod tests {
 
     /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows, a
     /// huge mean, squares that overflow, an outlying head, a NaN; and plain pseudo-random rows.
-    pub(super) fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
+    pub(crate) fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
         let mut s = 0x2545_f491u32;
         let mut x = Vec::with_capacity(rows * n);
         for r in 0..rows {
