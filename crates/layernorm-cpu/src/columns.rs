@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use crate::driver::is_parallel;
+use crate::reduce::ColumnScratch;
 use crate::row::{self, BackParams};
 
 /// Rows at least this long take the column-chunked backward (`f32`) whatever the pool: measured
@@ -91,15 +92,18 @@ pub(crate) fn backward(
         }
     }
     let (dgs, dbs) = (pieces(dgamma, chunks), pieces(dbeta, chunks));
-    let work = |(c, ((dx, dg), db)): (usize, ((Vec<&mut [f32]>, _), _))| {
+    let work = |scratch: &mut ColumnScratch, (c, ((dx, dg), db)): (usize, ((Vec<_>, _), _))| {
         let cols = c * CHUNK..((c + 1) * CHUNK).min(n);
-        crate::reduce::back_column_chunk(n, cols, (x, dy, gamma), &params, dx, (dg, db));
+        let rows = (x, dy, gamma);
+        crate::reduce::back_column_chunk(scratch, n, cols, rows, &params, dx, (dg, db));
     };
-    let tasks = dxs.into_iter().zip(dgs).zip(dbs);
+    // Each worker keeps its chunk buffers from chunk to chunk.
+    let tasks = dxs.into_iter().zip(dgs).zip(dbs).enumerate();
     if par {
-        tasks.enumerate().collect::<Vec<_>>().into_par_iter().for_each(work);
+        tasks.collect::<Vec<_>>().into_par_iter().for_each_init(ColumnScratch::default, work);
     } else {
-        tasks.enumerate().for_each(work);
+        let mut scratch = ColumnScratch::default();
+        tasks.for_each(|t| work(&mut scratch, t));
     }
 }
 

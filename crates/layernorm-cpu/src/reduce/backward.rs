@@ -241,6 +241,7 @@ pub(crate) fn back_short_blocks(
 /// from zero in row order (`apply_in`, as the row-wise kernels), the partials summed into `f64`
 /// block by block, and the sums rounded into `dgamma`/`dbeta` (the chunk's pieces).
 struct ColumnChunk<'a, 'b> {
+    scratch: &'a mut ColumnScratch,
     n: usize,
     cols: core::ops::Range<usize>,
     x: &'a [f32],
@@ -262,39 +263,58 @@ impl WithSimd for ColumnChunk<'_, '_> {
         let (want_g, want_b) = (self.dgamma.is_some(), self.dbeta.is_some());
         let gamma = self.gamma.map(|g| &g[cols.clone()]);
         let rows = self.params.len().min(self.dx.len());
-        let (mut pg, mut pb) = ([0f32; C], [0f32; C]);
-        let (mut sg, mut sb) = ([0f64; C], [0f64; C]);
+        let ColumnScratch { pg, pb, sg, sb } = &mut *self.scratch;
+        // The sums start from zero for every chunk (the partials, for every block, below).
+        for v in [&mut *pg, &mut *pb] {
+            v.resize(C, 0.0);
+        }
+        for v in [&mut *sg, &mut *sb] {
+            v.clear();
+            v.resize(C, 0.0);
+        }
+        let (pg, pb, sg, sb) = (&mut pg[..c], &mut pb[..c], &mut sg[..c], &mut sb[..c]);
         for start in (0..rows).step_by(crate::driver::ROW_BLOCK) {
             let end = (start + crate::driver::ROW_BLOCK).min(rows);
-            pg[..c].fill(0.0);
-            pb[..c].fill(0.0);
+            pg.fill(0.0);
+            pb.fill(0.0);
             for r in start..end {
                 let span = r * n + cols.start..r * n + cols.start + c;
-                let (dg, db) = (want_g.then_some(&mut pg[..c]), want_b.then_some(&mut pb[..c]));
+                let (dg, db) = (want_g.then_some(&mut *pg), want_b.then_some(&mut *pb));
                 let (x, dy) = (&self.x[span.clone()], &self.dy[span]);
                 apply_in(simd, (x, dy, gamma), &self.params[r], &mut self.dx[r][..c], dg, db);
             }
-            for j in 0..c {
-                sg[j] += f64::from(pg[j]);
-                sb[j] += f64::from(pb[j]);
+            for (s, &p) in sg.iter_mut().zip(&*pg) {
+                *s += f64::from(p);
+            }
+            for (s, &p) in sb.iter_mut().zip(&*pb) {
+                *s += f64::from(p);
             }
         }
-        if let Some(d) = self.dgamma {
-            for (o, &s) in d.iter_mut().zip(&sg[..c]) {
-                *o = s as f32;
-            }
-        }
-        if let Some(d) = self.dbeta {
-            for (o, &s) in d.iter_mut().zip(&sb[..c]) {
-                *o = s as f32;
+        for (d, sums) in [(self.dgamma, &*sg), (self.dbeta, &*sb)] {
+            if let Some(d) = d {
+                for (o, &s) in d.iter_mut().zip(sums) {
+                    *o = s as f32;
+                }
             }
         }
     }
 }
 
+/// The buffers of a column chunk (its dγ/dβ partials and their `f64` sums), kept by the caller
+/// from chunk to chunk.
+#[derive(Default)]
+pub(crate) struct ColumnScratch {
+    pg: Vec<f32>,
+    pb: Vec<f32>,
+    sg: Vec<f64>,
+    sb: Vec<f64>,
+}
+
 /// Runs one chunk of the column-chunked backward (see [`ColumnChunk`]): `dx` holds the chunk's
 /// piece of every row, `dgamma`/`dbeta` the chunk's pieces of the outputs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn back_column_chunk<'b>(
+    scratch: &mut ColumnScratch,
     n: usize,
     cols: core::ops::Range<usize>,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
@@ -302,7 +322,7 @@ pub(crate) fn back_column_chunk<'b>(
     dx: Vec<&'b mut [f32]>,
     (dgamma, dbeta): (Option<&'b mut [f32]>, Option<&'b mut [f32]>),
 ) {
-    let op = ColumnChunk { n, cols, x, dy, gamma, params, dx, dgamma, dbeta };
+    let op = ColumnChunk { scratch, n, cols, x, dy, gamma, params, dx, dgamma, dbeta };
     Arch::new().dispatch(op)
 }
 

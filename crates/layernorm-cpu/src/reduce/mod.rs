@@ -59,8 +59,8 @@ mod steps;
 mod store;
 
 pub(crate) use backward::{
-    Partials, back_column_chunk, back_long, back_rows, back_short_blocks, backward_sums,
-    fused_backward,
+    ColumnScratch, Partials, back_column_chunk, back_long, back_rows, back_short_blocks,
+    backward_sums, fused_backward,
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::{backward_bf16, forward_bf16};
