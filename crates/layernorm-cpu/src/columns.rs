@@ -72,10 +72,9 @@ pub(crate) fn backward(
     let par = is_parallel(rows * n);
     let params_of = |r: usize| -> BackParams<f32> {
         let span = r * n..(r + 1) * n;
-        let (mu, rs) = (f64::from(mean[r]), f64::from(rstd[r]));
-        let (m, s) = row::back_shift::<f32>(mu, rs);
-        let sums = crate::reduce::backward_sums(&x[span.clone()], &dy[span], gamma, m, s as f32);
-        row::back_params::<f32>(n, mu, rs, sums)
+        let (m, s) = row::back_shift_f32(mean[r], rstd[r]);
+        let sums = crate::reduce::backward_sums(&x[span.clone()], &dy[span], gamma, m, s);
+        row::back_params::<f32>(n, f64::from(mean[r]), f64::from(rstd[r]), sums)
     };
     let params: Vec<BackParams<f32>> = if par {
         (0..rows).into_par_iter().map(params_of).collect()

@@ -695,6 +695,14 @@ pub struct BackParams<A> {
     pub c: A,
 }
 
+/// [`back_shift`] of an `f32` row from its saved `f32` statistics, both parts as the `f32`
+/// constants the sums sweep uses.
+#[inline(always)]
+pub(crate) fn back_shift_f32(mean_saved: f32, rstd: f32) -> (f32, f32) {
+    let (m, s) = back_shift::<f32>(f64::from(mean_saved), f64::from(rstd));
+    (m, s as f32)
+}
+
 /// The centering shift and scale of a backward row: (m, s).
 #[inline(always)]
 pub(crate) fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {

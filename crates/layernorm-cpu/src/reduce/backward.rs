@@ -123,10 +123,7 @@ impl WithSimd for BackRows<'_> {
             while i < count {
                 let k = if i + 2 <= count { 2 } else { 1 };
                 for (q, p) in params.iter_mut().enumerate().skip(i).take(k) {
-                    let (mu, rs) =
-                        (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
-                    let (m, s) = row::back_shift::<f32>(mu, rs);
-                    (p.m, p.sa) = (m, s as f32);
+                    (p.m, p.sa) = row::back_shift_f32(self.mean[start + q], self.rstd[start + q]);
                 }
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
@@ -597,9 +594,8 @@ impl BackLong<'_> {
                 let p: [BackParams<f32>; K] = core::array::from_fn(params);
                 let next: [(usize, f32, f32); K] = core::array::from_fn(|i| {
                     let q = r + K + i;
-                    let (m, s) =
-                        row::back_shift::<f32>(f64::from(self.mean[q]), f64::from(self.rstd[q]));
-                    (q, m, s as f32)
+                    let (m, s) = row::back_shift_f32(self.mean[q], self.rstd[q]);
+                    (q, m, s)
                 });
                 // With streaming, the rows' dx is staged in L1 and written as one span.
                 let out = match stage.as_mut() {
@@ -652,8 +648,7 @@ fn back_row_sums<S: Simd>(
     mean: f32,
     rstd: f32,
 ) -> [f64; 3] {
-    let (m, s) = row::back_shift::<f32>(f64::from(mean), f64::from(rstd));
-    backward_in(simd, rows, (m, s as f32))
+    backward_in(simd, rows, row::back_shift_f32(mean, rstd))
 }
 
 /// One sweep of [`BackLong`]: rows `r..r+K` (with their constants `p`) written into `dx` (K rows

@@ -329,10 +329,7 @@ impl WithSimd for BackBf16<'_> {
         // Widened tails (fewer than a vector), and the whole row for the last one.
         let mut tx = vec![0f32; n];
         let mut td = vec![0f32; n];
-        let shift = |r: usize| {
-            let (m, s) = row::back_shift::<f32>(f64::from(self.mean[r]), f64::from(self.rstd[r]));
-            (m, s as f32)
-        };
+        let shift = |r: usize| row::back_shift_f32(self.mean[r], self.rstd[r]);
         let mut sums =
             back_sums(simd, (&x[span(0)], &dy[span(0)]), gamma, shift(0), &mut wx[0], &mut wd[0]);
         for r in 0..rows {
