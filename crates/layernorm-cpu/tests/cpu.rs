@@ -24,19 +24,19 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-#[test]
-fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
-    // Enough rows for many blocks and a parallel run, with a ragged last block.
-    let (rows, n) = (ROW_BLOCK * 37 + 5, 515);
-    let spec = NormSpec::layer_norm(rows, n, DType::F32);
-    let x = normal(rows * n, 1);
-    let dy = normal(rows * n, 2);
-    let (g, b) = (normal(n, 3), normal(n, 4));
+/// Forward then backward (f32, with γ and β) on a pool of each thread count: dx, dγ and dβ must
+/// be bitwise identical across them. Returns the first pool's (dx, dγ, dβ).
+fn same_gradients_on_pools(
+    spec: &NormSpec,
+    (x, dy): (&[f32], &[f32]),
+    (g, b): (&[f32], &[f32]),
+    threads: &[usize],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
-    for threads in [1, 2, 3, 8] {
+    for &threads in threads {
         let cpu = CpuBackend::with_pool(pool(threads));
-        let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
-        let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
+        let f = cpu.forward_vec(spec, x, Some(g), Some(b)).unwrap();
+        let gr = cpu.backward_vec(spec, x, dy, &f.mean, &f.rstd, Some(g)).unwrap();
         let got = (gr.dx.into_vec(), gr.dgamma.unwrap().into_vec(), gr.dbeta.unwrap().into_vec());
         match &first {
             None => first = Some(got),
@@ -47,6 +47,18 @@ fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
             }
         }
     }
+    first.expect("at least one thread count")
+}
+
+#[test]
+fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
+    // Enough rows for many blocks and a parallel run, with a ragged last block.
+    let (rows, n) = (ROW_BLOCK * 37 + 5, 515);
+    let spec = NormSpec::layer_norm(rows, n, DType::F32);
+    let x = normal(rows * n, 1);
+    let dy = normal(rows * n, 2);
+    let (g, b) = (normal(n, 3), normal(n, 4));
+    same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3, 8]);
 }
 
 #[test]
@@ -59,27 +71,12 @@ fn very_long_rows_give_the_same_bits_on_any_pool() {
         normal(rows * n, 11).iter().enumerate().map(|(i, v)| v + (i / n) as f32 * 1e3).collect();
     let dy = normal(rows * n, 12);
     let (g, b) = (normal(n, 13), normal(n, 14));
-    let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
-    for threads in [1, 2, 3] {
-        let cpu = CpuBackend::with_pool(pool(threads));
-        let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
-        let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
-        let got = (gr.dx.into_vec(), gr.dgamma.unwrap().into_vec(), gr.dbeta.unwrap().into_vec());
-        match &first {
-            None => first = Some(got),
-            Some(want) => {
-                assert_eq!(bits(&got.1), bits(&want.1), "dgamma differs at {threads} threads");
-                assert_eq!(bits(&got.2), bits(&want.2), "dbeta differs at {threads} threads");
-                assert_eq!(bits(&got.0), bits(&want.0), "dx differs at {threads} threads");
-            }
-        }
-    }
+    let (dx, dg, db) = same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3]);
     // And against the f64 oracle.
     let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
     let (xw, gw) = (wide(&x), wide(&g));
     let rf = reference::forward(&spec, &xw, Some(&gw), Some(&wide(&b))).unwrap();
     let want = reference::backward(&spec, &xw, &wide(&dy), &rf.mean, &rf.rstd, Some(&gw)).unwrap();
-    let (dx, dg, db) = first.unwrap();
     for (name, got, want) in [
         ("dx", &dx, &want.dx),
         ("dgamma", &dg, want.dgamma.as_ref().unwrap()),
