@@ -176,9 +176,7 @@ pub(crate) fn backward_blocks<T: CpuElement>(
             return;
         }
     }
-    if n >= row::BACK_FUSE_MIN_N
-        && T::backward_converted(n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want)
-    {
+    if T::backward_converted(n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want) {
         return;
     }
     let rows = mean.len().min(rstd.len());
@@ -403,7 +401,7 @@ mod tests {
         // Two full blocks of rows and a ragged one, lengths with and without tails; dx and
         // every block's dγ/dβ partials compared bit for bit with the widen-per-row path.
         let rows = 2 * crate::driver::ROW_BLOCK + 7;
-        for n in [256usize, 300, 515, 1024] {
+        for n in [1usize, 7, 8, 64, 100, 128, 256, 300, 515, 1024] {
             let mut s = 0x9e37_79b9u32;
             let mut rand = move || {
                 s ^= s << 13;

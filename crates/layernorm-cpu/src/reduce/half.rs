@@ -322,7 +322,7 @@ pub(crate) fn forward_bf16(
     Arch::new().dispatch(FwdBf16 { n, eps, x, gamma, beta, y, mean, rstd })
 }
 
-/// Backward of consecutive long `bf16` rows (N ≥ `BACK_FUSE_MIN_N`), pipelined like the `f32`
+/// Backward of consecutive `bf16` rows (any N; short rows too), pipelined like the `f32`
 /// one-row sweep: row r's dx (rounded to `bf16` in the register) and its dγ/dβ terms while row
 /// r+1 is summed; each row is widened in registers twice, once per sweep (it is in L1 or L2 the
 /// second time): keeping widened `f32` copies instead measured slower, by a store and a load per
@@ -504,7 +504,7 @@ fn back_bf16_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
     total
 }
 
-/// Backward of consecutive blocks of long `bf16` rows (see [`BackBf16`]), adding into the
+/// Backward of consecutive blocks of `bf16` rows (see [`BackBf16`]), adding into the
 /// blocks' dγ/dβ partials (`partials`: as for `Real::back_blocks`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_bf16(
