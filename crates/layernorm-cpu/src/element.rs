@@ -19,9 +19,9 @@ pub trait CpuElement: Element<Acc: Real> {
     /// Rounds `src` into `dst` (same length), once per element.
     fn narrow(src: &[Self::Acc], dst: &mut [Self]);
 
-    /// Forward of rows of at least `FUSE_MIN_N` converting in registers, where the type has such a
-    /// kernel (`bf16`): `false` otherwise, and the caller widens rows into scratch. The bits are
-    /// the same either way.
+    /// Forward of consecutive rows converting in registers, where the type has such kernels
+    /// (`bf16`: grouped short rows below `FUSE_MIN_N`, pipelined long rows from it): `false`
+    /// otherwise, and the caller widens rows into scratch. The bits are the same either way.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_converted(
@@ -159,7 +159,11 @@ impl CpuElement for bf16 {
         mean: &mut [f32],
         rstd: &mut [f32],
     ) -> bool {
-        crate::reduce::forward_bf16(n, eps, x, gamma, beta, y, mean, rstd);
+        if n < crate::row::FUSE_MIN_N {
+            crate::reduce::rows_bf16(n, eps, x, gamma, beta, y, mean, rstd);
+        } else {
+            crate::reduce::forward_bf16(n, eps, x, gamma, beta, y, mean, rstd);
+        }
         true
     }
     fn backward_converted(

@@ -41,11 +41,11 @@ pub(crate) fn forward_rows<T: CpuElement>(
     // Streaming stores apply to rows written in place (`f32`/`f64`), not to 16-bit rows, which
     // are computed into a scratch row and narrowed.
     let stream = stream && T::as_acc(x).is_some();
-    if n < row::FUSE_MIN_N {
+    if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
+        // Done in registers (16-bit storage with such kernels).
+    } else if n < row::FUSE_MIN_N {
         forward_short(n, eps, x, gamma, beta, y, mean, rstd, stream);
-    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, stream)
-        && !T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd)
-    {
+    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, stream) {
         forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
     }
     if stream {
@@ -482,8 +482,9 @@ mod tests {
 
     #[test]
     fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
-        let rows = 9;
-        for n in [512usize, 515, 600, 777, 1024] {
+        // Rows of every kind: short (grouped, some groups of four, some ragged) and long.
+        let rows = 41;
+        for n in [1usize, 7, 8, 100, 128, 300, 512, 515, 600, 777, 1024] {
             let mut s = 0x1234_5678u32;
             let mut x: Vec<bf16> = (0..rows * n)
                 .map(|i| {
@@ -512,7 +513,11 @@ mod tests {
                 let (mut y0, mut m0, mut r0) =
                     (vec![bf16::ZERO; rows * n], vec![0f32; rows], vec![0f32; rows]);
                 let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
-                forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                if n < row::FUSE_MIN_N {
+                    forward_short(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                } else {
+                    forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                }
                 assert!(bf16::forward_converted(
                     n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1
                 ));

@@ -318,18 +318,18 @@ impl WithSimd for Rows<'_> {
 
 /// The statistics of a group of short rows, computed across rows (one row per lane).
 #[derive(Default)]
-struct Group {
+pub(super) struct Group {
     /// Each row's shift (`m_hi` of `row::RowStats`).
-    shift: [f32; GROUP_ROWS],
+    pub(super) shift: [f32; GROUP_ROWS],
     /// Σd and Σd² of the residuals d = x − shift.
-    sd: [f64; GROUP_ROWS],
-    sdd: [f64; GROUP_ROWS],
+    pub(super) sd: [f64; GROUP_ROWS],
+    pub(super) sdd: [f64; GROUP_ROWS],
     /// What `row::finish` returns: m_lo (rounded), mean and rstd.
-    m_lo: [f32; GROUP_ROWS],
-    mean: [f64; GROUP_ROWS],
-    rstd: [f64; GROUP_ROWS],
+    pub(super) m_lo: [f32; GROUP_ROWS],
+    pub(super) mean: [f64; GROUP_ROWS],
+    pub(super) rstd: [f64; GROUP_ROWS],
     /// Rows that need `row::finish`'s rare paths (overflowed sums, a shift far from the mean).
-    rare: [bool; GROUP_ROWS],
+    pub(super) rare: [bool; GROUP_ROWS],
 }
 
 impl Group {
@@ -377,7 +377,7 @@ impl Group {
     /// operations in the same order, so bitwise its result, but in lanes across rows; rows that
     /// need the rare paths are flagged in `rare` for the caller to finish one by one.
     #[inline(always)]
-    fn finish(&mut self, n: usize, eps: f64) {
+    pub(super) fn finish(&mut self, n: usize, eps: f64) {
         let nf = n as f64;
         for i in 0..GROUP_ROWS {
             let (sd, sdd) = (self.sd[i], self.sdd[i]);
@@ -393,7 +393,7 @@ impl Group {
 
     /// Overwrites row `i` with the statistics `row::finish` computed.
     #[inline(always)]
-    fn set(&mut self, i: usize, st: &row::RowStats<f32>) {
+    pub(super) fn set(&mut self, i: usize, st: &row::RowStats<f32>) {
         (self.m_lo[i], self.mean[i], self.rstd[i]) = (st.m_lo, st.mean, st.rstd);
     }
 }

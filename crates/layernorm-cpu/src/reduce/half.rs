@@ -10,8 +10,9 @@ use layernorm_core::bf16;
 use pulp::{Arch, Simd, WithSimd};
 
 use super::backward::Partials;
+use super::forward::Group;
 use super::steps::*;
-use super::store::{PREFETCH_AHEAD, prefetch_line};
+use super::store::{PREFETCH_AHEAD, prefetch, prefetch_line};
 use crate::CpuElement;
 use crate::row;
 
@@ -320,6 +321,172 @@ pub(crate) fn forward_bf16(
     rstd: &mut [f32],
 ) {
     Arch::new().dispatch(FwdBf16 { n, eps, x, gamma, beta, y, mean, rstd })
+}
+
+/// Forward of consecutive short `bf16` rows (N < `FUSE_MIN_N`) in groups, like the `f32`
+/// short-row kernel (`forward::Rows`) on widened rows: the group's shifts and residual sums, four
+/// rows side by side; the statistics of all its rows at once (`forward::Group`); then the
+/// normalize sweep, converting in registers throughout. The operations per row are those of
+/// the scratch path, so the bits are the same (tested).
+struct RowsBf16<'a> {
+    n: usize,
+    eps: f64,
+    x: &'a [bf16],
+    gamma: Option<&'a [f32]>,
+    beta: Option<&'a [f32]>,
+    y: &'a mut [bf16],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+}
+
+impl WithSimd for RowsBf16<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let n = self.n;
+        let w = size_of::<S::f32s>() / 4;
+        let (nv, base) = (n / w, n / w * w);
+        let rows = self.mean.len().min(self.rstd.len());
+        let x = &self.x[..rows * n];
+        let (gamma, beta) = (self.gamma, self.beta);
+        let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+        let bh = beta.map_or(&[][..], |b| &S::as_simd_f32s(&b[..n]).0[..nv]);
+        let per = group_rows(n);
+        let mut g = Group::default();
+        // A widened row, for `row::finish`'s rare paths only.
+        let mut scratch = vec![0f32; n];
+        let mut start = 0;
+        while start < rows {
+            let count = per.min(rows - start);
+            let row = |i: usize| &x[(start + i) * n..(start + i + 1) * n];
+            let mut i = 0;
+            while i + 4 <= count {
+                group_sums::<S, 4>(simd, &mut g, i, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                i += 4;
+            }
+            while i < count {
+                group_sums::<S, 1>(simd, &mut g, i, [row(i)]);
+                i += 1;
+            }
+            g.finish(n, self.eps);
+            for i in 0..count {
+                if g.rare[i] {
+                    bf16::widen(row(i), &mut scratch);
+                    let st = row::finish(&scratch, g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
+                    g.set(i, &st);
+                }
+            }
+            for i in 0..count {
+                let next = (start + count + i) * n;
+                if next < x.len() {
+                    prefetch(&x[next..(next + n).min(x.len())]);
+                }
+                let (xr, r) = (row(i), start + i);
+                let (mh, ml, rs) = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
+                let k = (simd.splat_f32s(mh), simd.splat_f32s(ml), simd.splat_f32s(rs));
+                let y = &mut self.y[r * n..(r + 1) * n];
+                let a = (simd, xr, k, (gh, bh));
+                match (gamma.is_some(), beta.is_some()) {
+                    (false, false) => normalize_bf16_vecs::<S, false, false>(a, y),
+                    (false, true) => normalize_bf16_vecs::<S, false, true>(a, y),
+                    (true, false) => normalize_bf16_vecs::<S, true, false>(a, y),
+                    (true, true) => normalize_bf16_vecs::<S, true, true>(a, y),
+                }
+                if base < n {
+                    let mut t = [0f32; 16];
+                    let t = &mut t[..n - base];
+                    bf16::widen(&xr[base..], t);
+                    let mut out = [0f32; 16];
+                    let out = &mut out[..n - base];
+                    normalize_tail(t, (mh, ml, rs), (gamma, beta), base, out);
+                    bf16::narrow(out, &mut y[base..]);
+                }
+                self.mean[r] = g.mean[i] as f32;
+                self.rstd[r] = g.rstd[i] as f32;
+            }
+            start += count;
+        }
+    }
+}
+
+/// `Group::sums` of `bf16` rows `i..i + R`: per row exactly [`shift`] and [`sums`], the rows'
+/// steps interleaved so that their dependency chains overlap.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
+fn group_sums<S: Simd, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[bf16]; R]) {
+    let w = size_of::<S::f32s>() / 4;
+    let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
+    let n = x[0].len();
+    let nv = n / w;
+    let mut shifts = [0f32; R];
+    let mut k = [(zero, one, zero); R];
+    for r in 0..R {
+        // The vectors' bounds, checked here once for the loop's unchecked loads.
+        assert!(x[r].len() == n);
+        shifts[r] = shift(simd, x[r]);
+        k[r].0 = simd.splat_f32s(shifts[r]);
+    }
+    let mut total = [[0f64; 2]; R];
+    let pb = per_block::<S>();
+    let mut b = 0;
+    while b < nv {
+        let end = (b + pb).min(nv);
+        let mut acc = [[zero; 2]; R];
+        for j in b..end {
+            for r in 0..R {
+                // SAFETY: j < nv = n / W, and every row holds n values (asserted above).
+                let v = unsafe { load_vec(simd, x[r], j) };
+                centered_step::<S, true>(simd, v, k[r], &mut acc[r]);
+            }
+        }
+        for r in 0..R {
+            fold_into(simd, acc[r], &mut total[r]);
+        }
+        b = end;
+    }
+    for r in 0..R {
+        let mut t = [0f32; 16];
+        let t = &mut t[..n - nv * w];
+        bf16::widen(&x[r][nv * w..], t);
+        centered_tail(t, (shifts[r], 1.0, 0.0), &mut total[r]);
+        g.shift[i + r] = shifts[r];
+        [g.sd[i + r], g.sdd[i + r]] = total[r];
+    }
+}
+
+/// The vector body of the short-row normalize: `x`'s whole vectors normalized and rounded into
+/// `y`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn normalize_bf16_vecs<S: Simd, const G: bool, const B: bool>(
+    (simd, x, k, (gh, bh)): (S, &[bf16], (S::f32s, S::f32s, S::f32s), (&[S::f32s], &[S::f32s])),
+    y: &mut [bf16],
+) {
+    let w = size_of::<S::f32s>() / 4;
+    let nv = x.len() / w;
+    assert!(y.len() >= nv * w);
+    let (gh, bh) = (if G { &gh[..nv] } else { gh }, if B { &bh[..nv] } else { bh });
+    for j in 0..nv {
+        // SAFETY: j < nv = x.len() / W, and y holds nv·W values (asserted above).
+        let v = unsafe { load_vec(simd, x, j) };
+        let v = normalize_vec::<S, G, B>(simd, v, k, (gh, bh), j);
+        unsafe { store_vec(simd, y, j, v) };
+    }
+}
+
+/// Forward of consecutive short `bf16` rows in one explicit-SIMD loop (see [`RowsBf16`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_bf16(
+    n: usize,
+    eps: f64,
+    x: &[bf16],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    y: &mut [bf16],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    Arch::new().dispatch(RowsBf16 { n, eps, x, gamma, beta, y, mean, rstd })
 }
 
 /// Backward of consecutive `bf16` rows (any N; short rows too), pipelined like the `f32`

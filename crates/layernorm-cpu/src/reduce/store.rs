@@ -45,19 +45,19 @@ pub(super) fn stream_head<S: Simd>(y: &[f32], stream: bool) -> (usize, bool) {
 
 /// Asks for `v`'s cache lines to be brought into L2 (a hint; nothing on other architectures).
 #[inline(always)]
-pub(super) fn prefetch(v: &[f32]) {
+pub(super) fn prefetch<T>(v: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        let p = v.as_ptr();
+        let p = v.as_ptr().cast::<u8>();
         let mut i = 0;
-        while i < v.len() {
+        while i < size_of_val(v) {
             // SAFETY: PREFETCHT1 is part of SSE (every x86_64 CPU); `p + i` lies inside `v`.
             unsafe {
                 core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
                     p.add(i).cast(),
                 )
             }
-            i += 16; // one 64-byte line
+            i += 64; // one cache line
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
