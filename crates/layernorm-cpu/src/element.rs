@@ -7,8 +7,9 @@ use num_traits::Zero;
 use crate::row::Real;
 
 /// A storage type the CPU backend computes on. `f32`/`f64` rows are used in place; `f16`/`bf16`
-/// rows are widened into an `f32` scratch row (SIMD conversion where the CPU has it), computed on,
-/// and rounded back once.
+/// rows are converted in registers by their own kernels (`reduce/half.rs`), or where those do
+/// not apply widened into an `f32` scratch row, computed on, and rounded back once — the same
+/// bits either way.
 pub trait CpuElement: Element<Acc: Real> {
     /// The row itself, when the storage type is the accumulation type.
     fn as_acc(s: &[Self]) -> Option<&[Self::Acc]>;
@@ -20,7 +21,7 @@ pub trait CpuElement: Element<Acc: Real> {
     fn narrow(src: &[Self::Acc], dst: &mut [Self]);
 
     /// Forward of consecutive rows converting in registers, where the type has such kernels
-    /// (`bf16`: grouped short rows below `FUSE_MIN_N`, pipelined long rows from it): `false`
+    /// (`bf16`, `f16`: grouped short rows below `FUSE_MIN_N`, pipelined long rows from it): `false`
     /// otherwise, and the caller widens rows into scratch. The bits are the same either way.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -39,7 +40,7 @@ pub trait CpuElement: Element<Acc: Real> {
 
     /// Backward of consecutive blocks of rows converting in registers, adding into the blocks'
     /// dγ/dβ partials (laid out as for `Real::back_blocks`), where the type has such a kernel
-    /// (`bf16`, any N: even at N = 8 it measured twice the speed of widened chunks): `false`
+    /// (`bf16`, `f16`; any N: even at N = 8 it measured twice the speed of widened chunks): `false`
     /// otherwise, and the caller widens rows into scratch. The bits are the same either way.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -97,6 +98,46 @@ macro_rules! direct {
     };
 }
 
+/// The `CpuElement` hooks of a 16-bit type with register-converting kernels (`reduce::Half`):
+/// the grouped short-row and pipelined long-row forward, the one-row backward at every N.
+macro_rules! in_registers {
+    () => {
+        #[inline(always)]
+        fn forward_converted(
+            n: usize,
+            eps: f64,
+            x: &[Self],
+            gamma: Option<&[f32]>,
+            beta: Option<&[f32]>,
+            y: &mut [Self],
+            mean: &mut [f32],
+            rstd: &mut [f32],
+        ) -> bool {
+            if n < crate::row::FUSE_MIN_N {
+                crate::reduce::rows_16(n, eps, x, gamma, beta, y, mean, rstd);
+            } else {
+                crate::reduce::forward_16(n, eps, x, gamma, beta, y, mean, rstd);
+            }
+            true
+        }
+        fn backward_converted(
+            n: usize,
+            x: &[Self],
+            dy: &[Self],
+            mean: &[f32],
+            rstd: &[f32],
+            gamma: Option<&[f32]>,
+            dx: &mut [Self],
+            partials: Option<&mut [f32]>,
+            want: (bool, bool),
+        ) -> bool {
+            let partials = crate::reduce::Partials { buf: partials, want };
+            crate::reduce::backward_16(n, x, dy, mean, rstd, gamma, dx, partials);
+            true
+        }
+    };
+}
+
 macro_rules! half_float {
     ($t:ty) => {
         impl CpuElement for $t {
@@ -116,6 +157,7 @@ macro_rules! half_float {
             fn narrow(src: &[f32], dst: &mut [Self]) {
                 dst.convert_from_f32_slice(src)
             }
+            in_registers!();
         }
     };
 }
@@ -148,39 +190,7 @@ impl CpuElement for bf16 {
             *d = bf16::from_f32(s);
         }
     }
-    #[inline(always)]
-    fn forward_converted(
-        n: usize,
-        eps: f64,
-        x: &[Self],
-        gamma: Option<&[f32]>,
-        beta: Option<&[f32]>,
-        y: &mut [Self],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-    ) -> bool {
-        if n < crate::row::FUSE_MIN_N {
-            crate::reduce::rows_bf16(n, eps, x, gamma, beta, y, mean, rstd);
-        } else {
-            crate::reduce::forward_bf16(n, eps, x, gamma, beta, y, mean, rstd);
-        }
-        true
-    }
-    fn backward_converted(
-        n: usize,
-        x: &[Self],
-        dy: &[Self],
-        mean: &[f32],
-        rstd: &[f32],
-        gamma: Option<&[f32]>,
-        dx: &mut [Self],
-        partials: Option<&mut [f32]>,
-        want: (bool, bool),
-    ) -> bool {
-        let partials = crate::reduce::Partials { buf: partials, want };
-        crate::reduce::backward_bf16(n, x, dy, mean, rstd, gamma, dx, partials);
-        true
-    }
+    in_registers!();
     #[inline(always)]
     fn narrow_widen(narrow: Option<(&[f32], &mut [Self])>, widen: Option<(&[Self], &mut [f32])>) {
         match (narrow, widen) {

@@ -394,10 +394,33 @@ pub(crate) fn backward_rows<T: CpuElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use layernorm_core::bf16;
+    use layernorm_core::{bf16, f16};
+
+    /// A 16-bit value from its bits.
+    fn bits<T: bytemuck::Pod>(b: u16) -> T {
+        bytemuck::cast(b)
+    }
+
+    /// Bits equal, or both NaN (a NaN's sign and payload depend on which operand an instruction
+    /// propagates, which the compiler may commute).
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
 
     #[test]
     fn bf16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
+        // Signaling NaNs (quiet bit clear), which the kernel widens without quieting.
+        backward_converted_matches_scratch::<bf16>([0x7f81, 0xff85, 0x7f82]);
+    }
+
+    #[test]
+    fn f16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
+        backward_converted_matches_scratch::<f16>([0x7c01, 0xfc05, 0x7d02]);
+    }
+
+    fn backward_converted_matches_scratch<T: CpuElement<Acc = f32> + bytemuck::Pod>(
+        snan: [u16; 3],
+    ) {
         // Two full blocks of rows and a ragged one, lengths with and without tails; dx and
         // every block's dγ/dβ partials compared bit for bit with the widen-per-row path.
         let rows = 2 * crate::driver::ROW_BLOCK + 7;
@@ -409,10 +432,10 @@ mod tests {
                 s ^= s << 5;
                 s as f32 / u32::MAX as f32 - 0.5
             };
-            let mut x: Vec<bf16> = (0..rows * n)
+            let mut x: Vec<T> = (0..rows * n)
                 .map(|i| {
                     let u = rand();
-                    bf16::from_f32(match (i / n) % 5 {
+                    T::from_acc(match (i / n) % 5 {
                         0 => 1e4 + 3.0 * u,
                         1 => 1e30 * u,
                         2 if i % n == 7 => f32::NAN,
@@ -420,11 +443,10 @@ mod tests {
                     })
                 })
                 .collect();
-            let mut dy: Vec<bf16> = (0..rows * n).map(|_| bf16::from_f32(2.0 * rand())).collect();
-            // Signaling NaNs (quiet bit clear), which the kernel widens without quieting.
-            x[3 * n + 9] = bf16::from_bits(0x7f81);
-            dy[4 * n + 5] = bf16::from_bits(0xff85);
-            dy[6 * n + n - 1] = bf16::from_bits(0x7f82);
+            let mut dy: Vec<T> = (0..rows * n).map(|_| T::from_acc(2.0 * rand())).collect();
+            x[3 * n + 9] = bits(snan[0]);
+            dy[4 * n + 5] = bits(snan[1]);
+            dy[6 * n + n - 1] = bits(snan[2]);
             let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
             for r in 0..rows {
                 let v: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|v| v.to_f64()).collect();
@@ -439,7 +461,8 @@ mod tests {
                 (None, (true, false)),
                 (Some(&g[..]), (false, false)),
             ] {
-                let (mut dx0, mut p0) = (vec![bf16::ZERO; rows * n], vec![0f32; blocks * 2 * n]);
+                let (mut dx0, mut p0) =
+                    (vec![T::from_acc(0.0); rows * n], vec![0f32; blocks * 2 * n]);
                 let (mut dx1, mut p1) = (dx0.clone(), p0.clone());
                 let chunk = crate::driver::ROW_BLOCK * n;
                 for (b, dxb) in dx0.chunks_mut(chunk).enumerate() {
@@ -462,14 +485,10 @@ mod tests {
                     );
                 }
                 let parts = Some(&mut p1[..]);
-                assert!(bf16::backward_converted(
+                assert!(T::backward_converted(
                     n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
-                // Bits equal, or both NaN (a NaN's sign and payload depend on which operand an
-                // instruction propagates, which the compiler may commute).
-                let same =
-                    |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-                let bad = dx1.iter().zip(&dx0).position(|(a, b)| !same(a.to_f32(), b.to_f32()));
+                let bad = dx1.iter().zip(&dx0).position(|(a, b)| !same(a.to_acc(), b.to_acc()));
                 assert!(bad.is_none(), "dx, n={n}, want={want:?}: first difference at {bad:?}");
                 let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
                 assert!(
@@ -482,17 +501,28 @@ mod tests {
 
     #[test]
     fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
+        // Signaling NaNs (quiet bit clear), in a vector and in the tail: the kernel widens them
+        // without quieting, the scratch path quiets them first.
+        rows_converted_match_scratch::<bf16>([0x7f81, 0xff85]);
+    }
+
+    #[test]
+    fn f16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
+        rows_converted_match_scratch::<f16>([0x7c01, 0xfc05]);
+    }
+
+    fn rows_converted_match_scratch<T: CpuElement<Acc = f32> + bytemuck::Pod>(snan: [u16; 2]) {
         // Rows of every kind: short (grouped, some groups of four, some ragged) and long.
         let rows = 41;
         for n in [1usize, 7, 8, 100, 128, 300, 512, 515, 600, 777, 1024] {
             let mut s = 0x1234_5678u32;
-            let mut x: Vec<bf16> = (0..rows * n)
+            let mut x: Vec<T> = (0..rows * n)
                 .map(|i| {
                     s ^= s << 13;
                     s ^= s >> 17;
                     s ^= s << 5;
                     let u = s as f32 / u32::MAX as f32 - 0.5;
-                    bf16::from_f32(match (i / n) % 6 {
+                    T::from_acc(match (i / n) % 6 {
                         0 => 3.25,
                         1 => 1e6 + 1e3 * u,
                         2 => 1e37 * u,
@@ -502,31 +532,23 @@ mod tests {
                     })
                 })
                 .collect();
-            // Signaling NaNs (quiet bit clear), in a vector and in the tail: the kernel widens
-            // them without quieting, the scratch path quiets them first.
-            x[5 * n + 3] = bf16::from_bits(0x7f81);
-            x[5 * n + n - 1] = bf16::from_bits(0xff85);
+            x[5 * n + 3] = bits(snan[0]);
+            x[5 * n + n - 1] = bits(snan[1]);
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
             let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
             for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
             {
                 let (mut y0, mut m0, mut r0) =
-                    (vec![bf16::ZERO; rows * n], vec![0f32; rows], vec![0f32; rows]);
+                    (vec![T::from_acc(0.0); rows * n], vec![0f32; rows], vec![0f32; rows]);
                 let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
                 if n < row::FUSE_MIN_N {
                     forward_short(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
                 } else {
                     forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
                 }
-                assert!(bf16::forward_converted(
-                    n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1
-                ));
+                assert!(T::forward_converted(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1));
                 let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                // Bits equal, or both NaN: with two NaNs in a row, which one's payload reaches
-                // an output depends on operand order, which the compiler may commute.
-                let same =
-                    |a: &bf16, b: &bf16| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
-                let bad = y1.iter().zip(&y0).position(|(a, b)| !same(a, b));
+                let bad = y1.iter().zip(&y0).position(|(a, b)| !same(a.to_acc(), b.to_acc()));
                 assert!(bad.is_none(), "y, n={n}: first difference at {bad:?}");
                 assert_eq!((fbits(&m1), fbits(&r1)), (fbits(&m0), fbits(&r0)), "stats, n={n}");
             }

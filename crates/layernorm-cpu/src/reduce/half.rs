@@ -1,12 +1,14 @@
-//! `bf16` rows converted in registers: the long-row forward loads `bf16` vectors, widens them in
-//! the register, and rounds y back before its store — no `f32` scratch rows and no separate
-//! conversion sweeps. The widening is exact and the rounding is `half`'s (nearest even, NaN
-//! quieted), on the same vectors in the same order as the scratch path, so the bits are the same.
+//! 16-bit rows (`bf16`, `f16`) converted in registers: the kernels load 16-bit vectors, widen
+//! them in the register, and round results back before their store — no `f32` scratch rows and
+//! no separate conversion sweeps. The widening is exact and the rounding is `half`'s (nearest
+//! even, NaN quieted), on the same vectors in the same order as the scratch path, so the bits
+//! are the same (tested). The kernels are generic over [`Half`], which says how a type converts:
+//! `bf16` by integer vector ops at any SIMD level, `f16` by F16C (or AVX-512F).
 //!
 //! AVX-512 BF16's `vcvtneps2bf16` is not used for the rounding: it flushes subnormal inputs to
 //! zero, where `half` rounds them.
 
-use layernorm_core::bf16;
+use layernorm_core::{bf16, f16};
 use pulp::{Arch, Simd, WithSimd};
 
 use super::backward::Partials;
@@ -25,7 +27,7 @@ use crate::row;
 /// scratch path's bits and saves four instructions a vector (tested with signaling NaNs in the
 /// rows). Arm prefers a signaling operand over a quiet one, so the portable path quiets.
 #[inline(always)]
-fn load<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
+fn load_bf16<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
     let w = size_of::<S::f32s>() / 4;
     let src = &src[..w];
     #[cfg(target_arch = "x86_64")]
@@ -72,7 +74,7 @@ fn round<S: Simd>(simd: S, v: S::f32s) -> S::u32s {
 
 /// Rounds an `f32` vector to `bf16` ([`round`]) and stores its `W` values at the start of `dst`.
 #[inline(always)]
-fn store<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
+fn store_bf16<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
     let w = size_of::<S::f32s>() / 4;
     let dst = &mut dst[..w];
     let r = round(simd, v);
@@ -100,35 +102,155 @@ fn store<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
     }
 }
 
-/// Vector `j` of `row` (its values `j·W..(j + 1)·W`), widened by [`load`] without a bounds check:
+/// A 16-bit storage type whose rows the kernels here convert in registers: `bf16` (widening is
+/// a shift, rounding integer arithmetic, any SIMD level) and `f16` (F16C's conversions, or
+/// AVX-512F's). Both round to nearest even exactly as `half` does, so the kernels give the bits
+/// of the scratch path (rows widened by `half`, the `f32` kernels, rounded back by `half`).
+pub(crate) trait Half: CpuElement<Acc = f32> {
+    /// `W` values from `src` (at least `W` long), widened to an `f32` vector exactly (for NaNs,
+    /// see the implementations).
+    fn load<S: Simd>(simd: S, src: &[Self]) -> S::f32s;
+    /// Rounds `v` (nearest even) and stores its `W` values at the start of `dst`.
+    fn store<S: Simd>(simd: S, dst: &mut [Self], v: S::f32s);
+    /// Runs `op` at the best SIMD level this CPU has for the type's conversions.
+    fn dispatch<Op: WithSimd>(op: Op) -> Op::Output;
+}
+
+impl Half for bf16 {
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, src: &[Self]) -> S::f32s {
+        load_bf16(simd, src)
+    }
+    #[inline(always)]
+    fn store<S: Simd>(simd: S, dst: &mut [Self], v: S::f32s) {
+        store_bf16(simd, dst, v)
+    }
+    fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
+        Arch::new().dispatch(op)
+    }
+}
+
+impl Half for f16 {
+    /// F16C's `vcvtph2ps` (AVX-512F's with 16 lanes), which quiets signaling NaNs as `half`
+    /// does.
+    #[inline(always)]
+    fn load<S: Simd>(simd: S, src: &[Self]) -> S::f32s {
+        let w = size_of::<S::f32s>() / 4;
+        let src = &src[..w];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            let p = src.as_ptr();
+            // SAFETY: `src` holds `w` elements: 32 bytes for 16 lanes, 16 bytes for 8 (unaligned
+            // loads). 16 lanes exist only under AVX-512F, which has the conversion; 8 lanes are
+            // AVX2, which `f16`'s `dispatch` runs only where F16C was detected (the kernels are
+            // reached only through it). The transmutes are between types of the same size.
+            unsafe {
+                if w == 16 {
+                    return core::mem::transmute_copy(&_mm512_cvtph_ps(_mm256_loadu_si256(
+                        p.cast(),
+                    )));
+                }
+                if w == 8 {
+                    return core::mem::transmute_copy(&_mm256_cvtph_ps(_mm_loadu_si128(p.cast())));
+                }
+            }
+        }
+        let mut lanes = [0f32; 16];
+        for (l, v) in lanes.iter_mut().zip(src) {
+            *l = v.to_f32();
+        }
+        simd.partial_load_f32s(&lanes[..w])
+    }
+    /// F16C's `vcvtps2ph` (AVX-512F's with 16 lanes), nearest even by the immediate, whatever
+    /// MXCSR says; subnormal results are rounded, not flushed.
+    #[inline(always)]
+    fn store<S: Simd>(simd: S, dst: &mut [Self], v: S::f32s) {
+        let w = size_of::<S::f32s>() / 4;
+        let dst = &mut dst[..w];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            let p = dst.as_mut_ptr();
+            // SAFETY: as in `load`.
+            unsafe {
+                if w == 16 {
+                    let v: __m512 = core::mem::transmute_copy(&v);
+                    let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                    return _mm256_storeu_si256(p.cast(), h);
+                }
+                if w == 8 {
+                    let v: __m256 = core::mem::transmute_copy(&v);
+                    return _mm_storeu_si128(
+                        p.cast(),
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+                    );
+                }
+            }
+        }
+        let mut lanes = [0f32; 16];
+        simd.partial_store_f32s(&mut lanes[..w], v);
+        for (d, &l) in dst.iter_mut().zip(&lanes) {
+            *d = f16::from_f32(l);
+        }
+    }
+    /// AVX-512F; AVX2 where F16C is there too (`pulp`'s AVX2 level does not include it, so the
+    /// kernels are compiled here with it added); the portable paths otherwise.
+    fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use pulp::x86::{V3, V4};
+            if let Some(simd) = V4::try_new() {
+                return Simd::vectorize(simd, op);
+            }
+            if let Some(simd) = V3::try_new()
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+                fn with_f16c<Op: WithSimd>(simd: V3, op: Op) -> Op::Output {
+                    op.with_simd(simd)
+                }
+                // SAFETY: `V3::try_new` detected AVX2, FMA, BMI1/2, LZCNT and POPCNT, and F16C
+                // was detected just above.
+                return unsafe { with_f16c(simd, op) };
+            }
+            Simd::vectorize(pulp::Scalar::new(), op)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Arch::new().dispatch(op)
+    }
+}
+
+/// Vector `j` of `row` (its values `j·W..(j + 1)·W`), widened by [`Half::load`] without a bounds
+/// check:
 /// the hot loops check their rows' lengths once instead, and the per-vector checks had been a
 /// quarter of the forward's instructions.
 ///
 /// # Safety
 /// `row` holds at least `(j + 1)·W` values.
 #[inline(always)]
-unsafe fn load_vec<S: Simd>(simd: S, row: &[bf16], j: usize) -> S::f32s {
+unsafe fn load_vec<S: Simd, T: Half>(simd: S, row: &[T], j: usize) -> S::f32s {
     let w = size_of::<S::f32s>() / 4;
     debug_assert!((j + 1) * w <= row.len());
     // SAFETY: in bounds, by the caller's contract.
-    load(simd, unsafe { row.get_unchecked(j * w..(j + 1) * w) })
+    T::load(simd, unsafe { row.get_unchecked(j * w..(j + 1) * w) })
 }
 
-/// [`store`] into vector `j` of `row` (its values `j·W..(j + 1)·W`) without a bounds check.
+/// [`Half::store`] into vector `j` of `row` (its values `j·W..(j + 1)·W`) without a bounds check.
 ///
 /// # Safety
 /// `row` holds at least `(j + 1)·W` values.
 #[inline(always)]
-unsafe fn store_vec<S: Simd>(simd: S, row: &mut [bf16], j: usize, v: S::f32s) {
+unsafe fn store_vec<S: Simd, T: Half>(simd: S, row: &mut [T], j: usize, v: S::f32s) {
     let w = size_of::<S::f32s>() / 4;
     debug_assert!((j + 1) * w <= row.len());
     // SAFETY: in bounds, by the caller's contract.
-    store(simd, unsafe { row.get_unchecked_mut(j * w..(j + 1) * w) }, v)
+    T::store(simd, unsafe { row.get_unchecked_mut(j * w..(j + 1) * w) }, v)
 }
 
-/// The forward's shift of a `bf16` row: `shift_in` of the widened row, without widening it.
+/// The forward's shift of a 16-bit row: `shift_in` of the widened row, without widening it.
 #[inline(always)]
-fn shift<S: Simd>(simd: S, x: &[bf16]) -> f32 {
+fn shift<S: Simd, T: Half>(simd: S, x: &[T]) -> f32 {
     let w = size_of::<S::f32s>() / 4;
     let k = x.len().min(row::SHIFT_SAMPLE);
     if k == 0 {
@@ -142,7 +264,7 @@ fn shift<S: Simd>(simd: S, x: &[bf16]) -> f32 {
     }
     let mut sum = simd.reduce_sum_f32s(acc);
     for v in &x[heads * w..k] {
-        sum += v.to_f32();
+        sum += v.to_acc();
     }
     let m = sum / k as f32;
     if m.is_finite() {
@@ -152,9 +274,9 @@ fn shift<S: Simd>(simd: S, x: &[bf16]) -> f32 {
     }
 }
 
-/// `centered_in(x, (m, 1, 0))` of a `bf16` row, converted in registers.
+/// `centered_in(x, (m, 1, 0))` of a 16-bit row, converted in registers.
 #[inline(always)]
-fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
+fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
     let w = size_of::<S::f32s>() / 4;
     let nv = x.len() / w;
     let zero = simd.splat_f32s(0.0);
@@ -175,25 +297,25 @@ fn sums<S: Simd>(simd: S, x: &[bf16], m: f32) -> [f64; 2] {
     }
     let mut tail = [0f32; 16];
     let tail = &mut tail[..x.len() - nv * w];
-    bf16::widen(&x[nv * w..], tail);
+    T::widen(&x[nv * w..], tail);
     centered_tail(tail, (m, 1.0, 0.0), &mut total);
     total
 }
 
-/// Forward of long `bf16` rows (N ≥ `FUSE_MIN_N`), pipelined like the `f32` one: row r normalized
+/// Forward of long 16-bit rows (N ≥ `FUSE_MIN_N`), pipelined like the `f32` one: row r normalized
 /// while row r+1 is summed, every vector converted in its register.
-struct FwdBf16<'a> {
+struct Fwd16<'a, T> {
     n: usize,
     eps: f64,
-    x: &'a [bf16],
+    x: &'a [T],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
-    y: &'a mut [bf16],
+    y: &'a mut [T],
     mean: &'a mut [f32],
     rstd: &'a mut [f32],
 }
 
-impl WithSimd for FwdBf16<'_> {
+impl<T: Half> WithSimd for Fwd16<'_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
@@ -216,7 +338,7 @@ impl WithSimd for FwdBf16<'_> {
             let st = match row::finish_common(n, m_next, next_sums, self.eps) {
                 Some(st) => st,
                 None => {
-                    bf16::widen(cur, &mut scratch);
+                    T::widen(cur, &mut scratch);
                     row::finish(&scratch, m_next, next_sums, self.eps)
                 }
             };
@@ -230,7 +352,7 @@ impl WithSimd for FwdBf16<'_> {
             }
             let kn = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
             let (g, b) = (gamma.is_some(), beta.is_some());
-            let mut total = specialize!(fused_bf16_vecs::<S>(g, b, has_next)(
+            let mut total = specialize!(fused_16_vecs::<S, T>(g, b, has_next)(
                 simd,
                 (nxt, kn),
                 (cur, kc),
@@ -241,13 +363,13 @@ impl WithSimd for FwdBf16<'_> {
             if base < n {
                 // Tails: the scalar code of the f32 kernels, on widened values.
                 let tail = &mut scratch[..n - base];
-                bf16::widen(&cur[base..], tail);
+                T::widen(&cur[base..], tail);
                 let mut out = [0f32; 16];
                 let out = &mut out[..n - base];
                 normalize_tail(tail, (mh, ml, rs), (gamma, beta), base, out);
-                bf16::narrow(out, &mut y[base..]);
+                T::narrow(out, &mut y[base..]);
                 if has_next {
-                    bf16::widen(&nxt[base..], tail);
+                    T::widen(&nxt[base..], tail);
                     centered_tail(tail, (m_next, 1.0, 0.0), &mut total);
                 }
             }
@@ -260,18 +382,18 @@ impl WithSimd for FwdBf16<'_> {
     }
 }
 
-/// The vector body of [`FwdBf16`]: with `NX`, the next row's vectors summed; this row's
+/// The vector body of [`Fwd16`]: with `NX`, the next row's vectors summed; this row's
 /// vectors normalized and rounded into `y`. This row is widened a second time (it is in L1 or
 /// L2), which measured faster than keeping a widened copy from the sums: a store and a load
 /// per vector, and for long rows a working set that leaves L1 (256×16384: 7.6 → 9.9 GB/s).
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn fused_bf16_vecs<S: Simd, const G: bool, const B: bool, const NX: bool>(
+fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>(
     simd: S,
-    (nxt, kn): (&[bf16], (S::f32s, S::f32s, S::f32s)),
-    (cur, kc): (&[bf16], (S::f32s, S::f32s, S::f32s)),
+    (nxt, kn): (&[T], (S::f32s, S::f32s, S::f32s)),
+    (cur, kc): (&[T], (S::f32s, S::f32s, S::f32s)),
     (gh, bh): (&[S::f32s], &[S::f32s]),
-    y: &mut [bf16],
+    y: &mut [T],
 ) -> [f64; 2] {
     let w = size_of::<S::f32s>() / 4;
     let nv = cur.len() / w;
@@ -281,7 +403,7 @@ fn fused_bf16_vecs<S: Simd, const G: bool, const B: bool, const NX: bool>(
     let zero = simd.splat_f32s(0.0);
     let mut total = [0f64; 2];
     let pb = per_block::<S>();
-    // One prefetch per 64-byte line of the summed row (32 bf16 values), PREFETCH_AHEAD on.
+    // One prefetch per 64-byte line of the summed row (32 16-bit values), PREFETCH_AHEAD on.
     let per_line = (32 / w).max(1);
     let ahead = nxt.as_ptr().wrapping_add(PREFETCH_AHEAD).cast::<f32>();
     let mut i = 0;
@@ -308,38 +430,38 @@ fn fused_bf16_vecs<S: Simd, const G: bool, const B: bool, const NX: bool>(
     total
 }
 
-/// Forward of long `bf16` rows in one explicit-SIMD loop (see [`FwdBf16`]).
+/// Forward of long 16-bit rows in one explicit-SIMD loop (see [`Fwd16`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_bf16(
+pub(crate) fn forward_16<T: Half>(
     n: usize,
     eps: f64,
-    x: &[bf16],
+    x: &[T],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
-    y: &mut [bf16],
+    y: &mut [T],
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
-    Arch::new().dispatch(FwdBf16 { n, eps, x, gamma, beta, y, mean, rstd })
+    T::dispatch(Fwd16 { n, eps, x, gamma, beta, y, mean, rstd })
 }
 
-/// Forward of consecutive short `bf16` rows (N < `FUSE_MIN_N`) in groups, like the `f32`
+/// Forward of consecutive short 16-bit rows (N < `FUSE_MIN_N`) in groups, like the `f32`
 /// short-row kernel (`forward::Rows`) on widened rows: the group's shifts and residual sums, four
 /// rows side by side; the statistics of all its rows at once (`forward::Group`); then the
 /// normalize sweep, converting in registers throughout. The operations per row are those of
 /// the scratch path, so the bits are the same (tested).
-struct RowsBf16<'a> {
+struct Rows16<'a, T> {
     n: usize,
     eps: f64,
-    x: &'a [bf16],
+    x: &'a [T],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
-    y: &'a mut [bf16],
+    y: &'a mut [T],
     mean: &'a mut [f32],
     rstd: &'a mut [f32],
 }
 
-impl WithSimd for RowsBf16<'_> {
+impl<T: Half> WithSimd for Rows16<'_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
@@ -361,17 +483,22 @@ impl WithSimd for RowsBf16<'_> {
             let row = |i: usize| &x[(start + i) * n..(start + i + 1) * n];
             let mut i = 0;
             while i + 4 <= count {
-                group_sums::<S, 4>(simd, &mut g, i, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                group_sums::<S, T, 4>(
+                    simd,
+                    &mut g,
+                    i,
+                    [row(i), row(i + 1), row(i + 2), row(i + 3)],
+                );
                 i += 4;
             }
             while i < count {
-                group_sums::<S, 1>(simd, &mut g, i, [row(i)]);
+                group_sums::<S, T, 1>(simd, &mut g, i, [row(i)]);
                 i += 1;
             }
             g.finish(n, self.eps);
             for i in 0..count {
                 if g.rare[i] {
-                    bf16::widen(row(i), &mut scratch);
+                    T::widen(row(i), &mut scratch);
                     let st = row::finish(&scratch, g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
                     g.set(i, &st);
                 }
@@ -387,19 +514,19 @@ impl WithSimd for RowsBf16<'_> {
                 let y = &mut self.y[r * n..(r + 1) * n];
                 let a = (simd, xr, k, (gh, bh));
                 match (gamma.is_some(), beta.is_some()) {
-                    (false, false) => normalize_bf16_vecs::<S, false, false>(a, y),
-                    (false, true) => normalize_bf16_vecs::<S, false, true>(a, y),
-                    (true, false) => normalize_bf16_vecs::<S, true, false>(a, y),
-                    (true, true) => normalize_bf16_vecs::<S, true, true>(a, y),
+                    (false, false) => normalize_16_vecs::<S, T, false, false>(a, y),
+                    (false, true) => normalize_16_vecs::<S, T, false, true>(a, y),
+                    (true, false) => normalize_16_vecs::<S, T, true, false>(a, y),
+                    (true, true) => normalize_16_vecs::<S, T, true, true>(a, y),
                 }
                 if base < n {
                     let mut t = [0f32; 16];
                     let t = &mut t[..n - base];
-                    bf16::widen(&xr[base..], t);
+                    T::widen(&xr[base..], t);
                     let mut out = [0f32; 16];
                     let out = &mut out[..n - base];
                     normalize_tail(t, (mh, ml, rs), (gamma, beta), base, out);
-                    bf16::narrow(out, &mut y[base..]);
+                    T::narrow(out, &mut y[base..]);
                 }
                 self.mean[r] = g.mean[i] as f32;
                 self.rstd[r] = g.rstd[i] as f32;
@@ -409,11 +536,11 @@ impl WithSimd for RowsBf16<'_> {
     }
 }
 
-/// `Group::sums` of `bf16` rows `i..i + R`: per row exactly [`shift`] and [`sums`], the rows'
+/// `Group::sums` of 16-bit rows `i..i + R`: per row exactly [`shift`] and [`sums`], the rows'
 /// steps interleaved so that their dependency chains overlap.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
-fn group_sums<S: Simd, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[bf16]; R]) {
+fn group_sums<S: Simd, T: Half, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[T]; R]) {
     let w = size_of::<S::f32s>() / 4;
     let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
     let n = x[0].len();
@@ -447,7 +574,7 @@ fn group_sums<S: Simd, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[b
     for r in 0..R {
         let mut t = [0f32; 16];
         let t = &mut t[..n - nv * w];
-        bf16::widen(&x[r][nv * w..], t);
+        T::widen(&x[r][nv * w..], t);
         centered_tail(t, (shifts[r], 1.0, 0.0), &mut total[r]);
         g.shift[i + r] = shifts[r];
         [g.sd[i + r], g.sdd[i + r]] = total[r];
@@ -458,9 +585,9 @@ fn group_sums<S: Simd, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[b
 /// `y`.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn normalize_bf16_vecs<S: Simd, const G: bool, const B: bool>(
-    (simd, x, k, (gh, bh)): (S, &[bf16], (S::f32s, S::f32s, S::f32s), (&[S::f32s], &[S::f32s])),
-    y: &mut [bf16],
+fn normalize_16_vecs<S: Simd, T: Half, const G: bool, const B: bool>(
+    (simd, x, k, (gh, bh)): (S, &[T], (S::f32s, S::f32s, S::f32s), (&[S::f32s], &[S::f32s])),
+    y: &mut [T],
 ) {
     let w = size_of::<S::f32s>() / 4;
     let nv = x.len() / w;
@@ -474,41 +601,41 @@ fn normalize_bf16_vecs<S: Simd, const G: bool, const B: bool>(
     }
 }
 
-/// Forward of consecutive short `bf16` rows in one explicit-SIMD loop (see [`RowsBf16`]).
+/// Forward of consecutive short 16-bit rows in one explicit-SIMD loop (see [`Rows16`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_bf16(
+pub(crate) fn rows_16<T: Half>(
     n: usize,
     eps: f64,
-    x: &[bf16],
+    x: &[T],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
-    y: &mut [bf16],
+    y: &mut [T],
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
-    Arch::new().dispatch(RowsBf16 { n, eps, x, gamma, beta, y, mean, rstd })
+    T::dispatch(Rows16 { n, eps, x, gamma, beta, y, mean, rstd })
 }
 
-/// Backward of consecutive `bf16` rows (any N; short rows too), pipelined like the `f32`
-/// one-row sweep: row r's dx (rounded to `bf16` in the register) and its dγ/dβ terms while row
+/// Backward of consecutive 16-bit rows (any N; short rows too), pipelined like the `f32`
+/// one-row sweep: row r's dx (rounded to 16 bits in the register) and its dγ/dβ terms while row
 /// r+1 is summed; each row is widened in registers twice, once per sweep (it is in L1 or L2 the
 /// second time): keeping widened `f32` copies instead measured slower, by a store and a load per
 /// vector and, for long rows, a working set past L1 (1024×4096: 5.5 → 8.1 GB/s without them).
 /// Per row the operations are those of the scratch path (`f32` rows
 /// widened by `CpuElement::widen`, `FusedBackward`, `row::back_apply`, then narrowed), so the
 /// bits are the same (tested).
-struct BackBf16<'a> {
+struct Back16<'a, T> {
     n: usize,
-    x: &'a [bf16],
-    dy: &'a [bf16],
+    x: &'a [T],
+    dy: &'a [T],
     mean: &'a [f32],
     rstd: &'a [f32],
     gamma: Option<&'a [f32]>,
-    dx: &'a mut [bf16],
+    dx: &'a mut [T],
     partials: Partials<'a>,
 }
 
-impl WithSimd for BackBf16<'_> {
+impl<T: Half> WithSimd for Back16<'_, T> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(mut self, simd: S) {
@@ -542,7 +669,7 @@ impl WithSimd for BackBf16<'_> {
                 let (dgs, dbs) = (dg.unwrap_or(&mut []), db.unwrap_or(empty));
                 let dgh = &mut S::as_mut_simd_f32s(&mut dgs[..]).0;
                 let dbh = &mut S::as_mut_simd_f32s(&mut dbs[..]).0;
-                let mut total = specialize!(back_bf16_vecs::<S>(gamma.is_some(), want_g, want_b)(
+                let mut total = specialize!(back_16_vecs::<S, T>(gamma.is_some(), want_g, want_b)(
                     simd,
                     (next, k),
                     ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
@@ -553,38 +680,38 @@ impl WithSimd for BackBf16<'_> {
                 // Tails: the next row's sums, this row's dx and dγ/dβ terms, on widened values.
                 if base < n {
                     let gt = gamma.map(|g| &g[base..n]);
-                    bf16::widen(&next.0[base..], &mut tx[..n - base]);
-                    bf16::widen(&next.1[base..], &mut td[..n - base]);
+                    T::widen(&next.0[base..], &mut tx[..n - base]);
+                    T::widen(&next.1[base..], &mut td[..n - base]);
                     backward_tail((&tx[..n - base], &td[..n - base], gt), (m, s), &mut total);
                     let (dgs, dbs) =
                         ((want_g).then(|| &mut dgs[base..n]), (want_b).then(|| &mut dbs[base..n]));
                     let cur = (&x[span(r)], &dy[span(r)]);
-                    bf16::widen(&cur.0[base..], &mut tx[..n - base]);
-                    bf16::widen(&cur.1[base..], &mut td[..n - base]);
+                    T::widen(&cur.0[base..], &mut tx[..n - base]);
+                    T::widen(&cur.1[base..], &mut td[..n - base]);
                     let mut out = [0f32; 16];
                     let out = &mut out[..n - base];
                     let t = (&tx[..n - base], &td[..n - base], gamma);
                     apply_tail(t, &p, base, out, dgs, dbs);
-                    bf16::narrow(out, &mut dxr[base..]);
+                    T::narrow(out, &mut dxr[base..]);
                 }
                 sums = total;
             } else {
                 // The last row alone: widened whole, as the scratch path does.
-                bf16::widen(&x[span(r)], &mut tx);
-                bf16::widen(&dy[span(r)], &mut td);
+                T::widen(&x[span(r)], &mut tx);
+                T::widen(&dy[span(r)], &mut td);
                 let mut out = vec![0f32; n];
                 apply_in(simd, (&tx, &td, gamma), &p, &mut out, dg, db);
-                bf16::narrow(&out, dxr);
+                T::narrow(&out, dxr);
             }
         }
     }
 }
 
-/// `backward_in` of a `bf16` row pair (x, dy), converted in registers.
+/// `backward_in` of a 16-bit row pair (x, dy), converted in registers.
 #[inline(always)]
-fn back_sums<S: Simd>(
+fn back_sums<S: Simd, T: Half>(
     simd: S,
-    (x, dy): (&[bf16], &[bf16]),
+    (x, dy): (&[T], &[T]),
     gamma: Option<&[f32]>,
     (m, s): (f32, f32),
 ) -> [f64; 3] {
@@ -611,22 +738,22 @@ fn back_sums<S: Simd>(
     let base = nv * w;
     let (mut tx, mut td) = ([0f32; 16], [0f32; 16]);
     let (tx, td) = (&mut tx[..n - base], &mut td[..n - base]);
-    bf16::widen(&x[base..], tx);
-    bf16::widen(&dy[base..n], td);
+    T::widen(&x[base..], tx);
+    T::widen(&dy[base..n], td);
     backward_tail((tx, td, gamma.map(|g| &g[base..n])), (m, s), &mut total);
     total
 }
 
-/// The vector body of [`BackBf16`]: the next row widened and summed, this row's dx rounded and
+/// The vector body of [`Back16`]: the next row widened and summed, this row's dx rounded and
 /// stored with its dγ/dβ terms added (the operations of `FusedBackward`).
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn back_bf16_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
+fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>(
     simd: S,
-    ((nx, nd), k): ((&[bf16], &[bf16]), (S::f32s, S::f32s)),
-    ((cx, cd), pv): ((&[bf16], &[bf16]), &BackVecs<S::f32s>),
+    ((nx, nd), k): ((&[T], &[T]), (S::f32s, S::f32s)),
+    ((cx, cd), pv): ((&[T], &[T]), &BackVecs<S::f32s>),
     gh: &[S::f32s],
-    dx: &mut [bf16],
+    dx: &mut [T],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) -> [f64; 3] {
     let w = size_of::<S::f32s>() / 4;
@@ -671,20 +798,20 @@ fn back_bf16_vecs<S: Simd, const G: bool, const DG: bool, const DB: bool>(
     total
 }
 
-/// Backward of consecutive blocks of `bf16` rows (see [`BackBf16`]), adding into the
+/// Backward of consecutive blocks of 16-bit rows (see [`Back16`]), adding into the
 /// blocks' dγ/dβ partials (`partials`: as for `Real::back_blocks`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_bf16(
+pub(crate) fn backward_16<T: Half>(
     n: usize,
-    x: &[bf16],
-    dy: &[bf16],
+    x: &[T],
+    dy: &[T],
     mean: &[f32],
     rstd: &[f32],
     gamma: Option<&[f32]>,
-    dx: &mut [bf16],
+    dx: &mut [T],
     partials: Partials<'_>,
 ) {
-    Arch::new().dispatch(BackBf16 { n, x, dy, mean, rstd, gamma, dx, partials })
+    T::dispatch(Back16 { n, x, dy, mean, rstd, gamma, dx, partials })
 }
 
 #[cfg(test)]
@@ -692,59 +819,103 @@ mod tests {
     use super::*;
 
     /// Widens all of `wide_in` and rounds all of `narrow_in`, a vector at a time.
-    struct Convert<'a> {
-        wide_in: &'a [bf16],
+    struct Convert<'a, T> {
+        wide_in: &'a [T],
         wide_out: &'a mut [f32],
         narrow_in: &'a [f32],
-        narrow_out: &'a mut [bf16],
+        narrow_out: &'a mut [T],
     }
 
-    impl WithSimd for Convert<'_> {
+    impl<T: Half> WithSimd for Convert<'_, T> {
         type Output = ();
         #[inline(always)]
         fn with_simd<S: Simd>(self, simd: S) {
             let w = size_of::<S::f32s>() / 4;
             for (src, dst) in self.wide_in.chunks_exact(w).zip(self.wide_out.chunks_exact_mut(w)) {
-                let v = load(simd, src);
+                let v = T::load(simd, src);
                 dst.copy_from_slice(bytemuck::cast_slice(core::slice::from_ref(&v)));
             }
             let pairs = self.narrow_in.chunks_exact(w).zip(self.narrow_out.chunks_exact_mut(w));
             for (src, dst) in pairs {
-                store(simd, dst, simd.partial_load_f32s(src));
+                T::store(simd, dst, simd.partial_load_f32s(src));
             }
         }
     }
 
-    #[test]
-    fn conversions_match_half_on_every_instruction_set() {
-        // Every bf16 bit pattern, and f32 patterns around every rounding case: each bf16 value
-        // with each of the low-half patterns that decide the rounding (ties, just above/below,
-        // all ones), which covers NaNs, infinities, subnormals and overflow to infinity.
-        let wide_in: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
-        let lows = [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000];
-        let narrow_in: Vec<f32> =
-            (0..=u16::MAX as u32).flat_map(|h| lows.map(|l| f32::from_bits(h << 16 | l))).collect();
-        let want_wide: Vec<u32> = wide_in.iter().map(|v| v.to_f32().to_bits()).collect();
+    /// Every 16-bit pattern widened, and `narrow_in` rounded, on every instruction set, against
+    /// `half`'s scalar conversions; `quiet_nan` is how the widening may differ (bf16 leaves
+    /// signaling NaNs signaling).
+    fn check<T: Half + Default>(narrow_in: &[f32], quiet_nan: u32) {
+        let wide_in: Vec<T> = (0..=u16::MAX).map(|b| bytemuck::cast::<u16, T>(b)).collect();
+        let want_wide: Vec<u32> = wide_in.iter().map(|v| v.to_acc().to_bits()).collect();
         let want_narrow: Vec<u16> =
-            narrow_in.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            narrow_in.iter().map(|&v| bytemuck::cast(T::from_acc(v))).collect();
         for_each_isa!(simd, isa => {
             let mut wide_out = vec![0f32; wide_in.len()];
-            let mut narrow_out = vec![bf16::ZERO; narrow_in.len()];
+            let mut narrow_out = vec![T::default(); narrow_in.len()];
             let op = Convert {
                 wide_in: &wide_in,
                 wide_out: &mut wide_out,
-                narrow_in: &narrow_in,
+                narrow_in,
                 narrow_out: &mut narrow_out,
             };
             pulp::Simd::vectorize(simd, op);
-            // Exact, but for the quiet bit of signaling NaNs, which `load` leaves alone.
             let got_wide: Vec<u32> = wide_out
                 .iter()
-                .map(|v| if v.is_nan() { v.to_bits() | 0x0040_0000 } else { v.to_bits() })
+                .map(|v| if v.is_nan() { v.to_bits() | quiet_nan } else { v.to_bits() })
                 .collect();
-            let got_narrow: Vec<u16> = narrow_out.iter().map(|v| v.to_bits()).collect();
-            assert!(got_wide == want_wide, "{isa}: widening differs from half");
-            assert!(got_narrow == want_narrow, "{isa}: rounding differs from half");
+            let got_narrow: Vec<u16> = narrow_out.iter().map(|&v| bytemuck::cast(v)).collect();
+            let name = T::DTYPE.name();
+            let bad = got_wide.iter().zip(&want_wide).position(|(a, b)| a != b);
+            assert!(bad.is_none(), "{isa}: {name} widening differs from half at {bad:?}");
+            let bad = got_narrow.iter().zip(&want_narrow).position(|(a, b)| a != b);
+            assert!(bad.is_none(), "{isa}: {name} rounding differs from half at {:?}", bad.map(|i| narrow_in[i]));
         });
+    }
+
+    /// f32 values from xorshift bit patterns: every exponent, NaN payloads of both kinds.
+    fn random_f32(count: usize) -> Vec<f32> {
+        let mut s = 0x2545_f491u32;
+        (0..count)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                f32::from_bits(s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_conversions_match_half_on_every_instruction_set() {
+        // f32 patterns around every rounding case: each bf16 value with each of the low-half
+        // patterns that decide the rounding (ties, just above/below, all ones), which covers
+        // NaNs, infinities, subnormals and overflow to infinity.
+        let lows = [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000];
+        let mut narrow_in: Vec<f32> =
+            (0..=u16::MAX as u32).flat_map(|h| lows.map(|l| f32::from_bits(h << 16 | l))).collect();
+        narrow_in.extend(random_f32(1 << 16));
+        check::<bf16>(&narrow_in, 0x0040_0000);
+    }
+
+    #[test]
+    fn f16_conversions_match_half_on_every_instruction_set() {
+        // Every f16 value, the midpoints between neighbours (ties, to even: among them 65520,
+        // which overflows) and the f32 values either side of each midpoint, then random f32 bit
+        // patterns: subnormals, overflow, NaN payloads.
+        let mut narrow_in = Vec::new();
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16::from_bits(h).to_f64(), f16::from_bits(h.wrapping_add(1)).to_f64());
+            narrow_in.push(a as f32);
+            if a.is_finite() && b.is_finite() && (a < 0.0) == (b < 0.0) {
+                let mid = ((a + b) / 2.0) as f32;
+                narrow_in.extend([mid, mid.next_down(), mid.next_up()]);
+            }
+        }
+        narrow_in.extend([65504.0, 65519.99, 65520.0, 65536.0, f32::MAX, f32::MIN_POSITIVE]);
+        narrow_in.extend(random_f32(1 << 18));
+        // Whole vectors only (`Convert` leaves a ragged end alone).
+        narrow_in.truncate(narrow_in.len() / 16 * 16);
+        check::<f16>(&narrow_in, 0);
     }
 }
