@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: run a criterion bench quickly and print GB/s beside the same-run baseline.
 //!
-//! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a `layernorm` and a `baseline`
-//! function per shape (see `benches/benches/*.rs`). The table gives LayerNorm's effective
-//! bandwidth (bytes read + written once / time) and its fraction of the baseline's, measured in
-//! the same run. `--json PATH` writes the same rows as JSON.
+//! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a `layernorm` and one or more
+//! `baseline…` functions per shape (see `benches/benches/*.rs`; the fastest baseline is the
+//! bar). The table gives LayerNorm's effective bandwidth (bytes read + written once / time) and
+//! its fraction of the baseline's, measured in the same run. `--json PATH` writes the same rows
+//! as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,7 +114,13 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
         let slot = m.entry((group, shape)).or_default();
         match b["function_id"].as_str() {
             Some("layernorm") => slot.layernorm = Some((ns, bytes)),
-            Some("baseline") => slot.baseline = Some((ns, bytes)),
+            // Several baselines (memcpy and a copy loop): the fastest is the bar.
+            Some(f)
+                if f.starts_with("baseline")
+                    && slot.baseline.is_none_or(|(t, b)| ns / bytes < t / b) =>
+            {
+                slot.baseline = Some((ns, bytes))
+            }
             _ => {}
         }
     }
