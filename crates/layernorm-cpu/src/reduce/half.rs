@@ -918,4 +918,93 @@ mod tests {
         narrow_in.truncate(narrow_in.len() / 16 * 16);
         check::<f16>(&narrow_in, 0);
     }
+
+    /// The kernels as each instruction set runs them (the scalar one is what `f16` falls back to
+    /// without F16C), against the `f64` reference on the 16-bit inputs: y and dx within the
+    /// type's rounding (`tol`), the statistics and dγ/dβ to the tolerances of the `f32`
+    /// kernels' own tests.
+    fn right_on_every_isa<T: Half>(tol: f64) {
+        use crate::reduce::tests::{close, mixed_rows};
+        use layernorm_core::{NormSpec, reference};
+        let rows = 21;
+        for n in [7usize, 100, 128, 600] {
+            let name = T::DTYPE.name();
+            let x: Vec<T> = mixed_rows(rows, n).iter().map(|&v| T::from_acc(v)).collect();
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            let wide = |v: &[T]| v.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+            let f64s = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+            let spec = NormSpec::layer_norm(rows, n, T::DTYPE);
+            let want = reference::forward(&spec, &wide(&x), Some(&f64s(&g)), Some(&f64s(&b)))
+                .unwrap_or_else(|e| panic!("{e}"));
+            // The backward from finite rows (mixed_rows' NaN and overflowing rows would make
+            // every dγ/dβ NaN): a large mean, a constant row, ordinary rows.
+            let xb: Vec<T> = (0..rows * n)
+                .map(|i| {
+                    let u = ((i * 7919) % 1000) as f32 / 1000.0 - 0.5;
+                    T::from_acc(match (i / n) % 3 {
+                        0 => 100.0 + u,
+                        1 if n > 1 => 3.25,
+                        _ => 3.0 * u,
+                    })
+                })
+                .collect();
+            let dy: Vec<T> = (0..rows * n).map(|i| T::from_acc(((i % 37) as f32).sin())).collect();
+            let fb = reference::forward(&spec, &wide(&xb), Some(&f64s(&g)), Some(&f64s(&b)))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = (
+                fb.mean.iter().map(|&v| v as f32).collect(),
+                fb.rstd.iter().map(|&v| v as f32).collect(),
+            );
+            let want_b = reference::backward(
+                &spec,
+                &wide(&xb),
+                &wide(&dy),
+                &f64s(&mean),
+                &f64s(&rstd),
+                Some(&f64s(&g)),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            for_each_isa!(simd, isa => {
+                let what = |s: &str| format!("{isa}, {name}, n={n}: {s}");
+                let mut y = vec![T::from_acc(0.0); rows * n];
+                let (mut m, mut r) = (vec![0f32; rows], vec![0f32; rows]);
+                let (gamma, beta, eps) = (Some(&g[..]), Some(&b[..]), 1e-5);
+                let (y_, mean_, rstd_) = (&mut y[..], &mut m[..], &mut r[..]);
+                if n < row::FUSE_MIN_N {
+                    let op = Rows16 { n, eps, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
+                    Simd::vectorize(simd, op);
+                } else {
+                    let op = Fwd16 { n, eps, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
+                    Simd::vectorize(simd, op);
+                }
+                let acc = |v: &[T]| v.iter().map(|v| v.to_acc()).collect::<Vec<f32>>();
+                close(&what("y"), &acc(&y), &want.y, tol);
+                // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean that is
+                // small next to its elements.
+                for (i, (&m, &w)) in m.iter().zip(&want.mean).enumerate() {
+                    let scale = 1.0 / want.rstd[i] + w.abs();
+                    let ok = if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
+                    assert!(ok, "{}: got {m}, want {w}", what(&format!("mean[{i}]")));
+                }
+                close(&what("rstd"), &r, &want.rstd, 1e-5);
+                let mut dx = vec![T::from_acc(0.0); rows * n];
+                let mut p = vec![0f32; 2 * n];
+                let partials = Partials { buf: Some(&mut p), want: (true, true) };
+                let (x, dy, mean, rstd, dx_) = (&xb[..], &dy[..], &mean[..], &rstd[..], &mut dx[..]);
+                let op = Back16 { n, x, dy, mean, rstd, gamma, dx: dx_, partials };
+                Simd::vectorize(simd, op);
+                close(&what("dx"), &acc(&dx), &want_b.dx, tol);
+                close(&what("dγ"), &p[..n], want_b.dgamma.as_deref().unwrap(), 1e-4);
+                close(&what("dβ"), &p[n..], want_b.dbeta.as_deref().unwrap(), 1e-5);
+            });
+        }
+    }
+
+    #[test]
+    fn the_16_bit_kernels_are_right_on_every_instruction_set() {
+        // Half an ulp of the type's rounding of y/dx, with room for the f32 work before it.
+        right_on_every_isa::<bf16>(2f64.powi(-8));
+        right_on_every_isa::<f16>(2f64.powi(-10));
+    }
 }
