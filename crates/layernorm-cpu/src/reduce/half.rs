@@ -144,7 +144,9 @@ impl Half for f16 {
             // SAFETY: `src` holds `w` elements: 32 bytes for 16 lanes, 16 bytes for 8 (unaligned
             // loads). 16 lanes exist only under AVX-512F, which has the conversion; 8 lanes are
             // AVX2, which `f16`'s `dispatch` runs only where F16C was detected (the kernels are
-            // reached only through it). The transmutes are between types of the same size.
+            // reached only through it; the tests also run them under `pulp`'s own AVX2 level,
+            // on machines with F16C, which every AVX2 CPU has). The transmutes are between types
+            // of the same size.
             unsafe {
                 if w == 16 {
                     return core::mem::transmute_copy(&_mm512_cvtph_ps(_mm256_loadu_si256(
