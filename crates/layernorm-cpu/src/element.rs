@@ -113,11 +113,7 @@ macro_rules! in_registers {
             mean: &mut [f32],
             rstd: &mut [f32],
         ) -> bool {
-            if n < crate::row::FUSE_MIN_N {
-                crate::reduce::rows_16(n, eps, x, gamma, beta, y, mean, rstd);
-            } else {
-                crate::reduce::forward_16(n, eps, x, gamma, beta, y, mean, rstd);
-            }
+            crate::reduce::forward_16(n, eps, x, gamma, beta, y, mean, rstd);
             true
         }
         fn backward_converted(

@@ -432,7 +432,8 @@ fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>
     total
 }
 
-/// Forward of long 16-bit rows in one explicit-SIMD loop (see [`Fwd16`]).
+/// Forward of consecutive 16-bit rows in one explicit-SIMD loop: the grouped short-row kernel
+/// below `FUSE_MIN_N` ([`Rows16`]), the pipelined one from it ([`Fwd16`]), as for `f32`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_16<T: Half>(
     n: usize,
@@ -444,7 +445,11 @@ pub(crate) fn forward_16<T: Half>(
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
-    T::dispatch(Fwd16 { n, eps, x, gamma, beta, y, mean, rstd })
+    if n < row::FUSE_MIN_N {
+        T::dispatch(Rows16 { n, eps, x, gamma, beta, y, mean, rstd })
+    } else {
+        T::dispatch(Fwd16 { n, eps, x, gamma, beta, y, mean, rstd })
+    }
 }
 
 /// Forward of consecutive short 16-bit rows (N < `FUSE_MIN_N`) in groups, like the `f32`
@@ -601,21 +606,6 @@ fn normalize_16_vecs<S: Simd, T: Half, const G: bool, const B: bool>(
         let v = normalize_vec::<S, G, B>(simd, v, k, (gh, bh), j);
         unsafe { store_vec(simd, y, j, v) };
     }
-}
-
-/// Forward of consecutive short 16-bit rows in one explicit-SIMD loop (see [`Rows16`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_16<T: Half>(
-    n: usize,
-    eps: f64,
-    x: &[T],
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    y: &mut [T],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    T::dispatch(Rows16 { n, eps, x, gamma, beta, y, mean, rstd })
 }
 
 /// Backward of consecutive 16-bit rows (any N; short rows too), pipelined like the `f32`

@@ -63,7 +63,7 @@ pub(crate) use backward::{
     backward_sums, fused_backward,
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
-pub(crate) use half::{backward_16, forward_16, rows_16};
+pub(crate) use half::{backward_16, forward_16};
 pub(crate) use store::stream_fence;
 
 #[cfg(test)]
