@@ -15,8 +15,9 @@ use crate::row::{self, Real};
 ///
 /// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
 /// `FUSE_MIN_N`), row r is normalized in the same sweep that sums row r+1's statistics. 16-bit
-/// rows are widened one at a time into two rotating scratch rows (this one, the next), so the
-/// pipeline serves them too.
+/// rows go to their register-converting kernels (`CpuElement::forward_converted`); the scratch
+/// path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit type
+/// without them, and the tests, as the reference those kernels match bit for bit.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
     "x86_64+avx2+fma+f16c",
@@ -39,7 +40,7 @@ pub(crate) fn forward_rows<T: CpuElement>(
         return;
     }
     // Streaming stores apply to rows written in place (`f32`/`f64`), not to 16-bit rows, which
-    // are computed into a scratch row and narrowed.
+    // are rounded in registers (or computed into a scratch row and narrowed).
     let stream = stream && T::as_acc(x).is_some();
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
