@@ -276,6 +276,31 @@ fn shift<S: Simd, T: Half>(simd: S, x: &[T]) -> f32 {
     }
 }
 
+/// `centered_tail` of a 16-bit row's last `x.len() − base` values (fewer than a vector), widened.
+#[inline(always)]
+fn centered_tail_16<T: Half>(x: &[T], base: usize, m: f32, total: &mut [f64; 2]) {
+    let mut t = [0f32; 16];
+    let t = &mut t[..x.len() - base];
+    T::widen(&x[base..], t);
+    centered_tail(t, (m, 1.0, 0.0), total);
+}
+
+/// `normalize_tail` of a 16-bit row's last `x.len() − base` values (fewer than a vector): widened,
+/// normalized, rounded into the same places of `y`.
+#[inline(always)]
+fn normalize_tail_16<T: Half>(
+    (x, base): (&[T], usize),
+    params: (f32, f32, f32),
+    gb: (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [T],
+) {
+    let (mut t, mut out) = ([0f32; 16], [0f32; 16]);
+    let (t, out) = (&mut t[..x.len() - base], &mut out[..x.len() - base]);
+    T::widen(&x[base..], t);
+    normalize_tail(t, params, gb, base, out);
+    T::narrow(out, &mut y[base..]);
+}
+
 /// `centered_in(x, (m, 1, 0))` of a 16-bit row, converted in registers.
 #[inline(always)]
 fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
@@ -297,10 +322,7 @@ fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
         fold_into(simd, acc, &mut total);
         i = end;
     }
-    let mut tail = [0f32; 16];
-    let tail = &mut tail[..x.len() - nv * w];
-    T::widen(&x[nv * w..], tail);
-    centered_tail(tail, (m, 1.0, 0.0), &mut total);
+    centered_tail_16(x, nv * w, m, &mut total);
     total
 }
 
@@ -364,15 +386,9 @@ impl<T: Half> WithSimd for Fwd16<'_, T> {
             let base = nv * w;
             if base < n {
                 // Tails: the scalar code of the f32 kernels, on widened values.
-                let tail = &mut scratch[..n - base];
-                T::widen(&cur[base..], tail);
-                let mut out = [0f32; 16];
-                let out = &mut out[..n - base];
-                normalize_tail(tail, (mh, ml, rs), (gamma, beta), base, out);
-                T::narrow(out, &mut y[base..]);
+                normalize_tail_16((cur, base), (mh, ml, rs), (gamma, beta), y);
                 if has_next {
-                    T::widen(&nxt[base..], tail);
-                    centered_tail(tail, (m_next, 1.0, 0.0), &mut total);
+                    centered_tail_16(nxt, base, m_next, &mut total);
                 }
             }
             if has_next {
@@ -527,13 +543,7 @@ impl<T: Half> WithSimd for Rows16<'_, T> {
                     (true, true) => normalize_16_vecs::<S, T, true, true>(a, y),
                 }
                 if base < n {
-                    let mut t = [0f32; 16];
-                    let t = &mut t[..n - base];
-                    T::widen(&xr[base..], t);
-                    let mut out = [0f32; 16];
-                    let out = &mut out[..n - base];
-                    normalize_tail(t, (mh, ml, rs), (gamma, beta), base, out);
-                    T::narrow(out, &mut y[base..]);
+                    normalize_tail_16((xr, base), (mh, ml, rs), (gamma, beta), y);
                 }
                 self.mean[r] = g.mean[i] as f32;
                 self.rstd[r] = g.rstd[i] as f32;
@@ -579,10 +589,7 @@ fn group_sums<S: Simd, T: Half, const R: usize>(simd: S, g: &mut Group, i: usize
         b = end;
     }
     for r in 0..R {
-        let mut t = [0f32; 16];
-        let t = &mut t[..n - nv * w];
-        T::widen(&x[r][nv * w..], t);
-        centered_tail(t, (shifts[r], 1.0, 0.0), &mut total[r]);
+        centered_tail_16(x[r], nv * w, shifts[r], &mut total[r]);
         g.shift[i + r] = shifts[r];
         [g.sd[i + r], g.sdd[i + r]] = total[r];
     }
