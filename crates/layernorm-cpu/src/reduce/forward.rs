@@ -100,6 +100,8 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
     // One prefetch per cache line of the summed row: the inner loop covers one line.
     let per_line = (16 / lanes).max(1);
     let ahead = nh.as_ptr().cast::<f32>().wrapping_add(PREFETCH_AHEAD);
+    // With ordinary stores, y's lines ahead too (see `OUT_AHEAD`).
+    let out_ahead = yh.as_ptr().cast::<f32>().wrapping_add(OUT_AHEAD);
     let mut i = 0;
     while i < nh.len() {
         let end = (i + pb).min(nh.len());
@@ -110,6 +112,9 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
         // Whole cache lines (a block is a whole number of them), then the row's last vectors.
         while j + per_line <= both {
             prefetch_line(ahead.wrapping_add(j * lanes));
+            if !ST {
+                prefetch_line(out_ahead.wrapping_add(j * lanes));
+            }
             for q in j..j + per_line {
                 centered_step::<S, true>(simd, nh[q], k, &mut acc);
                 put::<S>(
