@@ -117,6 +117,7 @@ fn pieces(d: Option<&mut [f32]>, chunks: usize) -> Vec<Option<&mut [f32]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::Out;
     use crate::reduce::tests::mixed_rows;
 
     /// Bitwise equal, NaN where `want` is NaN (a NaN's sign follows the operand order the
@@ -142,7 +143,7 @@ mod tests {
             let (mut y, mut mean, mut rstd) =
                 (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
             let (gg, bb) = (Some(&g[..]), Some(&b[..]));
-            crate::driver::forward(n, 1e-5, &x, gg, bb, &mut y, &mut mean, &mut rstd, false);
+            crate::driver::forward(n, 1e-5, &x, gg, bb, &mut y, &mut mean, &mut rstd, Out::Cached);
             for gamma in [Some(&g[..]), None] {
                 for want in [(true, true), (true, false), (false, true), (false, false)] {
                     let what = format!("{rows}x{n}, gamma {}, want {want:?}", gamma.is_some());

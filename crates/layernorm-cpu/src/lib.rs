@@ -64,7 +64,9 @@ pub struct CpuBackend {
 /// Ordinary stores first read every output cache line from memory (to own it), then write it back:
 /// for an output larger than the caches that is a third stream of memory traffic beside reading x
 /// and writing y. Non-temporal ("streaming") stores write whole lines without reading them, but
-/// leave y out of cache, which costs whoever reads y next if it would have fit.
+/// leave y out of cache, which costs whoever reads y next if it would have fit. Whichever is chosen,
+/// a forward writing 8 MiB or more of y with ordinary stores also prefetches y's lines ahead of
+/// its sweep, so that the stores do not wait on those reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stores {
     /// Streaming stores when the call's output (y, or dx) is 32 MiB or more — with the inputs,
@@ -171,10 +173,8 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        let stream = self.stores.stream(size_of_val(y));
-        self.run(x.len(), || {
-            driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, stream)
-        });
+        let out = driver::Out::new(self.stores.stream(size_of_val(y)), size_of_val(y));
+        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, out));
         Ok(())
     }
 

@@ -31,6 +31,8 @@
 use multiversion::multiversion;
 use num_traits::Float;
 
+use crate::driver::Out;
+
 /// Independent accumulators per sum: one 512-bit register of `f32`.
 pub(crate) const LANES: usize = 16;
 /// Elements per block before a block's lanes are folded into the `f64` total.
@@ -62,8 +64,8 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     }
 
     /// Forward of `mean.len()` consecutive rows of `n` (the short-row path: no pipelining). The
-    /// portable default composes `shift`, `finish` and `normalize` row by row. `stream`
-    /// asks for non-temporal stores of `y` where the kernel has them (a hint).
+    /// portable default composes `shift`, `finish` and `normalize` row by row. `out` says
+    /// how to write `y` where the kernel can choose (a hint: streaming stores, prefetching).
     #[allow(clippy::too_many_arguments)]
     fn rows(
         n: usize,
@@ -74,14 +76,15 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         y: &mut [Self],
         mean: &mut [Self],
         rstd: &mut [Self],
-        _stream: bool,
+        _out: Out,
     ) {
         rows_portable(n, eps, x, gamma, beta, y, mean, rstd)
     }
 
     /// Backward of `mean.len()` consecutive rows of `n` (the short-row path), adding the rows'
     /// dγ/dβ terms into `dgamma`/`dbeta` in row order. The portable default composes
-    /// `back_params` and `back_apply` row by row. `stream`: as for [`Real::rows`].
+    /// `back_params` and `back_apply` row by row. `stream` asks for non-temporal stores of dx
+    /// where the kernel has them (a hint).
     #[allow(clippy::too_many_arguments)]
     fn back_rows(
         n: usize,
@@ -101,7 +104,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// Forward of `mean.len()` consecutive rows of at least `FUSE_MIN_N`, in place, pipelined
     /// (each row normalized in the sweep that sums the next); `false` where the type has no such
     /// kernel (the caller then runs the generic pipelined loop, with the same results).
-    /// `stream`: as for [`Real::rows`].
+    /// `out`: as for [`Real::rows`].
     #[allow(clippy::too_many_arguments)]
     fn long(
         _n: usize,
@@ -112,7 +115,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         _y: &mut [Self],
         _mean: &mut [Self],
         _rstd: &mut [Self],
-        _stream: bool,
+        _out: Out,
     ) -> bool {
         false
     }
@@ -222,9 +225,9 @@ impl Real for f32 {
         y: &mut [f32],
         mean: &mut [f32],
         rstd: &mut [f32],
-        stream: bool,
+        out: Out,
     ) {
-        crate::reduce::rows(n, eps, x, gamma, beta, y, mean, rstd, stream)
+        crate::reduce::rows(n, eps, x, gamma, beta, y, mean, rstd, out)
     }
     fn back_rows(
         n: usize,
@@ -249,9 +252,9 @@ impl Real for f32 {
         y: &mut [f32],
         mean: &mut [f32],
         rstd: &mut [f32],
-        stream: bool,
+        out: Out,
     ) -> bool {
-        crate::reduce::long(n, eps, x, gamma, beta, y, mean, rstd, stream);
+        crate::reduce::long(n, eps, x, gamma, beta, y, mean, rstd, out);
         true
     }
     fn back_blocks(

@@ -8,6 +8,7 @@
 use multiversion::multiversion;
 use num_traits::{One, Zero};
 
+use crate::driver::Out;
 use crate::element::CpuElement;
 use crate::row::{self, Real};
 
@@ -33,20 +34,21 @@ pub(crate) fn forward_rows<T: CpuElement>(
     y: &mut [T],
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
-    stream: bool,
+    out: Out,
 ) {
     let rows = mean.len().min(rstd.len());
     if rows == 0 {
         return;
     }
-    // Streaming stores apply to rows written in place (`f32`/`f64`), not to 16-bit rows, which
-    // are rounded in registers (or computed into a scratch row and narrowed).
-    let stream = stream && T::as_acc(x).is_some();
+    // Streaming stores and y's prefetch apply to rows written in place (`f32`/`f64`), not to
+    // 16-bit rows, which are rounded in registers (or computed into a scratch row and narrowed).
+    let out = if T::as_acc(x).is_some() { out } else { Out::Cached };
+    let stream = out.stream();
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
     } else if n < row::FUSE_MIN_N {
-        forward_short(n, eps, x, gamma, beta, y, mean, rstd, stream);
-    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, stream) {
+        forward_short(n, eps, x, gamma, beta, y, mean, rstd, out);
+    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, out) {
         forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
     }
     if stream {
@@ -67,10 +69,10 @@ fn long_in_place<T: CpuElement>(
     y: &mut [T],
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
-    stream: bool,
+    out: Out,
 ) -> bool {
     match (T::as_acc(x), T::as_acc_mut(y)) {
-        (Some(x), Some(y)) => <T::Acc as Real>::long(n, eps, x, gamma, beta, y, mean, rstd, stream),
+        (Some(x), Some(y)) => <T::Acc as Real>::long(n, eps, x, gamma, beta, y, mean, rstd, out),
         _ => false,
     }
 }
@@ -207,13 +209,13 @@ fn forward_short<T: CpuElement>(
     y: &mut [T],
     mean: &mut [T::Acc],
     rstd: &mut [T::Acc],
-    stream: bool,
+    out: Out,
 ) {
     let rows = mean.len().min(rstd.len());
     let (x, y) = (&x[..rows * n], &mut y[..rows * n]);
     let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
     if let (Some(xa), Some(ya)) = (T::as_acc(x), T::as_acc_mut(y)) {
-        return <T::Acc as Real>::rows(n, eps, xa, gamma, beta, ya, mean, rstd, stream);
+        return <T::Acc as Real>::rows(n, eps, xa, gamma, beta, ya, mean, rstd, out);
     }
     let per = (SHORT_CHUNK / n).max(1);
     let zero = T::Acc::zero();
@@ -222,7 +224,8 @@ fn forward_short<T: CpuElement>(
     for ((xc, yc), (mc, sc)) in chunks.zip(mean.chunks_mut(per).zip(rstd.chunks_mut(per))) {
         let len = xc.len();
         T::widen(xc, &mut xb[..len]);
-        <T::Acc as Real>::rows(n, eps, &xb[..len], gamma, beta, &mut yb[..len], mc, sc, false);
+        let out = Out::Cached;
+        <T::Acc as Real>::rows(n, eps, &xb[..len], gamma, beta, &mut yb[..len], mc, sc, out);
         T::narrow(&yb[..len], yc);
     }
 }
@@ -543,7 +546,7 @@ mod tests {
                     (vec![T::from_acc(0.0); rows * n], vec![0f32; rows], vec![0f32; rows]);
                 let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
                 if n < row::FUSE_MIN_N {
-                    forward_short(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                    forward_short(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, Out::Cached);
                 } else {
                     forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
                 }

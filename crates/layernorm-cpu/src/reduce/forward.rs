@@ -4,6 +4,7 @@ use pulp::{Arch, Simd, WithSimd};
 
 use super::steps::*;
 use super::store::*;
+use crate::driver::Out;
 use crate::row;
 
 struct Centered<'a> {
@@ -44,12 +45,13 @@ impl WithSimd for Fused<'_> {
     fn with_simd<S: Simd>(self, simd: S) -> [f64; 2] {
         let params = (self.m_hi, self.m_lo, self.r);
         let (cur, gb) = (self.cur, (self.gamma, self.beta));
-        fused_in(simd, (self.next, self.m_next), (cur, params), gb, self.y, self.stream)
+        let out = if self.stream { Out::Streamed } else { Out::Cached };
+        fused_in(simd, (self.next, self.m_next), (cur, params), gb, self.y, out)
     }
 }
 
 /// [`Fused`]'s sweep: `cur` normalized into `y` with (m_hi, m_lo, r) while `next`'s residual sums
-/// from `m_next` are formed.
+/// from `m_next` are formed; `out` says how y is written.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn fused_in<S: Simd>(
@@ -58,7 +60,7 @@ fn fused_in<S: Simd>(
     (cur, (m_hi, m_lo, r)): (&[f32], (f32, f32, f32)),
     (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
     y: &mut [f32],
-    stream: bool,
+    out: Out,
 ) -> [f64; 2] {
     let n = cur.len();
     let (nh, nt) = S::as_simd_f32s(&next[..n]);
@@ -67,7 +69,7 @@ fn fused_in<S: Simd>(
     let (mh, ml, rv) = (simd.splat_f32s(m_hi), simd.splat_f32s(m_lo), simd.splat_f32s(r));
     // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
     // next row's, which is why the vector body normalizes only `ch.len()` of them.
-    let (p, stream) = stream_head::<S>(&y[..n], stream);
+    let (p, stream) = stream_head::<S>(&y[..n], out.stream());
     if p > 0 {
         normalize_head(cur, (m_hi, m_lo, r), (gamma, beta), y, p);
     }
@@ -76,14 +78,16 @@ fn fused_in<S: Simd>(
     let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
     let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
     let (g, b) = (gamma.is_some(), beta.is_some());
+    let (pf, kc) = (out.prefetch(), (mh, ml, rv));
     let mut total =
-        specialize!(fused_vecs::<S>(g, b, stream)(simd, (nh, k), (ch, (mh, ml, rv)), (gh, bh), yh));
+        specialize!(fused_vecs::<S>(g, b, stream)(simd, (nh, k), (ch, kc), (gh, bh), yh, pf));
     centered_tail(nt, (m_next, 1.0, 0.0), &mut total);
     normalize_tail(ct, (m_hi, m_lo, r), (gamma, beta), n - ct.len(), yt);
     total
 }
 
-/// The vector body of [`Fused`]: the next row's sums, this row's normalize.
+/// The vector body of [`Fused`]: the next row's sums, this row's normalize; with `prefetch_out`
+/// (ordinary stores only), y's lines [`OUT_AHEAD`] on are asked for as the sweep goes.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
@@ -92,6 +96,7 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
     (ch, (mh, ml, r)): (&[S::f32s], (S::f32s, S::f32s, S::f32s)),
     (gh, bh): (&[S::f32s], &[S::f32s]),
     yh: &mut [S::f32s],
+    prefetch_out: bool,
 ) -> [f64; 2] {
     let yh = &mut yh[..ch.len()];
     let mut total = [0f64; 2];
@@ -100,7 +105,7 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
     // One prefetch per cache line of the summed row: the inner loop covers one line.
     let per_line = (16 / lanes).max(1);
     let ahead = nh.as_ptr().cast::<f32>().wrapping_add(PREFETCH_AHEAD);
-    // With ordinary stores, y's lines ahead too (see `OUT_AHEAD`).
+    let prefetch_out = prefetch_out && !ST;
     let out_ahead = yh.as_ptr().cast::<f32>().wrapping_add(OUT_AHEAD);
     let mut i = 0;
     while i < nh.len() {
@@ -112,7 +117,7 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
         // Whole cache lines (a block is a whole number of them), then the row's last vectors.
         while j + per_line <= both {
             prefetch_line(ahead.wrapping_add(j * lanes));
-            if !ST {
+            if prefetch_out {
                 prefetch_line(out_ahead.wrapping_add(j * lanes));
             }
             for q in j..j + per_line {
@@ -155,7 +160,7 @@ struct Long<'a> {
     y: &'a mut [f32],
     mean: &'a mut [f32],
     rstd: &'a mut [f32],
-    stream: bool,
+    out: Out,
 }
 
 impl WithSimd for Long<'_> {
@@ -178,9 +183,9 @@ impl WithSimd for Long<'_> {
             if r + 1 < rows {
                 let next = row_at(x, n, r + 1);
                 m_next = shift_in(simd, next);
-                sums = fused_in(simd, (next, m_next), (cur, params), gb, y, self.stream);
+                sums = fused_in(simd, (next, m_next), (cur, params), gb, y, self.out);
             } else {
-                normalize_in(simd, cur, params, gb, y, self.stream);
+                normalize_in(simd, cur, params, gb, y, self.out.stream());
             }
             self.mean[r] = st.mean as f32;
             self.rstd[r] = st.rstd as f32;
@@ -199,9 +204,9 @@ pub(crate) fn long(
     y: &mut [f32],
     mean: &mut [f32],
     rstd: &mut [f32],
-    stream: bool,
+    out: Out,
 ) {
-    Arch::new().dispatch(Long { n, eps, x, gamma, beta, y, mean, rstd, stream })
+    Arch::new().dispatch(Long { n, eps, x, gamma, beta, y, mean, rstd, out })
 }
 
 /// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
@@ -253,7 +258,7 @@ struct Rows<'a> {
     y: &'a mut [f32],
     mean: &'a mut [f32],
     rstd: &'a mut [f32],
-    stream: bool,
+    out: Out,
 }
 
 impl WithSimd for Rows<'_> {
@@ -267,7 +272,7 @@ impl WithSimd for Rows<'_> {
         // With streaming, a group's output is staged in L1 and written out as one span (only the
         // span's two ends are partial cache lines; per row, two in every row would be), each
         // row's whole lines as soon as they are complete.
-        let mut stage = self.stream.then(|| staging(per * n));
+        let mut stage = self.out.stream().then(|| staging(per * n));
         let mut start = 0;
         while start < rows {
             let count = per.min(rows - start);
@@ -298,6 +303,9 @@ impl WithSimd for Rows<'_> {
                 let next = (start + count + i) * n;
                 if next < self.x.len() {
                     prefetch(&self.x[next..(next + n).min(self.x.len())]);
+                    if self.out.prefetch() {
+                        prefetch(&self.y[next..(next + n).min(self.y.len())]);
+                    }
                 }
                 let (x, r) = (row(i), start + i);
                 let params = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
@@ -414,9 +422,9 @@ pub(crate) fn rows(
     y: &mut [f32],
     mean: &mut [f32],
     rstd: &mut [f32],
-    stream: bool,
+    out: Out,
 ) {
-    Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, stream })
+    Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, out })
 }
 
 #[cfg(test)]
@@ -437,15 +445,15 @@ mod tests {
             let want = reference::forward(&spec, &wide(&x), Some(&wide(&g)), Some(&wide(&b)))
                 .unwrap_or_else(|e| panic!("{e}"));
             for_each_isa!(simd, isa => {
-                for stream in [false, true] {
+                for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     // y at an odd offset, so that streaming has a head and a tail to mask.
                     let mut ybuf = vec![0f32; rows * n + 3];
                     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                     let y = &mut ybuf[3..];
                     let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
-                    pulp::Simd::vectorize(simd, Rows { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, stream });
+                    pulp::Simd::vectorize(simd, Rows { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out });
                     crate::reduce::stream_fence();
-                    let what = format!("{isa}, n={n}, stream={stream}");
+                    let what = format!("{isa}, n={n}, {out:?}");
                     close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
                     // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean
                     // that is small next to its elements.
@@ -485,14 +493,14 @@ mod tests {
                         normalize_in(simd, xr, params, (gamma, beta), y, false);
                         (m0[r], r0[r]) = (st.mean as f32, st.rstd as f32);
                     }
-                    for stream in [false, true] {
+                    for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                         let mut ybuf = vec![0f32; rows * n + 3];
                         let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                         let y = &mut ybuf[3..];
-                        let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, stream };
+                        let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out };
                         pulp::Simd::vectorize(simd, op);
                         crate::reduce::stream_fence();
-                        let what = format!("{isa}, n={n}, stream={stream}");
+                        let what = format!("{isa}, n={n}, {out:?}");
                         assert_eq!(bits(&ybuf[3..]), bits(&y0), "y, {what}");
                         assert_eq!((bits(&mean), bits(&rstd)), (bits(&m0), bits(&r0)), "stats, {what}");
                     }

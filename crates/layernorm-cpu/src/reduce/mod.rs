@@ -69,6 +69,7 @@ pub(crate) use store::stream_fence;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::driver::Out;
     use crate::row;
 
     /// `got` within `tol · (1 + |want|)` of `want` everywhere (NaN where `want` is NaN).
@@ -126,10 +127,10 @@ pub(crate) mod tests {
                     (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
                 let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
                 row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
-                for stream in [false, true] {
-                    rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, stream);
+                for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
+                    rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
-                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, stream={stream}");
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}");
                     assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
                 }
                 // Backward from finite statistics (the NaN row's are NaN, which is fine too).

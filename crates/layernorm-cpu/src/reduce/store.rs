@@ -76,7 +76,8 @@ pub(super) const PREFETCH_AHEAD: usize = 2048;
 /// stalls behind them (`perf`: half the samples on the instruction after the store). A read
 /// prefetch suffices: a line no other core holds arrives writable. AMD Zen 3, one thread:
 /// 4096×768 23 → 32 GB/s, 4096×1024 18 → 24–26, 1024×4096 22 → 24, 256×16384 21 → 24, and
-/// steadier run to run; 2 KiB measured slightly lower, 8 KiB alike.
+/// steadier run to run; 2 KiB measured slightly lower, 8 KiB alike. Only for outputs of
+/// `driver::PREFETCH_OUT_MIN_BYTES` and up: smaller ones are mostly in cache already.
 pub(super) const OUT_AHEAD: usize = 1024;
 
 /// Asks for the cache line holding `p` to be brought into L1 (a hint: `p` may point anywhere,
