@@ -110,7 +110,7 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
 }
 
 /// The allocating path as users call it in a loop (`forward_vec`: outputs allocated, then
-/// dropped, every call) beside the same copy baseline: with the backend's output cache, large
+/// dropped, every call) beside the same copy baselines: with the backend's output cache, large
 /// outputs are not faulted in afresh each call.
 fn bench_allocating(c: &mut Criterion) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
@@ -129,6 +129,9 @@ fn bench_allocating(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("baseline", &id), |bch| {
             bch.iter(|| pool.install(|| copy(&x, &mut y)))
+        });
+        group.bench_function(BenchmarkId::new("baseline-loop", &id), |bch| {
+            bch.iter(|| pool.install(|| copy_loop(&x, &mut y)))
         });
     }
     group.finish();

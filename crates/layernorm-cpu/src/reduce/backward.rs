@@ -738,13 +738,15 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
         let end = (i + pb).min(nv);
         let mut acc = [[zero; 3]; K];
         for j in i..end {
-            // Once per cache line: the summed rows' lines PREFETCH_AHEAD further on.
+            // Once per cache line: the summed rows' lines and dx's BACK_AHEAD further on.
             if j % per_line == 0 {
                 for k in 0..K {
                     let (x, dy) =
                         (nxt[k].0.as_ptr().cast::<f32>(), nxt[k].1.as_ptr().cast::<f32>());
-                    prefetch_line(x.wrapping_add(j * lanes + PREFETCH_AHEAD));
-                    prefetch_line(dy.wrapping_add(j * lanes + PREFETCH_AHEAD));
+                    let dx = dxh[k].as_ptr().cast::<f32>();
+                    prefetch_line(x.wrapping_add(j * lanes + BACK_AHEAD));
+                    prefetch_line(dy.wrapping_add(j * lanes + BACK_AHEAD));
+                    prefetch_line(dx.wrapping_add(j * lanes + BACK_AHEAD));
                 }
             }
             let g = if G { Some(gh[j]) } else { None };
