@@ -214,3 +214,22 @@ pub(crate) fn backward<T: CpuElement>(
         reduce(n, db);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forward_streams_when_asked_and_prefetches_only_large_cached_outputs() {
+        let big = PREFETCH_OUT_MIN_BYTES;
+        assert_eq!(Out::new(true, 0), Out::Streamed);
+        assert_eq!(Out::new(true, big), Out::Streamed);
+        assert_eq!(Out::new(false, big - 1), Out::Cached);
+        assert_eq!(Out::new(false, big), Out::Prefetched);
+        for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
+            assert_eq!(out.stream(), out == Out::Streamed);
+            assert_eq!(out.prefetch(), out == Out::Prefetched);
+            assert!(!(out.stream() && out.prefetch()));
+        }
+    }
+}
