@@ -14,7 +14,7 @@ use pulp::{Arch, Simd, WithSimd};
 use super::backward::Partials;
 use super::forward::Group;
 use super::steps::*;
-use super::store::{OUT_AHEAD, PREFETCH_AHEAD, prefetch, prefetch_line};
+use super::store::{PREFETCH_AHEAD, prefetch, prefetch_line};
 use crate::CpuElement;
 use crate::row;
 
@@ -424,8 +424,6 @@ fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>
     // One prefetch per 64-byte line of the summed row (32 16-bit values), PREFETCH_AHEAD on.
     let per_line = (32 / w).max(1);
     let ahead = nxt.as_ptr().wrapping_add(PREFETCH_AHEAD).cast::<f32>();
-    // y's lines as far ahead in bytes as the `f32` kernel's (see `OUT_AHEAD`).
-    let out_ahead = y.as_ptr().cast::<f32>().wrapping_add(OUT_AHEAD);
     let mut i = 0;
     while i < nv {
         let end = (i + pb).min(nv);
@@ -433,9 +431,6 @@ fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>
         // SAFETY (the loads and the store): j < nv, and nxt (with `NX`), cur and y hold nv·W
         // values (asserted above).
         for j in i..end {
-            if j % per_line == 0 {
-                prefetch_line(out_ahead.wrapping_byte_add(j * 2 * w));
-            }
             if NX {
                 if j % per_line == 0 {
                     prefetch_line(ahead.wrapping_byte_add(j * 2 * w));
