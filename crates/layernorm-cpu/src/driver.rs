@@ -7,7 +7,6 @@
 //!   boundaries do not depend on the thread count, so dγ/dβ are bitwise identical for any pool.
 //! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
 
-use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::element::{CpuElement, load_param};
@@ -89,6 +88,19 @@ pub(crate) fn block_partials<A>(
     }
 }
 
+/// A zeroed buffer with room for `len` elements from a cache-line (64-byte) boundary on, and the
+/// index of that boundary. The backward's dγ/dβ partials start there (with N a multiple of 16,
+/// every block's partials do too): the allocator gives 16-byte alignment (a large buffer comes
+/// from `mmap`, 16 bytes past a page), and then every other 32-byte vector of the kernels'
+/// read-modify-write of the partials straddled two lines. One thread, AMD Zen 3, interleaved
+/// runs: 4096×768 backward 20.8 → 22.6 GB/s, 256×16384 16.5 → 18.9, 1024×4096 18.2 → 19.7.
+fn zeroed_on_line<A: Real>(len: usize) -> (Vec<A>, usize) {
+    let line = 64 / size_of::<A>();
+    let store = vec![A::zero(); len + line];
+    let start = store.as_ptr().align_offset(64).min(line);
+    (store, start)
+}
+
 /// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).
 pub(crate) fn is_parallel(numel: usize) -> bool {
     numel >= PARALLEL_MIN_ELEMS
@@ -164,7 +176,9 @@ pub(crate) fn backward<T: CpuElement>(
     let blocks = rows.div_ceil(ROW_BLOCK);
     // Per block: [dγ partial (n) | dβ partial (n)].
     let width = 2 * n;
-    let mut partials = vec![T::Acc::zero(); if want_g || want_b { blocks * width } else { 0 }];
+    let len = if want_g || want_b { blocks * width } else { 0 };
+    let (mut store, start) = zeroed_on_line::<T::Acc>(len);
+    let partials = &mut store[start..start + len];
 
     // Blocks are handed out in groups (a task's worth of rows); within a group the kernels
     // pipeline across block boundaries. The grouping depends only on N, and the results do not
@@ -218,6 +232,18 @@ pub(crate) fn backward<T: CpuElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_partials_start_on_a_cache_line() {
+        for len in [0, 1, 100, 1 << 16, 1 << 22] {
+            let (v, start) = zeroed_on_line::<f32>(len);
+            assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
+            assert_eq!(v[start..].as_ptr().addr() % 64, 0, "len {len}");
+            let (v, start) = zeroed_on_line::<f64>(len);
+            assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
+            assert_eq!(v[start..].as_ptr().addr() % 64, 0, "len {len}");
+        }
+    }
 
     #[test]
     fn the_forward_streams_when_asked_and_prefetches_only_large_cached_outputs() {
