@@ -261,15 +261,18 @@ impl WithSimd for ColumnChunk<'_, '_> {
         let gamma = self.gamma.map(|g| &g[cols.clone()]);
         let rows = self.params.len().min(self.dx.len());
         let ColumnScratch { pg, pb, sg, sb } = &mut *self.scratch;
-        // The sums start from zero for every chunk (the partials, for every block, below).
+        // The sums start from zero for every chunk (the partials, for every block, below). The
+        // partials start on a cache line, as the row-wise backward's do (`driver`).
         for v in [&mut *pg, &mut *pb] {
-            v.resize(C, 0.0);
+            v.resize(C + 16, 0.0);
         }
         for v in [&mut *sg, &mut *sb] {
             v.clear();
             v.resize(C, 0.0);
         }
-        let (pg, pb, sg, sb) = (&mut pg[..c], &mut pb[..c], &mut sg[..c], &mut sb[..c]);
+        let (g0, b0) = (pg.as_ptr().align_offset(64).min(16), pb.as_ptr().align_offset(64).min(16));
+        let (pg, pb) = (&mut pg[g0..g0 + c], &mut pb[b0..b0 + c]);
+        let (sg, sb) = (&mut sg[..c], &mut sb[..c]);
         for start in (0..rows).step_by(crate::driver::ROW_BLOCK) {
             let end = (start + crate::driver::ROW_BLOCK).min(rows);
             pg.fill(0.0);
