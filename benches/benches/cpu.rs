@@ -1,7 +1,7 @@
 //! CPU benchmarks: LayerNorm forward and backward (f32, bf16, f16; 1 and 2 threads) on the standard
 //! shapes, each beside a baseline that moves the same bytes with no math — read N + write N for
-//! the forward (a parallel memcpy), read 2N + write N for the backward (a bytewise XOR the
-//! compiler vectorizes) — on the same pool in the same run. `cargo xtask bench` turns the pairs into fractions of the baseline.
+//! the forward (a parallel memcpy, and a vectorized copy loop: `cargo xtask bench` takes the
+//! faster), read 2N + write N for the backward (a bytewise XOR the compiler vectorizes) — on the same pool in the same run. `cargo xtask bench` turns the pairs into fractions of the baseline.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! Spreading rows over threads, and the deterministic reduction of dγ/dβ.
 //!
-//! - Forward rows are independent: rows are cut into tasks of about [`TASK_ELEMS`] elements.
+//! - Forward rows are independent: rows are cut into tasks of at least [`TASK_ELEMS`] elements,
+//!   at most eight per pool thread.
 //! - Backward rows are grouped in fixed blocks of [`ROW_BLOCK`] rows. Each block sums its rows'
 //!   dy·x̂ and dy into its own partial vectors, in row order, in the accumulation type; the partials
 //!   are then summed in block order in `f64` and rounded once to the storage type. Block
@@ -181,8 +182,8 @@ pub(crate) fn backward<T: CpuElement>(
     let partials = &mut store[start..start + len];
 
     // Blocks are handed out in groups (a task's worth of rows); within a group the kernels
-    // pipeline across block boundaries. The grouping depends only on N, and the results do not
-    // depend on it at all: each block's partials gain its rows' terms in row order.
+    // pipeline across block boundaries. The grouping depends only on the shape, and the results
+    // do not depend on it at all: each block's partials gain its rows' terms in row order.
     let chunk = ROW_BLOCK * n;
     let group_blocks =
         if is_parallel(x.len()) { (TASK_ELEMS / chunk).max(1) } else { blocks.max(1) };

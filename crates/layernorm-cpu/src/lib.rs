@@ -5,7 +5,8 @@
 //!
 //! - [`CpuBackend`] implements [`Normalize`], like every backend; its buffers are host vectors.
 //! - [`CpuBackend::forward_into`] / [`CpuBackend::backward_into`]: typed slices in, caller-owned
-//!   outputs, no allocation per call (beyond dγ/dβ block partials).
+//!   outputs: no output is allocated (each call allocates only small scratch: the dγ/dβ block
+//!   partials, and for 16-bit data γ/β widened to `f32`).
 //! - [`CpuBackend::forward_nd`] / [`CpuBackend::backward_nd`]: ndarray views with any number of
 //!   leading dims, normalized over the trailing `normalized_ndim` dims like PyTorch's
 //!   `normalized_shape`; non-contiguous views are accepted (copied to standard layout first).
@@ -59,7 +60,8 @@ pub struct CpuBackend {
 }
 
 /// How the forward writes `y` and the backward `dx`: a performance choice only — the values are
-/// bitwise the same.
+/// bitwise the same. It applies to `f32` data; `f64` and the 16-bit types always use ordinary
+/// stores.
 ///
 /// Ordinary stores first read every output cache line from memory (to own it), then write it back:
 /// for an output larger than the caches that is a third stream of memory traffic beside reading x
@@ -134,7 +136,8 @@ impl CpuBackend {
         CpuBackend { pool: Some(pool), ..CpuBackend::default() }
     }
 
-    /// This backend, writing forward outputs as `stores` says (default: [`Stores::Auto`]).
+    /// This backend, writing its outputs (the forward's y, the backward's dx) as `stores` says
+    /// (default: [`Stores::Auto`]).
     pub fn with_stores(self, stores: Stores) -> CpuBackend {
         CpuBackend { stores, ..self }
     }

@@ -469,9 +469,10 @@ fn rstd_scale(rstd: f64) -> f64 {
 /// Per-row statistics: (mean, rstd) in `f64`, plus the split mean used for centering.
 #[derive(Clone, Copy, Debug)]
 pub struct RowStats<A> {
-    /// The mean rounded to `A`.
+    /// The row's shift (see [`shift`]): a value near the mean, in `A`, that the rows are
+    /// centered on.
     pub m_hi: A,
-    /// What rounding the mean to `A` dropped: mean − m_hi.
+    /// The residual mean, mean − m_hi, rounded to `A`.
     pub m_lo: A,
     /// The full mean, in `f64`.
     pub mean: f64,

@@ -40,8 +40,9 @@ pub(crate) fn forward_rows<T: CpuElement>(
     if rows == 0 {
         return;
     }
-    // Streaming stores and y's prefetch apply to rows written in place (`f32`/`f64`), not to
-    // 16-bit rows, which are rounded in registers (or computed into a scratch row and narrowed).
+    // Streaming stores and y's prefetch are the `f32` kernels' (`f64` runs the portable
+    // kernels, with ordinary stores); 16-bit rows are rounded in registers (or computed into a
+    // scratch row and narrowed) and written with ordinary stores.
     let out = if T::as_acc(x).is_some() { out } else { Out::Cached };
     let stream = out.stream();
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {

@@ -146,7 +146,7 @@ impl WithSimd for BackRows<'_> {
                 let (mu, rs) = (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
                 params[q] = row::back_params::<f32>(n, mu, rs, sums[q]);
             }
-            // Phase 3: dx and the dγ/dβ terms (four rows per pass over the partials), from L1,
+            // Phase 3: dx and the dγ/dβ terms (two rows per pass over the partials), from L1,
             // while the next group is fetched.
             let out = match stage.as_mut() {
                 Some((buf, off)) => &mut buf[*off..*off + count * n],

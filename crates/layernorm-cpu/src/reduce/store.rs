@@ -64,10 +64,10 @@ pub(super) fn prefetch<T>(v: &[T]) {
     let _ = v;
 }
 
-/// How far ahead (in `f32` elements: 8 KiB) the pipelined sweeps ask for the rows they are
-/// about to sum. The hardware prefetchers alone left the sweeps waiting on those loads (AMD Zen 3,
-/// one thread: forward 16384×1024 8.4 → 11–12 GB/s; backward +8–20% on the long shapes;
-/// distances from 1 to 16 KiB measured alike).
+/// How far ahead (in elements: 8 KiB of `f32`, 4 KiB of 16-bit rows) the pipelined sweeps ask
+/// for the rows they are about to sum. The hardware prefetchers alone left the sweeps waiting
+/// on those loads (AMD Zen 3, one thread: forward 16384×1024 8.4 → 11–12 GB/s; backward +8–20%
+/// on the long shapes; distances from 1 to 16 KiB measured alike).
 pub(super) const PREFETCH_AHEAD: usize = 2048;
 
 /// How far ahead (in `f32` elements: 4 KiB) the pipelined forward asks for the lines of `y` it is
