@@ -91,7 +91,10 @@ fn very_long_rows_give_the_same_bits_on_any_pool() {
 
 #[test]
 fn bf16_parameter_gradients_are_deterministic_too() {
-    let (rows, n) = (ROW_BLOCK * 9 + 1, 130);
+    // Large enough (above the 64 K elements below which a call stays on the caller's thread) for
+    // the pools to split the blocks.
+    let (rows, n) = (ROW_BLOCK * 20 + 1, 130);
+    assert!(rows * n >= 1 << 16);
     let spec = NormSpec::layer_norm(rows, n, DType::BF16).with_beta(false);
     let cv = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
     let (x, dy, g) = (cv(normal(rows * n, 5)), cv(normal(rows * n, 6)), cv(normal(n, 7)));
@@ -100,7 +103,10 @@ fn bf16_parameter_gradients_are_deterministic_too() {
         let f = cpu.forward_vec(&spec, &x, Some(&g), None).unwrap();
         cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap()
     };
-    assert_eq!(run(1), run(3));
+    let one = run(1);
+    for threads in [2, 3, 8] {
+        assert_eq!(run(threads), one, "{threads} threads");
+    }
 }
 
 #[test]
@@ -129,6 +135,7 @@ fn nd_normalizes_over_trailing_dims_like_pytorch() {
         cpu.forward_vec(&spec, x.as_slice().unwrap(), gamma.as_slice(), beta.as_slice()).unwrap();
     assert_eq!(out.y.as_slice().unwrap(), &flat.y[..]);
     assert_eq!(out.mean.as_slice().unwrap(), &flat.mean[..]);
+    assert_eq!(out.rstd.as_slice().unwrap(), &flat.rstd[..]);
 
     let dy = Array::from_shape_vec((2, 3, 4, 5), normal(120, 12)).unwrap();
     let grads = cpu
@@ -153,7 +160,9 @@ fn nd_normalizes_over_trailing_dims_like_pytorch() {
         )
         .unwrap();
     assert_eq!(grads.dx.as_slice().unwrap(), &fg.dx[..]);
-    assert_eq!(grads.dgamma.unwrap().shape(), &[4, 5]);
+    let dgamma = grads.dgamma.unwrap();
+    assert_eq!(dgamma.shape(), &[4, 5]);
+    assert_eq!(dgamma.as_slice().unwrap(), &fg.dgamma.unwrap()[..]);
     assert_eq!(grads.dbeta.unwrap().as_slice().unwrap(), &fg.dbeta.unwrap()[..]);
 }
 
@@ -187,6 +196,7 @@ fn nd_accepts_non_contiguous_views_and_writes_into_strided_outputs() {
     assert_eq!(ybuf.slice(s![.., .., ..;2]).to_owned().into_dyn(), *want.y);
     assert!(ybuf.slice(s![.., .., 1..;2]).iter().all(|&v| v == 0.0));
     assert_eq!(mean, *want.mean);
+    assert_eq!(rstd, *want.rstd);
 }
 
 #[test]
@@ -275,18 +285,25 @@ fn non_finite_inputs_poison_only_their_own_row() {
     x[3 * n] = f32::INFINITY;
     let (g, b) = (normal(n, 15), normal(n, 16));
     let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
-    for r in 0..rows {
-        let row = &f.y[r * n..(r + 1) * n];
-        if r == 1 || r == 3 {
-            assert!(row.iter().all(|v| v.is_nan()), "row {r} should be NaN");
-        } else {
-            assert!(row.iter().all(|v| v.is_finite()), "row {r} should be finite");
-        }
-    }
     let dy = normal(rows * n, 17);
     let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
-    assert!(gr.dx[..n].iter().all(|v| v.is_finite()));
-    assert!(gr.dx[n..2 * n].iter().all(|v| v.is_nan()));
+    let one = NormSpec::layer_norm(1, n, DType::F32);
+    for r in 0..rows {
+        let span = r * n..(r + 1) * n;
+        let (y, dx) = (&f.y[span.clone()], &gr.dx[span.clone()]);
+        if r == 1 || r == 3 {
+            assert!(y.iter().all(|v| v.is_nan()), "row {r}: y should be NaN");
+            assert!(dx.iter().all(|v| v.is_nan()), "row {r}: dx should be NaN");
+        } else {
+            // A clean row gets exactly what it gets normalized alone.
+            let alone = cpu.forward_vec(&one, &x[span.clone()], Some(&g), Some(&b)).unwrap();
+            assert_eq!(bits(y), bits(&alone.y), "row {r}: y");
+            assert_eq!((f.mean[r], f.rstd[r]), (alone.mean[0], alone.rstd[0]), "row {r}: stats");
+            let (xr, dyr) = (&x[span.clone()], &dy[span.clone()]);
+            let ga = cpu.backward_vec(&one, xr, dyr, &alone.mean, &alone.rstd, Some(&g)).unwrap();
+            assert_eq!(bits(dx), bits(&ga.dx), "row {r}: dx");
+        }
+    }
 }
 
 #[test]
@@ -299,6 +316,17 @@ fn zero_rows_give_zero_parameter_gradients() {
     let gr = cpu.backward_vec::<f16>(&spec, &[], &[], &[], &[], Some(&g)).unwrap();
     assert_eq!(gr.dgamma.unwrap(), vec![f16::ZERO; 8]);
     assert_eq!(gr.dbeta.unwrap(), vec![f16::ZERO; 8]);
+    // Into outputs that held values: they must be written, not left as they were.
+    let (mut dg, mut db) = (vec![f16::from_f32(7.0); 8], vec![f16::from_f32(7.0); 8]);
+    let (dg_, db_) = (Some(&mut dg[..]), Some(&mut db[..]));
+    cpu.backward_into::<f16>(&spec, &[], &[], &[], &[], Some(&g), &mut [], dg_, db_).unwrap();
+    assert_eq!((dg, db), (vec![f16::ZERO; 8], vec![f16::ZERO; 8]));
+    let spec = NormSpec::layer_norm(0, 300, DType::F32);
+    let g = vec![1.0f32; 300];
+    let (mut dg, mut db) = (vec![7.0f32; 300], vec![7.0f32; 300]);
+    let (dg_, db_) = (Some(&mut dg[..]), Some(&mut db[..]));
+    cpu.backward_into::<f32>(&spec, &[], &[], &[], &[], Some(&g), &mut [], dg_, db_).unwrap();
+    assert_eq!((dg, db), (vec![0.0; 300], vec![0.0; 300]));
 }
 
 #[test]
@@ -414,19 +442,24 @@ fn allocating_calls_reuse_their_outputs_memory() {
     let spec = NormSpec::layer_norm(rows, n, DType::F32);
     let x = normal(rows * n, 26);
     let (g, b) = (normal(n, 27), normal(n, 28));
+    // The second call of each pair has other inputs, so an output left unwritten would show;
+    // a fresh backend (its own cache) says what the call must give.
+    let x2: Vec<f32> = x.iter().map(|v| v * 2.0 + 1.0).collect();
+    let fresh = CpuBackend::new();
     let first = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
-    let (ptr, want) = (first.y.as_ptr(), first.y.clone());
+    let ptr = first.y.as_ptr();
     drop(first);
-    let again = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    let again = cpu.forward_vec(&spec, &x2, Some(&g), Some(&b)).unwrap();
+    let want = fresh.forward_vec(&spec, &x2, Some(&g), Some(&b)).unwrap();
     assert_eq!(again.y.as_ptr(), ptr, "y reuses the dropped output's memory");
-    assert_eq!(bits(&again.y), bits(&want), "and is fully overwritten");
+    assert_eq!(bits(&again.y), bits(&want.y), "and is fully overwritten");
     let dy = normal(rows * n, 29);
     let grads = cpu.backward_vec(&spec, &x, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
     let dx_ptr = grads.dx.as_ptr();
-    let dx_want = grads.dx.clone();
     drop(grads);
-    let grads = cpu.backward_vec(&spec, &x, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
-    assert_eq!((grads.dx.as_ptr(), bits(&grads.dx)), (dx_ptr, bits(&dx_want)));
+    let grads = cpu.backward_vec(&spec, &x2, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
+    let want = fresh.backward_vec(&spec, &x2, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
+    assert_eq!((grads.dx.as_ptr(), bits(&grads.dx)), (dx_ptr, bits(&want.dx)));
 
     // The ndarray calls share the cache; `into_array` keeps an output for good.
     let xa = Array2::from_shape_vec((rows, n), x.clone()).unwrap();

@@ -1,13 +1,20 @@
 //! Random problems against the f64 reference: shapes, offsets, scales, eps and affine flags drawn
-//! by proptest, forward and backward, held to the `f32` tolerances of the conformance suite
-//! (error relative to the size of the terms that form each output).
+//! by proptest, forward and backward (y, mean, rstd, dx, dγ, dβ), held to the `f32` tolerances
+//! of the conformance suite (error relative to the size of the terms that form each output; a
+//! NaN where the reference is finite fails).
 
 use layernorm_core::{DType, HostNormalizeExt, NormSpec, reference};
 use layernorm_cpu::CpuBackend;
 use proptest::prelude::*;
 
 fn row_err(got: &[f32], want: &[f64], scale: f64) -> f64 {
-    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs())) / scale
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max(err(g, w, scale)))
+}
+
+/// |got − want| / scale, infinite where `got` is not finite (every reference value here is).
+fn err(got: f32, want: f64, scale: f64) -> f64 {
+    let d = (f64::from(got) - want).abs() / scale;
+    if d.is_nan() || !got.is_finite() { f64::INFINITY } else { d }
 }
 
 proptest! {
@@ -47,8 +54,14 @@ proptest! {
         let r = reference::forward(&spec, &x64, g64.as_deref(), b64.as_deref()).unwrap();
         let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, g).unwrap();
         let rb = reference::backward(&spec, &x64, &dy64, &r.mean, &r.rstd, g64.as_deref()).unwrap();
+        let (mut sum_dgx, mut sum_dy) = (vec![0f64; n], vec![0f64; n]);
         for row in 0..rows {
             let span = row * n..(row + 1) * n;
+            let std = 1.0 / r.rstd[row];
+            let e = err(f.mean[row], r.mean[row], r.mean[row].abs().max(std));
+            prop_assert!(e <= 1e-6, "row {row}: mean error {e:e}");
+            let e = err(f.rstd[row], r.rstd[row], r.rstd[row]);
+            prop_assert!(e <= 1e-6, "row {row}: rstd error {e:e}");
             let xhat: Vec<f64> = x64[span.clone()].iter().map(|&v| (v - r.mean[row]) * r.rstd[row]).collect();
             let gj = |j: usize| g64.as_ref().map_or(1.0, |g| g[j]);
             let bj = |j: usize| b64.as_ref().map_or(0.0, |b| b[j]);
@@ -56,6 +69,10 @@ proptest! {
             if y_scale > 0.0 {
                 let e = row_err(&f.y[span.clone()], &r.y[span.clone()], y_scale);
                 prop_assert!(e <= 1e-6, "row {row}: y error {e:e}");
+            }
+            for j in 0..n {
+                sum_dgx[j] += (dy64[row * n + j] * xhat[j]).abs();
+                sum_dy[j] += dy64[row * n + j].abs();
             }
             let gs: Vec<f64> = (0..n).map(|j| dy64[row * n + j] * gj(j)).collect();
             let c1 = gs.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / n as f64;
@@ -65,6 +82,24 @@ proptest! {
             if dx_scale > 0.0 && dx_scale.is_finite() {
                 let e = row_err(&gr.dx[span.clone()], &rb.dx[span], dx_scale);
                 prop_assert!(e <= 1e-6, "row {row}: dx error {e:e}");
+            }
+        }
+        // dγ_j against Σ_rows |dy·x̂|, dβ_j against Σ_rows |dy| (a zero scale demands zero).
+        let (dg, db) = (gr.dgamma.as_deref(), gr.dbeta.as_deref());
+        for (name, got, want, scale) in
+            [("dgamma", dg, rb.dgamma.as_deref(), &sum_dgx), ("dbeta", db, rb.dbeta.as_deref(), &sum_dy)]
+        {
+            let (Some(got), Some(want)) = (got, want) else {
+                prop_assert!(got.is_none() && want.is_none(), "{name}: present in one only");
+                continue;
+            };
+            for j in 0..n {
+                let e = if scale[j] == 0.0 {
+                    if got[j] == 0.0 { 0.0 } else { f64::INFINITY }
+                } else {
+                    err(got[j], want[j], scale[j])
+                };
+                prop_assert!(e <= 1e-5, "{name}[{j}] error {e:e}: {} vs {}", got[j], want[j]);
             }
         }
     }

@@ -447,7 +447,7 @@ mod tests {
             for_each_isa!(simd, isa => {
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     // y at an odd offset, so that streaming has a head and a tail to mask.
-                    let mut ybuf = vec![0f32; rows * n + 3];
+                    let mut ybuf = vec![-7f32; rows * n + 3];
                     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                     let y = &mut ybuf[3..];
                     let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
@@ -455,6 +455,7 @@ mod tests {
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, {out:?}");
                     close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
+                    assert_eq!(ybuf[..3], [-7.0; 3], "wrote before y, {what}");
                     // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean
                     // that is small next to its elements.
                     for (r, (&m, &w)) in mean.iter().zip(&want.mean).enumerate() {
@@ -494,7 +495,7 @@ mod tests {
                         (m0[r], r0[r]) = (st.mean as f32, st.rstd as f32);
                     }
                     for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
-                        let mut ybuf = vec![0f32; rows * n + 3];
+                        let mut ybuf = vec![-7f32; rows * n + 3];
                         let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                         let y = &mut ybuf[3..];
                         let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out };
@@ -502,6 +503,7 @@ mod tests {
                         crate::reduce::stream_fence();
                         let what = format!("{isa}, n={n}, {out:?}");
                         assert_eq!(bits(&ybuf[3..]), bits(&y0), "y, {what}");
+                        assert_eq!(ybuf[..3], [-7.0; 3], "wrote before y, {what}");
                         assert_eq!((bits(&mean), bits(&rstd)), (bits(&m0), bits(&r0)), "stats, {what}");
                     }
                 });
@@ -535,7 +537,7 @@ mod tests {
             let sum2: f64 = next.iter().map(|&v| f64::from((v - m_next) * (v - m_next))).sum();
             for_each_isa!(simd, isa => {
                 for stream in [false, true] {
-                    let mut ybuf = vec![0f32; n + 3];
+                    let mut ybuf = vec![-7f32; n + 3];
                     let y = &mut ybuf[3..];
                     let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
                     let (m_hi, m_lo, r) = (st.m_hi, st.m_lo, st.rstd as f32);
@@ -544,6 +546,7 @@ mod tests {
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, stream={stream}");
                     close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
+                    assert_eq!(ybuf[..3], [-7.0; 3], "wrote before y, {what}");
                     assert!((s1 - sum).abs() <= 1e-5 * (1.0 + sum.abs()), "Σd {what}: {s1} vs {sum}");
                     assert!((s2 - sum2).abs() <= 1e-5 * sum2, "Σd² {what}: {s2} vs {sum2}");
                 }
