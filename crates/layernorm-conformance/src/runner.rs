@@ -221,12 +221,18 @@ struct Bwd {
     dbeta: Option<HostVec>,
 }
 
+/// `len` NaNs of `dtype`.
+fn poisoned(dtype: DType, len: usize) -> HostVec {
+    HostVec::from_f64(dtype, &vec![f64::NAN; len])
+}
+
 fn forward(backend: &dyn HostNormalize, inp: &Inputs) -> layernorm::Result<Fwd> {
     let spec = &inp.spec;
+    // Outputs start as NaN: one the backend leaves unwritten fails its measure.
     let mut o = Fwd {
-        y: HostVec::zeros(spec.dtype, spec.numel()),
-        mean: HostVec::zeros(spec.stats_dtype(), spec.rows),
-        rstd: HostVec::zeros(spec.stats_dtype(), spec.rows),
+        y: poisoned(spec.dtype, spec.numel()),
+        mean: poisoned(spec.stats_dtype(), spec.rows),
+        rstd: poisoned(spec.stats_dtype(), spec.rows),
     };
     backend.forward_host(
         spec,
@@ -245,9 +251,9 @@ fn forward(backend: &dyn HostNormalize, inp: &Inputs) -> layernorm::Result<Fwd> 
 fn backward(backend: &dyn HostNormalize, inp: &Inputs, f: &Fwd) -> layernorm::Result<Bwd> {
     let spec = &inp.spec;
     let mut o = Bwd {
-        dx: HostVec::zeros(spec.dtype, spec.numel()),
-        dgamma: spec.gamma.then(|| HostVec::zeros(spec.dtype, spec.n)),
-        dbeta: spec.beta.then(|| HostVec::zeros(spec.dtype, spec.n)),
+        dx: poisoned(spec.dtype, spec.numel()),
+        dgamma: spec.gamma.then(|| poisoned(spec.dtype, spec.n)),
+        dbeta: spec.beta.then(|| poisoned(spec.dtype, spec.n)),
     };
     backend.backward_host(
         spec,
