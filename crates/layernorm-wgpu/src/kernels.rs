@@ -231,7 +231,7 @@ impl Cache {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(format!("{kernel:?}/{io:?} pipeline: {e}"));
+            return Err(format!("{kernel:?}/{io:?} pipeline: {}", crate::error_text(&e)));
         }
         self.pipelines.lock().map_err(|e| e.to_string())?.insert(key, pipeline.clone());
         Ok(pipeline)
@@ -255,7 +255,7 @@ impl Cache {
             source: wgpu::ShaderSource::Wgsl(src.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(format!("{kernel:?}/{io:?} shader: {e}"));
+            return Err(format!("{kernel:?}/{io:?} shader: {}", crate::error_text(&e)));
         }
         self.modules.lock().map_err(|e| e.to_string())?.insert(key, module.clone());
         Ok(module)

@@ -69,6 +69,22 @@ fn device_err(e: impl std::fmt::Display) -> Error {
     Error::device(WgpuBackend::NAME, e)
 }
 
+/// A wgpu error caught in an error scope, as [`Error::Device`] with its full description.
+fn scope_err(e: wgpu::Error) -> Error {
+    Error::device(WgpuBackend::NAME, error_text(&e))
+}
+
+/// What a wgpu error says: its description (the whole chain of causes, where `Display` gives
+/// only "Validation Error").
+pub(crate) fn error_text(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            description.trim().to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 impl WgpuBackend {
     /// Registry name.
     pub const NAME: &'static str = "wgpu";
@@ -112,7 +128,7 @@ impl WgpuBackend {
             mapped_at_creation: false,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(device_err(e));
+            return Err(scope_err(e));
         }
         Ok(WgpuBackend {
             device,
@@ -297,7 +313,7 @@ impl WgpuBackend {
         let e_val = pollster::block_on(val.pop());
         let e_oom = pollster::block_on(oom.pop());
         if let Some(e) = e_val.or(e_oom) {
-            return Err(device_err(e));
+            return Err(scope_err(e));
         }
         r
     }

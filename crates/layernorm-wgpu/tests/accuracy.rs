@@ -105,6 +105,19 @@ fn sixteen_bit_offsets_and_extremes() {
 }
 
 #[test]
+fn the_default_backend_takes_the_subgroup_path_on_lavapipe() {
+    // lavapipe (CI's device) has subgroups: the default backend must use them there, or the
+    // subgroup shaders would go untested while every test passed on the fallback.
+    let Some(b) = backend() else { return };
+    let name = Normalize::device(b).name;
+    if name.contains("llvmpipe") {
+        assert!(b.uses_subgroups(), "{name}: subgroups not used");
+    } else {
+        eprintln!("{name}: not lavapipe, subgroups {}", b.uses_subgroups());
+    }
+}
+
+#[test]
 fn workgroup_memory_reductions() {
     // The default backend uses subgroup reductions where the device has them (lavapipe does);
     // this one takes the workgroup-memory path every device has.

@@ -93,15 +93,17 @@ fn user_buffers_are_wrapped_and_misuse_is_an_error() {
         b.wrap(make(16, layernorm_wgpu::REQUIRED_USAGES), DType::F32, 5).unwrap_err().class(),
         "shape"
     );
-    assert_eq!(
-        b.wrap(make(16, wgpu::BufferUsages::STORAGE), DType::F32, 4).unwrap_err().class(),
-        "device"
-    );
+    let e = b.wrap(make(16, wgpu::BufferUsages::STORAGE), DType::F32, 4).unwrap_err();
+    assert_eq!(e.class(), "device");
+    assert!(e.to_string().contains("needs usages"), "{e}");
 
     // The same wgpu buffer as input and output: wgpu rejects the binding; we return its error.
     let mut alias = b.wrap(raw.clone(), DType::F32, 4).unwrap();
     let err = b.forward(&spec, ForwardArgs::new(&x, None, None, &mut alias, &mut m, &mut r));
-    assert_eq!(err.unwrap_err().class(), "device");
+    let e = err.unwrap_err();
+    assert_eq!(e.class(), "device");
+    // With wgpu's description, not just "Validation Error".
+    assert!(e.to_string().contains("conflicting usages"), "{e}");
 }
 
 #[test]
