@@ -10,7 +10,7 @@
 //! | mean | \|Δμ\| / scale | max(\|μ\|, 1/rstd) |
 //! | rstd | \|Δrstd\| / rstd | |
 //! | dx | max_j \|Δdx\| / scale | rstd · max_j (\|g_j\| + \|c2\| + \|x̂_j·c1\|) |
-//! | dγ_j | \|Δ\| / Σ_rows \|dy·x̂\| | |
+//! | dγ_j | \|Δ\| / Σ_rows \|dy\|·(\|x̂\| + 1) | |
 //! | dβ_j | \|Δ\| / Σ_rows \|dy\| | |
 //!
 //! The reported error is the largest over rows (columns). Where the reference is not finite, the

@@ -330,7 +330,9 @@ impl Reference {
                 y_scale[r] = f64::max(y_scale[r], (xhat[j] * gj).abs() + bj.abs());
                 dx_scale[r] =
                     f64::max(dx_scale[r], rs * (gr[j].abs() + c2.abs() + (xhat[j] * c1).abs()));
-                dgamma_scale[j] += (dy[r * n + j] * xhat[j]).abs();
+                // x̂ itself is only as exact as its centering, ~u on the unit scale of x̂ (see
+                // docs/conformance.md): |x̂| + 1, not |x̂|, is the size of the term dy·x̂.
+                dgamma_scale[j] += dy[r * n + j].abs() * (xhat[j].abs() + 1.0);
                 dbeta_scale[j] += dy[r * n + j].abs();
             }
         }
