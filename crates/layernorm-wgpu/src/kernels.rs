@@ -108,8 +108,14 @@ impl Kernel {
     }
 
     /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
-    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels.
+    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels. The dγ/dβ kernels index one
+    /// element per item and exist over scalar io only (naga rejects them over vectors).
     pub(crate) fn source(self, io: Io, subgroups: bool) -> String {
+        debug_assert!(
+            !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish)
+                || matches!(io, Io::F32 | Io::F16 | Io::Bf16),
+            "{self:?} over {io:?}: the dγ/dβ kernels take scalar io"
+        );
         let (body, gets, puts): (&str, &[&str], &[&str]) = match self {
             Kernel::Forward => (FORWARD, &["x", "gamma", "beta"], &["y"]),
             Kernel::Backward => (BACKWARD, &["x", "dy", "gamma"], &["dx"]),
