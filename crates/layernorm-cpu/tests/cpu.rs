@@ -120,6 +120,37 @@ fn respects_the_callers_pool() {
 }
 
 #[test]
+fn with_pool_runs_its_calls_on_that_pool() {
+    // The pool's only thread is held by a job of ours: a backend that runs on the pool cannot
+    // finish before we let it go; one that ignored the pool would finish at once. (A correct
+    // backend never fails this; a wrong one could only slip through on a machine too slow to
+    // normalize 128 K elements in 300 ms.)
+    let p = pool(1);
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    p.spawn(move || {
+        let _ = hold.recv();
+    });
+    let cpu = CpuBackend::with_pool(p);
+    let (rows, n) = (256, 512); // above the 64 K elements that run on the caller
+    let spec = NormSpec::layer_norm(rows, n, DType::F32).with_affine(false);
+    let x = normal(rows * n, 40);
+    let want = CpuBackend::new().forward_vec(&spec, &x, None, None).unwrap().y.into_vec();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let call = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let y = cpu.forward_vec(&spec, &x, None, None).unwrap().y.into_vec();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            y
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!done.load(std::sync::atomic::Ordering::SeqCst), "finished without its pool");
+    release.send(()).unwrap();
+    assert_eq!(bits(&call.join().unwrap()), bits(&want));
+}
+
+#[test]
 fn nd_normalizes_over_trailing_dims_like_pytorch() {
     // x: (2, 3, 4, 5), normalized_shape (4, 5): 6 rows of 20.
     let x = Array::from_shape_vec((2, 3, 4, 5), normal(120, 9)).unwrap();
