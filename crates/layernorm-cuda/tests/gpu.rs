@@ -2,7 +2,8 @@
 //! rows, bitwise-deterministic dγ/dβ, and zero rows.
 //!
 //! Without a usable GPU each test prints why and passes, unless `LAYERNORM_REQUIRE_CUDA` is set
-//! (set it on a GPU machine so a broken driver cannot turn the suite silently green):
+//! or `LAYERNORM_REQUIRE` lists `cuda` (set one on a GPU machine so a broken driver cannot turn
+//! the suite silently green):
 //! `LAYERNORM_REQUIRE_CUDA=1 cargo test -p layernorm-cuda --test gpu`.
 
 use layernorm_core::{
@@ -16,9 +17,13 @@ fn backend() -> Option<CudaBackend> {
     match CudaBackend::new() {
         Ok(b) => Some(b),
         Err(e) => {
+            // Either switch: this file's own, or the conformance suite's list.
+            let listed = std::env::var("LAYERNORM_REQUIRE")
+                .is_ok_and(|v| v.split(',').any(|b| b.trim() == "cuda"));
             assert!(
-                std::env::var_os("LAYERNORM_REQUIRE_CUDA").is_none(),
-                "LAYERNORM_REQUIRE_CUDA is set but the CUDA backend is unavailable: {e}"
+                std::env::var_os("LAYERNORM_REQUIRE_CUDA").is_none() && !listed,
+                "the CUDA backend is required (LAYERNORM_REQUIRE_CUDA, or cuda in \
+                 LAYERNORM_REQUIRE) but unavailable: {e}"
             );
             eprintln!("skipping: the CUDA backend is unavailable here: {e}");
             None
