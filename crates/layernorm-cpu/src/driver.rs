@@ -96,10 +96,15 @@ pub(crate) fn block_partials<A>(
 /// read-modify-write of the partials straddled two lines. One thread, AMD Zen 3, interleaved
 /// runs: 4096×768 backward 20.8 → 22.6 GB/s, 256×16384 16.5 → 18.9, 1024×4096 18.2 → 19.7.
 fn zeroed_on_line<A: Real>(len: usize) -> (Vec<A>, usize) {
-    let line = 64 / size_of::<A>();
-    let store = vec![A::zero(); len + line];
-    let start = store.as_ptr().align_offset(64).min(line);
+    let store = vec![A::zero(); len + 64 / size_of::<A>()];
+    let start = to_line(&store);
     (store, start)
+}
+
+/// How many elements from the start of `v` to its first cache-line (64-byte) boundary: at most
+/// a line's worth, the slack a buffer needs to hold its data from a line on.
+pub(crate) fn to_line<T>(v: &[T]) -> usize {
+    v.as_ptr().align_offset(64).min(64 / size_of::<T>().max(1))
 }
 
 /// Whether a problem of `numel` elements is spread over threads (else it runs on the caller).

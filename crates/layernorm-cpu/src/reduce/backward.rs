@@ -270,7 +270,7 @@ impl WithSimd for ColumnChunk<'_, '_> {
             v.clear();
             v.resize(C, 0.0);
         }
-        let (g0, b0) = (pg.as_ptr().align_offset(64).min(16), pb.as_ptr().align_offset(64).min(16));
+        let (g0, b0) = (crate::driver::to_line(pg), crate::driver::to_line(pb));
         let (pg, pb) = (&mut pg[g0..g0 + c], &mut pb[b0..b0 + c]);
         let (sg, sb) = (&mut sg[..c], &mut sb[..c]);
         for start in (0..rows).step_by(crate::driver::ROW_BLOCK) {

@@ -119,7 +119,7 @@ pub(super) fn staging(len: usize) -> (Vec<f32>, usize) {
     if buf.len() < len + 16 {
         buf.resize(len + 16, 0.0);
     }
-    let off = buf.as_ptr().align_offset(64).min(16);
+    let off = crate::driver::to_line(&buf);
     (buf, off)
 }
 
