@@ -48,8 +48,7 @@ impl HostNormalize for Faulty {
     fn output_cache(&self) -> Option<Arc<OutputCache>> {
         None
     }
-    fn forward_host(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
-        let mut a = a;
+    fn forward_host(&self, spec: &NormSpec, mut a: HostForward<'_>) -> Result<()> {
         let mut scratch = vec![0f32; spec.rows];
         let mean = match self.fault {
             Fault::MeanUnwritten => HostSliceMut::F32(&mut scratch),
