@@ -71,6 +71,11 @@ impl Io {
         }
     }
 
+    /// Whether this io moves one element per item (what [`Io::scalar`] gives).
+    pub(crate) fn is_scalar(self) -> bool {
+        matches!(self, Io::F32 | Io::F16 | Io::Bf16)
+    }
+
     /// The widest access whose items never straddle two rows of `n` elements.
     pub(crate) fn widest(dtype: DType, n: usize) -> Io {
         match dtype {
@@ -112,8 +117,7 @@ impl Kernel {
     /// element per item and exist over scalar io only (naga rejects them over vectors).
     pub(crate) fn source(self, io: Io, subgroups: bool) -> String {
         debug_assert!(
-            !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish)
-                || matches!(io, Io::F32 | Io::F16 | Io::Bf16),
+            !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish) || io.is_scalar(),
             "{self:?} over {io:?}: the dγ/dβ kernels take scalar io"
         );
         let (body, gets, puts): (&str, &[&str], &[&str]) = match self {
@@ -289,8 +293,7 @@ mod tests {
         // never builds. The dγ/dβ kernels are only built with scalar io (`dispatch.rs`).
         use wgpu::naga::valid::{Capabilities, ValidationFlags, Validator};
         for io in [Io::F32, Io::F32x4, Io::F16, Io::F16x4, Io::Bf16, Io::Bf16x2] {
-            let scalar = matches!(io, Io::F32 | Io::F16 | Io::Bf16);
-            let kernels: &[Kernel] = if scalar {
+            let kernels: &[Kernel] = if io.is_scalar() {
                 &[Kernel::Forward, Kernel::Backward, Kernel::ParamsGrad, Kernel::ParamsFinish]
             } else {
                 &[Kernel::Forward, Kernel::Backward]
