@@ -3,8 +3,10 @@
 //! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a `layernorm` and one or more
 //! `baseline…` functions per shape (see `benches/benches/*.rs`; the fastest baseline is the
 //! bar). The table gives LayerNorm's effective bandwidth (bytes read + written once / time) and
-//! its fraction of the baseline's, measured in the same run. `--json PATH` writes the same rows
-//! as JSON.
+//! its fraction of the baseline's, measured in the same run. `--rounds K` runs the bench K times
+//! and reports the median of the rounds' fractions (each against its own round's baseline, so a
+//! machine whose speed drifts between rounds moves both sides of a fraction alike), with every
+//! round's fraction beside it. `--json PATH` writes the same rows as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,12 +15,10 @@ use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
+/// One benchmark of one round.
 struct Row {
-    backend: String,
-    pass: String,
-    dtype: String,
-    threads: String,
-    shape: String,
+    /// Backend, pass, dtype, threads, shape.
+    key: [String; 5],
     bytes: f64,
     ns: f64,
     /// The baseline's (time, bytes): it may move a different byte count (wgpu's backward
@@ -33,47 +33,108 @@ impl Row {
     fn base_gbs(&self) -> Option<f64> {
         self.baseline.map(|(ns, bytes)| bytes / ns)
     }
-    fn fraction(&self) -> Option<f64> {
-        self.base_gbs().map(|b| self.gbs() / b)
+}
+
+/// One row of the table: a layernorm benchmark beside its bar, over one or more rounds.
+struct Summary {
+    key: [String; 5],
+    bytes: f64,
+    /// Per round: (LayerNorm's GB/s, the bar's GB/s where there is one).
+    rounds: Vec<(f64, Option<f64>)>,
+}
+
+impl Summary {
+    fn gbs(&self) -> f64 {
+        median(self.rounds.iter().map(|r| r.0).collect())
     }
+    fn base_gbs(&self) -> Option<f64> {
+        let b: Option<Vec<f64>> = self.rounds.iter().map(|r| r.1).collect();
+        b.map(median)
+    }
+    /// Each round's fraction of its own bar (measured minutes apart at most).
+    fn fractions(&self) -> Option<Vec<f64>> {
+        self.rounds.iter().map(|&(g, b)| b.map(|b| g / b)).collect()
+    }
+    /// The median of the rounds' fractions.
+    fn fraction(&self) -> Option<f64> {
+        self.fractions().map(median)
+    }
+}
+
+/// The median (of an even count, the mean of the middle two); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The rounds' rows grouped per benchmark (in the first round's order); a benchmark missing
+/// from a round keeps the rounds it has.
+fn summarize(rounds: Vec<Vec<Row>>) -> Vec<Summary> {
+    let mut out: Vec<Summary> = Vec::new();
+    for r in rounds.into_iter().flatten() {
+        let round = (r.gbs(), r.base_gbs());
+        match out.iter_mut().find(|s| s.key == r.key) {
+            Some(s) => s.rounds.push(round),
+            None => out.push(Summary { key: r.key, bytes: r.bytes, rounds: vec![round] }),
+        }
+    }
+    out
 }
 
 /// Runs the bench. `Ok(false)` if the bench itself failed.
 pub fn run(args: &[String]) -> Result<bool, String> {
-    let (mut bench, mut json_out, mut filter) = ("cpu".to_string(), None, Vec::new());
+    let (mut bench, mut json_out, mut filter, mut rounds) =
+        ("cpu".to_string(), None, Vec::new(), 1usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bench" => bench = it.next().ok_or("--bench needs a name")?.clone(),
             "--json" => json_out = Some(PathBuf::from(it.next().ok_or("--json needs a path")?)),
+            "--rounds" => {
+                let k = it.next().ok_or("--rounds needs a count")?;
+                rounds = k.parse().ok().filter(|&k| k > 0).ok_or("--rounds needs a count ≥ 1")?;
+            }
             other => filter.push(other.to_string()),
         }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?;
-    let start = SystemTime::now();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root)
-        .env("LAYERNORM_BENCH_QUICK", "1")
-        .args(["bench", "-q", "-p", "layernorm-benches", "--bench", &bench, "--"])
-        .args(&filter)
-        .status()
-        .map_err(|e| format!("cannot run cargo bench: {e}"))?;
-    if !status.success() {
-        return Ok(false);
-    }
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
-    let rows = collect(&target.join("criterion"), start)?;
+    let mut results = Vec::new();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round} of {rounds}");
+        }
+        let start = SystemTime::now();
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .env("LAYERNORM_BENCH_QUICK", "1")
+            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", &bench, "--"])
+            .args(&filter)
+            .status()
+            .map_err(|e| format!("cannot run cargo bench: {e}"))?;
+        if !status.success() {
+            return Ok(false);
+        }
+        results.push(collect(&target.join("criterion"), start)?);
+    }
+    let rows = summarize(results);
     print_table(&rows);
     if let Some(p) = json_out {
         let v: Vec<Value> = rows
             .iter()
             .map(|r| {
+                let [backend, pass, dtype, threads, shape] = &r.key;
                 json!({
-                    "backend": r.backend, "pass": r.pass, "dtype": r.dtype, "threads": r.threads,
-                    "shape": r.shape, "bytes": r.bytes, "seconds": r.ns * 1e-9,
+                    "backend": backend, "pass": pass, "dtype": dtype, "threads": threads,
+                    "shape": shape, "bytes": r.bytes, "rounds": r.rounds.len(),
                     "gb_per_s": r.gbs(),
                     "baseline_gb_per_s": r.base_gbs(),
                     "fraction_of_baseline": r.fraction(),
+                    "fraction_per_round": r.fractions(),
                 })
             })
             .collect();
@@ -129,16 +190,7 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
         let Some((ns, bytes)) = layernorm else { continue };
         let parts: Vec<&str> = group.split('/').collect();
         let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
-        rows.push(Row {
-            backend: get(0),
-            pass: get(1),
-            dtype: get(2),
-            threads: get(3),
-            shape,
-            bytes,
-            ns,
-            baseline,
-        });
+        rows.push(Row { key: [get(0), get(1), get(2), get(3), shape], bytes, ns, baseline });
     }
     if rows.is_empty() {
         return Err("no fresh criterion results found".into());
@@ -160,26 +212,77 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn print_table(rows: &[Row]) {
+fn print_table(rows: &[Summary]) {
+    let many = rows.iter().any(|r| r.rounds.len() > 1);
     println!(
-        "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}",
-        "bench", "pass", "dtype", "thr", "shape", "GB/s", "baseline", "fraction"
+        "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}{}",
+        "bench",
+        "pass",
+        "dtype",
+        "thr",
+        "shape",
+        "GB/s",
+        "baseline",
+        "fraction",
+        if many { "  rounds' fractions" } else { "" }
     );
     for r in rows {
         let (base, frac) = match (r.base_gbs(), r.fraction()) {
             (Some(b), Some(f)) => (format!("{b:.1}"), format!("{f:.2}")),
             _ => ("-".into(), "-".into()),
         };
+        let spread = match r.fractions() {
+            Some(f) if many => {
+                let f: Vec<String> = f.iter().map(|f| format!("{f:.2}")).collect();
+                format!("  {}", f.join(" "))
+            }
+            _ => String::new(),
+        };
+        let [backend, pass, dtype, threads, shape] = &r.key;
         println!(
-            "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9.1} {:>12} {:>9}",
-            r.backend,
-            r.pass,
-            r.dtype,
-            r.threads,
-            r.shape,
+            "{backend:<6} {pass:<9} {dtype:<5} {threads:<4} {shape:<11} {:>9.1} {base:>12} {frac:>9}{spread}",
             r.gbs(),
-            base,
-            frac
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(shape: &str, ns: f64, base_ns: Option<f64>) -> Row {
+        let key = ["cpu", "fwd", "f32", "1t", shape].map(String::from);
+        Row { key, bytes: 100.0, ns, baseline: base_ns.map(|t| (t, 100.0)) }
+    }
+
+    #[test]
+    fn rounds_are_summarized_by_the_median_of_their_own_fractions() {
+        // Three rounds of one benchmark whose machine changed speed between rounds: each
+        // round's fraction is against its own bar, and the median is of those fractions.
+        let rounds = vec![
+            vec![row("4x8", 10.0, Some(8.0)), row("2x2", 1.0, None)],
+            vec![row("4x8", 20.0, Some(10.0))],
+            vec![row("4x8", 5.0, Some(4.5)), row("2x2", 3.0, None)],
+        ];
+        let s = summarize(rounds);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].key[4], "4x8");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let f = s[0].fractions().unwrap();
+        assert!(f.len() == 3 && close(f[0], 0.8) && close(f[1], 0.5) && close(f[2], 0.9), "{f:?}");
+        assert!(close(s[0].fraction().unwrap(), 0.8));
+        assert!(close(s[0].gbs(), 10.0)); // median of 10, 5, 20 GB/s
+        assert!(close(s[0].base_gbs().unwrap(), 12.5)); // median of 12.5, 10, 22.2
+        // Without a bar there is no fraction; GB/s is the median of the two rounds it has.
+        assert_eq!(s[1].rounds.len(), 2);
+        assert_eq!(s[1].fraction(), None);
+        assert!(close(s[1].gbs(), (100.0 + 100.0 / 3.0) / 2.0));
+    }
+
+    #[test]
+    fn median_of_even_counts_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(vec![]).is_nan());
     }
 }
