@@ -131,6 +131,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 json!({
                     "backend": backend, "pass": pass, "dtype": dtype, "threads": threads,
                     "shape": shape, "bytes": r.bytes, "rounds": r.rounds.len(),
+                    "seconds": r.bytes / r.gbs() * 1e-9,
                     "gb_per_s": r.gbs(),
                     "baseline_gb_per_s": r.base_gbs(),
                     "fraction_of_baseline": r.fraction(),
