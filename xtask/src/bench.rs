@@ -15,31 +15,13 @@ use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
-/// One benchmark of one round.
-struct Row {
+/// One row of the table: a layernorm benchmark beside its bar, over one or more rounds.
+struct Summary {
     /// Backend, pass, dtype, threads, shape.
     key: [String; 5],
     bytes: f64,
-    ns: f64,
-    /// The baseline's (time, bytes): it may move a different byte count (wgpu's backward
-    /// baseline is a copy), so fractions compare bandwidths, not times.
-    baseline: Option<(f64, f64)>,
-}
-
-impl Row {
-    fn gbs(&self) -> f64 {
-        self.bytes / self.ns
-    }
-    fn base_gbs(&self) -> Option<f64> {
-        self.baseline.map(|(ns, bytes)| bytes / ns)
-    }
-}
-
-/// One row of the table: a layernorm benchmark beside its bar, over one or more rounds.
-struct Summary {
-    key: [String; 5],
-    bytes: f64,
-    /// Per round: (LayerNorm's GB/s, the bar's GB/s where there is one).
+    /// Per round: (LayerNorm's GB/s, the bar's GB/s where there is one). Bandwidths, not
+    /// times: a baseline may move a different byte count (wgpu's backward baseline is a copy).
     rounds: Vec<(f64, Option<f64>)>,
 }
 
@@ -51,7 +33,7 @@ impl Summary {
         let b: Option<Vec<f64>> = self.rounds.iter().map(|r| r.1).collect();
         b.map(median)
     }
-    /// Each round's fraction of its own bar (measured minutes apart at most).
+    /// Each round's fraction of its own bar (the two measured in the same round).
     fn fractions(&self) -> Option<Vec<f64>> {
         self.rounds.iter().map(|&(g, b)| b.map(|b| g / b)).collect()
     }
@@ -71,15 +53,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The rounds' rows grouped per benchmark (in the first round's order); a benchmark missing
-/// from a round keeps the rounds it has.
-fn summarize(rounds: Vec<Vec<Row>>) -> Vec<Summary> {
+/// Each round's one-round rows merged per benchmark (in the first round's order); a benchmark
+/// missing from a round keeps the rounds it has.
+fn summarize(rounds: Vec<Vec<Summary>>) -> Vec<Summary> {
     let mut out: Vec<Summary> = Vec::new();
     for r in rounds.into_iter().flatten() {
-        let round = (r.gbs(), r.base_gbs());
         match out.iter_mut().find(|s| s.key == r.key) {
-            Some(s) => s.rounds.push(round),
-            None => out.push(Summary { key: r.key, bytes: r.bytes, rounds: vec![round] }),
+            Some(s) => s.rounds.extend(r.rounds),
+            None => out.push(r),
         }
     }
     out
@@ -150,8 +131,8 @@ fn read_json(p: &Path) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
-/// Every `new/benchmark.json` written since `since`, paired layernorm ↔ baseline.
-fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
+/// Every `new/benchmark.json` written since `since`, paired layernorm ↔ baseline: one round.
+fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Summary>, String> {
     let mut found = Vec::new();
     walk(dir, &mut found);
     #[derive(Default)]
@@ -191,7 +172,9 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Row>, String> {
         let Some((ns, bytes)) = layernorm else { continue };
         let parts: Vec<&str> = group.split('/').collect();
         let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
-        rows.push(Row { key: [get(0), get(1), get(2), get(3), shape], bytes, ns, baseline });
+        let key = [get(0), get(1), get(2), get(3), shape];
+        let round = (bytes / ns, baseline.map(|(ns, bytes)| bytes / ns));
+        rows.push(Summary { key, bytes, rounds: vec![round] });
     }
     if rows.is_empty() {
         return Err("no fresh criterion results found".into());
@@ -251,9 +234,10 @@ fn print_table(rows: &[Summary]) {
 mod tests {
     use super::*;
 
-    fn row(shape: &str, ns: f64, base_ns: Option<f64>) -> Row {
+    /// One round of a benchmark moving 100 bytes in `ns` (its bar in `base_ns`).
+    fn row(shape: &str, ns: f64, base_ns: Option<f64>) -> Summary {
         let key = ["cpu", "fwd", "f32", "1t", shape].map(String::from);
-        Row { key, bytes: 100.0, ns, baseline: base_ns.map(|t| (t, 100.0)) }
+        Summary { key, bytes: 100.0, rounds: vec![(100.0 / ns, base_ns.map(|t| 100.0 / t))] }
     }
 
     #[test]
