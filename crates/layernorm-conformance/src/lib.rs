@@ -1,6 +1,6 @@
 //! The cross-backend conformance suite of layernorm, as a library.
 //!
-//! - **Cases are data**: `cases.toml` ([`cases`]), compiled in.
+//! - **Cases are data**: `cases.toml` ([`mod@cases`]), compiled in.
 //! - **One generic runner** ([`run_backend`]) applies every case, in every dtype the backend
 //!   supports, forward and backward, to any `dyn HostNormalize`, against the f64 reference.
 //! - **One comparison rule and one tolerance table** ([`metric`]), documented in

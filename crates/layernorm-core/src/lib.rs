@@ -1,6 +1,6 @@
 //! The backend-agnostic core of layernorm: the [`Normalize`] trait every backend implements, the
 //! problem description ([`NormSpec`]), dtypes ([`DType`], [`Element`]), the one [`Error`] type, and
-//! the f64 [`reference`] every backend is held to.
+//! the f64 [`mod@reference`] every backend is held to.
 //!
 //! Applications normally use the `layernorm` facade crate, which re-exports all of this and picks
 //! a backend. Backend authors implement [`Normalize`]; see `docs/adding-a-backend.md`.
