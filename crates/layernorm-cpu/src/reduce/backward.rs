@@ -727,10 +727,21 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
     (nxt, nk): ([(&[S::f32s], &[S::f32s]); K], [(S::f32s, S::f32s); K]),
     (cur, pv): (&[[&[S::f32s]; K]; 2], &[BackVecs<S::f32s>; K]),
     gh: &[S::f32s],
-    mut dxh: [&mut [S::f32s]; K],
+    dxh: [&mut [S::f32s]; K],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) -> [[f64; 3]; K] {
     let nv = cur[0][0].len();
+    // Every stream re-sliced to the row's vector count, so that the compiler sees the indices
+    // below in bounds and drops three of the four compare-and-branch pairs it put in every
+    // vector (AVX2: 50 → 43 instructions a vector, in a loop that from cache is bound by how
+    // many instructions the core can dispatch). Measured on the AMD Zen 3 VM with calls
+    // alternated in one process: 64×768 +8%, the benchmark shapes +1–5%.
+    let nxt = nxt.map(|(x, d)| (&x[..nv], &d[..nv]));
+    let cur = &cur.map(|rows| rows.map(|r| &r[..nv]));
+    let mut dxh = dxh.map(|d| &mut d[..nv]);
+    let gh = if G { &gh[..nv] } else { gh };
+    let dgh = if DG { &mut dgh[..nv] } else { dgh };
+    let dbh = if DB { &mut dbh[..nv] } else { dbh };
     let zero = simd.splat_f32s(0.0);
     let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();

@@ -112,6 +112,14 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
         let end = (i + pb).min(nh.len());
         // Vectors of both rows, then (streamed rows only) at most one of the next row alone.
         let both = end.min(ch.len()).max(i);
+        // The streams re-sliced to `both`, so that the compiler sees the indices below in
+        // bounds and drops the four compare-and-branch pairs it put in every line (AVX2: 48 → 38
+        // instructions a line, in a loop that from cache is bound by how many instructions the
+        // core can dispatch). Measured on the AMD Zen 3 VM with calls alternated in one process:
+        // 64×768 +9%, 4096×768 +6–8%, the other shapes 0–6% (single passes −3% to +6%).
+        let (nb, ch, yh) = (&nh[..both], &ch[..both], &mut yh[..both]);
+        let gh = if G { &gh[..both] } else { gh };
+        let bh = if B { &bh[..both] } else { bh };
         let mut acc = [simd.splat_f32s(0.0); 2];
         let mut j = i;
         // Whole cache lines (a block is a whole number of them), then the row's last vectors.
@@ -121,7 +129,7 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
                 prefetch_line(out_ahead.wrapping_add(j * lanes));
             }
             for q in j..j + per_line {
-                centered_step::<S, true>(simd, nh[q], k, &mut acc);
+                centered_step::<S, true>(simd, nb[q], k, &mut acc);
                 put::<S>(
                     &mut yh[q],
                     normalize_vec::<S, G, B>(simd, ch[q], (mh, ml, r), (gh, bh), q),
@@ -131,7 +139,7 @@ fn fused_vecs<S: Simd, const G: bool, const B: bool, const ST: bool>(
             j += per_line;
         }
         for q in j..both {
-            centered_step::<S, true>(simd, nh[q], k, &mut acc);
+            centered_step::<S, true>(simd, nb[q], k, &mut acc);
             put::<S>(
                 &mut yh[q],
                 normalize_vec::<S, G, B>(simd, ch[q], (mh, ml, r), (gh, bh), q),
