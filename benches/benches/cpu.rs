@@ -8,46 +8,10 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
+use layernorm_benches::cpu::{combine, copy, copy_loop};
 use layernorm_benches::{SHAPES, data, quick};
 use layernorm_core::{DType, Element, HostNormalizeExt, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
-use rayon::prelude::*;
-
-/// Elements per parallel chunk of the baselines (the backend's tasks are of the same order).
-const CHUNK: usize = 1 << 15;
-
-/// Forward baseline: read N, write N, no math (a parallel memcpy).
-fn copy<T: CpuElement>(x: &[T], y: &mut [T]) {
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| y.copy_from_slice(x));
-}
-
-/// The forward's other baseline: read N, write N through a vectorized loop that is not memcpy
-/// (each byte XORed with an opaque zero, as cheap as a·x + b). The "copy" is the
-/// faster of the two; it also keeps one memcpy that runs slow in a given run (on these VMs
-/// `rep movsb` sometimes runs at a tenth of its speed for minutes, a function of where the two
-/// buffers lie) from inflating the fractions.
-fn copy_loop<T: CpuElement>(x: &[T], y: &mut [T]) {
-    let k = std::hint::black_box(0u8);
-    let (x, y): (&[u8], &mut [u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice_mut(y));
-    let c = CHUNK * 4;
-    y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
-        for (o, &i) in y.iter_mut().zip(x) {
-            *o = i ^ k;
-        }
-    });
-}
-
-/// Backward baseline: read 2N, write N, no math (a word-wise XOR of the bytes).
-fn combine<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
-    let (x, z): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(z));
-    let out: &mut [u8] = bytemuck::cast_slice_mut(out);
-    let c = CHUNK * 4;
-    out.par_chunks_mut(c).zip(x.par_chunks(c).zip(z.par_chunks(c))).for_each(|(o, (x, z))| {
-        for ((o, &x), &z) in o.iter_mut().zip(x).zip(z) {
-            *o = x ^ z;
-        }
-    });
-}
 
 fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());

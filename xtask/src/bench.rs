@@ -7,6 +7,12 @@
 //! and reports the median of the rounds' fractions (each against its own round's baseline, so a
 //! machine whose speed drifts between rounds moves both sides of a fraction alike), with every
 //! round's fraction beside it. `--json PATH` writes the same rows as JSON.
+//!
+//! `--paired` runs `benches/benches/paired.rs` instead: LayerNorm and its CPU baselines timed
+//! alternately, ~10 ms a side, many times over, each pair a "round" here (so the table's
+//! fraction is the median over pairs, and the JSON's `fraction_per_round` is per pair). Both
+//! sides of a pair see the machine in the same state, which criterion's one-function-at-a-time
+//! runs cannot give.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -70,10 +76,12 @@ fn summarize(rounds: Vec<Vec<Summary>>) -> Vec<Summary> {
 pub fn run(args: &[String]) -> Result<bool, String> {
     let (mut bench, mut json_out, mut filter, mut rounds) =
         ("cpu".to_string(), None, Vec::new(), 1usize);
+    let mut paired = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bench" => bench = it.next().ok_or("--bench needs a name")?.clone(),
+            "--paired" => paired = true,
             "--json" => json_out = Some(PathBuf::from(it.next().ok_or("--json needs a path")?)),
             "--rounds" => {
                 let k = it.next().ok_or("--rounds needs a count")?;
@@ -90,13 +98,30 @@ pub fn run(args: &[String]) -> Result<bool, String> {
             println!("round {round} of {rounds}");
         }
         let start = SystemTime::now();
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        let name = if paired { "paired" } else { &bench };
+        cargo
             .current_dir(root)
             .env("LAYERNORM_BENCH_QUICK", "1")
-            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", &bench, "--"])
-            .args(&filter)
-            .status()
-            .map_err(|e| format!("cannot run cargo bench: {e}"))?;
+            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", name, "--"])
+            .args(&filter);
+        if paired {
+            // The paired bench prints its measurements; criterion's go to target/criterion.
+            let out = cargo
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| format!("cannot run cargo bench: {e}"))?;
+            if !out.status.success() {
+                return Ok(false);
+            }
+            let rows = parse_pairs(&String::from_utf8_lossy(&out.stdout));
+            if rows.is_empty() {
+                return Err("the paired bench measured nothing (check the filter)".into());
+            }
+            results.push(rows);
+            continue;
+        }
+        let status = cargo.status().map_err(|e| format!("cannot run cargo bench: {e}"))?;
         if !status.success() {
             return Ok(false);
         }
@@ -125,6 +150,35 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         println!("wrote {}", p.display());
     }
     Ok(true)
+}
+
+/// The paired bench's lines (`pair <group> <shape> <bytes> <kernel s>,<bar s> …`, seconds per
+/// call): one row per line, each pair one round (LayerNorm and its bar timed back to back).
+fn parse_pairs(text: &str) -> Vec<Summary> {
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some("pair"), Some(group), Some(shape), Some(bytes)) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let Ok(bytes) = bytes.parse::<f64>() else { continue };
+        let rounds: Vec<(f64, Option<f64>)> = f
+            .filter_map(|p| {
+                let (k, b) = p.split_once(',')?;
+                let (k, b) = (k.parse::<f64>().ok()?, b.parse::<f64>().ok()?);
+                Some((bytes / k * 1e-9, Some(bytes / b * 1e-9)))
+            })
+            .collect();
+        let parts: Vec<&str> = group.split('/').collect();
+        let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
+        let key = [get(0), get(1), get(2), get(3), shape.to_string()];
+        if !rounds.is_empty() {
+            rows.push(Summary { key, bytes, rounds });
+        }
+    }
+    rows
 }
 
 fn read_json(p: &Path) -> Option<Value> {
@@ -216,6 +270,12 @@ fn print_table(rows: &[Summary]) {
             _ => ("-".into(), "-".into()),
         };
         let spread = match r.fractions() {
+            // A few rounds: each one's fraction. Many (the paired bench's pairs): their spread.
+            Some(mut f) if many && f.len() > 5 => {
+                f.sort_by(f64::total_cmp);
+                let q = |p: f64| f[((f.len() - 1) as f64 * p).round() as usize];
+                format!("  {:.2}–{:.2} (middle half of {})", q(0.25), q(0.75), f.len())
+            }
             Some(f) if many => {
                 let f: Vec<String> = f.iter().map(|f| format!("{f:.2}")).collect();
                 format!("  {}", f.join(" "))
@@ -262,6 +322,21 @@ mod tests {
         assert_eq!(s[1].rounds.len(), 2);
         assert_eq!(s[1].fraction(), None);
         assert!(close(s[1].gbs(), (100.0 + 100.0 / 3.0) / 2.0));
+    }
+
+    #[test]
+    fn paired_lines_become_one_row_with_a_round_per_pair() {
+        let text = "noise\npair cpu/bwd/f32/2t 4096x768 300 1e-7,5e-8 2e-7,1.5e-7\npair x\n";
+        let rows = parse_pairs(text);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.key, ["cpu", "bwd", "f32", "2t", "4096x768"].map(String::from));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // 300 bytes in 1e-7 s: 3 GB/s; its bar 6 GB/s; the second pair 1.5 against 2.
+        let f = r.fractions().unwrap();
+        assert!(close(r.rounds[0].0, 3.0) && close(r.rounds[0].1.unwrap(), 6.0));
+        assert!(close(f[0], 0.5) && close(f[1], 0.75), "{f:?}");
+        assert!(close(r.fraction().unwrap(), 0.625));
     }
 
     #[test]
