@@ -90,6 +90,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
             other => filter.push(other.to_string()),
         }
     }
+    if paired && bench != "cpu" {
+        return Err("--paired measures the CPU backend only".into());
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
     let mut results = Vec::new();
