@@ -155,6 +155,13 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     Ok(true)
 }
 
+/// A row's key from its bench group (`backend/pass/dtype/threads`) and shape.
+fn key_of(group: &str, shape: &str) -> [String; 5] {
+    let parts: Vec<&str> = group.split('/').collect();
+    let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
+    [get(0), get(1), get(2), get(3), shape.to_string()]
+}
+
 /// The paired bench's lines (`pair <group> <shape> <bytes> <kernel s>,<bar s> …`, seconds per
 /// call): one row per line, each pair one round (LayerNorm and its bar timed back to back).
 fn parse_pairs(text: &str) -> Vec<Summary> {
@@ -174,9 +181,7 @@ fn parse_pairs(text: &str) -> Vec<Summary> {
                 Some((bytes / k * 1e-9, Some(bytes / b * 1e-9)))
             })
             .collect();
-        let parts: Vec<&str> = group.split('/').collect();
-        let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
-        let key = [get(0), get(1), get(2), get(3), shape.to_string()];
+        let key = key_of(group, shape);
         if !rounds.is_empty() {
             rows.push(Summary { key, bytes, rounds });
         }
@@ -227,9 +232,7 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Summary>, String> {
     let mut rows = Vec::new();
     for ((group, shape), Pair { layernorm, baseline }) in m {
         let Some((ns, bytes)) = layernorm else { continue };
-        let parts: Vec<&str> = group.split('/').collect();
-        let get = |i: usize| parts.get(i).copied().unwrap_or("-").to_string();
-        let key = [get(0), get(1), get(2), get(3), shape];
+        let key = key_of(&group, &shape);
         let round = (bytes / ns, baseline.map(|(ns, bytes)| bytes / ns));
         rows.push(Summary { key, bytes, rounds: vec![round] });
     }
