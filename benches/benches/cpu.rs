@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
-use layernorm_benches::cpu::{combine, copy, copy_loop};
+use layernorm_benches::cpu::{Inputs, combine, copy, copy_loop};
 use layernorm_benches::{SHAPES, data, quick};
 use layernorm_core::{DType, Element, HostNormalizeExt, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
@@ -17,14 +17,11 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
     let cpu = CpuBackend::with_pool(pool.clone());
     let dt = T::DTYPE;
-    let conv = |v: Vec<f32>| v.into_iter().map(|f| T::from_f64(f as f64)).collect::<Vec<T>>();
     for (rows, n) in SHAPES {
         let numel = rows * n;
         let id = format!("{rows}x{n}");
         let spec = NormSpec::layer_norm(rows, n, dt);
-        let x = conv(data(numel, 1));
-        let dy = conv(data(numel, 2));
-        let (g, b) = (conv(data(n, 3)), conv(data(n, 4)));
+        let Inputs { x, dy, gamma: g, beta: b } = Inputs::<T>::new(rows, n);
         let mut y = x.clone();
         let mut dx = x.clone();
         let (mut dg, mut db) = (g.clone(), g.clone());

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use layernorm_benches::cpu::{combine, copy, copy_loop};
-use layernorm_benches::{SHAPES, data, quick};
+use layernorm_benches::cpu::{Inputs, combine, copy, copy_loop};
+use layernorm_benches::{SHAPES, quick};
 use layernorm_core::{Element, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
@@ -78,7 +78,6 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
     let cpu = CpuBackend::with_pool(pool.clone());
     let dt = T::DTYPE;
-    let conv = |v: Vec<f32>| v.into_iter().map(|f| T::from_f64(f as f64)).collect::<Vec<T>>();
     let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
     for (rows, n) in SHAPES {
         let shape = format!("{rows}x{n}");
@@ -93,9 +92,7 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
         }
         let numel = rows * n;
         let spec = NormSpec::layer_norm(rows, n, dt);
-        let x = conv(data(numel, 1));
-        let dy = conv(data(numel, 2));
-        let (g, b) = (conv(data(n, 3)), conv(data(n, 4)));
+        let Inputs { x, dy, gamma: g, beta: b } = Inputs::<T>::new(rows, n);
         // As in `cpu.rs`, the baselines write where LayerNorm does (y, dx), so that both sides
         // of a pair touch the same memory.
         let out = RefCell::new(x.clone());
@@ -106,15 +103,15 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
             cpu.forward_into(&spec, &x, Some(&g), Some(&b), out, mean, rstd).unwrap()
         };
         fwd_call(&mut out.borrow_mut(), &mut mean, &mut rstd);
-        let mut memcpy = || {
-            let y = &mut out.borrow_mut()[..];
-            pool.install(|| copy(&x, y))
-        };
-        let mut looped = || {
-            let y = &mut out.borrow_mut()[..];
-            pool.install(|| copy_loop(&x, y))
-        };
         if do_fwd {
+            let mut memcpy = || {
+                let y = &mut out.borrow_mut()[..];
+                pool.install(|| copy(&x, y))
+            };
+            let mut looped = || {
+                let y = &mut out.borrow_mut()[..];
+                pool.install(|| copy_loop(&x, y))
+            };
             let mut kernel = || fwd_call(&mut out.borrow_mut(), &mut mean, &mut rstd);
             let p = measure(&mut kernel, &mut [&mut memcpy, &mut looped], pairs, target);
             report(&fwd, &shape, 2 * numel * dt.size(), &p);

@@ -30,6 +30,32 @@ pub mod cpu {
     use multiversion::multiversion;
     use rayon::prelude::*;
 
+    /// A benchmark's inputs for `rows` rows of `n`, in `T`: x, dy, γ and β (the same data in
+    /// every CPU bench, so that their numbers compare).
+    pub struct Inputs<T> {
+        /// The input, `rows · n`.
+        pub x: Vec<T>,
+        /// The output gradient, `rows · n`.
+        pub dy: Vec<T>,
+        /// γ, `n`.
+        pub gamma: Vec<T>,
+        /// β, `n`.
+        pub beta: Vec<T>,
+    }
+
+    impl<T: CpuElement> Inputs<T> {
+        /// The inputs of a `rows × n` problem, from [`crate::data`] with fixed seeds.
+        pub fn new(rows: usize, n: usize) -> Inputs<T> {
+            let conv = |v: Vec<f32>| v.into_iter().map(|f| T::from_f64(f as f64)).collect();
+            Inputs {
+                x: conv(crate::data(rows * n, 1)),
+                dy: conv(crate::data(rows * n, 2)),
+                gamma: conv(crate::data(n, 3)),
+                beta: conv(crate::data(n, 4)),
+            }
+        }
+    }
+
     /// Elements per parallel chunk of the baselines (the backend's tasks are of the same order).
     pub const CHUNK: usize = 1 << 15;
 
