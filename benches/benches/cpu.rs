@@ -1,14 +1,16 @@
 //! CPU benchmarks: LayerNorm forward and backward (f32, bf16, f16; 1 and 2 threads) on the standard
-//! shapes, each beside a baseline that moves the same bytes with no math — read N + write N for
-//! the forward (a parallel memcpy, and a vectorized copy loop: `cargo xtask bench` takes the
-//! faster), read 2N + write N for the backward (a bytewise XOR the compiler vectorizes) — on the same pool in the same run. `cargo xtask bench` turns the pairs into fractions of the baseline.
+//! shapes, each beside baselines that move the same bytes with no math — read N + write N for
+//! the forward (a parallel memcpy, a vectorized copy loop, and a copy with streaming stores),
+//! read 2N + write N for the backward (a bytewise XOR the compiler vectorizes, with ordinary and
+//! with streaming stores) — on the same pool in the same run. `cargo xtask bench` takes the
+//! fastest baseline of each row as its bar and turns the pairs into fractions of it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
-use layernorm_benches::cpu::{Inputs, combine, copy, copy_loop};
+use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
 use layernorm_benches::{SHAPES, data, quick};
 use layernorm_core::{DType, Element, HostNormalizeExt, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
@@ -43,6 +45,9 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
         fwd.bench_function(BenchmarkId::new("baseline-loop", &id), |bch| {
             bch.iter(|| pool.install(|| copy_loop(&x, &mut y)))
         });
+        fwd.bench_function(BenchmarkId::new("baseline-stream", &id), |bch| {
+            bch.iter(|| pool.install(|| copy_stream(&x, &mut y)))
+        });
         fwd.finish();
 
         let mut bwd = c.benchmark_group(format!("cpu/bwd/{}/{threads}t", dt.name()));
@@ -65,6 +70,9 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
         });
         bwd.bench_function(BenchmarkId::new("baseline", &id), |bch| {
             bch.iter(|| pool.install(|| combine(&x, &dy, &mut dx)))
+        });
+        bwd.bench_function(BenchmarkId::new("baseline-stream", &id), |bch| {
+            bch.iter(|| pool.install(|| combine_stream(&x, &dy, &mut dx)))
         });
         bwd.finish();
     }
@@ -93,6 +101,9 @@ fn bench_allocating(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("baseline-loop", &id), |bch| {
             bch.iter(|| pool.install(|| copy_loop(&x, &mut y)))
+        });
+        group.bench_function(BenchmarkId::new("baseline-stream", &id), |bch| {
+            bch.iter(|| pool.install(|| copy_stream(&x, &mut y)))
         });
     }
     group.finish();

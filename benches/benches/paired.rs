@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use layernorm_benches::cpu::{Inputs, combine, copy, copy_loop};
+use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
 use layernorm_benches::{SHAPES, quick};
 use layernorm_core::{Element, NormSpec};
 use layernorm_cpu::{CpuBackend, CpuElement};
@@ -112,8 +112,13 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
                 let y = &mut out.borrow_mut()[..];
                 pool.install(|| copy_loop(&x, y))
             };
+            let mut streamed = || {
+                let y = &mut out.borrow_mut()[..];
+                pool.install(|| copy_stream(&x, y))
+            };
             let mut kernel = || fwd_call(&mut out.borrow_mut(), &mut mean, &mut rstd);
-            let p = measure(&mut kernel, &mut [&mut memcpy, &mut looped], pairs, target);
+            let bars: &mut [&mut dyn FnMut()] = &mut [&mut memcpy, &mut looped, &mut streamed];
+            let p = measure(&mut kernel, bars, pairs, target);
             report(&fwd, &shape, 2 * numel * dt.size(), &p);
         }
         if do_bwd {
@@ -127,7 +132,11 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
                 let dx = &mut out.borrow_mut()[..];
                 pool.install(|| combine(&x, &dy, dx))
             };
-            let p = measure(&mut kernel, &mut [&mut xor], pairs, target);
+            let mut xor_streamed = || {
+                let dx = &mut out.borrow_mut()[..];
+                pool.install(|| combine_stream(&x, &dy, dx))
+            };
+            let p = measure(&mut kernel, &mut [&mut xor, &mut xor_streamed], pairs, target);
             report(&bwd, &shape, 3 * numel * dt.size(), &p);
         }
     }

@@ -86,6 +86,101 @@ pub mod cpu {
             .for_each(|(o, (x, z))| xor_into(o, x, z));
     }
 
+    /// The forward's third baseline: read N, write N with non-temporal (streaming) stores, as
+    /// the kernels write large outputs (`layernorm_cpu::Stores`) and as glibc's memcpy copies
+    /// buffers larger than it thinks the cache is. The parallel `copy` above is a memcpy per
+    /// 128 KiB chunk, which never streams; without this bar, a kernel streaming its output would
+    /// be measured against a copy that reads every output line in first. (x86-64; elsewhere the
+    /// copy loop, as the kernels stream only on x86-64.)
+    pub fn copy_stream<T: CpuElement>(x: &[T], y: &mut [T]) {
+        let (x, y): (&[u8], &mut [u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice_mut(y));
+        let c = CHUNK * 4;
+        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| stream::write(y, x, None));
+    }
+
+    /// The backward's second baseline: [`combine`] with non-temporal stores (see
+    /// [`copy_stream`]).
+    pub fn combine_stream<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
+        let (x, z): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(z));
+        let out: &mut [u8] = bytemuck::cast_slice_mut(out);
+        let c = CHUNK * 4;
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c).zip(z.par_chunks(c)))
+            .for_each(|(o, (x, z))| stream::write(o, x, Some(z)));
+    }
+
+    /// Streaming-store loops: `out = x` or `out = x ^ z`, the aligned middle with 32-byte
+    /// non-temporal stores (16-byte without AVX), the ends with ordinary ones.
+    mod stream {
+        /// `out = x`, or `out = x ^ z` with `z`, then a store fence.
+        pub(super) fn write(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: AVX is checked here at run time; SSE is part of x86-64.
+                if std::arch::is_x86_feature_detected!("avx") {
+                    unsafe { x86::write_avx(out, x, z) }
+                } else {
+                    unsafe { x86::write_sse(out, x, z) }
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            match z {
+                None => super::xor_with(out, x, 0),
+                Some(z) => super::xor_into(out, x, z),
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        mod x86 {
+            use core::arch::x86_64::*;
+
+            /// The scalar ends of a streamed span.
+            fn plain(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
+                match z {
+                    None => out.copy_from_slice(&x[..out.len()]),
+                    Some(z) => {
+                        for ((o, &x), &z) in out.iter_mut().zip(x).zip(z) {
+                            *o = x ^ z;
+                        }
+                    }
+                }
+            }
+
+            /// One loop per vector width: unaligned loads, aligned non-temporal stores.
+            macro_rules! streamer {
+                ($name:ident, $feature:literal, $w:literal, $load:ident, $xor:ident, $store:ident) => {
+                    /// # Safety
+                    /// The CPU must have the named feature.
+                    #[target_feature(enable = $feature)]
+                    pub(super) unsafe fn $name(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
+                        let n = out.len().min(x.len()).min(z.map_or(usize::MAX, |z| z.len()));
+                        let head = out.as_ptr().align_offset($w).min(n);
+                        let body = (n - head) / $w * $w;
+                        let (o, x) = (&mut out[..n], &x[..n]);
+                        plain(&mut o[..head], &x[..head], z.map(|z| &z[..head]));
+                        let mut i = head;
+                        while i < head + body {
+                            // SAFETY: i + $w <= n for every slice; `o + i` is $w-aligned.
+                            unsafe {
+                                let mut v = $load(x.as_ptr().add(i).cast());
+                                if let Some(z) = z {
+                                    v = $xor(v, $load(z.as_ptr().add(i).cast()));
+                                }
+                                $store(o.as_mut_ptr().add(i).cast(), v);
+                            }
+                            i += $w;
+                        }
+                        let t = head + body;
+                        plain(&mut o[t..], &x[t..], z.map(|z| &z[t..n]));
+                        _mm_sfence();
+                    }
+                };
+            }
+            streamer!(write_avx, "avx", 32, _mm256_loadu_ps, _mm256_xor_ps, _mm256_stream_ps);
+            streamer!(write_sse, "sse2", 16, _mm_loadu_ps, _mm_xor_ps, _mm_stream_ps);
+        }
+    }
+
     // The baselines' loops are compiled for the widest vectors the machine has, as the kernels
     // are (`multiversion`, dispatched at run time): built for the default x86-64 target they
     // were 16-byte SSE loops, a bar the kernels' 32- and 64-byte vectors did not face.
@@ -111,6 +206,45 @@ pub mod cpu {
     fn xor_into(out: &mut [u8], x: &[u8], z: &[u8]) {
         for ((o, &x), &z) in out.iter_mut().zip(x).zip(z) {
             *o = x ^ z;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu::{combine, combine_stream, copy, copy_loop, copy_stream};
+
+    #[test]
+    fn the_baselines_move_the_bytes_they_claim() {
+        // Every phase against a 64-byte line and lengths around the vector and chunk sizes, so
+        // the streamed loops' aligned middles and ordinary ends are all exercised.
+        for len in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000, super::cpu::CHUNK + 13] {
+            for phase in 0..16 {
+                let x: Vec<f32> = super::data(len + phase, 5)[phase..].to_vec();
+                let z: Vec<f32> = super::data(len + phase, 6)[phase..].to_vec();
+                let mut buf = vec![0f32; len + phase];
+                let out = &mut buf[phase..];
+                let xor: Vec<u32> =
+                    x.iter().zip(&z).map(|(a, b)| a.to_bits() ^ b.to_bits()).collect();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for (name, f) in [
+                    ("copy", copy::<f32> as fn(&[f32], &mut [f32])),
+                    ("copy_loop", copy_loop::<f32>),
+                    ("copy_stream", copy_stream::<f32>),
+                ] {
+                    out.fill(0.5);
+                    f(&x, out);
+                    assert_eq!(bits(out), bits(&x), "{name}, len {len}, phase {phase}");
+                }
+                for (name, f) in [
+                    ("combine", combine::<f32> as fn(&[f32], &[f32], &mut [f32])),
+                    ("combine_stream", combine_stream::<f32>),
+                ] {
+                    out.fill(0.5);
+                    f(&x, &z, out);
+                    assert_eq!(bits(out), xor, "{name}, len {len}, phase {phase}");
+                }
+            }
         }
     }
 }
