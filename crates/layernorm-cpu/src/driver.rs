@@ -24,12 +24,14 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// With `Stores::Auto`, calls whose output (y, or dx) is at least this many bytes write it with
 /// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary
 /// stores would first read every output line from memory (one more stream of traffic). Below it,
-/// the output is left in cache for whoever reads it next. 32 MiB: with the inputs, more than a
-/// typical server L3 slice; measured here, streaming won from outputs of 32 MiB up and lost at
-/// 16 MiB (`docs/performance.md`). The operating system's report of the L3 size is not used:
-/// virtual machines report the host's. (The backward's long rows keep ordinary stores under
-/// `Stores::Auto`: see `Stores::stream_dx`.)
-pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+/// the output is left in cache for whoever reads it next. 16 MiB: with an input of the same
+/// size, a whole 32 MiB L3. Measured on the AMD Zen 3 VM (32 MiB L3) in alternating calls,
+/// forward: at 16 MiB streaming gained 2–16% on one thread and 0–12% on two over five shapes; at
+/// 10–12 MiB it lost up to 26% on two threads (x and y then stay in L3 between calls); the
+/// backward's dx streamed was even at 16 MiB and gained 14% (one thread) and 28% (two) at 64 MiB
+/// (`docs/performance.md`, ninth session). The operating system's report of the L3 size is not
+/// used: virtual machines report the host's.
+pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// Forwards writing at least this many bytes of y with ordinary stores ask for y's lines ahead
 /// of the sweep (see `reduce::store::OUT_AHEAD`). Below it y is mostly still in cache from the

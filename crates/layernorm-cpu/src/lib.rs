@@ -71,10 +71,9 @@ pub struct CpuBackend {
 /// its sweep, so that the stores do not wait on those reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stores {
-    /// Streaming stores when the call's output (y, or dx) is 32 MiB or more — with the inputs,
-    /// more than a server L3 slice holds — ordinary stores otherwise. In the backward, only
-    /// rows shorter than 256 stream (see `docs/performance.md`: on an AMD Zen 3 the long-row
-    /// backward was faster with ordinary stores at every size).
+    /// Streaming stores when the call's output (y, or dx) is 16 MiB or more — with an input of
+    /// the same size, more than a 32 MiB L3 — ordinary stores otherwise (see
+    /// `docs/performance.md`).
     #[default]
     Auto,
     /// Always ordinary stores (y stays in cache).
@@ -91,20 +90,6 @@ impl Stores {
             Stores::Auto => out_bytes >= driver::STREAM_MIN_BYTES,
             Stores::Cached => false,
             Stores::Streaming => true,
-        }
-    }
-
-    /// Whether a backward writing `out_bytes` of dx in rows of `n` streams its stores: as
-    /// [`Stores::stream`], except that under `Auto` the long-row sweeps (N ≥
-    /// `row::BACK_FUSE_MIN_N`) keep ordinary stores. Their streamed dx is staged a row at a
-    /// time in L1; measured on the AMD Zen 3 VM in interleaved runs, ordinary stores were faster
-    /// (16384×1024: one thread 9.3 → 11.9 GB/s, two threads 15.3 → 17.5; 4096×2048 one thread
-    /// 12.3 → 15.1), while the short-row groups were even. (On the Intel VM of earlier sessions
-    /// streaming had gained 5–15% at 64 MiB; `Stores::Streaming` still gives it.)
-    fn stream_dx(self, out_bytes: usize, n: usize) -> bool {
-        match self {
-            Stores::Auto => n < row::BACK_FUSE_MIN_N && self.stream(out_bytes),
-            other => other.stream(out_bytes),
         }
     }
 }
@@ -210,7 +195,7 @@ impl CpuBackend {
             ),
         )?;
         check_kind(spec.kind)?;
-        let stream = self.stores.stream_dx(size_of_val(dx), spec.n);
+        let stream = self.stores.stream(size_of_val(dx));
         self.run(x.len(), || {
             driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
         });

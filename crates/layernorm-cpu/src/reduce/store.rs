@@ -83,8 +83,8 @@ pub(super) const OUT_AHEAD: usize = 1024;
 /// How far ahead (in `f32` elements: 2 KiB) the long-row backward asks for the lines of the rows
 /// it sums (x, dy) and of the dx it writes. Against 8 KiB for x and dy and no prefetch of dx,
 /// medians of interleaved runs on the AMD Zen 3 VM, one thread: 4096×768 +3%, 1024×4096 +8%,
-/// 4096×1024 +8%, 256×16384 +12%, 16384×1024 +7%. (1 KiB measured alike; the backward keeps
-/// ordinary stores for dx at every size, see `Stores::stream_dx`.)
+/// 4096×1024 +8%, 256×16384 +12%, 16384×1024 +7%. (1 KiB measured alike, with ordinary stores
+/// for dx; where dx is streamed, it is staged in L1 and the prefetch finds it there.)
 pub(super) const BACK_AHEAD: usize = 512;
 
 /// Asks for the cache line holding `p` to be brought into L1 (a hint: `p` may point anywhere,
