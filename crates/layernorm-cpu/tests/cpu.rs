@@ -414,8 +414,9 @@ fn rows_are_independent_of_their_neighbours() {
 
 #[test]
 fn streaming_stores_give_the_same_bits_at_every_alignment() {
-    // Streaming stores split each output span at its first 64-byte boundary; the values must not
-    // depend on where that falls, nor on the store kind. Short rows, pipelined rows, and a
+    // Streaming stores split each output span where its streamed part starts and ends (a vector
+    // or a 64-byte boundary, the last 64-byte boundary); the values must not depend on where
+    // those fall, nor on the store kind. Short rows, pipelined rows, and a
     // problem large enough to run in parallel; y and dx at every 4-byte phase of a cache line.
     let cached = CpuBackend::new().with_stores(Stores::Cached);
     let streaming = CpuBackend::new().with_stores(Stores::Streaming);

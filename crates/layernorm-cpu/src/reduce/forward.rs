@@ -67,14 +67,22 @@ fn fused_in<S: Simd>(
     let zero = simd.splat_f32s(0.0);
     let k = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
     let (mh, ml, rv) = (simd.splat_f32s(m_hi), simd.splat_f32s(m_lo), simd.splat_f32s(r));
-    // This row's vectors start at `p` (see `stream_head`): they may be one fewer than the
-    // next row's, which is why the vector body normalizes only `ch.len()` of them.
-    let (p, stream) = stream_head::<S>(&y[..n], out.stream());
+    // Streamed, this row's vectors are its whole cache lines (see `stream_span`): they may be
+    // up to two lines fewer than the next row's vectors, which is why the vector body
+    // normalizes only `ch.len()` of them.
+    let (lines, stream) = stream_span::<S>(&y[..n], out.stream());
+    let (p, q) = if stream { (lines.start, lines.end) } else { (0, n) };
+    if stream {
+        // The line this row shares with the next, which both write with ordinary stores
+        // (see `stream_span`).
+        prefetch_line(&y[n - 1]);
+    }
     if p > 0 {
         normalize_head(cur, (m_hi, m_lo, r), (gamma, beta), y, p);
     }
-    let (ch, ct) = S::as_simd_f32s(&cur[p..n]);
-    let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);
+    let ch = S::as_simd_f32s(&cur[p..q]).0;
+    let yh = S::as_mut_simd_f32s(&mut y[p..q]).0;
+    let base = p + ch.len() * (size_of::<S::f32s>() / 4);
     let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
     let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
     let (g, b) = (gamma.is_some(), beta.is_some());
@@ -82,7 +90,7 @@ fn fused_in<S: Simd>(
     let mut total =
         specialize!(fused_vecs::<S>(g, b, stream)(simd, (nh, k), (ch, kc), (gh, bh), yh, pf));
     centered_tail(nt, (m_next, 1.0, 0.0), &mut total);
-    normalize_tail(ct, (m_hi, m_lo, r), (gamma, beta), n - ct.len(), yt);
+    normalize_tail(&cur[base..n], (m_hi, m_lo, r), (gamma, beta), base, &mut y[base..n]);
     total
 }
 
@@ -128,8 +136,10 @@ fn fused_lines<S: Simd, const G: bool, const B: bool, const ST: bool, const PF: 
     let mut i = 0;
     while i < nh.len() {
         let end = (i + pb).min(nh.len());
-        // Vectors of both rows, then (streamed rows only) at most one of the next row alone.
-        let both = end.min(ch.len()).max(i);
+        // Vectors of both rows, then (streamed rows only: this row's vectors are its whole
+        // lines) up to three of the next row alone. In the row's last block `both` may fall
+        // below `i`: the block then has no vector of this row.
+        let both = end.min(ch.len());
         // The streams re-sliced to `both`, so that the compiler sees the indices below in
         // bounds and drops the four compare-and-branch pairs it put in every line (AVX2: 48 → 38
         // instructions a line, in a loop that from cache is bound by how many instructions the
@@ -164,7 +174,7 @@ fn fused_lines<S: Simd, const G: bool, const B: bool, const ST: bool, const PF: 
                 ST,
             );
         }
-        for &v in &nh[both..end] {
+        for &v in &nh[both.max(i)..end] {
             centered_step::<S, true>(simd, v, k, &mut acc);
         }
         fold_into(simd, acc, &mut total);

@@ -3,7 +3,7 @@
 
 use pulp::Simd;
 
-use super::store::{put, stream_head};
+use super::store::{put, stream_span};
 use crate::row::{BLOCK, BackParams, SHIFT_SAMPLE};
 
 /// Vectors per block for this instruction set.
@@ -57,7 +57,8 @@ pub(super) fn centered_tail(tail: &[f32], (m, s, ml): (f32, f32, f32), total: &m
     }
 }
 
-/// Normalizes one row into `y` (vectors, then a scalar tail); `p` from [`stream_head`].
+/// Normalizes one row into `y` (vectors, then a scalar tail); streamed, the vectors are the
+/// row's whole cache lines ([`stream_span`]), the elements before and after them scalar.
 #[inline(always)]
 pub(super) fn normalize_in<S: Simd>(
     simd: S,
@@ -69,17 +70,19 @@ pub(super) fn normalize_in<S: Simd>(
 ) {
     let n = x.len();
     let k = (simd.splat_f32s(params.0), simd.splat_f32s(params.1), simd.splat_f32s(params.2));
-    let (p, stream) = stream_head::<S>(y, stream);
+    let (lines, stream) = stream_span::<S>(y, stream);
+    let (p, q) = if stream { (lines.start, lines.end) } else { (0, n) };
     if p > 0 {
         normalize_head(x, params, (gamma, beta), y, p);
     }
-    let (xh, xt) = S::as_simd_f32s(&x[p..]);
+    let xh = S::as_simd_f32s(&x[p..q]).0;
     let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
     let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
-    let (yh, yt) = S::as_mut_simd_f32s(&mut y[p..n]);
+    let yh = S::as_mut_simd_f32s(&mut y[p..q]).0;
     let (g, b) = (gamma.is_some(), beta.is_some());
     specialize!(normalize_vecs::<S>(g, b, stream)(simd, xh, k, (gh, bh), yh));
-    normalize_tail(xt, params, (gamma, beta), n - xt.len(), yt);
+    let base = p + xh.len() * (size_of::<S::f32s>() / 4);
+    normalize_tail(&x[base..n], params, (gamma, beta), base, &mut y[base..n]);
 }
 
 /// The vector body of [`normalize_in`].
@@ -97,9 +100,9 @@ pub(super) fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bo
     }
 }
 
-/// The row's elements before the streamed part (`p` of them, fewer than a vector), with
-/// ordinary stores: they share a cache line with the previous row, which streaming must not
-/// touch. Scalar code, the operations of the vector steps (so the same bits): `pulp`'s masked
+/// The row's elements before the streamed part (`p` of them, short of a cache line), with
+/// ordinary stores: they share a cache line with the previous row, which is written with
+/// ordinary stores only. Scalar code, the operations of the vector steps (so the same bits): `pulp`'s masked
 /// loads and stores are out-of-line calls, and `perf` found them costing several percent of a
 /// streamed sweep.
 #[inline(always)]
