@@ -219,7 +219,7 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Summary>, String> {
         let slot = m.entry((group, shape)).or_default();
         match b["function_id"].as_str() {
             Some("layernorm") => slot.layernorm = Some((ns, bytes)),
-            // Several baselines (memcpy and a copy loop): the fastest is the bar.
+            // Several baselines (memcpy, a copy loop, a streaming copy): the fastest is the bar.
             Some(f)
                 if f.starts_with("baseline")
                     && slot.baseline.is_none_or(|(t, b)| ns / bytes < t / b) =>
