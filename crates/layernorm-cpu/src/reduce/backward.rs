@@ -146,15 +146,20 @@ impl WithSimd for BackRows<'_> {
                 let (mu, rs) = (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
                 params[q] = row::back_params::<f32>(n, mu, rs, sums[q]);
             }
-            // Phase 3: dx and the dγ/dβ terms (two rows per pass over the partials), from L1,
-            // while the next group is fetched.
+            // Phase 3: dx and the dγ/dβ terms, from L1, while the next group is fetched. Two
+            // rows per pass over the partials with AVX-512's 32 registers, or rows shorter than
+            // 128; otherwise one: on AVX2 the pair's fourteen row constants spill, and from N =
+            // 128 up one row per pass measured faster (AMD Zen 3 VM, calls alternated in one
+            // process, one thread: N = 128 +5%, 160 +6%, 192 +14%, 200 +29%, 255 +12%; N = 96 −3%,
+            // 64 −5%; two threads at 128 +5%). Same bits either way (`apply_k`).
+            let pairs = size_of::<S::f32s>() >= 64 || n < 128;
             let out = match stage.as_mut() {
                 Some((buf, off)) => &mut buf[*off..*off + count * n],
                 None => &mut self.dx[start * n..(start + count) * n],
             };
             let mut i = 0;
             while i < count {
-                let k = if i + 2 <= count { 2 } else { 1 };
+                let k = if pairs && i + 2 <= count { 2 } else { 1 };
                 let ahead = (start + count + i) * n;
                 let (px, pd, ahead) = match ahead.checked_sub(x.len()) {
                     None => (x, dy, ahead),
