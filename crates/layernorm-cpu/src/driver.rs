@@ -25,12 +25,12 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary
 /// stores would first read every output line from memory (one more stream of traffic). Below it,
 /// the output is left in cache for whoever reads it next. 16 MiB: with an input of the same
-/// size, a whole 32 MiB L3. Measured on the AMD Zen 3 VM (32 MiB L3) in alternating calls,
-/// forward: at 16 MiB streaming gained 2–16% on one thread and 0–12% on two over five shapes; at
-/// 10–12 MiB it lost up to 26% on two threads (x and y then stay in L3 between calls); the
-/// backward's dx streamed was even at 16 MiB and gained 14% (one thread) and 28% (two) at 64 MiB
-/// (`docs/performance.md`, ninth session). The operating system's report of the L3 size is not
-/// used: virtual machines report the host's.
+/// size, a whole 32 MiB L3. Measured on the AMD Zen 3 VM (32 MiB L3), the two store kinds
+/// alternated: forward at 16 MiB, streaming ahead by 2–16% on one thread and 0–12% on two over
+/// five shapes (4096×1024 in one process: +7% and +25%); at 8–12 MiB behind by 6–27% (x and y
+/// then stay in L3 between calls); the backward's dx at 16 MiB +12–13%, at 64 MiB +11% on two
+/// threads and even on one (`docs/performance.md`, ninth session). The operating system's
+/// report of the L3 size is not used: virtual machines report the host's.
 pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// Forwards writing at least this many bytes of y with ordinary stores ask for y's lines ahead

@@ -67,9 +67,9 @@ fn fused_in<S: Simd>(
     let zero = simd.splat_f32s(0.0);
     let k = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
     let (mh, ml, rv) = (simd.splat_f32s(m_hi), simd.splat_f32s(m_lo), simd.splat_f32s(r));
-    // Streamed, this row's vectors are its whole cache lines (see `stream_span`): they may be
-    // up to two lines fewer than the next row's vectors, which is why the vector body
-    // normalizes only `ch.len()` of them.
+    // Streamed, this row's vectors run from its first vector boundary to its last line
+    // boundary (see `stream_span`): up to three fewer than the next row's, which is why the
+    // vector body normalizes only `ch.len()` of them.
     let (lines, stream) = stream_span::<S>(&y[..n], out.stream());
     let (p, q) = if stream { (lines.start, lines.end) } else { (0, n) };
     if stream {

@@ -58,7 +58,7 @@ pub(super) fn centered_tail(tail: &[f32], (m, s, ml): (f32, f32, f32), total: &m
 }
 
 /// Normalizes one row into `y` (vectors, then a scalar tail); streamed, the vectors are the
-/// row's whole cache lines ([`stream_span`]), the elements before and after them scalar.
+/// streamed span ([`stream_span`]), the elements before and after it scalar.
 #[inline(always)]
 pub(super) fn normalize_in<S: Simd>(
     simd: S,
@@ -100,11 +100,10 @@ pub(super) fn normalize_vecs<S: Simd, const G: bool, const B: bool, const ST: bo
     }
 }
 
-/// The row's elements before the streamed part (`p` of them, short of a cache line), with
-/// ordinary stores: they share a cache line with the previous row, which is written with
-/// ordinary stores only. Scalar code, the operations of the vector steps (so the same bits): `pulp`'s masked
-/// loads and stores are out-of-line calls, and `perf` found them costing several percent of a
-/// streamed sweep.
+/// The row's elements before the streamed part (`p` of them, fewer than a vector), with
+/// ordinary stores: their line is shared with the previous row (see [`stream_span`]). Scalar
+/// code, the operations of the vector steps (so the same bits): `pulp`'s masked loads and stores
+/// are out-of-line calls, and `perf` found them costing several percent of a streamed sweep.
 #[inline(always)]
 pub(super) fn normalize_head(
     x: &[f32],

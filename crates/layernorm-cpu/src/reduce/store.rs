@@ -14,9 +14,10 @@ pub(super) fn put<S: Simd>(dst: &mut S::f32s, v: S::f32s, stream: bool) {
         let p = (dst as *mut S::f32s).cast::<f32>();
         debug_assert!(p.addr() % size_of::<S::f32s>() == 0);
         // SAFETY: `dst` is an exclusively borrowed vector, aligned to its size (the callers start
-        // the streamed part of a row at an aligned element: `stream_span`, `Flush`). The sizes match the
-        // transmuted types, and a vector of 64 / 32 / 16 bytes only exists under an instruction
-        // set with AVX-512F / AVX / SSE, checked at run time by the dispatch that chose `S`.
+        // the streamed part of a row at an aligned element: `stream_span`, `Flush`). The sizes
+        // match the transmuted types, and a vector of 64 / 32 / 16 bytes only exists under an
+        // instruction set with AVX-512F / AVX / SSE, checked at run time by the dispatch that
+        // chose `S`.
         unsafe {
             match size_of::<S::f32s>() {
                 64 => return _mm512_stream_ps(p, core::mem::transmute_copy(&v)),
