@@ -214,3 +214,47 @@ impl Flush {
         dst[tail..].copy_from_slice(&src[tail..len]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stream_span`'s contract, which the bitwise tests cannot see (any split gives the same
+    /// values) but speed depends on: the span starts at the row's first vector boundary and ends
+    /// at its last line boundary, so no line is streamed in part.
+    fn check<S: Simd>(_: S, isa: &str) {
+        let w = size_of::<S::f32s>() / 4;
+        let buf = vec![0f32; 400 + 16];
+        for phase in 0..16 {
+            for len in [0usize, 1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 255, 256, 257, 400] {
+                let y = &buf[phase..phase + len];
+                assert_eq!(stream_span::<S>(y, false), (0..0, false));
+                let (span, stream) = stream_span::<S>(y, true);
+                let at = |i: usize| y.as_ptr().addr() + 4 * i;
+                let what = format!("{isa}, phase {phase}, len {len}: {span:?}");
+                if w < 4 {
+                    assert!(!stream, "{what}");
+                    continue;
+                }
+                // A line boundary at or after the first vector boundary, with a whole vector
+                // before it, exists exactly when something is streamed.
+                let first = y.as_ptr().align_offset(4 * w);
+                let lines = (first..=len).filter(|&i| at(i) % 64 == 0 && i >= first + w);
+                assert_eq!(stream, lines.clone().next().is_some(), "{what}");
+                if stream {
+                    assert_eq!(span.start, first, "{what}");
+                    assert_eq!(span.end, lines.max().unwrap_or(0), "{what}");
+                    assert_eq!(at(span.start) % (4 * w), 0, "{what}");
+                    assert!(len - span.end < 16, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_spans_start_on_a_vector_and_end_on_a_line() {
+        for_each_isa!(simd, isa => {
+            check(simd, isa);
+        });
+    }
+}
