@@ -71,19 +71,12 @@ pub mod cpu {
     /// buffers lie) from inflating the fractions.
     pub fn copy_loop<T: CpuElement>(x: &[T], y: &mut [T]) {
         let k = std::hint::black_box(0u8);
-        let (x, y): (&[u8], &mut [u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice_mut(y));
-        let c = CHUNK * 4;
-        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| xor_with(y, x, k));
+        bytewise(y, x, None, |y, x, _| xor_with(y, x, k));
     }
 
     /// Backward baseline: read 2N, write N, no math (a bytewise XOR of two inputs).
     pub fn combine<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
-        let (x, z): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(z));
-        let out: &mut [u8] = bytemuck::cast_slice_mut(out);
-        let c = CHUNK * 4;
-        out.par_chunks_mut(c)
-            .zip(x.par_chunks(c).zip(z.par_chunks(c)))
-            .for_each(|(o, (x, z))| xor_into(o, x, z));
+        bytewise(out, x, Some(z), |o, x, z| xor_into(o, x, z.unwrap_or_default()));
     }
 
     /// The forward's third baseline: read N, write N with non-temporal (streaming) stores, as
@@ -93,20 +86,32 @@ pub mod cpu {
     /// be measured against a copy that reads every output line in first. (x86-64; elsewhere the
     /// copy loop, as the kernels stream only on x86-64.)
     pub fn copy_stream<T: CpuElement>(x: &[T], y: &mut [T]) {
-        let (x, y): (&[u8], &mut [u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice_mut(y));
-        let c = CHUNK * 4;
-        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| stream::write(y, x, None));
+        bytewise(y, x, None, stream::write);
     }
 
     /// The backward's second baseline: [`combine`] with non-temporal stores (see
     /// [`copy_stream`]).
     pub fn combine_stream<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
-        let (x, z): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(z));
-        let out: &mut [u8] = bytemuck::cast_slice_mut(out);
+        bytewise(out, x, z.into(), stream::write);
+    }
+
+    /// `f(out, x, z)` over matching 128 KiB byte chunks of the three, in parallel on the current
+    /// pool (`z` only for the backward's baselines).
+    fn bytewise<T: CpuElement>(
+        out: &mut [T],
+        x: &[T],
+        z: Option<&[T]>,
+        f: impl Fn(&mut [u8], &[u8], Option<&[u8]>) + Sync,
+    ) {
+        let (out, x): (&mut [u8], &[u8]) = (bytemuck::cast_slice_mut(out), bytemuck::cast_slice(x));
         let c = CHUNK * 4;
-        out.par_chunks_mut(c)
-            .zip(x.par_chunks(c).zip(z.par_chunks(c)))
-            .for_each(|(o, (x, z))| stream::write(o, x, Some(z)));
+        match z {
+            None => out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(o, x)| f(o, x, None)),
+            Some(z) => out
+                .par_chunks_mut(c)
+                .zip(x.par_chunks(c).zip(bytemuck::cast_slice(z).par_chunks(c)))
+                .for_each(|(o, (x, z))| f(o, x, Some(z))),
+        }
     }
 
     /// Streaming-store loops: `out = x` or `out = x ^ z`, the aligned middle with 32-byte
