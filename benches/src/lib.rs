@@ -129,6 +129,11 @@ pub mod cpu {
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
+            plain(out, x, z);
+        }
+
+        /// The ordinary-store loops: a streamed span's ends (the whole span off x86-64).
+        fn plain(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
             match z {
                 None => super::xor_with(out, x, 0),
                 Some(z) => super::xor_into(out, x, z),
@@ -137,19 +142,8 @@ pub mod cpu {
 
         #[cfg(target_arch = "x86_64")]
         mod x86 {
+            use super::plain;
             use core::arch::x86_64::*;
-
-            /// The scalar ends of a streamed span.
-            fn plain(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
-                match z {
-                    None => out.copy_from_slice(&x[..out.len()]),
-                    Some(z) => {
-                        for ((o, &x), &z) in out.iter_mut().zip(x).zip(z) {
-                            *o = x ^ z;
-                        }
-                    }
-                }
-            }
 
             /// One loop per vector width: unaligned loads, aligned non-temporal stores.
             macro_rules! streamer {
