@@ -526,11 +526,10 @@ pub(crate) fn fused_backward(
     Arch::new().dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
 }
 
-/// Backward of consecutive blocks of long rows (`f32`, in place), K rows per sweep (two with
-/// AVX-512, one with narrower vectors): the sweep writes rows r..r+K's dx while summing the next
-/// K rows' reductions. With K = 2 each dγ/dβ partial is read and written once per pair of rows
-/// instead of once per row — on AVX-512 that traffic was the backward's largest cost beside x,
-/// dy and dx. Per row the operations and their order are those of [`FusedBackward`] /
+/// Backward of consecutive blocks of long rows (`f32`, in place), K rows per sweep (one; see
+/// `with_simd`): the sweep writes rows r..r+K's dx while summing the next K rows' reductions.
+/// With K = 2 each dγ/dβ partial is read and written once per pair of rows instead of once per
+/// row, which paid on an earlier AVX-512 machine and loop and no longer does. Per row the operations and their order are those of [`FusedBackward`] /
 /// `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the results are bitwise those
 /// of the one-row pipeline whatever K is.
 struct BackLong<'a> {
@@ -571,9 +570,14 @@ impl WithSimd for BackLong<'_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        // Two rows per sweep needs the registers of AVX-512 (32 of them): with 16 (AVX2) the
-        // pair's fourteen row constants spill, and one row per sweep measured faster.
-        if size_of::<S::f32s>() >= 64 { self.run::<S, 2>(simd) } else { self.run::<S, 1>(simd) }
+        // One row per sweep on every instruction set. With AVX2's 16 registers the pair's
+        // fourteen row constants spill; with AVX-512's 32 the pair's loop spilled nine of them
+        // too (and its pointers), and on an Intel VM with AVX-512 (calls alternated in one
+        // process, one thread) one row per sweep ran 4096×768 +43%, 4096×1024 +49%, 1024×4096
+        // +17%, 256×16384 +3%, 16384×1024 +34% (two threads +35%, +33%, +8%, +4%, +33%); with
+        // prefetches into L2 or none the pair was no faster. Two rows per sweep stays available
+        // (and tested bitwise against one) for a core where it pays.
+        self.run::<S, 1>(simd)
     }
 }
 
@@ -844,8 +848,8 @@ mod tests {
 
     #[test]
     fn one_and_two_rows_per_sweep_give_the_same_bits_on_every_instruction_set() {
-        // AVX-512 runs two rows per sweep and narrower vectors one; both must give the bits of
-        // the one-row pipeline, whichever machine the test runs on.
+        // The kernels run one row per sweep; two (kept for cores where they pay) must give the
+        // same bits, whichever machine the test runs on.
         for (rows, n) in [(37usize, 256usize), (64, 300), (5, 515), (33, 1024)] {
             let x = rows_of(rows, n, 3, true);
             let dy = rows_of(rows, n, 5, false);
