@@ -24,14 +24,51 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 /// With `Stores::Auto`, calls whose output (y, or dx) is at least this many bytes write it with
 /// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary
 /// stores would first read every output line from memory (one more stream of traffic). Below it,
-/// the output is left in cache for whoever reads it next. 16 MiB: with an input of the same
-/// size, a whole 32 MiB L3. Measured on the AMD Zen 3 VM (32 MiB L3), the two store kinds
-/// alternated: forward at 16 MiB, streaming ahead by 2–16% on one thread and 0–12% on two over
-/// five shapes (4096×1024 in one process: +7% and +25%); at 8–12 MiB behind by 6–27% (x and y
-/// then stay in L3 between calls); the backward's dx at 16 MiB +12–13%, at 64 MiB +11% on two
-/// threads and even on one (`docs/performance.md`, ninth session). The operating system's
-/// report of the L3 size is not used: virtual machines report the host's.
-pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+/// the output is left in cache for whoever reads it next.
+///
+/// Half the last-level cache the operating system reports — then the input and the output of the
+/// same size fill it — but no less than 16 MiB and no more than 32 MiB, the ends measured on two
+/// machines (calls alternated in one process, `docs/performance.md`):
+/// - an AMD Zen 3 VM with a 32 MiB L3 (reported as such): streaming ahead at 16 MiB (forward
+///   +2–16% on one thread over five shapes, the backward's dx +12–13%), behind by 6–27% at 8–12
+///   MiB;
+/// - an Intel VM with AVX-512 that reports the host's 480 MiB L3, shared with its neighbours:
+///   streaming behind at 16 MiB (forward −10 to −25%, backward −7 to −12%), mixed at 32 MiB,
+///   ahead from 40 MiB on all but one reading (forward −6% to +35%, backward +11–14%, and ×1.7
+///   for the 64 MiB backward of 128-element rows).
+///
+/// Without a report (other systems), 16 MiB.
+pub(crate) fn stream_min_bytes() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| last_level_cache().map_or(16 << 20, stream_min_for))
+}
+
+/// [`stream_min_bytes`] for a last-level cache of `cache` bytes.
+fn stream_min_for(cache: usize) -> usize {
+    (cache / 2).clamp(16 << 20, 32 << 20)
+}
+
+/// The size of the first CPU's level-3 unified cache, as Linux reports it in sysfs.
+fn last_level_cache() -> Option<usize> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok();
+        let unified = read("type")?.trim() == "Unified";
+        (unified && read("level")?.trim() == "3").then(|| cache_size(&read("size")?)).flatten()
+    })
+}
+
+/// A sysfs cache size (`"32768K"`, `"32M"`, `"1G"`, or bytes) in bytes.
+fn cache_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().last()? {
+        (i, 'K') => (&s[..i], 1 << 10),
+        (i, 'M') => (&s[..i], 1 << 20),
+        (i, 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(unit)
+}
 
 /// Forwards writing at least this many bytes of y with ordinary stores ask for y's lines ahead
 /// of the sweep (see `reduce::store::OUT_AHEAD`). Below it y is mostly still in cache from the
@@ -251,6 +288,23 @@ mod tests {
             assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
             assert_eq!(v[start..].as_ptr().addr() % 64, 0, "len {len}");
         }
+    }
+
+    #[test]
+    fn the_streaming_threshold_is_half_the_reported_cache_within_measured_bounds() {
+        assert_eq!(cache_size("32768K"), Some(32 << 20));
+        assert_eq!(cache_size("491520K\n"), Some(480 << 20));
+        assert_eq!(cache_size("32M"), Some(32 << 20));
+        assert_eq!(cache_size("1G"), Some(1 << 30));
+        assert_eq!(cache_size("4096"), Some(4096));
+        for bad in ["", "K", "12Q", "-1K", "99999999999999999999G"] {
+            assert_eq!(cache_size(bad), None, "{bad:?}");
+        }
+        assert_eq!(stream_min_for(32 << 20), 16 << 20);
+        assert_eq!(stream_min_for(48 << 20), 24 << 20);
+        assert_eq!(stream_min_for(480 << 20), 32 << 20);
+        assert_eq!(stream_min_for(8 << 20), 16 << 20);
+        assert!((16 << 20..=32 << 20).contains(&stream_min_bytes()));
     }
 
     #[test]

@@ -71,9 +71,10 @@ pub struct CpuBackend {
 /// its sweep, so that the stores do not wait on those reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stores {
-    /// Streaming stores when the call's output (y, or dx) is 16 MiB or more — with an input of
-    /// the same size, more than a 32 MiB L3 — ordinary stores otherwise (see
-    /// `docs/performance.md`).
+    /// Streaming stores when the call's output (y, or dx) is at least half the last-level cache
+    /// the system reports — with an input of the same size, more than the cache holds — and at
+    /// least 16 MiB, at most 32 MiB (a virtual machine reports the host's whole cache, shared
+    /// with its neighbours); ordinary stores otherwise (see `docs/performance.md`).
     #[default]
     Auto,
     /// Always ordinary stores (y stays in cache).
@@ -87,7 +88,7 @@ impl Stores {
     /// Whether a call writing `out_bytes` of output (y, or dx) streams its stores.
     fn stream(self, out_bytes: usize) -> bool {
         match self {
-            Stores::Auto => out_bytes >= driver::STREAM_MIN_BYTES,
+            Stores::Auto => out_bytes >= driver::stream_min_bytes(),
             Stores::Cached => false,
             Stores::Streaming => true,
         }
