@@ -679,18 +679,16 @@ fn backward_lanes<A: Real>(
     tot[2] += fold(sgd).into();
 }
 
-/// The per-row constants of the backward's second sweep: x̂ = ((x − m)·sa − m_lo)·r and
-/// dx = a·g + b + x̂·c (g = dy·γ).
+/// The per-row constants of the backward's second sweep: x̂ = (x − m)·a + nml and
+/// dx = a·g + (x̂·c + b) (g = dy·γ), each as fused multiply-adds (one rounding each).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BackParams<A> {
     /// The saved mean, rounded to `A` (the centering shift).
     pub m: A,
-    /// The power-of-two scale of the residuals.
+    /// The power-of-two scale of the residuals in the first sweep's sums.
     pub sa: A,
-    /// The exact mean's distance from `m`, scaled.
-    pub m_lo: A,
-    /// rstd / scale.
-    pub r: A,
+    /// −(exact mean − m)·rstd: x̂'s constant term.
+    pub nml: A,
     /// rstd.
     pub a: A,
     /// −rstd·c2.
@@ -729,12 +727,12 @@ pub(crate) fn back_params<A: Real>(
     let r = rstd / s;
     let c2 = sg / nf;
     let c1 = (sgd - m_lo * sg) / nf * r;
-    // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (d − m_lo)·r
+    // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (x − m)·rstd − m_lo·r (m_lo·r is the exact
+    // mean's distance from m times rstd: m_lo is in the scaled units of d, r = rstd / s).
     BackParams {
         m,
         sa: A::of(s),
-        m_lo: A::of(m_lo),
-        r: A::of(r),
+        nml: A::of(-m_lo * r),
         a: A::of(rstd),
         b: A::of(-rstd * c2),
         c: A::of(-rstd * c1),
@@ -752,8 +750,8 @@ pub(crate) fn back_apply<A: Real>(
     dgamma: Option<&mut [A]>,
     dbeta: Option<&mut [A]>,
 ) {
-    let BackParams { m, sa, m_lo, r, a, b, c } = *p;
-    let xhat = |v: A| ((v - m) * sa - m_lo) * r;
+    let BackParams { m, nml, a, b, c, .. } = *p;
+    let xhat = |v: A| (v - m).mul_add(a, nml);
     // One sweep writes dx and accumulates this row's dγ/dβ terms. Re-slicing every operand to
     // the row length lets the compiler drop the bounds checks and vectorize.
     let n = x.len();
@@ -764,27 +762,27 @@ pub(crate) fn back_apply<A: Real>(
         (Some(dg), Some(db)) => {
             for j in 0..x.len() {
                 let xh = xhat(x[j]);
-                dx[j] = a * (dy[j] * g1(j)) + b + xh * c;
-                dg[j] = dg[j] + dy[j] * xh;
+                dx[j] = a.mul_add(dy[j] * g1(j), xh.mul_add(c, b));
+                dg[j] = dy[j].mul_add(xh, dg[j]);
                 db[j] = db[j] + dy[j];
             }
         }
         (Some(dg), None) => {
             for j in 0..x.len() {
                 let xh = xhat(x[j]);
-                dx[j] = a * (dy[j] * g1(j)) + b + xh * c;
-                dg[j] = dg[j] + dy[j] * xh;
+                dx[j] = a.mul_add(dy[j] * g1(j), xh.mul_add(c, b));
+                dg[j] = dy[j].mul_add(xh, dg[j]);
             }
         }
         (None, Some(db)) => {
             for j in 0..x.len() {
-                dx[j] = a * (dy[j] * g1(j)) + b + xhat(x[j]) * c;
+                dx[j] = a.mul_add(dy[j] * g1(j), xhat(x[j]).mul_add(c, b));
                 db[j] = db[j] + dy[j];
             }
         }
         (None, None) => {
             for j in 0..x.len() {
-                dx[j] = a * (dy[j] * g1(j)) + b + xhat(x[j]) * c;
+                dx[j] = a.mul_add(dy[j] * g1(j), xhat(x[j]).mul_add(c, b));
             }
         }
     }

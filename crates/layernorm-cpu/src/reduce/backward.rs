@@ -65,7 +65,7 @@ impl WithSimd for FusedBackward<'_> {
                 let (dx, xhat) = apply_step(simd, (xh[k], dh[k], g), &pv);
                 dxh[k] = dx;
                 if let Some((dg, _)) = dgs.as_mut() {
-                    dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
+                    dg[k] = simd.mul_add_f32s(dh[k], xhat, dg[k]);
                 }
                 if let Some((db, _)) = dbs.as_mut() {
                     db[k] = simd.add_f32s(db[k], dh[k]);
@@ -397,7 +397,7 @@ fn apply_k<S: Simd, const K: usize>(
     let zero = simd.splat_f32s(0.0);
     let mut xs: [&[S::f32s]; K] = [&[]; K];
     let mut ds: [&[S::f32s]; K] = [&[]; K];
-    let mut pv = [BackVecs { m: zero, sa: zero, ml: zero, r: zero, a: zero, b: zero, c: zero }; K];
+    let mut pv = [BackVecs { m: zero, nml: zero, a: zero, b: zero, c: zero }; K];
     for r in 0..K {
         xs[r] = &S::as_simd_f32s(rows[r].0).0[..nv];
         ds[r] = &S::as_simd_f32s(&rows[r].1[..n]).0[..nv];
@@ -478,7 +478,7 @@ fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool>(
         let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
         dx[r][j] = d;
         if DG {
-            dgv = simd.add_f32s(dgv, simd.mul_f32s(dyv, xhat));
+            dgv = simd.mul_add_f32s(dyv, xhat, dgv);
         }
         if DB {
             dbv = simd.add_f32s(dbv, dyv);

@@ -785,7 +785,7 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
             // SAFETY: j < nv, and dx holds nv·W values (asserted above).
             unsafe { store_vec(simd, dx, j, d) };
             if DG {
-                dgh[j] = simd.add_f32s(dgh[j], simd.mul_f32s(cdv, xhat));
+                dgh[j] = simd.mul_add_f32s(cdv, xhat, dgh[j]);
             }
             if DB {
                 dbh[j] = simd.add_f32s(dbh[j], cdv);

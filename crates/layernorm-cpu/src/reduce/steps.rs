@@ -131,7 +131,7 @@ pub(super) fn backward_step<S: Simd>(
     };
     acc[0] = simd.add_f32s(acc[0], d);
     acc[1] = simd.add_f32s(acc[1], g);
-    acc[2] = simd.add_f32s(acc[2], simd.mul_f32s(g, d));
+    acc[2] = simd.mul_add_f32s(g, d, acc[2]);
 }
 
 /// The scalar tail of the backward's sums, added into `total`.
@@ -273,9 +273,7 @@ pub(super) fn backward_in<S: Simd>(
 #[derive(Clone, Copy)]
 pub(super) struct BackVecs<V> {
     pub(super) m: V,
-    pub(super) sa: V,
-    pub(super) ml: V,
-    pub(super) r: V,
+    pub(super) nml: V,
     pub(super) a: V,
     pub(super) b: V,
     pub(super) c: V,
@@ -285,32 +283,24 @@ impl<V: Copy> BackVecs<V> {
     #[inline(always)]
     pub(super) fn new<S: Simd<f32s = V>>(simd: S, p: &BackParams<f32>) -> Self {
         let v = |x: f32| simd.splat_f32s(x);
-        BackVecs {
-            m: v(p.m),
-            sa: v(p.sa),
-            ml: v(p.m_lo),
-            r: v(p.r),
-            a: v(p.a),
-            b: v(p.b),
-            c: v(p.c),
-        }
+        BackVecs { m: v(p.m), nml: v(p.nml), a: v(p.a), b: v(p.b), c: v(p.c) }
     }
 }
 
-/// One vector of the backward's second sweep: returns (dx, x̂) with x̂ = ((x − m)·sa − m_lo)·r and
-/// dx = a·g + b + x̂·c (the operations and order of `row::back_apply`).
+/// One vector of the backward's second sweep: returns (dx, x̂) with x̂ = fma(x − m, a, nml) and
+/// dx = fma(a, g, fma(x̂, c, b)) (the operations and order of `row::back_apply`).
 #[inline(always)]
 pub(super) fn apply_step<S: Simd>(
     simd: S,
     (x, dy, gamma): (S::f32s, S::f32s, Option<S::f32s>),
     p: &BackVecs<S::f32s>,
 ) -> (S::f32s, S::f32s) {
-    let xhat = simd.mul_f32s(simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(x, p.m), p.sa), p.ml), p.r);
+    let xhat = simd.mul_add_f32s(simd.sub_f32s(x, p.m), p.a, p.nml);
     let g = match gamma {
         Some(gamma) => simd.mul_f32s(dy, gamma),
         None => dy,
     };
-    let dx = simd.add_f32s(simd.add_f32s(simd.mul_f32s(p.a, g), p.b), simd.mul_f32s(xhat, p.c));
+    let dx = simd.mul_add_f32s(p.a, g, simd.mul_add_f32s(xhat, p.c, p.b));
     (dx, xhat)
 }
 
@@ -325,11 +315,11 @@ pub(super) fn apply_tail(
     mut dbeta: Option<&mut [f32]>,
 ) {
     for (j, ((dxv, &xv), &dv)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-        let xhat = ((xv - p.m) * p.sa - p.m_lo) * p.r;
+        let xhat = (xv - p.m).mul_add(p.a, p.nml);
         let gc = gamma.map_or(dv, |g| dv * g[base + j]);
-        *dxv = p.a * gc + p.b + xhat * p.c;
+        *dxv = p.a.mul_add(gc, xhat.mul_add(p.c, p.b));
         if let Some(dg) = dgamma.as_deref_mut() {
-            dg[j] += dv * xhat;
+            dg[j] = dv.mul_add(xhat, dg[j]);
         }
         if let Some(db) = dbeta.as_deref_mut() {
             db[j] += dv;
@@ -359,7 +349,7 @@ pub(super) fn apply_in<S: Simd>(
         let (d, xhat) = apply_step(simd, (xh[k], dh[k], gh.map(|g| g[k])), &pv);
         dxh[k] = d;
         if let Some((dg, _)) = dgs.as_mut() {
-            dg[k] = simd.add_f32s(dg[k], simd.mul_f32s(dh[k], xhat));
+            dg[k] = simd.mul_add_f32s(dh[k], xhat, dg[k]);
         }
         if let Some((db, _)) = dbs.as_mut() {
             db[k] = simd.add_f32s(db[k], dh[k]);
