@@ -572,7 +572,8 @@ pub(crate) fn forward<A: Real>(
     (st.mean, st.rstd)
 }
 
-/// y = ((x − m_hi) − m_lo) · rstd · γ + β for one row.
+/// y = x̂·γ + β for one row, x̂ = (x − m_hi)·rstd − m_lo·rstd, in fused multiply-adds:
+/// x̂ = fma(x − m_hi, rstd, −(m_lo·rstd)), y = fma(x̂, γ, β) (one rounding per step).
 #[inline(always)]
 pub(crate) fn normalize<A: Real>(
     x: &[A],
@@ -582,12 +583,12 @@ pub(crate) fn normalize<A: Real>(
     y: &mut [A],
 ) {
     let r = A::of(st.rstd);
-    let (m_hi, m_lo) = (st.m_hi, st.m_lo);
-    let xhat = |v: A| ((v - m_hi) - m_lo) * r;
+    let (m_hi, nml) = (st.m_hi, -(st.m_lo * r));
+    let xhat = |v: A| (v - m_hi).mul_add(r, nml);
     match (gamma, beta) {
         (Some(g), Some(b)) => {
             for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
-                *y = xhat(x) * g + b;
+                *y = xhat(x).mul_add(g, b);
             }
         }
         (Some(g), None) => {

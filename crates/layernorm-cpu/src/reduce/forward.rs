@@ -66,7 +66,8 @@ fn fused_in<S: Simd>(
     let (nh, nt) = S::as_simd_f32s(&next[..n]);
     let zero = simd.splat_f32s(0.0);
     let k = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
-    let (mh, ml, rv) = (simd.splat_f32s(m_hi), simd.splat_f32s(m_lo), simd.splat_f32s(r));
+    let c = xhat_consts((m_hi, m_lo, r));
+    let (mh, ml, rv) = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
     // Streamed, this row's vectors run from its first vector boundary to its last line
     // boundary (see `stream_span`): up to three fewer than the next row's, which is why the
     // vector body normalizes only `ch.len()` of them.

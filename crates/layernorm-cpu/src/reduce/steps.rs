@@ -28,23 +28,36 @@ pub(super) fn centered_step<S: Simd, const PLAIN: bool>(
         simd.sub_f32s(simd.mul_f32s(simd.sub_f32s(v, m), s), ml)
     };
     acc[0] = simd.add_f32s(acc[0], e);
-    acc[1] = simd.add_f32s(acc[1], simd.mul_f32s(e, e));
+    acc[1] = simd.mul_add_f32s(e, e, acc[1]);
 }
 
-/// One vector (vector `j` of the row) of y = ((x − m_hi) − m_lo)·r·γ + β, the operations and
-/// order of `row::normalize`. Which of γ/β exist is known at compile time (`G`, `B`), so the
-/// loops carry no per-vector tests. Shared by every normalize sweep, `f32` and `bf16`.
+/// The constants of the normalize step from a row's (m_hi, m_lo, rstd): (m_hi, −m_lo·rstd, rstd),
+/// so that x̂ = fma(x − m_hi, rstd, −m_lo·rstd). Every normalize sweep, vector or scalar, forms
+/// them here (the same bits).
+#[inline(always)]
+pub(super) fn xhat_consts((m_hi, m_lo, r): (f32, f32, f32)) -> (f32, f32, f32) {
+    (m_hi, -(m_lo * r), r)
+}
+
+/// One vector (vector `j` of the row) of y = fma(fma(x − m_hi, r, nml), γ, β) with the constants
+/// of [`xhat_consts`], the operations and order of `row::normalize`. Which of γ/β exist is known
+/// at compile time (`G`, `B`), so the loops carry no per-vector tests. Shared by every normalize
+/// sweep, `f32` and `bf16`.
 #[inline(always)]
 pub(super) fn normalize_vec<S: Simd, const G: bool, const B: bool>(
     simd: S,
     x: S::f32s,
-    (mh, ml, r): (S::f32s, S::f32s, S::f32s),
+    (mh, nml, r): (S::f32s, S::f32s, S::f32s),
     (gamma, beta): (&[S::f32s], &[S::f32s]),
     j: usize,
 ) -> S::f32s {
-    let t = simd.mul_f32s(simd.sub_f32s(simd.sub_f32s(x, mh), ml), r);
-    let t = if G { simd.mul_f32s(t, gamma[j]) } else { t };
-    if B { simd.add_f32s(t, beta[j]) } else { t }
+    let t = simd.mul_add_f32s(simd.sub_f32s(x, mh), r, nml);
+    match (G, B) {
+        (true, true) => simd.mul_add_f32s(t, gamma[j], beta[j]),
+        (true, false) => simd.mul_f32s(t, gamma[j]),
+        (false, true) => simd.add_f32s(t, beta[j]),
+        (false, false) => t,
+    }
 }
 
 /// The scalar tail of the residual sums, added into `total`.
@@ -69,7 +82,8 @@ pub(super) fn normalize_in<S: Simd>(
     stream: bool,
 ) {
     let n = x.len();
-    let k = (simd.splat_f32s(params.0), simd.splat_f32s(params.1), simd.splat_f32s(params.2));
+    let c = xhat_consts(params);
+    let k = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
     let (lines, stream) = stream_span::<S>(y, stream);
     let (p, q) = if stream { (lines.start, lines.end) } else { (0, n) };
     if p > 0 {
@@ -221,20 +235,20 @@ pub(super) fn centered_vecs<S: Simd, const PLAIN: bool>(
 #[inline(always)]
 pub(super) fn normalize_tail(
     x: &[f32],
-    (m_hi, m_lo, r): (f32, f32, f32),
+    params: (f32, f32, f32),
     (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
     base: usize,
     y: &mut [f32],
 ) {
+    let (m_hi, nml, r) = xhat_consts(params);
     for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-        let mut t = ((x - m_hi) - m_lo) * r;
-        if let Some(g) = gamma {
-            t *= g[base + j];
-        }
-        if let Some(b) = beta {
-            t += b[base + j];
-        }
-        *y = t;
+        let t = (x - m_hi).mul_add(r, nml);
+        *y = match (gamma, beta) {
+            (Some(g), Some(b)) => t.mul_add(g[base + j], b[base + j]),
+            (Some(g), None) => t * g[base + j],
+            (None, Some(b)) => t + b[base + j],
+            (None, None) => t,
+        };
     }
 }
 
