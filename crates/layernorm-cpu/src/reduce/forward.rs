@@ -132,7 +132,7 @@ fn fused_lines<S: Simd, const G: bool, const B: bool, const ST: bool, const PF: 
     let lanes = size_of::<S::f32s>() / 4;
     // One prefetch per cache line of the summed row: the inner loop covers one line.
     let per_line = (16 / lanes).max(1);
-    let ahead = nh.as_ptr().cast::<f32>().wrapping_add(PREFETCH_AHEAD);
+    let ahead = nh.as_ptr().cast::<f32>().wrapping_add(FORWARD_AHEAD);
     let out_ahead = yh.as_ptr().cast::<f32>().wrapping_add(OUT_AHEAD);
     let mut i = 0;
     while i < nh.len() {
