@@ -85,8 +85,9 @@ pub(super) fn prefetch<T>(v: &[T]) {
     let _ = v;
 }
 
-/// How far ahead (in elements: 8 KiB of `f32`, 4 KiB of 16-bit rows) the pipelined sweeps ask
-/// for the rows they are about to sum. The hardware prefetchers alone left the sweeps waiting
+/// How far ahead (in elements: 4 KiB of 16-bit rows) the pipelined 16-bit sweeps ask for the
+/// rows they are about to sum (the `f32` forward's was the same 2048 elements, 8 KiB, until
+/// [`FORWARD_AHEAD`]). The hardware prefetchers alone left the sweeps waiting
 /// on those loads (AMD Zen 3, one thread: forward 16384×1024 8.4 → 11–12 GB/s; backward +8–20%
 /// on the long shapes; distances from 1 to 16 KiB measured alike).
 pub(super) const PREFETCH_AHEAD: usize = 2048;
