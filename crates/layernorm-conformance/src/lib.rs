@@ -18,6 +18,7 @@ mod runner;
 pub use cases::{Case, Dist, Inputs, cases, parse_cases};
 pub use runner::{
     Measure, Outcome, Pass, Status, render_report, render_table, run_backend, run_case,
+    snapshot_name,
 };
 
 use layernorm::{BackendEntry, DType, Error, HostNormalize};

@@ -384,6 +384,32 @@ pub fn render_table(outcomes: &[Outcome]) -> String {
     s
 }
 
+/// The name a backend's report is snapshotted under: the backend's name, then the dtypes its
+/// device supports none of (`wgpu-without-f16-f64`). One backend can run on devices of different
+/// abilities — wgpu on lavapipe has `shader-f16`, on Mesa's OpenGL driver it has not — and each
+/// kind of device is held to its own snapshot rather than failing against another's.
+pub fn snapshot_name(backend: &str, outcomes: &[Outcome]) -> String {
+    let unsupported =
+        |o: &Outcome| matches!(&o.status, Status::Skipped(why) if why.starts_with("unsupported"));
+    let mut name = backend.to_string();
+    let mut dtypes: Vec<DType> = Vec::new();
+    for o in outcomes {
+        if !dtypes.contains(&o.dtype) {
+            dtypes.push(o.dtype);
+        }
+    }
+    let lacking: Vec<&str> = dtypes
+        .into_iter()
+        .filter(|&d| outcomes.iter().filter(|o| o.dtype == d).all(unsupported))
+        .map(|d| d.name())
+        .collect();
+    if !lacking.is_empty() {
+        name.push_str("-without-");
+        name.push_str(&lacking.join("-"));
+    }
+    name
+}
+
 /// The deterministic report that is snapshotted per backend: verdicts and error classes, no
 /// floats. One line per (dtype, case): `dtype case fwd=… bwd=…`.
 pub fn render_report(outcomes: &[Outcome]) -> String {

@@ -1,11 +1,14 @@
 //! The conformance suite as a test: every backend in `layernorm::REGISTRY` that is available
 //! here runs every case in every dtype; any failure fails the test, and each backend's report
-//! (verdicts only, no floats) is snapshotted, one file per backend.
+//! (verdicts only, no floats) is snapshotted, one file per backend and kind of device
+//! (`snapshot_name`: the dtypes a device lacks are part of the name).
 //!
 //! `LAYERNORM_REQUIRE=wgpu,cuda` (comma-separated) makes an unavailable backend a failure: CI
 //! sets it for the backends its machine must have, so a missing driver cannot pass silently.
 
-use layernorm_conformance::{BackendRun, cases, render_report, render_table, run_entries};
+use layernorm_conformance::{
+    BackendRun, cases, render_report, render_table, run_entries, snapshot_name,
+};
 
 #[test]
 fn every_available_backend_conforms() {
@@ -40,7 +43,8 @@ fn every_available_backend_conforms() {
                     outcomes.len(),
                     render_table(&failed.into_iter().cloned().collect::<Vec<_>>())
                 );
-                insta::with_settings!({ snapshot_suffix => name, omit_expression => true }, {
+                let suffix = snapshot_name(name, &outcomes);
+                insta::with_settings!({ snapshot_suffix => suffix, omit_expression => true }, {
                     insta::assert_snapshot!("report", render_report(&outcomes));
                 });
             }
