@@ -602,8 +602,8 @@ impl BackLong<'_> {
         // next sweep, a piece after each block, from the other half of the staging buffer; with
         // narrower vectors right after their sweep, in one burst. Alternated in one process, one
         // thread: on the Intel AVX-512 VM the pieces ran 16384×1024 +0–2%, 4096×4096 +6–8%,
-        // 1024×16384 +10–13% (two threads alike), 4096×1024 +7%, 256×16384 +8%; on the AMD Zen 3
-        // VM (AVX2) the burst had been ahead by 2–8%.
+        // 1024×16384 +10–13% (two threads alike), and forced to stream 4096×1024 +6–8%,
+        // 256×16384 +7–9%; on the AMD Zen 3 VM (AVX2) the burst had been ahead by 2–8%.
         let inter = size_of::<S::f32s>() >= 64;
         let half = (K * n).next_multiple_of(16);
         let mut stage = self.stream.then(|| staging(if inter { 2 * half } else { half }));

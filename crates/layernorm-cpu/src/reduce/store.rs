@@ -95,7 +95,7 @@ pub(super) const PREFETCH_AHEAD: usize = 2048;
 /// The `f32` forward's sweep asks for the next row's lines this far ahead (in elements: 4 KiB).
 /// Against [`PREFETCH_AHEAD`]'s 8 KiB, on the Intel AVX-512 VM (calls alternated in one process,
 /// two pairs each): 4096×1024 +2–4%, 1024×4096 +2–6%, 256×16384 +5–9%, 16384×1024 even, two
-/// threads alike (+1–9%); on the AMD Zen 3 VM distances of 2–16 KiB had measured alike.
+/// threads alike (0–9%); on the AMD Zen 3 VM distances of 2–16 KiB had measured alike.
 pub(super) const FORWARD_AHEAD: usize = 1024;
 
 /// How far ahead (in `f32` elements: 4 KiB) the pipelined forward asks for the lines of `y` it is
