@@ -18,8 +18,15 @@ use crate::simd;
 pub const ROW_BLOCK: usize = 32;
 /// Elements per parallel task (forward), or per group of row blocks (backward).
 pub(crate) const TASK_ELEMS: usize = 1 << 15;
-/// Below this many elements, everything runs on the calling thread.
-pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+/// Below this many elements (1 MiB of `f32`), everything runs on the calling thread: handing a
+/// call to a pool and back costs wake-ups of sleeping threads, ~8 µs on the AMD Zen 3 VM but
+/// ~50–80 µs on the Intel AVX-512 VM. There, with 2¹⁶ here and a two-thread pool, calls of 64 K
+/// to 196 K elements ran 1.2–7× slower than on the calling thread alone (64×1024 forward 7 GB/s
+/// against 50, backward 9 against 38; 192×1024 forward 19 against 49; alternated in one process),
+/// while from 2¹⁸ (256×1024) the pool was even or ahead (forward 47–51 against 46, backward 45–54
+/// against 35). On the Zen 3 VM the pool would have been ahead below 2¹⁸ by its hand-off's
+/// smaller share; the larger threshold bounds the loss there instead of a several-fold one here.
+pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 
 /// With `Stores::Auto`, calls whose output (y, or dx) is at least this many bytes write it with
 /// non-temporal (streaming) stores: with the inputs it cannot stay in cache anyway, and ordinary

@@ -91,10 +91,10 @@ fn very_long_rows_give_the_same_bits_on_any_pool() {
 
 #[test]
 fn bf16_parameter_gradients_are_deterministic_too() {
-    // Large enough (above the 64 K elements below which a call stays on the caller's thread) for
-    // the pools to split the blocks.
-    let (rows, n) = (ROW_BLOCK * 20 + 1, 130);
-    assert!(rows * n >= 1 << 16);
+    // Large enough (above the 256 K elements below which a call stays on the caller's thread)
+    // for the pools to split the blocks.
+    let (rows, n) = (ROW_BLOCK * 64 + 1, 130);
+    assert!(rows * n >= 1 << 18);
     let spec = NormSpec::layer_norm(rows, n, DType::BF16).with_beta(false);
     let cv = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
     let (x, dy, g) = (cv(normal(rows * n, 5)), cv(normal(rows * n, 6)), cv(normal(n, 7)));
@@ -131,7 +131,7 @@ fn with_pool_runs_its_calls_on_that_pool() {
         let _ = hold.recv();
     });
     let cpu = CpuBackend::with_pool(p);
-    let (rows, n) = (256, 512); // above the 64 K elements that run on the caller
+    let (rows, n) = (512, 512); // the 256 K elements from which calls go to the pool
     let spec = NormSpec::layer_norm(rows, n, DType::F32).with_affine(false);
     let x = normal(rows * n, 40);
     let want = CpuBackend::new().forward_vec(&spec, &x, None, None).unwrap().y.into_vec();
