@@ -66,8 +66,7 @@ fn fused_in<S: Simd>(
     let (nh, nt) = S::as_simd_f32s(&next[..n]);
     let zero = simd.splat_f32s(0.0);
     let k = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
-    let c = xhat_consts((m_hi, m_lo, r));
-    let (mh, ml, rv) = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
+    let (mh, nml, rv) = xhat_splats(simd, (m_hi, m_lo, r));
     // Streamed, this row's vectors run from its first vector boundary to its last line
     // boundary (see `stream_span`): up to three fewer than the next row's, which is why the
     // vector body normalizes only `ch.len()` of them.
@@ -87,7 +86,7 @@ fn fused_in<S: Simd>(
     let gh = gamma.map_or(&[][..], |g| S::as_simd_f32s(&g[p..n]).0);
     let bh = beta.map_or(&[][..], |b| S::as_simd_f32s(&b[p..n]).0);
     let (g, b) = (gamma.is_some(), beta.is_some());
-    let (pf, kc) = (out.prefetch(), (mh, ml, rv));
+    let (pf, kc) = (out.prefetch(), (mh, nml, rv));
     let mut total =
         specialize!(fused_vecs::<S>(g, b, stream)(simd, (nh, k), (ch, kc), (gh, bh), yh, pf));
     centered_tail(nt, (m_next, 1.0, 0.0), &mut total);

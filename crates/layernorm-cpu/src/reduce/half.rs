@@ -367,8 +367,7 @@ impl<T: Half> WithSimd for Fwd16<'_, T> {
                 }
             };
             let (mh, ml, rs) = (st.m_hi, st.m_lo, st.rstd as f32);
-            let c = xhat_consts((mh, ml, rs));
-            let kc = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
+            let kc = xhat_splats(simd, (mh, ml, rs));
             let y = &mut self.y[r * n..(r + 1) * n];
             let has_next = r + 1 < rows;
             let nxt = if has_next { xr(r + 1) } else { cur };
@@ -534,8 +533,7 @@ impl<T: Half> WithSimd for Rows16<'_, T> {
                 }
                 let (xr, r) = (row(i), start + i);
                 let (mh, ml, rs) = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
-                let c = xhat_consts((mh, ml, rs));
-                let k = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
+                let k = xhat_splats(simd, (mh, ml, rs));
                 let y = &mut self.y[r * n..(r + 1) * n];
                 let a = (simd, xr, k, (gh, bh));
                 match (gamma.is_some(), beta.is_some()) {

@@ -39,6 +39,16 @@ pub(super) fn xhat_consts((m_hi, m_lo, r): (f32, f32, f32)) -> (f32, f32, f32) {
     (m_hi, -(m_lo * r), r)
 }
 
+/// [`xhat_consts`] splatted: the vector constants [`normalize_vec`] takes.
+#[inline(always)]
+pub(super) fn xhat_splats<S: Simd>(
+    simd: S,
+    params: (f32, f32, f32),
+) -> (S::f32s, S::f32s, S::f32s) {
+    let c = xhat_consts(params);
+    (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2))
+}
+
 /// One vector (vector `j` of the row) of y = fma(fma(x − m_hi, r, nml), γ, β) with the constants
 /// of [`xhat_consts`], the operations and order of `row::normalize`. Which of γ/β exist is known
 /// at compile time (`G`, `B`), so the loops carry no per-vector tests. Shared by every normalize
@@ -82,8 +92,7 @@ pub(super) fn normalize_in<S: Simd>(
     stream: bool,
 ) {
     let n = x.len();
-    let c = xhat_consts(params);
-    let k = (simd.splat_f32s(c.0), simd.splat_f32s(c.1), simd.splat_f32s(c.2));
+    let k = xhat_splats(simd, params);
     let (lines, stream) = stream_span::<S>(y, stream);
     let (p, q) = if stream { (lines.start, lines.end) } else { (0, n) };
     if p > 0 {
