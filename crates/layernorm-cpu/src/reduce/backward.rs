@@ -608,8 +608,8 @@ impl BackLong<'_> {
         let inter = size_of::<S::f32s>() >= 64;
         let half = (K * n).next_multiple_of(16);
         let mut stage = self.stream.then(|| staging(if inter { 2 * half } else { half }));
-        // The staged rows not yet written out: their flush, and which half of `stage` holds them.
-        let mut pending: Option<(Flush, usize)> = None;
+        // The staged rows not yet written out (in the half of `stage` other than `cur`).
+        let mut pending: Option<Flush> = None;
         let mut cur = 0;
         let mut sums = [[0f64; 3]; K];
         for (r, s) in sums.iter_mut().enumerate().take(rows.min(K)) {
@@ -637,19 +637,15 @@ impl BackLong<'_> {
                         let (a, b) = buf[*off..].split_at_mut(half);
                         let (out, prev) = if cur == 0 { (a, &*b) } else { (b, &*a) };
                         let out = &mut out[..K * n];
-                        let pend = if inter {
-                            pending.as_mut().map(|(f, _)| (f, prev, &mut *self.dx))
-                        } else {
-                            None
-                        };
+                        let pend = pending.as_mut().map(|f| (f, prev, &mut *self.dx));
                         sums =
                             back_k::<S, K>(simd, n, (x, dy, gamma), (r, p), next, out, parts, pend);
-                        if let Some((f, _)) = pending.take() {
+                        if let Some(f) = pending.take() {
                             f.finish(simd, prev, self.dx);
                         }
                         let f = Flush::new::<S>(self.dx, r * n..(r + K) * n);
                         if inter {
-                            pending = Some((f, cur));
+                            pending = Some(f);
                             cur ^= 1;
                         } else {
                             f.finish(simd, &out[..], self.dx);
@@ -664,9 +660,6 @@ impl BackLong<'_> {
                 r += K;
             } else {
                 // The last rows: one at a time, each summing the row K after it.
-                if let (Some((f, h)), Some((buf, off))) = (pending.take(), stage.as_ref()) {
-                    f.finish(simd, &buf[*off + h * half..], self.dx);
-                }
                 let p = params(0);
                 let (dg, db) = self.partials.of_row(r, n);
                 apply_in(
@@ -690,9 +683,9 @@ impl BackLong<'_> {
                 r += 1;
             }
         }
-        // (The last rows take the branch above, which writes the pending rows first.)
-        if let (Some((f, h)), Some((buf, off))) = (pending, stage.as_ref()) {
-            f.finish(simd, &buf[*off + h * half..], self.dx);
+        // The last pipelined rows' staged dx (the tail rows above went straight to dx).
+        if let (Some(f), Some((buf, off))) = (pending, stage.as_ref()) {
+            f.finish(simd, &buf[*off + (cur ^ 1) * half..], self.dx);
         }
         unstage(stage);
     }
