@@ -47,6 +47,22 @@ pub(crate) const FUSE_MIN_N: usize = 512;
 /// pair sweeps rather than the short-row groups (measured: N = 256 backward 0.52 → 0.66 of the
 /// baseline in pairs; N = 128 was faster in groups, 0.59 against 0.53).
 pub(crate) const BACK_FUSE_MIN_N: usize = 256;
+/// `f32`'s [`FUSE_MIN_N`] where `y` is written with ordinary stores: its one-dispatch pipelined
+/// kernel (`reduce::long`) overtook the short-row groups from N = 128 once its sweeps gained
+/// fused multiply-adds and one-row pipelining. Intel AVX-512 VM, calls alternated in one
+/// process, 8 MiB outputs, one thread: N = 128 +20%, 192 +22%, 256 +25%, 384 +17%; two threads
+/// +28–31%, +24–32%, +9%; N = 64 even, 32 −10%. With streaming stores the groups stay (they
+/// stream a group's rows as one span; the long kernel's rows of 512 bytes streamed one by one,
+/// each with partial lines at its ends, ran 12.5 GB/s where the groups ran 20).
+pub(crate) const F32_LONG_MIN_N: usize = 128;
+/// `f32`'s [`BACK_FUSE_MIN_N`]: its one-dispatch long-row backward (`reduce::back_long`, one row
+/// per sweep, the next row's sums beside this row's dx; streamed, several short rows staged as
+/// one span) overtook the short-row groups from N = 64. Same VM and method, one thread: at 8
+/// MiB (ordinary stores) N = 64 +38%, 96 +42%, 128 +56%, 192 +46%; streamed with dx 16 bytes off
+/// a line (as a `Vec` usually is), 65536×128 +26% (two threads +22%), 131072×64 +20%, 43690×192
+/// ×2.3, 262144×128 (128 MiB) +28%; N = 32 +7% / −3%, N = 16 −4% / −18%, so the groups keep
+/// those.
+pub(crate) const F32_BACK_LONG_MIN_N: usize = 64;
 
 /// The types the row kernels compute in: `f32` and `f64`, with their reduction sweeps.
 ///
@@ -61,6 +77,12 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     fn shift(x: &[Self]) -> Self {
         let head = &x[..x.len().min(SHIFT_SAMPLE)];
         Self::of(head.iter().map(|&v| v.into()).sum::<f64>() / head.len().max(1) as f64)
+    }
+
+    /// The shortest rows that the forward pipelines (below it, `rows`); `stream`: whether `y` is
+    /// written with streaming stores.
+    fn long_min_n(_stream: bool) -> usize {
+        FUSE_MIN_N
     }
 
     /// Forward of `mean.len()` consecutive rows of `n` (the short-row path: no pipelining). The
@@ -213,6 +235,9 @@ impl Real for f32 {
     fn of(v: f64) -> f32 {
         v as f32
     }
+    fn long_min_n(stream: bool) -> usize {
+        if stream { FUSE_MIN_N } else { F32_LONG_MIN_N }
+    }
     fn shift(x: &[f32]) -> f32 {
         crate::reduce::shift(x)
     }
@@ -270,7 +295,7 @@ impl Real for f32 {
         stream: bool,
     ) -> bool {
         let partials = crate::reduce::Partials { buf: partials, want };
-        if n < BACK_FUSE_MIN_N {
+        if n < F32_BACK_LONG_MIN_N {
             crate::reduce::back_short_blocks(n, x, dy, mean, rstd, gamma, dx, partials, stream);
         } else {
             crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);

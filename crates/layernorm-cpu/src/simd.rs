@@ -15,7 +15,8 @@ use crate::row::{self, Real};
 /// Forward over consecutive rows: `x`/`y` hold `mean.len()` rows of `n`.
 ///
 /// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
-/// `FUSE_MIN_N`), row r is normalized in the same sweep that sums row r+1's statistics. 16-bit
+/// `FUSE_MIN_N`, or N ≥ `F32_LONG_MIN_N` when `y` is not streamed), row r is normalized in the
+/// same sweep that sums row r+1's statistics. 16-bit
 /// rows go to their register-converting kernels (`CpuElement::forward_converted`); the scratch
 /// path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit type
 /// without them, and the tests, as the reference those kernels match bit for bit.
@@ -45,9 +46,13 @@ pub(crate) fn forward_rows<T: CpuElement>(
     // scratch row and narrowed) and written with ordinary stores.
     let out = if T::as_acc(x).is_some() { out } else { Out::Cached };
     let stream = out.stream();
+    // Rows in the accumulation type pipeline from the type's threshold (`f32`: lower with
+    // ordinary stores); widened 16-bit rows from `FUSE_MIN_N`.
+    let long_min =
+        if T::as_acc(x).is_some() { <T::Acc as Real>::long_min_n(stream) } else { row::FUSE_MIN_N };
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
-    } else if n < row::FUSE_MIN_N {
+    } else if n < long_min {
         forward_short(n, eps, x, gamma, beta, y, mean, rstd, out);
     } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, out) {
         forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
@@ -197,7 +202,7 @@ pub(crate) fn backward_blocks<T: CpuElement>(
 /// Elements per widened chunk of 16-bit short rows (the chunk and its output stay in L1/L2).
 const SHORT_CHUNK: usize = 4096;
 
-/// Forward of short rows (N < `FUSE_MIN_N`): the type's one-loop row kernel, on the rows
+/// Forward of short rows (below `Real::long_min_n`): the type's one-loop row kernel, on the rows
 /// themselves or on chunks of rows widened to the accumulation type.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]

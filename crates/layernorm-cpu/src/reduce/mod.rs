@@ -162,6 +162,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn long_row_kernels_match_the_same_composition_at_short_lengths() {
+        // `f32` rows take the long-row kernels from `row::F32_LONG_MIN_N` (forward, ordinary
+        // stores) and `row::F32_BACK_LONG_MIN_N` (backward), below the generic thresholds: at
+        // every length either kernel may serve, they give the short-row kernels' bits.
+        let nrows = 45; // a ragged last block of 32 rows
+        for n in [2usize, 17, 40, 64, 100, 128, 129, 200, 255, 256, 300, 511] {
+            let x = mixed_rows(nrows, n);
+            let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
+            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            {
+                let (mut y0, mut m0, mut r0) =
+                    (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
+                row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
+                for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
+                    let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
+                    y1.fill(0.0);
+                    long(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
+                    stream_fence();
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}");
+                    assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
+                }
+                // The backward: dx whole, dγ/dβ block by block (the long kernel adds each 32-row
+                // block's terms into that block's partials).
+                let block = crate::driver::ROW_BLOCK;
+                let blocks = nrows.div_ceil(block);
+                let mut dx0 = vec![0f32; nrows * n];
+                let mut parts0 = vec![0f32; blocks * 2 * n];
+                for k in 0..blocks {
+                    let r = k * block..((k + 1) * block).min(nrows);
+                    let e = r.start * n..r.end * n;
+                    let (dg, db) = parts0[2 * n * k..2 * n * (k + 1)].split_at_mut(n);
+                    let (xk, dyk, m, s) = (&x[e.clone()], &dy[e.clone()], &m0[r.clone()], &r0[r]);
+                    let dxk = &mut dx0[e];
+                    row::back_rows_portable(n, xk, dyk, m, s, gamma, dxk, Some(dg), Some(db));
+                }
+                for stream in [false, true] {
+                    let mut dx1 = vec![0f32; nrows * n];
+                    let mut parts1 = vec![0f32; blocks * 2 * n];
+                    let partials = Partials { buf: Some(&mut parts1), want: (true, true) };
+                    back_long(n, &x, &dy, &m0, &r0, gamma, &mut dx1, partials, stream);
+                    stream_fence();
+                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}");
+                    assert_eq!(bits(&parts1), bits(&parts0), "dγ/dβ partials, n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn sums_are_exact_on_small_integers_whatever_the_length() {
         // Values below 100: a lane's share of a 256-element block squared-sums below 2^24 on
         // any vector width (even one lane), so the f32 partials are exact and so is the result.

@@ -115,6 +115,10 @@ pub(super) const OUT_AHEAD: usize = 1024;
 /// for dx; where dx is streamed, it is staged in L1 and the prefetch finds it there.)
 pub(super) const BACK_AHEAD: usize = 512;
 
+/// Elements of output the long-row backward stages before it streams them out as one span
+/// (rows shorter than this are staged several together; see `BackLong`).
+pub(super) const STAGED_SPAN: usize = 2048;
+
 /// Asks for the cache line holding `p` to be brought into L1 (a hint: `p` may point anywhere,
 /// even outside any allocation, since a prefetch never faults).
 #[inline(always)]
