@@ -47,13 +47,12 @@ pub(crate) const FUSE_MIN_N: usize = 512;
 /// pair sweeps rather than the short-row groups (measured: N = 256 backward 0.52 → 0.66 of the
 /// baseline in pairs; N = 128 was faster in groups, 0.59 against 0.53).
 pub(crate) const BACK_FUSE_MIN_N: usize = 256;
-/// `f32`'s [`FUSE_MIN_N`] where `y` is written with ordinary stores: its one-dispatch pipelined
-/// kernel (`reduce::long`) overtook the short-row groups from N = 128 once its sweeps gained
-/// fused multiply-adds and one-row pipelining. Intel AVX-512 VM, calls alternated in one
-/// process, 8 MiB outputs, one thread: N = 128 +20%, 192 +22%, 256 +25%, 384 +17%; two threads
-/// +28–31%, +24–32%, +9%; N = 64 even, 32 −10%. With streaming stores the groups stay (they
-/// stream a group's rows as one span; the long kernel's rows of 512 bytes streamed one by one,
-/// each with partial lines at its ends, ran 12.5 GB/s where the groups ran 20).
+/// `f32`'s [`FUSE_MIN_N`]: its one-dispatch pipelined forward (`reduce::long`) overtook the
+/// short-row groups from N = 128 once its sweeps gained fused multiply-adds and (streamed) staged
+/// short rows as one span. Intel AVX-512 VM, calls alternated in one process, one thread: at 8
+/// MiB (ordinary stores) N = 128 +20%, 192 +22%, 256 +25%, 384 +17% (two threads +28–31%,
+/// +24–32%, +9%); streamed, 65536×128 +24% (two threads +20%), 32768×256 +19%, 262144×128 (128
+/// MiB) +18%; N = 64 even, 32 −10%.
 pub(crate) const F32_LONG_MIN_N: usize = 128;
 /// `f32`'s [`BACK_FUSE_MIN_N`]: its one-dispatch long-row backward (`reduce::back_long`, one row
 /// per sweep, the next row's sums beside this row's dx; streamed, several short rows staged as
@@ -79,9 +78,8 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         Self::of(head.iter().map(|&v| v.into()).sum::<f64>() / head.len().max(1) as f64)
     }
 
-    /// The shortest rows that the forward pipelines (below it, `rows`); `stream`: whether `y` is
-    /// written with streaming stores.
-    fn long_min_n(_stream: bool) -> usize {
+    /// The shortest rows that the forward pipelines (below it, `rows`).
+    fn long_min_n() -> usize {
         FUSE_MIN_N
     }
 
@@ -235,8 +233,8 @@ impl Real for f32 {
     fn of(v: f64) -> f32 {
         v as f32
     }
-    fn long_min_n(stream: bool) -> usize {
-        if stream { FUSE_MIN_N } else { F32_LONG_MIN_N }
+    fn long_min_n() -> usize {
+        F32_LONG_MIN_N
     }
     fn shift(x: &[f32]) -> f32 {
         crate::reduce::shift(x)

@@ -15,11 +15,10 @@ use crate::row::{self, Real};
 /// Forward over consecutive rows: `x`/`y` hold `mean.len()` rows of `n`.
 ///
 /// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
-/// `FUSE_MIN_N`, or N ≥ `F32_LONG_MIN_N` when `y` is not streamed), row r is normalized in the
-/// same sweep that sums row r+1's statistics. 16-bit
-/// rows go to their register-converting kernels (`CpuElement::forward_converted`); the scratch
-/// path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit type
-/// without them, and the tests, as the reference those kernels match bit for bit.
+/// `F32_LONG_MIN_N`), row r is normalized in the same sweep that sums row r+1's statistics.
+/// 16-bit rows go to their register-converting kernels (`CpuElement::forward_converted`); the
+/// scratch path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit
+/// type without them, and the tests, as the reference those kernels match bit for bit.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
     "x86_64+avx2+fma+f16c",
@@ -46,10 +45,10 @@ pub(crate) fn forward_rows<T: CpuElement>(
     // scratch row and narrowed) and written with ordinary stores.
     let out = if T::as_acc(x).is_some() { out } else { Out::Cached };
     let stream = out.stream();
-    // Rows in the accumulation type pipeline from the type's threshold (`f32`: lower with
-    // ordinary stores); widened 16-bit rows from `FUSE_MIN_N`.
+    // Rows in the accumulation type pipeline from the type's threshold (`f32`: lower);
+    // widened 16-bit rows from `FUSE_MIN_N`.
     let long_min =
-        if T::as_acc(x).is_some() { <T::Acc as Real>::long_min_n(stream) } else { row::FUSE_MIN_N };
+        if T::as_acc(x).is_some() { <T::Acc as Real>::long_min_n() } else { row::FUSE_MIN_N };
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
     } else if n < long_min {
