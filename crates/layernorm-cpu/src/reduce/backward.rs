@@ -605,19 +605,9 @@ impl BackLong<'_> {
         // thread: on the Intel AVX-512 VM the pieces ran 16384×1024 +0–2%, 4096×4096 +6–8%,
         // 1024×16384 +10–13% (two threads alike), and forced to stream 4096×1024 +6–8%,
         // 256×16384 +7–9%; on the AMD Zen 3 VM (AVX2) the burst had been ahead by 2–8%.
-        let inter = size_of::<S::f32s>() >= 64;
-        // Sweeps per staged span: rows shorter than 2048 elements are staged several sweeps
-        // together and written as one span of ~8 KiB, whose two ends are the only lines it
-        // streams in part (see `Flush::new`; per row, 512-byte rows 16 bytes off a line had two
-        // such lines in every eight and ran at half speed).
-        let per = (STAGED_SPAN / (K * n)).max(1);
-        let half = (per * K * n).next_multiple_of(16);
-        let mut stage = self.stream.then(|| staging(if inter { 2 * half } else { half }));
-        // The staged rows not yet written out (in the half of `stage` other than `cur`).
-        let mut pending: Option<Flush> = None;
-        let mut cur = 0;
-        // Sweeps staged so far in `cur`'s span, and the span's first row.
-        let (mut slot, mut first) = (0, 0);
+        // Short rows are staged several sweeps to a span (see `Spans`).
+        let burst = size_of::<S::f32s>() < 64;
+        let mut spans = self.stream.then(|| Spans::new(K * n, burst));
         let mut sums = [[0f64; 3]; K];
         for (r, s) in sums.iter_mut().enumerate().take(rows.min(K)) {
             *s =
@@ -639,15 +629,12 @@ impl BackLong<'_> {
                 });
                 // With streaming, the rows' dx is staged in L1 and written as one span.
                 let parts = self.partials.of_row(r, n);
-                match stage.as_mut() {
-                    Some((buf, off)) => {
-                        let (a, b) = buf[*off..].split_at_mut(half);
-                        let (out, prev) = if cur == 0 { (a, &*b) } else { (b, &*a) };
-                        let staged = &mut out[slot * K * n..(slot + 1) * K * n];
+                match spans.as_mut() {
+                    Some(sp) => {
                         // One sweep a span: the pending span is written a piece after each
-                        // block of the sweep; several: a share after each sweep.
-                        let pend = if per == 1 { pending.as_mut() } else { None };
-                        let pend = pend.map(|f| (f, prev, &mut *self.dx));
+                        // block of the sweep (`back_k`); several: a share after each sweep.
+                        let (staged, pend) = sp.next();
+                        let pend = pend.map(|(f, prev)| (f, prev, &mut *self.dx));
                         sums = back_k::<S, K>(
                             simd,
                             n,
@@ -658,23 +645,7 @@ impl BackLong<'_> {
                             parts,
                             pend,
                         );
-                        slot += 1;
-                        if let Some(f) = pending.as_mut() {
-                            f.write(simd, prev, self.dx, f.body * slot / per);
-                        }
-                        if slot == per {
-                            if let Some(f) = pending.take() {
-                                f.finish(simd, prev, self.dx);
-                            }
-                            let f = Flush::new::<S>(self.dx, first * n..(r + K) * n);
-                            if inter {
-                                pending = Some(f);
-                                cur ^= 1;
-                            } else {
-                                f.finish(simd, &out[..], self.dx);
-                            }
-                            (slot, first) = (0, r + K);
-                        }
+                        sp.staged(simd, self.dx);
                     }
                     None => {
                         let out = &mut self.dx[r * n..(r + K) * n];
@@ -708,18 +679,10 @@ impl BackLong<'_> {
                 r += 1;
             }
         }
-        // The last pipelined rows' staged dx (the tail rows above went straight to dx): the
-        // pending span, then the rows staged in `cur`'s span since.
-        if let Some((buf, off)) = stage.as_ref() {
-            if let Some(f) = pending {
-                f.finish(simd, &buf[*off + (cur ^ 1) * half..], self.dx);
-            }
-            if slot > 0 {
-                let f = Flush::new::<S>(self.dx, first * n..(first + slot * K) * n);
-                f.finish(simd, &buf[*off + cur * half..], self.dx);
-            }
+        // The last pipelined rows' staged dx (the tail rows above went straight to dx).
+        if let Some(sp) = spans {
+            sp.finish(simd, self.dx);
         }
-        unstage(stage);
     }
 }
 

@@ -214,21 +214,16 @@ impl WithSimd for Long<'_> {
         // from registers had partial lines at its ends: 65536×128 one thread 19–20 → 24–25 GB/s,
         // two 39 → 47, 32768×256 +19%, 262144×128 +18%). Longer rows stream from registers:
         // staged, N = 512 and 768 lost 3–5%.
-        let group = self.out.stream() && n < row::FUSE_MIN_N;
-        let per = (STAGED_SPAN / n).max(1);
-        let half = (per * n).next_multiple_of(16);
-        let mut stage = group.then(|| staging(2 * half));
-        let out = if group { Out::Cached } else { self.out };
-        let mut pending: Option<Flush> = None;
-        let (mut cur, mut slot, mut first) = (0, 0, 0);
+        let mut spans = (self.out.stream() && n < row::FUSE_MIN_N).then(|| Spans::new(n, false));
+        let out = if spans.is_some() { Out::Cached } else { self.out };
         let mut m_next = shift_in(simd, row_at(x, n, 0));
         let mut sums = centered_in(simd, row_at(x, n, 0), (m_next, 1.0, 0.0));
         for r in 0..rows {
             let cur_row = row_at(x, n, r);
             let st = row::finish(cur_row, m_next, sums, self.eps);
             let params = (st.m_hi, st.m_lo, st.rstd as f32);
-            let y = match stage.as_mut() {
-                Some((buf, off)) => &mut buf[*off + cur * half + slot * n..][..n],
+            let y = match spans.as_mut() {
+                Some(sp) => sp.next().0,
                 None => &mut self.y[r * n..(r + 1) * n],
             };
             if r + 1 < rows {
@@ -240,25 +235,13 @@ impl WithSimd for Long<'_> {
             }
             self.mean[r] = st.mean as f32;
             self.rstd[r] = st.rstd as f32;
-            if let Some((buf, off)) = stage.as_ref() {
-                slot += 1;
-                let prev = &buf[*off + (cur ^ 1) * half..];
-                if let Some(f) = pending.as_mut() {
-                    f.write(simd, prev, self.y, f.body * slot / per);
-                }
-                if slot == per || r + 1 == rows {
-                    if let Some(f) = pending.take() {
-                        f.finish(simd, prev, self.y);
-                    }
-                    pending = Some(Flush::new::<S>(self.y, first * n..(r + 1) * n));
-                    (cur, slot, first) = (cur ^ 1, 0, r + 1);
-                }
+            if let Some(sp) = spans.as_mut() {
+                sp.staged(simd, self.y);
             }
         }
-        if let (Some(f), Some((buf, off))) = (pending, stage.as_ref()) {
-            f.finish(simd, &buf[*off + (cur ^ 1) * half..], self.y);
+        if let Some(sp) = spans {
+            sp.finish(simd, self.y);
         }
-        unstage(stage);
     }
 }
 

@@ -115,8 +115,8 @@ pub(super) const OUT_AHEAD: usize = 1024;
 /// for dx; where dx is streamed, it is staged in L1 and the prefetch finds it there.)
 pub(super) const BACK_AHEAD: usize = 512;
 
-/// Elements of output the long-row backward stages before it streams them out as one span
-/// (rows shorter than this are staged several together; see `BackLong`).
+/// Elements of output the long-row kernels stage before they stream them out as one span (rows
+/// shorter than this are staged several together; see [`Spans`]).
 pub(super) const STAGED_SPAN: usize = 2048;
 
 /// Asks for the cache line holding `p` to be brought into L1 (a hint: `p` may point anywhere,
@@ -164,6 +164,89 @@ pub(super) fn unstage(stage: Option<(Vec<f32>, usize)>) {
 
 thread_local! {
     static STAGING: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Streamed output of the long-row kernels staged in L1 a step at a time (a sweep's row or rows)
+/// and written out a span of steps at a time, each span about [`STAGED_SPAN`] elements: only a
+/// span's two ends can be cache lines streamed in part (see [`Flush::new`]), where rows streamed
+/// one by one had two in every row (512-byte rows 16 bytes off a line ran at half speed).
+/// Double-buffered, a full span is written during the next one, a share after each step (one
+/// step a span: the step writes it itself, see [`Spans::next`]); with `burst`, right when it is
+/// full, from a single buffer.
+pub(super) struct Spans {
+    buf: Vec<f32>,
+    off: usize,
+    /// Elements per step, steps per span, and each half of `buf` (a span, to a whole vector).
+    step: usize,
+    per: usize,
+    half: usize,
+    burst: bool,
+    /// The half being filled, its steps staged so far, and where in y its span starts.
+    cur: usize,
+    slot: usize,
+    first: usize,
+    /// The full span not yet written (in the other half).
+    pending: Option<Flush>,
+}
+
+impl Spans {
+    pub(super) fn new(step: usize, burst: bool) -> Spans {
+        let per = (STAGED_SPAN / step.max(1)).max(1);
+        let half = (per * step).next_multiple_of(16);
+        let (buf, off) = staging(if burst { half } else { 2 * half });
+        Spans { buf, off, step, per, half, burst, cur: 0, slot: 0, first: 0, pending: None }
+    }
+
+    /// Where the next step is staged; with one step a span, also the pending span and its
+    /// staged source, for the step to write as it goes.
+    #[inline(always)]
+    pub(super) fn next(&mut self) -> (&mut [f32], Option<(&mut Flush, &[f32])>) {
+        let (a, b) = self.buf[self.off..].split_at_mut(self.half);
+        let (out, prev) = if self.cur == 0 { (a, &*b) } else { (b, &*a) };
+        let at = self.slot * self.step;
+        let pending = if self.per == 1 { self.pending.as_mut().map(|f| (f, prev)) } else { None };
+        (&mut out[at..at + self.step], pending)
+    }
+
+    /// After a step staged where [`Spans::next`] said: a share of the pending span written to
+    /// `y`; a full span made pending (or written, `burst`).
+    #[inline(always)]
+    pub(super) fn staged<S: Simd>(&mut self, simd: S, y: &mut [f32]) {
+        self.slot += 1;
+        let prev = &self.buf[self.off + (self.cur ^ 1) * self.half..];
+        if let Some(f) = self.pending.as_mut() {
+            f.write(simd, prev, y, f.body * self.slot / self.per);
+        }
+        if self.slot == self.per {
+            if let Some(f) = self.pending.take() {
+                f.finish(simd, prev, y);
+            }
+            let end = self.first + self.per * self.step;
+            let f = Flush::new::<S>(y, self.first..end);
+            if self.burst {
+                f.finish(simd, &self.buf[self.off..], y);
+            } else {
+                self.pending = Some(f);
+                self.cur ^= 1;
+            }
+            (self.slot, self.first) = (0, end);
+        }
+    }
+
+    /// Writes everything still staged — the pending span, then the steps staged since — and
+    /// gives the buffer back to the thread.
+    #[inline(always)]
+    pub(super) fn finish<S: Simd>(self, simd: S, y: &mut [f32]) {
+        let Spans { buf, off, step, half, cur, slot, first, pending, .. } = self;
+        if let Some(f) = pending {
+            f.finish(simd, &buf[off + (cur ^ 1) * half..], y);
+        }
+        if slot > 0 {
+            let f = Flush::new::<S>(y, first..first + slot * step);
+            f.finish(simd, &buf[off + cur * half..], y);
+        }
+        unstage(Some((buf, off)));
+    }
 }
 
 /// A staged span of output (`src`, hot in L1) being written to `y[span]` in pieces: streaming
