@@ -113,20 +113,37 @@ pub(crate) mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    /// The bitwise tests' inputs for `nrows` rows of `n`: x ([`mixed_rows`]), dy, γ and β.
+    fn bitwise_inputs(nrows: usize, n: usize) -> [Vec<f32>; 4] {
+        let x = mixed_rows(nrows, n);
+        let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
+        let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
+        let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+        [x, dy, g, b]
+    }
+
+    /// `row::rows_portable` of `x`: (y, mean, rstd).
+    fn portable_forward(
+        n: usize,
+        x: &[f32],
+        (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    ) -> [Vec<f32>; 3] {
+        let nrows = x.len() / n;
+        let (mut y, mut m, mut r) = (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
+        row::rows_portable(n, 1e-5, x, gamma, beta, &mut y, &mut m, &mut r);
+        [y, m, r]
+    }
+
     #[test]
     fn short_row_kernels_match_the_portable_composition_bit_for_bit() {
         let nrows = 45; // two full groups of 16 and a ragged one
         for n in [1usize, 5, 16, 17, 40, 100, 128, 255, 256, 300, 511] {
-            let x = mixed_rows(nrows, n);
-            let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
-            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
-            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            let [x, dy, g, b] = bitwise_inputs(nrows, n);
             for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
             {
-                let (mut y0, mut m0, mut r0) =
+                let [y0, m0, r0] = portable_forward(n, &x, (gamma, beta));
+                let (mut y1, mut m1, mut r1) =
                     (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
-                let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
-                row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
@@ -168,18 +185,13 @@ pub(crate) mod tests {
         // every length either kernel may serve, they give the short-row kernels' bits.
         let nrows = 45; // a ragged last block of 32 rows
         for n in [2usize, 17, 40, 64, 100, 128, 129, 200, 255, 256, 300, 511] {
-            let x = mixed_rows(nrows, n);
-            let dy = mixed_rows(nrows, n).iter().map(|v| v.sin()).collect::<Vec<_>>();
-            let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
-            let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+            let [x, dy, g, b] = bitwise_inputs(nrows, n);
             for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
             {
-                let (mut y0, mut m0, mut r0) =
-                    (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
-                row::rows_portable(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0);
+                let [y0, m0, r0] = portable_forward(n, &x, (gamma, beta));
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
-                    let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
-                    y1.fill(0.0);
+                    let (mut y1, mut m1, mut r1) =
+                        (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
                     long(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
                     assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}");
