@@ -273,6 +273,15 @@ impl Flush {
         let per_line = (64 / size_of::<S::f32s>()).max(1);
         let stream = w >= 4 && span.len() >= 2 * w;
         let body = if stream { (span.len() - head) / w / per_line * per_line } else { 0 };
+        // The span's last line, when it is shared with the next span, is written with ordinary
+        // stores by `finish`: a store that misses waits for the line to be read from memory, and
+        // every store behind it waits too. Asked for here, a span (or a group's sweep) before
+        // it is needed. Measured on the Intel AVX-512 VM (calls alternated in one process, one
+        // thread, y 16 bytes past a line): 131072×128 forward +7%, backward +6%; 65536×128
+        // streamed +2–3%; 16384×1024 even.
+        if span.len() > head && !(span.len() - head).is_multiple_of(16) {
+            prefetch_line(&y[span.end - 1]);
+        }
         Flush { span, head, body, done: 0 }
     }
 
