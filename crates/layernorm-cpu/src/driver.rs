@@ -34,15 +34,18 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 /// the output is left in cache for whoever reads it next.
 ///
 /// Half the last-level cache the operating system reports — then the input and the output of the
-/// same size fill it — but no less than 16 MiB and no more than 32 MiB, the ends measured on two
-/// machines (calls alternated in one process, `docs/performance.md`):
+/// same size fill it — but no less than 16 MiB and no more than 64 MiB, the ends measured on two
+/// machines (`docs/performance.md`):
 /// - an AMD Zen 3 VM with a 32 MiB L3 (reported as such): streaming ahead at 16 MiB (forward
 ///   +2–16% on one thread over five shapes, the backward's dx +12–13%), behind by 6–27% at 8–12
-///   MiB;
+///   MiB (calls of the two kinds alternated one by one);
 /// - an Intel VM with AVX-512 that reports the host's 480 MiB L3, shared with its neighbours:
-///   streaming behind at 16 MiB (forward −10 to −25%, backward −7 to −12%), mixed at 32 MiB,
-///   ahead from 40 MiB on all but one reading (forward −6% to +35%, backward +11–14%, and ×1.7
-///   for the 64 MiB backward of 128-element rows).
+///   with each store kind run several calls in a row (its steady state; alternated call by call,
+///   each cached call first paid for the lines the streamed one had evicted), ordinary stores
+///   ahead at 32–48 MiB outputs (forward one thread +14–20%, two +11–22%; backward one thread
+///   +5–15%, two +17% at 32 MiB and even at 48), streaming ahead at 64 MiB in three readings of
+///   four (backward one and two threads +5–6%, forward one thread +2%; forward two threads
+///   −13%).
 ///
 /// Without a report (other systems), 16 MiB.
 pub(crate) fn stream_min_bytes() -> usize {
@@ -52,7 +55,7 @@ pub(crate) fn stream_min_bytes() -> usize {
 
 /// [`stream_min_bytes`] for a last-level cache of `cache` bytes.
 fn stream_min_for(cache: usize) -> usize {
-    (cache / 2).clamp(16 << 20, 32 << 20)
+    (cache / 2).clamp(16 << 20, 64 << 20)
 }
 
 /// The size of the first CPU's level-3 unified cache, as Linux reports it in sysfs.
@@ -309,9 +312,10 @@ mod tests {
         }
         assert_eq!(stream_min_for(32 << 20), 16 << 20);
         assert_eq!(stream_min_for(48 << 20), 24 << 20);
-        assert_eq!(stream_min_for(480 << 20), 32 << 20);
+        assert_eq!(stream_min_for(96 << 20), 48 << 20);
+        assert_eq!(stream_min_for(480 << 20), 64 << 20);
         assert_eq!(stream_min_for(8 << 20), 16 << 20);
-        assert!((16 << 20..=32 << 20).contains(&stream_min_bytes()));
+        assert!((16 << 20..=64 << 20).contains(&stream_min_bytes()));
     }
 
     #[test]
