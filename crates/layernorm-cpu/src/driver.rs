@@ -42,10 +42,11 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 /// - an Intel VM with AVX-512 that reports the host's 480 MiB L3, shared with its neighbours:
 ///   with each store kind run several calls in a row (its steady state; alternated call by call,
 ///   each cached call first paid for the lines the streamed one had evicted), ordinary stores
-///   ahead at 32–48 MiB outputs (forward one thread +14–20%, two +11–22%; backward one thread
-///   +5–15%, two +17% at 32 MiB and even at 48), streaming ahead at 64 MiB in three readings of
-///   four (backward one and two threads +5–6%, forward one thread +2%; forward two threads
-///   −13%).
+///   ahead at 32–48 MiB outputs (forward one thread +14–25%, two +11–21%; backward one thread
+///   +5–11%, two +18% at 32 MiB and even at 48); at 64 MiB streaming ahead in the backward
+///   (+3–8%) and in the forward at one thread (+5%), behind at two (−13%), and in the paired
+///   bench ordinary stores lost the forward there at both (0.71–0.72 of the bar against
+///   0.82–0.85).
 ///
 /// Without a report (other systems), 16 MiB.
 pub(crate) fn stream_min_bytes() -> usize {
