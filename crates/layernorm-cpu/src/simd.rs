@@ -42,13 +42,14 @@ pub(crate) fn forward_rows<T: CpuElement>(
     }
     // Streaming stores and y's prefetch are the `f32` kernels' (`f64` runs the portable
     // kernels, with ordinary stores); 16-bit rows are rounded in registers (or computed into a
-    // scratch row and narrowed) and written with ordinary stores.
-    let out = if T::as_acc(x).is_some() { out } else { Out::Cached };
+    // scratch row and narrowed) and written with ordinary stores. Rows in the accumulation type
+    // pipeline from the type's threshold (`f32`: lower); widened 16-bit rows from `FUSE_MIN_N`.
+    let (out, long_min) = if T::as_acc(x).is_some() {
+        (out, <T::Acc as Real>::long_min_n())
+    } else {
+        (Out::Cached, row::FUSE_MIN_N)
+    };
     let stream = out.stream();
-    // Rows in the accumulation type pipeline from the type's threshold (`f32`: lower);
-    // widened 16-bit rows from `FUSE_MIN_N`.
-    let long_min =
-        if T::as_acc(x).is_some() { <T::Acc as Real>::long_min_n() } else { row::FUSE_MIN_N };
     if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
     } else if n < long_min {

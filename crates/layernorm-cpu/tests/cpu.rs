@@ -422,8 +422,20 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
     // short rows several together when streaming: lengths on both sides of those thresholds.
     let cached = CpuBackend::new().with_stores(Stores::Cached);
     let streaming = CpuBackend::new().with_stores(Stores::Streaming);
-    let shapes = [(67, 7), (67, 16), (67, 33), (67, 64), (67, 128), (67, 200), (40, 300)];
-    for (rows, n) in shapes.into_iter().chain([(9, 512), (9, 777), (1024, 128), (2100, 128)]) {
+    let shapes = [
+        (67, 7),
+        (67, 16),
+        (67, 33),
+        (67, 64),
+        (67, 128),
+        (67, 200),
+        (40, 300),
+        (9, 512),
+        (9, 777),
+        (1024, 128),
+        (2100, 128),
+    ];
+    for (rows, n) in shapes {
         let x = normal(rows * n, 22 + n as u64);
         let (g, b) = (normal(n, 23), normal(n, 24));
         for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (None, Some(&b[..]))] {
