@@ -16,7 +16,8 @@ use crate::simd;
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
 pub const ROW_BLOCK: usize = 32;
-/// Elements per parallel task (forward), or per group of row blocks (backward).
+/// Elements per parallel task (forward), or per group of row blocks (backward): the least; see
+/// [`rows_per_task`] and [`blocks_per_task`].
 pub(crate) const TASK_ELEMS: usize = 1 << 15;
 /// Below this many elements (1 MiB of `f32`), everything runs on the calling thread: handing a
 /// call to a pool and back costs wake-ups of sleeping threads, ~8 µs on the AMD Zen 3 VM but
@@ -172,6 +173,19 @@ fn rows_per_task(n: usize, rows: usize) -> usize {
     (TASK_ELEMS / n).max(rows.div_ceil(tasks)).max(1)
 }
 
+/// Row blocks per backward task (a group): the forward's rule ([`rows_per_task`]) in whole
+/// blocks. Each group pipelines its rows but starts by summing its first row alone, and when dx
+/// is streamed it ends by writing out what it staged and waiting for its streaming stores
+/// (`store::stream_fence`). Groups of one block (32 rows, all that [`TASK_ELEMS`] asked for from
+/// N = 1024 up) paid that 512 times over 16384×1024: in eight groups a thread, on the Intel
+/// AVX-512 VM (calls alternated in one process), 16384×1024 +5–8% on one thread, +5–14% on two,
+/// 32768×512 +3% / +8%, the other benchmark shapes even to +4%. Which group a block falls in
+/// does not change any result: each block's partials gain its own rows' terms in row order.
+fn blocks_per_task(n: usize, blocks: usize) -> usize {
+    let tasks = 8 * rayon::current_num_threads();
+    (TASK_ELEMS / (ROW_BLOCK * n).max(1)).max(blocks.div_ceil(tasks)).max(1)
+}
+
 /// Forward over contiguous rows. Lengths are validated by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: CpuElement>(
@@ -237,11 +251,12 @@ pub(crate) fn backward<T: CpuElement>(
     let partials = &mut store[start..start + len];
 
     // Blocks are handed out in groups (a task's worth of rows); within a group the kernels
-    // pipeline across block boundaries. The grouping depends only on the shape, and the results
-    // do not depend on it at all: each block's partials gain its rows' terms in row order.
+    // pipeline across block boundaries. The grouping depends on the shape and the pool's size,
+    // and the results do not depend on it at all: each block's partials gain its rows' terms in
+    // row order.
     let chunk = ROW_BLOCK * n;
     let group_blocks =
-        if is_parallel(x.len()) { (TASK_ELEMS / chunk).max(1) } else { blocks.max(1) };
+        if is_parallel(x.len()) { blocks_per_task(n, blocks) } else { blocks.max(1) };
     let group = |g: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
         let rows = g * group_blocks * ROW_BLOCK..((g + 1) * group_blocks * ROW_BLOCK).min(rows);
         let elems = rows.start * n..rows.end * n;
