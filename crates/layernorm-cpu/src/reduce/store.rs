@@ -175,9 +175,11 @@ thread_local! {
 }
 
 /// Streamed output of the long-row kernels staged in L1 a step at a time (a sweep's row or rows)
-/// and written out a span of steps at a time, each span about [`STAGED_SPAN`] elements: only a
-/// span's two ends can be cache lines streamed in part (see [`Flush::new`]), where rows streamed
-/// one by one had two in every row (512-byte rows 16 bytes off a line ran at half speed).
+/// and written out a span of steps at a time, each span about [`STAGED_SPAN`] elements, in whole
+/// cache lines: the line two consecutive spans share is completed by the second and streamed
+/// whole ([`Flush::finish_joined`]), so only a task's two ends are written with ordinary stores,
+/// where rows streamed one by one had two partial lines in every row (512-byte rows 16 bytes off
+/// a line ran at half speed).
 /// Double-buffered, a full span is written during the next one, a share after each step (one
 /// step a span: the step writes it itself, see [`Spans::next`]); with `burst`, right when it is
 /// full, from a single buffer.
@@ -195,6 +197,8 @@ pub(super) struct Spans {
     first: usize,
     /// The full span not yet written (in the other half).
     pending: Option<Flush>,
+    /// The last written span's elements past its last line boundary, held back for the next.
+    carry: Carry,
 }
 
 impl Spans {
@@ -203,7 +207,8 @@ impl Spans {
         let per = (span / step.max(1)).max(1);
         let half = (per * step).next_multiple_of(16);
         let (buf, off) = staging(if burst { half } else { 2 * half });
-        Spans { buf, off, step, per, half, burst, cur: 0, slot: 0, first: 0, pending: None }
+        let carry = Carry::default();
+        Spans { buf, off, step, per, half, burst, cur: 0, slot: 0, first: 0, pending: None, carry }
     }
 
     /// Where the next step is staged; with one step a span, also the pending span and its
@@ -228,12 +233,12 @@ impl Spans {
         }
         if self.slot == self.per {
             if let Some(f) = self.pending.take() {
-                f.finish(simd, prev, y);
+                f.finish_joined(simd, prev, y, &mut self.carry, true);
             }
             let end = self.first + self.per * self.step;
-            let f = Flush::new::<S>(y, self.first..end);
+            let f = Flush::joined::<S>(y, self.first..end);
             if self.burst {
-                f.finish(simd, &self.buf[self.off..], y);
+                f.finish_joined(simd, &self.buf[self.off..], y, &mut self.carry, true);
             } else {
                 self.pending = Some(f);
                 self.cur ^= 1;
@@ -246,14 +251,15 @@ impl Spans {
     /// gives the buffer back to the thread.
     #[inline(always)]
     pub(super) fn finish<S: Simd>(self, simd: S, y: &mut [f32]) {
-        let Spans { buf, off, step, half, cur, slot, first, pending, .. } = self;
+        let Spans { buf, off, step, half, cur, slot, first, pending, mut carry, .. } = self;
         if let Some(f) = pending {
-            f.finish(simd, &buf[off + (cur ^ 1) * half..], y);
+            f.finish_joined(simd, &buf[off + (cur ^ 1) * half..], y, &mut carry, slot > 0);
         }
         if slot > 0 {
-            let f = Flush::new::<S>(y, first..first + slot * step);
-            f.finish(simd, &buf[off + cur * half..], y);
+            let f = Flush::joined::<S>(y, first..first + slot * step);
+            f.finish_joined(simd, &buf[off + cur * half..], y, &mut carry, false);
         }
+        carry.write(y);
         unstage(Some((buf, off)));
     }
 }
@@ -272,6 +278,25 @@ pub(super) struct Flush {
 impl Flush {
     #[inline(always)]
     pub(super) fn new<S: Simd>(y: &[f32], span: core::ops::Range<usize>) -> Flush {
+        // The span's last line, when it is shared with the next span, is written with ordinary
+        // stores by `finish`: a store that misses waits for the line to be read from memory, and
+        // every store behind it waits too. Asked for here, a span (or a group's sweep) before
+        // it is needed. Measured on the Intel AVX-512 VM (calls alternated in one process, one
+        // thread, y 16 bytes past a line): 131072×128 forward +7%, backward +6%; 65536×128
+        // streamed +2–3%; 16384×1024 even.
+        let f = Flush::joined::<S>(y, span);
+        if f.span.len() > f.head && !(f.span.len() - f.head).is_multiple_of(16) {
+            prefetch_line(&y[f.span.end - 1]);
+        }
+        f
+    }
+
+    /// [`Flush::new`] for a span of [`Spans`], whose last line, shared with the next span, is
+    /// written by that span in one streaming store (see [`Flush::finish_joined`]) and so not
+    /// asked for: prefetched, a line the streaming store then replaces is read for nothing and
+    /// evicted again (16384×1024 backward, dx 16 bytes past a line: +3–6% without it).
+    #[inline(always)]
+    pub(super) fn joined<S: Simd>(y: &[f32], span: core::ops::Range<usize>) -> Flush {
         // The streamed part covers whole cache lines only: a line written partly by streaming
         // stores and partly by ordinary ones (the neighbouring span's end) cost more than
         // ordinary stores of the whole line (AMD Zen 3, 65536×128 backward: the ends' copies
@@ -282,15 +307,6 @@ impl Flush {
         let per_line = (64 / size_of::<S::f32s>()).max(1);
         let stream = w >= 4 && span.len() >= 2 * w;
         let body = if stream { (span.len() - head) / w / per_line * per_line } else { 0 };
-        // The span's last line, when it is shared with the next span, is written with ordinary
-        // stores by `finish`: a store that misses waits for the line to be read from memory, and
-        // every store behind it waits too. Asked for here, a span (or a group's sweep) before
-        // it is needed. Measured on the Intel AVX-512 VM (calls alternated in one process, one
-        // thread, y 16 bytes past a line): 131072×128 forward +7%, backward +6%; 65536×128
-        // streamed +2–3%; 16384×1024 even.
-        if span.len() > head && !(span.len() - head).is_multiple_of(16) {
-            prefetch_line(&y[span.end - 1]);
-        }
         Flush { span, head, body, done: 0 }
     }
 
@@ -324,6 +340,72 @@ impl Flush {
         dst[..h].copy_from_slice(&src[..h]);
         let tail = h + self.body * (size_of::<S::f32s>() / 4);
         dst[tail..].copy_from_slice(&src[tail..len]);
+    }
+}
+
+impl Flush {
+    /// [`Flush::finish`] for consecutive spans of one task: a span's head completes the line
+    /// that the span before it shares with it (its elements held in `carry`), and that line goes
+    /// out in one streaming store; with `more` (another span follows) this span's elements past
+    /// its last line boundary are held in `carry` in turn. Each such line was otherwise written
+    /// by two ordinary stores a span apart, each of which first read it from memory.
+    #[inline(always)]
+    pub(super) fn finish_joined<S: Simd>(
+        mut self,
+        simd: S,
+        src: &[f32],
+        y: &mut [f32],
+        carry: &mut Carry,
+        more: bool,
+    ) {
+        self.write(simd, src, y, self.body);
+        let (h, len, start) = (self.head, self.span.len(), self.span.start);
+        if self.body == 0 {
+            carry.write(y);
+            y[self.span.clone()].copy_from_slice(&src[..len]);
+            return;
+        }
+        if carry.len > 0 && carry.len + h == 16 && carry.at + carry.len == start {
+            let mut line = [0f32; 16];
+            line[..carry.len].copy_from_slice(&carry.vals[..carry.len]);
+            line[carry.len..].copy_from_slice(&src[..h]);
+            let dst = S::as_mut_simd_f32s(&mut y[carry.at..carry.at + 16]).0;
+            for (d, &v) in dst.iter_mut().zip(S::as_simd_f32s(&line).0) {
+                put::<S>(d, v, true);
+            }
+            carry.len = 0;
+        } else {
+            carry.write(y);
+            y[start..start + h].copy_from_slice(&src[..h]);
+        }
+        let tail = h + self.body * (size_of::<S::f32s>() / 4);
+        if more {
+            carry.vals[..len - tail].copy_from_slice(&src[tail..len]);
+            (carry.len, carry.at) = (len - tail, start + tail);
+        } else {
+            y[start + tail..self.span.end].copy_from_slice(&src[tail..len]);
+        }
+    }
+}
+
+/// The elements of a streamed span past its last line boundary (fewer than a line), not yet
+/// written: the next span's head completes their line (see [`Flush::finish_joined`]).
+#[derive(Default)]
+pub(super) struct Carry {
+    vals: [f32; 16],
+    len: usize,
+    /// Where in y they go.
+    at: usize,
+}
+
+impl Carry {
+    /// Writes the held elements with ordinary stores (no span follows to complete their line).
+    #[inline(always)]
+    pub(super) fn write(&mut self, y: &mut [f32]) {
+        if self.len > 0 {
+            y[self.at..self.at + self.len].copy_from_slice(&self.vals[..self.len]);
+            self.len = 0;
+        }
     }
 }
 
