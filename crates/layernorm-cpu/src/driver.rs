@@ -35,7 +35,7 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 /// the output is left in cache for whoever reads it next.
 ///
 /// Half the last-level cache the operating system reports — then the input and the output of the
-/// same size fill it — but no less than 16 MiB and no more than 64 MiB, the ends measured on two
+/// same size fill it — but no less than 16 MiB and no more than 32 MiB, the ends measured on two
 /// machines (`docs/performance.md`):
 /// - an AMD Zen 3 VM with a 32 MiB L3 (reported as such): streaming ahead at 16 MiB (forward
 ///   +2–16% on one thread over five shapes, the backward's dx +12–13%), behind by 6–27% at 8–12
@@ -47,7 +47,14 @@ pub(crate) const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 ///   +5–11%, two +18% at 32 MiB and even at 48); at 64 MiB streaming ahead in the backward
 ///   (+3–8%) and in the forward at one thread (+5%), behind at two (−13%), and in the paired
 ///   bench ordinary stores lost the forward there at both (0.71–0.72 of the bar against
-///   0.82–0.85).
+///   0.82–0.85). That steady state is the best case for ordinary stores: the output is still
+///   in cache from the call before. In the paired bench, which alternates each call kind with
+///   bars that evict it, 65536×128 (32 MiB) with ordinary stores was bimodal — 0.97–0.99 of
+///   the bar right after itself, 0.80–0.83 right after the bars, the medians 0.80–0.84 at one
+///   thread — while streamed it read a steady 0.87–0.90 (backward 0.77–0.79 against 0.82–0.83);
+///   at two threads ordinary stores stayed ahead (forward 0.85–0.91 against 0.82–0.84). An
+///   output of 32 MiB is warm only when nothing ran between two calls, so from 32 MiB the
+///   steady choice streams.
 ///
 /// Without a report (other systems), 16 MiB.
 pub(crate) fn stream_min_bytes() -> usize {
@@ -57,7 +64,7 @@ pub(crate) fn stream_min_bytes() -> usize {
 
 /// [`stream_min_bytes`] for a last-level cache of `cache` bytes.
 fn stream_min_for(cache: usize) -> usize {
-    (cache / 2).clamp(16 << 20, 64 << 20)
+    (cache / 2).clamp(16 << 20, 32 << 20)
 }
 
 /// The size of the first CPU's level-3 unified cache, as Linux reports it in sysfs.
@@ -328,10 +335,11 @@ mod tests {
         }
         assert_eq!(stream_min_for(32 << 20), 16 << 20);
         assert_eq!(stream_min_for(48 << 20), 24 << 20);
-        assert_eq!(stream_min_for(96 << 20), 48 << 20);
-        assert_eq!(stream_min_for(480 << 20), 64 << 20);
+        assert_eq!(stream_min_for(64 << 20), 32 << 20);
+        assert_eq!(stream_min_for(96 << 20), 32 << 20);
+        assert_eq!(stream_min_for(480 << 20), 32 << 20);
         assert_eq!(stream_min_for(8 << 20), 16 << 20);
-        assert!((16 << 20..=64 << 20).contains(&stream_min_bytes()));
+        assert!((16 << 20..=32 << 20).contains(&stream_min_bytes()));
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub struct CpuBackend {
 pub enum Stores {
     /// Streaming stores when the call's output (y, or dx) is at least half the last-level cache
     /// the system reports — with an input of the same size, more than the cache holds — and at
-    /// least 16 MiB, at most 64 MiB (a virtual machine reports the host's whole cache, shared
+    /// least 16 MiB, at most 32 MiB (a virtual machine reports the host's whole cache, shared
     /// with its neighbours); ordinary stores otherwise (see `docs/performance.md`).
     #[default]
     Auto,
