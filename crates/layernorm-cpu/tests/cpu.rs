@@ -420,6 +420,8 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
     // problem large enough to run in parallel; y and dx at every 4-byte phase of a cache line.
     // `f32` rows from 64 (backward) and 128 (forward) take the pipelined kernels, which stage
     // short rows several together when streaming: lengths on both sides of those thresholds.
+    // Consecutive rows or spans stream the line they share as one (`store::Carry`), within a
+    // task: 600×520 runs in several tasks, its rows at every phase of a line.
     let cached = CpuBackend::new().with_stores(Stores::Cached);
     let streaming = CpuBackend::new().with_stores(Stores::Streaming);
     let shapes = [
@@ -434,11 +436,18 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
         (9, 777),
         (1024, 128),
         (2100, 128),
+        (600, 520),
     ];
     for (rows, n) in shapes {
         let x = normal(rows * n, 22 + n as u64);
         let (g, b) = (normal(n, 23), normal(n, 24));
-        for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (None, Some(&b[..]))] {
+        let pairs = [
+            (Some(&g[..]), Some(&b[..])),
+            (None, None),
+            (None, Some(&b[..])),
+            (Some(&g[..]), None),
+        ];
+        for (gamma, beta) in pairs {
             let spec = NormSpec::layer_norm(rows, n, DType::F32)
                 .with_gamma(gamma.is_some())
                 .with_beta(beta.is_some());

@@ -365,33 +365,21 @@ impl Flush {
             y[self.span.clone()].copy_from_slice(&src[..len]);
             return;
         }
-        if carry.len > 0 && carry.len + h == 16 && carry.at + carry.len == start {
-            let mut line = [0f32; 16];
-            line[..carry.len].copy_from_slice(&carry.vals[..carry.len]);
-            line[carry.len..].copy_from_slice(&src[..h]);
-            let dst = S::as_mut_simd_f32s(&mut y[carry.at..carry.at + 16]).0;
-            for (d, &v) in dst.iter_mut().zip(S::as_simd_f32s(&line).0) {
-                put::<S>(d, v, true);
-            }
-            carry.len = 0;
-        } else {
-            carry.write(y);
-            y[start..start + h].copy_from_slice(&src[..h]);
-        }
+        carry.join::<S>(y, start, &src[..len.min(16)], h);
         let tail = h + self.body * (size_of::<S::f32s>() / 4);
         if more {
-            carry.vals[..len - tail].copy_from_slice(&src[tail..len]);
-            (carry.len, carry.at) = (len - tail, start + tail);
+            carry.hold(start + tail, &src[tail..len]);
         } else {
             y[start + tail..self.span.end].copy_from_slice(&src[tail..len]);
         }
     }
 }
 
-/// The elements of a streamed span past its last line boundary (fewer than a line), not yet
-/// written: the next span's head completes their line (see [`Flush::finish_joined`]).
+/// The elements of a streamed row or span past its last line boundary (fewer than a line), not
+/// yet written: the next one's head completes their line (see [`Carry::join`]).
 #[derive(Default)]
 pub(super) struct Carry {
+    /// The held elements are the last `len` of `vals`.
     vals: [f32; 16],
     len: usize,
     /// Where in y they go.
@@ -399,12 +387,52 @@ pub(super) struct Carry {
 }
 
 impl Carry {
-    /// Writes the held elements with ordinary stores (no span follows to complete their line).
+    /// Writes the held elements with ordinary stores (nothing follows to complete their line).
     #[inline(always)]
     pub(super) fn write(&mut self, y: &mut [f32]) {
         if self.len > 0 {
-            y[self.at..self.at + self.len].copy_from_slice(&self.vals[..self.len]);
+            y[self.at..self.at + self.len].copy_from_slice(&self.vals[16 - self.len..]);
             self.len = 0;
+        }
+    }
+
+    /// Holds `vals` (fewer than a line, from a line boundary), bound for `y[at..]`.
+    #[inline(always)]
+    pub(super) fn hold(&mut self, at: usize, vals: &[f32]) {
+        debug_assert_eq!(self.len, 0, "held elements dropped");
+        self.vals[16 - vals.len()..].copy_from_slice(vals);
+        (self.len, self.at) = (vals.len(), at);
+    }
+
+    /// Holds the last `len` of `last16` (a row's last 16 values), bound for `y[at..]`.
+    #[inline(always)]
+    pub(super) fn hold_last(&mut self, at: usize, len: usize, last16: &[f32; 16]) {
+        debug_assert_eq!(self.len, 0, "held elements dropped");
+        self.vals = *last16;
+        (self.len, self.at) = (len, at);
+    }
+
+    /// Writes the first `p` of `first16` (the next row's or span's first 16 values), bound for
+    /// `y[at..]` and ending on a line boundary: where the held elements end at `at` and with
+    /// them fill the line, the line goes out in one streaming store (64-byte aligned vectors);
+    /// otherwise both with ordinary stores. The line is read from `[held | first16]` at
+    /// 16 − len: two fixed-size copies and one load, no element-wise assembly.
+    #[inline(always)]
+    pub(super) fn join<S: Simd>(&mut self, y: &mut [f32], at: usize, first16: &[f32], p: usize) {
+        let len = self.len;
+        if len > 0 && len + p == 16 && self.at + len == at {
+            let mut both = [0f32; 32];
+            both[..16].copy_from_slice(&self.vals);
+            both[16..].copy_from_slice(&first16[..16]);
+            let line = &both[16 - len..32 - len];
+            let dst = S::as_mut_simd_f32s(&mut y[self.at..self.at + 16]).0;
+            for (d, &v) in dst.iter_mut().zip(S::as_simd_f32s(line).0) {
+                put::<S>(d, v, true);
+            }
+            self.len = 0;
+        } else {
+            self.write(y);
+            y[at..at + p].copy_from_slice(&first16[..p]);
         }
     }
 }
