@@ -593,15 +593,21 @@ mod tests {
         // Against shift, sums, finish and normalize row by row on the same instruction set (the
         // dispatched one's composition is `row::rows_portable`). Rows take every path of
         // `row::finish` (see `mixed_rows`); lengths with and without tails; y at an odd offset
-        // so that streaming has heads and tails to mask. Rows shorter than `FUSE_MIN_N` are
-        // staged when streamed: 40 rows of 128 are two whole spans and a part.
+        // so that streaming has heads and tails to mask (and, from `FUSE_MIN_N` on, lines that
+        // rows share and stream as one). Rows shorter than `FUSE_MIN_N` are staged when
+        // streamed: 40 rows of 128 are two whole spans and a part.
         let rows = 40;
         for n in [128usize, 129, 200, 512, 515, 777, 1024, 2053] {
             let x = mixed_rows(rows, n);
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
             let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
-            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (None, Some(&b[..]))]
-            {
+            let pairs = [
+                (Some(&g[..]), Some(&b[..])),
+                (None, None),
+                (None, Some(&b[..])),
+                (Some(&g[..]), None),
+            ];
+            for (gamma, beta) in pairs {
                 for_each_isa!(simd, isa => {
                     let (mut y0, mut m0, mut r0) =
                         (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
@@ -614,16 +620,20 @@ mod tests {
                         normalize_in(simd, xr, params, (gamma, beta), y, false);
                         (m0[r], r0[r]) = (st.mean as f32, st.rstd as f32);
                     }
-                    for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
-                        let mut ybuf = vec![-7f32; rows * n + 3];
+                    let outs = [(Out::Cached, 3), (Out::Prefetched, 3), (Out::Streamed, 3), (Out::Streamed, 12)];
+                    for (out, off) in outs {
+                        // (At 12 floats past a 64-byte boundary, AVX2's rows begin their
+                        // streaming on a line too, so they join lines as well.)
+                        let mut ybuf = vec![-7f32; rows * n + 32];
                         let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-                        let y = &mut ybuf[3..];
+                        let at = off + ybuf.as_ptr().align_offset(64);
+                        let y = &mut ybuf[at..at + rows * n];
                         let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out };
                         pulp::Simd::vectorize(simd, op);
                         crate::reduce::stream_fence();
-                        let what = format!("{isa}, n={n}, {out:?}");
-                        assert_eq!(bits(&ybuf[3..]), bits(&y0), "y, {what}");
-                        assert_eq!(ybuf[..3], [-7.0; 3], "wrote before y, {what}");
+                        let what = format!("{isa}, n={n}, {out:?}, at {off}");
+                        assert_eq!(bits(&ybuf[at..at + rows * n]), bits(&y0), "y, {what}");
+                        assert!(ybuf[..at].iter().chain(&ybuf[at + rows * n..]).all(|&v| v == -7.0), "wrote outside y, {what}");
                         assert_eq!((bits(&mean), bits(&rstd)), (bits(&m0), bits(&r0)), "stats, {what}");
                     }
                 });
