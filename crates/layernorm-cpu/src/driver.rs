@@ -189,8 +189,7 @@ fn rows_per_task(n: usize, rows: usize) -> usize {
 /// 32768×512 +3% / +8%, the other benchmark shapes even to +4%. Which group a block falls in
 /// does not change any result: each block's partials gain its own rows' terms in row order.
 fn blocks_per_task(n: usize, blocks: usize) -> usize {
-    let tasks = 8 * rayon::current_num_threads();
-    (TASK_ELEMS / (ROW_BLOCK * n).max(1)).max(blocks.div_ceil(tasks)).max(1)
+    rows_per_task(ROW_BLOCK * n, blocks)
 }
 
 /// Forward over contiguous rows. Lengths are validated by the caller.

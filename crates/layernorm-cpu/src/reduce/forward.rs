@@ -290,7 +290,7 @@ impl WithSimd for Long<'_> {
                         let (p, q) = (lines.start, lines.end);
                         carry.join::<S>(self.y, r * n, &head, p);
                         if q < n {
-                            carry.hold_last(r * n + q, n - q, &tail);
+                            carry.hold(r * n + q, n - q, &tail);
                         }
                     }
                 } else {

@@ -365,10 +365,16 @@ impl Flush {
             y[self.span.clone()].copy_from_slice(&src[..len]);
             return;
         }
-        carry.join::<S>(y, start, &src[..len.min(16)], h);
+        // A body of whole lines makes the span at least a line long: it has 16 first and 16
+        // last values.
+        let src = &src[..len];
+        let (Some(first16), Some(last16)) = (src.first_chunk(), src.last_chunk()) else {
+            unreachable!("a streamed span is at least a line long")
+        };
+        carry.join::<S>(y, start, first16, h);
         let tail = h + self.body * (size_of::<S::f32s>() / 4);
         if more {
-            carry.hold(start + tail, &src[tail..len]);
+            carry.hold(start + tail, len - tail, last16);
         } else {
             y[start + tail..self.span.end].copy_from_slice(&src[tail..len]);
         }
@@ -396,17 +402,10 @@ impl Carry {
         }
     }
 
-    /// Holds `vals` (fewer than a line, from a line boundary), bound for `y[at..]`.
+    /// Holds the last `len` (fewer than a line, from a line boundary) of `last16` (a row's or
+    /// span's last 16 values), bound for `y[at..]`.
     #[inline(always)]
-    pub(super) fn hold(&mut self, at: usize, vals: &[f32]) {
-        debug_assert_eq!(self.len, 0, "held elements dropped");
-        self.vals[16 - vals.len()..].copy_from_slice(vals);
-        (self.len, self.at) = (vals.len(), at);
-    }
-
-    /// Holds the last `len` of `last16` (a row's last 16 values), bound for `y[at..]`.
-    #[inline(always)]
-    pub(super) fn hold_last(&mut self, at: usize, len: usize, last16: &[f32; 16]) {
+    pub(super) fn hold(&mut self, at: usize, len: usize, last16: &[f32; 16]) {
         debug_assert_eq!(self.len, 0, "held elements dropped");
         self.vals = *last16;
         (self.len, self.at) = (len, at);
@@ -418,12 +417,18 @@ impl Carry {
     /// otherwise both with ordinary stores. The line is read from `[held | first16]` at
     /// 16 − len: two fixed-size copies and one load, no element-wise assembly.
     #[inline(always)]
-    pub(super) fn join<S: Simd>(&mut self, y: &mut [f32], at: usize, first16: &[f32], p: usize) {
+    pub(super) fn join<S: Simd>(
+        &mut self,
+        y: &mut [f32],
+        at: usize,
+        first16: &[f32; 16],
+        p: usize,
+    ) {
         let len = self.len;
         if len > 0 && len + p == 16 && self.at + len == at {
             let mut both = [0f32; 32];
             both[..16].copy_from_slice(&self.vals);
-            both[16..].copy_from_slice(&first16[..16]);
+            both[16..].copy_from_slice(first16);
             let line = &both[16 - len..32 - len];
             let dst = S::as_mut_simd_f32s(&mut y[self.at..self.at + 16]).0;
             for (d, &v) in dst.iter_mut().zip(S::as_simd_f32s(line).0) {
