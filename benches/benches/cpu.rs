@@ -12,7 +12,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use half::{bf16, f16};
 use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
 use layernorm_benches::{SHAPES, data, quick};
-use layernorm_core::{DType, Element, HostNormalizeExt, NormSpec};
+use layernorm_core::ndarray::ArrayView2;
+use layernorm_core::{DType, Element, Norm, NormSpec, NormalizeNd};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
 fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
@@ -29,13 +30,14 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
         let (mut dg, mut db) = (g.clone(), g.clone());
         let zero = T::Acc::from_f64(0.0);
         let (mut mean, mut rstd) = (vec![zero; rows], vec![zero; rows]);
-        cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, &mut mean, &mut rstd).unwrap();
+        cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, Some(&mut mean), &mut rstd)
+            .unwrap();
 
         let mut fwd = c.benchmark_group(format!("cpu/fwd/{}/{threads}t", dt.name()));
         fwd.throughput(Throughput::Bytes((2 * numel * dt.size()) as u64));
         fwd.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
             bch.iter(|| {
-                cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, &mut mean, &mut rstd)
+                cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, Some(&mut mean), &mut rstd)
                     .unwrap()
             })
         });
@@ -58,7 +60,7 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
                     &spec,
                     &x,
                     &dy,
-                    &mean,
+                    Some(&mean),
                     &rstd,
                     Some(&g),
                     &mut dx,
@@ -78,7 +80,7 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
     }
 }
 
-/// The allocating path as users call it in a loop (`forward_vec`: outputs allocated, then
+/// The allocating path as users call it in a loop (`forward_nd`: outputs allocated, then
 /// dropped, every call) beside the same copy baselines: with the backend's output cache, large
 /// outputs are not faulted in afresh each call.
 fn bench_allocating(c: &mut Criterion) {
@@ -88,13 +90,15 @@ fn bench_allocating(c: &mut Criterion) {
     for (rows, n) in SHAPES {
         let numel = rows * n;
         let id = format!("{rows}x{n}");
-        let spec = NormSpec::layer_norm(rows, n, DType::F32);
         let x = data(numel, 1);
         let (g, b) = (data(n, 3), data(n, 4));
         let mut y = x.clone();
+        let xv = ArrayView2::from_shape((rows, n), &x[..]).unwrap();
         group.throughput(Throughput::Bytes((2 * numel * 4) as u64));
         group.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
-            bch.iter(|| drop(cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap()))
+            bch.iter(|| {
+                drop(cpu.forward_nd(Norm::layer_norm(), xv).gamma(&g).beta(&b).run().unwrap())
+            })
         });
         group.bench_function(BenchmarkId::new("baseline", &id), |bch| {
             bch.iter(|| pool.install(|| copy(&x, &mut y)))

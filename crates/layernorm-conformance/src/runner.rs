@@ -124,42 +124,42 @@ pub fn run_case(backend: &dyn HostNormalize, case: &Case, dtype: DType) -> [Outc
     let ctx = Reference::new(&inp);
     let tol = tolerance(dtype);
     let n = case.n;
-    let f_measures = vec![
-        Measure {
-            output: "y",
-            error: rowwise(
-                dtype,
-                &fwd.y.to_f64_vec(),
-                &ctx.fwd.y,
-                n,
-                |r| ctx.y_scale[r],
-                |r| ctx.y_allow[r],
-            ),
-            tol: tol.y,
-        },
-        Measure {
+    let mut f_measures = vec![Measure {
+        output: "y",
+        error: rowwise(
+            dtype,
+            &fwd.y.to_f64_vec(),
+            &ctx.fwd.y,
+            n,
+            |r| ctx.y_scale[r],
+            |r| ctx.y_allow[r],
+        ),
+        tol: tol.y,
+    }];
+    if let (Some(got), Some(want)) = (&fwd.mean, &ctx.fwd.mean) {
+        f_measures.push(Measure {
             output: "mean",
             error: elementwise(
                 dtype.acc(),
-                &fwd.mean.to_f64_vec(),
-                &ctx.fwd.mean,
-                |r| ctx.fwd.mean[r].abs().max(1.0 / ctx.fwd.rstd[r]),
+                &got.to_f64_vec(),
+                want,
+                |r| want[r].abs().max(1.0 / ctx.fwd.rstd[r]),
                 |_| 0.0,
             ),
             tol: tol.stats,
-        },
-        Measure {
-            output: "rstd",
-            error: elementwise(
-                dtype.acc(),
-                &fwd.rstd.to_f64_vec(),
-                &ctx.fwd.rstd,
-                |r| ctx.fwd.rstd[r],
-                |_| 0.0,
-            ),
-            tol: tol.stats,
-        },
-    ];
+        });
+    }
+    f_measures.push(Measure {
+        output: "rstd",
+        error: elementwise(
+            dtype.acc(),
+            &fwd.rstd.to_f64_vec(),
+            &ctx.fwd.rstd,
+            |r| ctx.fwd.rstd[r],
+            |_| 0.0,
+        ),
+        tol: tol.stats,
+    });
     let f = outcome(Pass::Forward, verdict(&f_measures), f_measures);
 
     let b = match backward(backend, &inp, &fwd) {
@@ -211,7 +211,7 @@ pub fn run_case(backend: &dyn HostNormalize, case: &Case, dtype: DType) -> [Outc
 
 struct Fwd {
     y: HostVec,
-    mean: HostVec,
+    mean: Option<HostVec>,
     rstd: HostVec,
 }
 
@@ -231,7 +231,7 @@ fn forward(backend: &dyn HostNormalize, inp: &Inputs) -> layernorm::Result<Fwd> 
     // Outputs start as NaN: one the backend leaves unwritten fails its measure.
     let mut o = Fwd {
         y: poisoned(spec.dtype, spec.numel()),
-        mean: poisoned(spec.stats_dtype(), spec.rows),
+        mean: spec.has_mean().then(|| poisoned(spec.stats_dtype(), spec.rows)),
         rstd: poisoned(spec.stats_dtype(), spec.rows),
     };
     backend.forward_host(
@@ -241,7 +241,7 @@ fn forward(backend: &dyn HostNormalize, inp: &Inputs) -> layernorm::Result<Fwd> 
             inp.gamma.as_ref().map(HostVec::as_slice),
             inp.beta.as_ref().map(HostVec::as_slice),
             o.y.as_mut_slice(),
-            o.mean.as_mut_slice(),
+            o.mean.as_mut().map(HostVec::as_mut_slice),
             o.rstd.as_mut_slice(),
         ),
     )?;
@@ -260,7 +260,7 @@ fn backward(backend: &dyn HostNormalize, inp: &Inputs, f: &Fwd) -> layernorm::Re
         BackwardArgs::new(
             inp.x.as_slice(),
             inp.dy.as_slice(),
-            f.mean.as_slice(),
+            f.mean.as_ref().map(HostVec::as_slice),
             f.rstd.as_slice(),
             inp.gamma.as_ref().map(HostVec::as_slice),
             o.dx.as_mut_slice(),
@@ -293,7 +293,7 @@ impl Reference {
         let (g, b) = (gamma.as_deref(), beta.as_deref());
         // The inputs come from a validated case, so the reference cannot reject them.
         let fwd = reference::forward(spec, &x, g, b).expect("reference forward");
-        let bwd = reference::backward(spec, &x, &dy, &fwd.mean, &fwd.rstd, g)
+        let bwd = reference::backward(spec, &x, &dy, fwd.mean.as_deref(), &fwd.rstd, g)
             .expect("reference backward");
         let n = spec.n;
         let mut y_scale = vec![0.0; spec.rows];
@@ -306,7 +306,7 @@ impl Reference {
         let mut xhat = vec![0.0; n];
         let mut gr = vec![0.0; n];
         for r in 0..spec.rows {
-            let (mu, rs) = (fwd.mean[r], fwd.rstd[r]);
+            let (mu, rs) = (fwd.mean.as_ref().map_or(0.0, |m| m[r]), fwd.rstd[r]);
             let (mut c1, mut c2) = (0.0, 0.0);
             for j in 0..n {
                 xhat[j] = (x[r * n + j] - mu) * rs;

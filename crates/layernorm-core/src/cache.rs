@@ -1,6 +1,6 @@
 //! Output vectors for the allocating conveniences, recycled instead of freed.
 //!
-//! An allocating call (`forward_vec`, the CPU backend's `forward_nd`) hands out its outputs as
+//! An allocating call (`forward_nd`, `backward_nd`) hands out its outputs as
 //! [`Out`] vectors. When one is dropped, its memory goes back to the [`OutputCache`] it came
 //! from, and the next call that needs an output of about that size takes it from there. Without
 //! this, every call of a training loop would get fresh memory from the system allocator, which
@@ -17,7 +17,8 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::Element;
+use crate::dtype::try_zeroed_vec;
+use crate::{Element, Result};
 
 /// A cache of freed output vectors, shared by the outputs it hands out (see the module docs).
 #[derive(Default)]
@@ -48,12 +49,18 @@ impl OutputCache {
     }
 
     /// A vector of `len` elements for an output that will be overwritten entirely: a recycled one
-    /// (its elements hold stale values, never uninitialized memory) or a new zeroed one.
-    pub fn vec<T: Element>(self: &Arc<Self>, len: usize) -> Out<T> {
-        let bytes = len * size_of::<T>();
+    /// (its elements hold stale values, never uninitialized memory) or a new zeroed one;
+    /// [`Error::OutOfMemory`] naming `tensor` when neither can be had.
+    pub fn try_vec<T: Element>(
+        self: &Arc<Self>,
+        tensor: &'static str,
+        len: usize,
+    ) -> Result<Out<T>> {
+        let bytes = len.saturating_mul(size_of::<T>());
         let recycled = if bytes >= Self::MIN_BYTES { self.take::<T>(len) } else { None };
         let vec = match recycled {
             Some(mut v) => {
+                // `take` returns only vectors whose capacity holds `len`: no allocation here.
                 if v.len() >= len {
                     v.truncate(len);
                 } else {
@@ -61,9 +68,9 @@ impl OutputCache {
                 }
                 v
             }
-            None => bytemuck::zeroed_vec(len),
+            None => try_zeroed_vec(tensor, len)?,
         };
-        Out { vec, cache: Some(self.clone()) }
+        Ok(Out { vec, cache: Some(self.clone()) })
     }
 
     /// The smallest kept `Vec<T>` that holds `len` elements without wasting more than half.
@@ -185,30 +192,40 @@ mod tests {
     fn large_outputs_are_recycled_small_ones_are_not() {
         let cache = OutputCache::new();
         let big = 1 << 19; // 2 MiB of f32
-        let first = cache.vec::<f32>(big);
+        let first = cache.try_vec::<f32>("t", big).unwrap();
         let ptr = first.as_ptr();
         drop(first);
         assert_eq!(cache.len(), 1);
-        let again = cache.vec::<f32>(big - 7);
+        let again = cache.try_vec::<f32>("t", big - 7).unwrap();
         assert_eq!(again.as_ptr(), ptr, "the freed vector is reused");
         assert_eq!(again.len(), big - 7);
         assert!(cache.is_empty());
         drop(again);
         // Another dtype does not take it; too small a request does not waste it.
-        assert_eq!(cache.vec::<f64>(big / 2).len(), big / 2);
-        let small = cache.vec::<f32>(big / 4);
+        assert_eq!(cache.try_vec::<f64>("t", big / 2).unwrap().len(), big / 2);
+        let small = cache.try_vec::<f32>("t", big / 4).unwrap();
         assert_ne!(small.as_ptr(), ptr);
         drop(small);
-        drop(cache.vec::<f32>(10));
-        let kept = cache.vec::<f32>(big).into_vec();
+        drop(cache.try_vec::<f32>("t", 10).unwrap());
+        let kept = cache.try_vec::<f32>("t", big).unwrap().into_vec();
         assert_eq!(kept.as_ptr(), ptr);
         assert_eq!(cache.len(), 1, "the f64 vector (the quarter-size f32 one is under MIN_BYTES)");
+    }
+
+    use crate::Error;
+
+    #[test]
+    fn an_impossible_size_is_an_error_not_an_abort() {
+        let cache = OutputCache::new();
+        let err = cache.try_vec::<f32>("y", 1 << 60).unwrap_err();
+        assert_eq!(err, Error::OutOfMemory { tensor: "y", bytes: 1 << 62 });
     }
 
     #[test]
     fn the_cache_is_bounded() {
         let cache = OutputCache::new();
-        let outs: Vec<Out<f32>> = (0..20).map(|i| cache.vec(300_000 + i)).collect();
+        let outs: Vec<Out<f32>> =
+            (0..20).map(|i| cache.try_vec("t", 300_000 + i).unwrap()).collect();
         drop(outs);
         assert_eq!(cache.len(), OutputCache::MAX_FREE);
     }

@@ -5,6 +5,8 @@ use std::fmt;
 use half::{bf16, f16};
 use num_traits::Float;
 
+use crate::{Error, Result};
+
 /// The storage type of a tensor.
 ///
 /// Arithmetic never happens in 16-bit types: `F16` and `BF16` are storage formats whose values are
@@ -106,7 +108,9 @@ mod sealed {
 
 /// A Rust type that stores one [`DType`]: `f32`, `f64`, [`half::f16`] and [`half::bf16`].
 ///
-/// Sealed: the set of dtypes is part of every backend's contract.
+/// Sealed: the set of dtypes is part of every backend's contract. Its conversions are associated
+/// functions, not methods (`T::to_f64(v)`, never `v.to_f64()`), so that bringing it into scope
+/// (`use layernorm::*`) adds nothing to the method namespace of `f32`, `f64`, `f16` or `bf16`.
 pub trait Element:
     sealed::Sealed + bytemuck::Pod + Copy + Send + Sync + PartialEq + fmt::Debug + 'static
 {
@@ -116,11 +120,11 @@ pub trait Element:
     type Acc: Element + Float + Into<f64>;
 
     /// Widens to the accumulation type (exact).
-    fn to_acc(self) -> Self::Acc;
+    fn to_acc(v: Self) -> Self::Acc;
     /// Rounds from the accumulation type (round to nearest even, once).
     fn from_acc(v: Self::Acc) -> Self;
     /// Widens to `f64` (exact).
-    fn to_f64(self) -> f64;
+    fn to_f64(v: Self) -> f64;
     /// Rounds from `f64` to nearest.
     fn from_f64(v: f64) -> Self;
     /// Wraps a typed slice as a dtype-erased one.
@@ -139,8 +143,8 @@ macro_rules! element {
             const DTYPE: DType = DType::$variant;
             type Acc = $acc;
             #[inline(always)]
-            fn to_acc(self) -> $acc {
-                let $a = self;
+            fn to_acc(v: Self) -> $acc {
+                let $a = v;
                 $to_acc
             }
             #[inline(always)]
@@ -149,8 +153,8 @@ macro_rules! element {
                 $from_acc
             }
             #[inline(always)]
-            fn to_f64(self) -> f64 {
-                let acc: $acc = self.to_acc();
+            fn to_f64(v: Self) -> f64 {
+                let acc: $acc = <Self as Element>::to_acc(v);
                 acc.into()
             }
             #[inline(always)]
@@ -259,7 +263,7 @@ impl<'a> HostSlice<'a> {
     }
     /// Every element widened to `f64`.
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        on_slice!(self, |s| s.iter().map(|v| v.to_f64()).collect())
+        on_slice!(self, |s| s.iter().map(|&v| Element::to_f64(v)).collect())
     }
 }
 
@@ -319,8 +323,24 @@ pub enum HostVec {
     F64(Vec<f64>),
 }
 
+/// `len` zeros of `T`, or [`Error::OutOfMemory`] naming `tensor` when the memory cannot be had
+/// (never an abort).
+pub fn try_zeroed_vec<T: bytemuck::Zeroable + Clone>(
+    tensor: &'static str,
+    len: usize,
+) -> Result<Vec<T>> {
+    let bytes = len.saturating_mul(size_of::<T>());
+    let mut v = Vec::new();
+    if bytes > isize::MAX as usize || v.try_reserve_exact(len).is_err() {
+        return Err(Error::OutOfMemory { tensor, bytes });
+    }
+    v.resize(len, T::zeroed());
+    Ok(v)
+}
+
 impl HostVec {
-    /// `len` zeros of `dtype`.
+    /// `len` zeros of `dtype`. Aborts like `vec!` if the memory cannot be had: see
+    /// [`HostVec::try_zeros`].
     pub fn zeros(dtype: DType, len: usize) -> HostVec {
         match dtype {
             DType::F16 => HostVec::F16(vec![f16::ZERO; len]),
@@ -328,6 +348,16 @@ impl HostVec {
             DType::F32 => HostVec::F32(vec![0.0; len]),
             DType::F64 => HostVec::F64(vec![0.0; len]),
         }
+    }
+
+    /// `len` zeros of `dtype`, or [`Error::OutOfMemory`] naming `tensor`.
+    pub fn try_zeros(tensor: &'static str, dtype: DType, len: usize) -> Result<HostVec> {
+        Ok(match dtype {
+            DType::F16 => HostVec::F16(try_zeroed_vec(tensor, len)?),
+            DType::BF16 => HostVec::BF16(try_zeroed_vec(tensor, len)?),
+            DType::F32 => HostVec::F32(try_zeroed_vec(tensor, len)?),
+            DType::F64 => HostVec::F64(try_zeroed_vec(tensor, len)?),
+        })
     }
     /// Rounds each `f64` to `dtype` (to nearest).
     pub fn from_f64(dtype: DType, values: &[f64]) -> HostVec {

@@ -119,6 +119,44 @@ pub enum Error {
         /// Which argument.
         tensor: &'static str,
     },
+    /// An option of the problem is out of its range (a non-finite γ offset, an offset without γ).
+    #[error("invalid `{option}`: {reason}")]
+    InvalidOption {
+        /// Which option (`gamma_offset`, …).
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A backward from the output needs x̂ = (y − β) / (γ_offset + γ), and γ_offset + γ is 0 in
+    /// this column: x̂ cannot be recovered there. Raised before any output is written.
+    #[error(
+        "cannot recover x̂ from y: γ_offset + γ is 0 at column {column} (γ = {gamma}, offset {offset})"
+    )]
+    SingularGamma {
+        /// The first such column.
+        column: usize,
+        /// γ there.
+        gamma: f64,
+        /// The problem's γ offset.
+        offset: f64,
+    },
+    /// Memory for an output or a working buffer could not be allocated.
+    #[error("could not allocate {bytes} bytes for `{tensor}`")]
+    OutOfMemory {
+        /// What the memory was for.
+        tensor: &'static str,
+        /// How many bytes were asked for.
+        bytes: usize,
+    },
+    /// The backend cannot compute this problem as described (a value its arithmetic cannot
+    /// represent, a variant it lacks), and says so rather than computing something else.
+    #[error("backend `{backend}` cannot {what}")]
+    Unsupported {
+        /// Backend name.
+        backend: String,
+        /// What it cannot do, and why, in words.
+        what: String,
+    },
     /// The device reported an error (out of memory, launch failure, lost device, …).
     #[error("device error on backend `{backend}`: {message}")]
     Device {
@@ -146,12 +184,21 @@ impl Error {
             Error::UnknownBackend { .. } => "unknown-backend",
             Error::ForeignBuffer { .. } => "foreign-buffer",
             Error::Device { .. } => "device",
+            Error::InvalidOption { .. } => "option",
+            Error::SingularGamma { .. } => "singular-gamma",
+            Error::OutOfMemory { .. } => "out-of-memory",
+            Error::Unsupported { .. } => "unsupported-feature",
         }
     }
 
     /// Shorthand for [`Error::Unavailable`].
     pub fn unavailable(backend: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::Unavailable { backend: backend.into(), reason: reason.into() }
+    }
+
+    /// Shorthand for [`Error::Unsupported`].
+    pub fn unsupported(backend: impl Into<String>, what: impl Into<String>) -> Error {
+        Error::Unsupported { backend: backend.into(), what: what.into() }
     }
 
     /// Shorthand for [`Error::Device`].

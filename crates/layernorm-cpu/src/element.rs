@@ -6,11 +6,20 @@ use num_traits::Zero;
 
 use crate::row::Real;
 
-/// A storage type the CPU backend computes on. `f32`/`f64` rows are used in place; `f16`/`bf16`
-/// rows are converted in registers by their own kernels (`reduce/half.rs`), or where those do
-/// not apply widened into an `f32` scratch row, computed on, and rounded back once — the same
-/// bits either way.
-pub trait CpuElement: Element<Acc: Real> {
+/// A storage type the CPU backend computes on: `f32`, `f64`, `f16`, `bf16`.
+///
+/// Sealed, and with no methods of its own: the conversions the kernels need live in a trait
+/// private to this crate ([`Convert`]), so they never reach a user's method namespace.
+pub trait CpuElement: Convert {}
+
+impl<T: Convert> CpuElement for T {}
+
+/// How each storage type reaches the row kernels. `f32`/`f64` rows are used in place;
+/// `f16`/`bf16` rows are converted in registers by their own kernels (`reduce/half.rs`), or where
+/// those do not apply widened into an `f32` scratch row, computed on, and rounded back once — the
+/// same bits either way. Public only to name it as [`CpuElement`]'s supertrait: this module is
+/// private, so nothing outside the crate can import or call it.
+pub trait Convert: Element<Acc: Real> {
     /// The row itself, when the storage type is the accumulation type.
     fn as_acc(s: &[Self]) -> Option<&[Self::Acc]>;
     /// The row itself, mutably, when the storage type is the accumulation type.
@@ -58,7 +67,7 @@ pub trait CpuElement: Element<Acc: Real> {
         false
     }
 
-    /// [`CpuElement::narrow`] one row and [`CpuElement::widen`] another (same length), in one
+    /// [`Convert::narrow`] one row and [`Convert::widen`] another (same length), in one
     /// sweep where the type has a loop for it, so the two memory streams overlap.
     #[inline(always)]
     #[allow(clippy::type_complexity)]
@@ -77,7 +86,7 @@ pub trait CpuElement: Element<Acc: Real> {
 
 macro_rules! direct {
     ($t:ty) => {
-        impl CpuElement for $t {
+        impl Convert for $t {
             #[inline]
             fn as_acc(s: &[Self]) -> Option<&[Self]> {
                 Some(s)
@@ -98,7 +107,7 @@ macro_rules! direct {
     };
 }
 
-/// The `CpuElement` hooks of a 16-bit type with register-converting kernels (`reduce::Half`):
+/// The `Convert` hooks of a 16-bit type with register-converting kernels (`reduce::Half`):
 /// the grouped short-row and pipelined long-row forward, the one-row backward at every N.
 macro_rules! in_registers {
     () => {
@@ -136,7 +145,7 @@ macro_rules! in_registers {
 
 macro_rules! half_float {
     ($t:ty) => {
-        impl CpuElement for $t {
+        impl Convert for $t {
             #[inline]
             fn as_acc(_: &[Self]) -> Option<&[f32]> {
                 None
@@ -165,7 +174,7 @@ half_float!(f16);
 // bf16 ↔ f32 is a shift (and a rounding add): written as a plain per-element loop over half's
 // own conversions so it is inlined into, and vectorized with, the multiversioned kernels
 // (half's slice conversion for bf16 is a scalar loop compiled without them).
-impl CpuElement for bf16 {
+impl Convert for bf16 {
     #[inline]
     fn as_acc(_: &[Self]) -> Option<&[f32]> {
         None

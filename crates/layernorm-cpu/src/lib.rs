@@ -31,7 +31,6 @@
 mod columns;
 mod driver;
 mod element;
-mod nd;
 mod reduce;
 mod row;
 mod simd;
@@ -39,15 +38,14 @@ mod simd;
 use std::sync::Arc;
 
 use layernorm_core::{
-    BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostBackward, HostForward,
-    HostSlice, HostSliceMut, HostVec, NormKind, NormSpec, Normalize, OutputCache, Result, Storage,
-    bf16, check_download, f16, validate_backward, validate_forward,
+    Backend, Backward, BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostBackward,
+    HostForward, HostSlice, HostSliceMut, HostVec, NormKind, NormSpec, Normalize, OutputCache,
+    Result, Storage, bf16, check_download, check_gamma_recoverable, f16, validate_backward,
+    validate_forward,
 };
 
 pub use driver::ROW_BLOCK;
 pub use element::CpuElement;
-pub use nd::{NdForward, NdGradients, OutArray};
-pub use row::Real;
 
 /// The CPU backend. Cheap to create and to clone.
 #[derive(Clone, Debug, Default)]
@@ -137,8 +135,9 @@ impl CpuBackend {
         }
     }
 
-    /// Forward over typed slices into caller-owned outputs (see [`Normalize::forward`] for the
-    /// lengths). Validates everything first.
+    /// Forward over typed slices into caller-owned outputs (see [`ForwardArgs`] for the
+    /// lengths; `mean` is `None` for RMSNorm). Validates everything first. A fused residual goes
+    /// through [`CpuBackend::forward_typed`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward_into<T: CpuElement>(
         &self,
@@ -147,55 +146,107 @@ impl CpuBackend {
         gamma: Option<&[T]>,
         beta: Option<&[T]>,
         y: &mut [T],
-        mean: &mut [T::Acc],
+        mean: Option<&mut [T::Acc]>,
         rstd: &mut [T::Acc],
     ) -> Result<()> {
-        validate_forward(
-            spec,
-            &ForwardArgs::new(
-                T::host(x),
-                gamma.map(T::host),
-                beta.map(T::host),
-                T::host_mut(y),
-                T::Acc::host_mut(mean),
-                T::Acc::host_mut(rstd),
-            ),
-        )?;
-        check_kind(spec.kind)?;
-        let out = driver::Out::new(self.stores.stream(size_of_val(y)), size_of_val(y));
-        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, out));
-        Ok(())
+        let args = ForwardArgs::new(
+            T::host(x),
+            gamma.map(T::host),
+            beta.map(T::host),
+            T::host_mut(y),
+            mean.map(T::Acc::host_mut),
+            T::Acc::host_mut(rstd),
+        );
+        self.forward_typed::<T>(spec, args)
     }
 
-    /// Backward over typed slices into caller-owned outputs. `dgamma`/`dbeta` may be `None` to
-    /// skip a gradient. Validates everything first.
+    /// Backward over typed slices into caller-owned outputs, from x (`mean` is `None` for
+    /// RMSNorm). `dgamma`/`dbeta` may be `None` to skip a gradient. Validates everything first.
+    /// The backward from y and with dh go through [`CpuBackend::backward_typed`].
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: CpuElement>(
         &self,
         spec: &NormSpec,
         x: &[T],
         dy: &[T],
-        mean: &[T::Acc],
+        mean: Option<&[T::Acc]>,
         rstd: &[T::Acc],
         gamma: Option<&[T]>,
         dx: &mut [T],
-        mut dgamma: Option<&mut [T]>,
-        mut dbeta: Option<&mut [T]>,
+        dgamma: Option<&mut [T]>,
+        dbeta: Option<&mut [T]>,
     ) -> Result<()> {
-        validate_backward(
-            spec,
-            &BackwardArgs::new(
-                T::host(x),
-                T::host(dy),
-                T::Acc::host(mean),
-                T::Acc::host(rstd),
-                gamma.map(T::host),
-                T::host_mut(dx),
-                dgamma.as_deref_mut().map(T::host_mut),
-                dbeta.as_deref_mut().map(T::host_mut),
-            ),
-        )?;
+        let args = BackwardArgs::new(
+            T::host(x),
+            T::host(dy),
+            mean.map(T::Acc::host),
+            T::Acc::host(rstd),
+            gamma.map(T::host),
+            T::host_mut(dx),
+            dgamma.map(T::host_mut),
+            dbeta.map(T::host_mut),
+        );
+        self.backward_typed::<T>(spec, args)
+    }
+
+    /// Any forward over host slices of `T` (the host layer's entry, in place on the caller's
+    /// slices): validates, then computes.
+    pub fn forward_typed<T: CpuElement>(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
+        validate_forward(spec, &a)?;
         check_kind(spec.kind)?;
+        check_dtype::<T>(spec)?;
+        if a.residual.is_some() {
+            return Err(Error::unsupported(Self::NAME, "add a residual yet"));
+        }
+        if spec.gamma_offset != 0.0 {
+            return Err(Error::unsupported(Self::NAME, "offset γ yet"));
+        }
+        let x = host::<T>("x", a.x)?;
+        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
+        let beta = a.beta.map(|b| host::<T>("beta", b)).transpose()?;
+        let y = host_mut::<T>("y", a.y)?;
+        let mean = a.mean.map(|m| host_mut::<T::Acc>("mean", m)).transpose()?;
+        let rstd = host_mut::<T::Acc>("rstd", a.rstd)?;
+        let Some(mean) = mean else {
+            return Err(Error::UnsupportedKind {
+                backend: Self::NAME.into(),
+                kind: spec.kind.name(),
+            });
+        };
+        let out = driver::Out::new(self.stores.stream(size_of_val(y)), size_of_val(y));
+        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, out));
+        Ok(())
+    }
+
+    /// Any backward over host slices of `T`: validates, then computes.
+    pub fn backward_typed<T: CpuElement>(
+        &self,
+        spec: &NormSpec,
+        a: HostBackward<'_>,
+    ) -> Result<()> {
+        validate_backward(spec, &a)?;
+        check_kind(spec.kind)?;
+        check_dtype::<T>(spec)?;
+        if a.saved.is_output() || a.dh.is_some() {
+            return Err(Error::unsupported(Self::NAME, "run the backward from y or with dh yet"));
+        }
+        if spec.gamma_offset != 0.0 {
+            return Err(Error::unsupported(Self::NAME, "offset γ yet"));
+        }
+        let x = host::<T>("x", *a.saved.tensor())?;
+        let dy = host::<T>("dy", a.dy)?;
+        let mean = a.mean.map(|m| host::<T::Acc>("mean", m)).transpose()?;
+        let rstd = host::<T::Acc>("rstd", a.rstd)?;
+        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
+        let dx = host_mut::<T>("dx", a.dx)?;
+        let dgamma = a.dgamma.map(|g| host_mut::<T>("dgamma", g)).transpose()?;
+        let dbeta = a.dbeta.map(|b| host_mut::<T>("dbeta", b)).transpose()?;
+        let Some(mean) = mean else {
+            return Err(Error::UnsupportedKind {
+                backend: Self::NAME.into(),
+                kind: spec.kind.name(),
+            });
+        };
         let stream = self.stores.stream(size_of_val(dx));
         self.run(x.len(), || {
             driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
@@ -203,69 +254,36 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn forward_typed<T: CpuElement>(
-        &self,
-        spec: &NormSpec,
-        a: ForwardArgs<&CpuBuffer, &mut CpuBuffer>,
-    ) -> Result<()> {
-        let x = typed::<T>("x", a.x)?;
-        let gamma = a.gamma.map(|g| typed::<T>("gamma", g)).transpose()?;
-        let beta = a.beta.map(|b| typed::<T>("beta", b)).transpose()?;
-        let y = typed_mut::<T>("y", a.y)?;
-        let mean = typed_mut::<T::Acc>("mean", a.mean)?;
-        let rstd = typed_mut::<T::Acc>("rstd", a.rstd)?;
-        self.forward_into(spec, x, gamma, beta, y, mean, rstd)
+    fn forward_dispatch(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
+        match spec.dtype {
+            DType::F32 => self.forward_typed::<f32>(spec, a),
+            DType::F64 => self.forward_typed::<f64>(spec, a),
+            DType::F16 => self.forward_typed::<f16>(spec, a),
+            DType::BF16 => self.forward_typed::<bf16>(spec, a),
+            other => Err(unsupported_dtype(other)),
+        }
     }
 
-    fn backward_typed<T: CpuElement>(
-        &self,
-        spec: &NormSpec,
-        a: BackwardArgs<&CpuBuffer, &mut CpuBuffer>,
-    ) -> Result<()> {
-        let x = typed::<T>("x", a.x)?;
-        let dy = typed::<T>("dy", a.dy)?;
-        let mean = typed::<T::Acc>("mean", a.mean)?;
-        let rstd = typed::<T::Acc>("rstd", a.rstd)?;
-        let gamma = a.gamma.map(|g| typed::<T>("gamma", g)).transpose()?;
-        let dx = typed_mut::<T>("dx", a.dx)?;
-        let dgamma = a.dgamma.map(|g| typed_mut::<T>("dgamma", g)).transpose()?;
-        let dbeta = a.dbeta.map(|b| typed_mut::<T>("dbeta", b)).transpose()?;
-        self.backward_into(spec, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+    fn backward_dispatch(&self, spec: &NormSpec, a: HostBackward<'_>) -> Result<()> {
+        match spec.dtype {
+            DType::F32 => self.backward_typed::<f32>(spec, a),
+            DType::F64 => self.backward_typed::<f64>(spec, a),
+            DType::F16 => self.backward_typed::<f16>(spec, a),
+            DType::BF16 => self.backward_typed::<bf16>(spec, a),
+            other => Err(unsupported_dtype(other)),
+        }
     }
 }
 
-impl CpuBackend {
-    /// The host layer's forward, in place on the caller's slices (no upload or download).
-    fn forward_host_typed<T: CpuElement>(
-        &self,
-        spec: &NormSpec,
-        a: &mut HostForward<'_>,
-    ) -> Result<()> {
-        let x = host::<T>("x", a.x)?;
-        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
-        let beta = a.beta.map(|b| host::<T>("beta", b)).transpose()?;
-        let y = host_mut::<T>("y", a.y.reborrow())?;
-        let mean = host_mut::<T::Acc>("mean", a.mean.reborrow())?;
-        let rstd = host_mut::<T::Acc>("rstd", a.rstd.reborrow())?;
-        self.forward_into(spec, x, gamma, beta, y, mean, rstd)
-    }
+fn unsupported_dtype(dtype: DType) -> Error {
+    Error::UnsupportedDType { backend: CpuBackend::NAME.into(), dtype, reason: String::new() }
+}
 
-    /// The host layer's backward, in place on the caller's slices.
-    fn backward_host_typed<T: CpuElement>(
-        &self,
-        spec: &NormSpec,
-        a: &mut HostBackward<'_>,
-    ) -> Result<()> {
-        let x = host::<T>("x", a.x)?;
-        let dy = host::<T>("dy", a.dy)?;
-        let mean = host::<T::Acc>("mean", a.mean)?;
-        let rstd = host::<T::Acc>("rstd", a.rstd)?;
-        let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
-        let dx = host_mut::<T>("dx", a.dx.reborrow())?;
-        let dgamma =
-            a.dgamma.as_mut().map(|g| host_mut::<T>("dgamma", g.reborrow())).transpose()?;
-        let dbeta = a.dbeta.as_mut().map(|b| host_mut::<T>("dbeta", b.reborrow())).transpose()?;
-        self.backward_into(spec, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+fn check_dtype<T: Element>(spec: &NormSpec) -> Result<()> {
+    if spec.dtype == T::DTYPE {
+        Ok(())
+    } else {
+        Err(Error::DTypeMismatch { tensor: "x", expected: spec.dtype, got: T::DTYPE })
     }
 }
 
@@ -287,26 +305,17 @@ fn check_kind(kind: NormKind) -> Result<()> {
     }
 }
 
-fn typed<'a, T: Element>(tensor: &'static str, b: &'a CpuBuffer) -> Result<&'a [T]> {
-    T::from_host(b.0.as_slice()).ok_or(Error::DTypeMismatch {
-        tensor,
-        expected: T::DTYPE,
-        got: b.dtype(),
-    })
+/// A device-level buffer as the host slice it is.
+fn slice(b: &CpuBuffer) -> HostSlice<'_> {
+    b.0.as_slice()
 }
 
-fn typed_mut<'a, T: Element>(tensor: &'static str, b: &'a mut CpuBuffer) -> Result<&'a mut [T]> {
-    let got = b.dtype();
-    T::from_host_mut(b.0.as_mut_slice()).ok_or(Error::DTypeMismatch {
-        tensor,
-        expected: T::DTYPE,
-        got,
-    })
+/// A device-level buffer as the mutable host slice it is.
+fn slice_mut(b: &mut CpuBuffer) -> HostSliceMut<'_> {
+    b.0.as_mut_slice()
 }
 
-impl Normalize for CpuBackend {
-    type Buffer = CpuBuffer;
-
+impl Backend for CpuBackend {
     fn name(&self) -> &str {
         Self::NAME
     }
@@ -315,12 +324,22 @@ impl Normalize for CpuBackend {
         check_kind(kind)
     }
 
+    fn output_cache(&self) -> Option<Arc<OutputCache>> {
+        Some(self.cache.clone())
+    }
+}
+
+impl Normalize for CpuBackend {
+    type Buffer = CpuBuffer;
+
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(HostVec::zeros(dtype, len)))
+        Ok(CpuBuffer(HostVec::try_zeros("buffer", dtype, len)?))
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(HostVec::from_slice(data)))
+        let mut v = HostVec::try_zeros("buffer", data.dtype(), data.len())?;
+        v.as_mut_slice().as_bytes_mut().copy_from_slice(data.as_bytes());
+        Ok(CpuBuffer(v))
     }
 
     fn download(&self, buffer: &CpuBuffer, mut out: HostSliceMut<'_>) -> Result<()> {
@@ -329,59 +348,24 @@ impl Normalize for CpuBackend {
         Ok(())
     }
 
-    fn output_cache(&self) -> Option<Arc<OutputCache>> {
-        Some(self.cache.clone())
-    }
-
     fn forward_on_host(&self, spec: &NormSpec, a: &mut HostForward<'_>) -> Option<Result<()>> {
-        Some(match spec.dtype {
-            DType::F32 => self.forward_host_typed::<f32>(spec, a),
-            DType::F64 => self.forward_host_typed::<f64>(spec, a),
-            DType::F16 => self.forward_host_typed::<f16>(spec, a),
-            DType::BF16 => self.forward_host_typed::<bf16>(spec, a),
-            _ => return None,
-        })
+        Some(self.forward_dispatch(spec, a.reborrow()))
     }
 
     fn backward_on_host(&self, spec: &NormSpec, a: &mut HostBackward<'_>) -> Option<Result<()>> {
-        Some(match spec.dtype {
-            DType::F32 => self.backward_host_typed::<f32>(spec, a),
-            DType::F64 => self.backward_host_typed::<f64>(spec, a),
-            DType::F16 => self.backward_host_typed::<f16>(spec, a),
-            DType::BF16 => self.backward_host_typed::<bf16>(spec, a),
-            _ => return None,
-        })
+        Some(self.backward_dispatch(spec, a.reborrow()))
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CpuBuffer>) -> Result<()> {
-        match spec.dtype {
-            DType::F32 => self.forward_typed::<f32>(spec, a),
-            DType::F64 => self.forward_typed::<f64>(spec, a),
-            DType::F16 => self.forward_typed::<f16>(spec, a),
-            DType::BF16 => self.forward_typed::<bf16>(spec, a),
-            other => Err(Error::UnsupportedDType {
-                backend: Self::NAME.into(),
-                dtype: other,
-                reason: String::new(),
-            }),
-        }
+        let args = a.try_map(|_, b| Ok(slice(b)), |_, b| Ok(slice_mut(b)))?;
+        self.forward_dispatch(spec, args)
     }
 
-    fn run_backward(
-        &self,
-        spec: &NormSpec,
-        a: layernorm_core::Backward<'_, CpuBuffer>,
-    ) -> Result<()> {
-        match spec.dtype {
-            DType::F32 => self.backward_typed::<f32>(spec, a),
-            DType::F64 => self.backward_typed::<f64>(spec, a),
-            DType::F16 => self.backward_typed::<f16>(spec, a),
-            DType::BF16 => self.backward_typed::<bf16>(spec, a),
-            other => Err(Error::UnsupportedDType {
-                backend: Self::NAME.into(),
-                dtype: other,
-                reason: String::new(),
-            }),
+    fn run_backward(&self, spec: &NormSpec, a: Backward<'_, CpuBuffer>) -> Result<()> {
+        let args = a.try_map(|_, b| Ok(slice(b)), |_, b| Ok(slice_mut(b)))?;
+        if args.saved.is_output() {
+            check_gamma_recoverable(spec, args.gamma)?;
         }
+        self.backward_dispatch(spec, args)
     }
 }

@@ -16,7 +16,7 @@ use crate::row::{self, Real};
 ///
 /// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
 /// `F32_LONG_MIN_N`), row r is normalized in the same sweep that sums row r+1's statistics.
-/// 16-bit rows go to their register-converting kernels (`CpuElement::forward_converted`); the
+/// 16-bit rows go to their register-converting kernels (`Convert::forward_converted`); the
 /// scratch path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit
 /// type without them, and the tests, as the reference those kernels match bit for bit.
 #[multiversion(targets(

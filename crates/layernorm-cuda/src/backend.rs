@@ -9,8 +9,8 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use layernorm_core::{
-    Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut, NormKind,
-    NormSpec, Normalize, Result, Storage, check_download,
+    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
+    NormKind, NormSpec, Normalize, Result, Storage, check_download,
 };
 
 use crate::plan::{self, Arg, DeviceLimits, Step, Tensor};
@@ -358,9 +358,7 @@ fn query_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
     })
 }
 
-impl Normalize for CudaBackend {
-    type Buffer = CudaBuffer;
-
+impl Backend for CudaBackend {
     fn name(&self) -> &str {
         NAME
     }
@@ -384,6 +382,28 @@ impl Normalize for CudaBackend {
         let name = self.ctx.name().unwrap_or_else(|_| "unnamed".into());
         DeviceInfo { kind: DeviceKind::Gpu, name: format!("CUDA device {ordinal}: {name}") }
     }
+}
+
+/// The variants the kernels do not compute yet, as typed errors.
+fn check_variants(spec: &NormSpec, residual: bool, from_y: bool, dh: bool) -> Result<()> {
+    let what = if residual {
+        "add a residual yet"
+    } else if from_y || dh {
+        "run the backward from y or with dh yet"
+    } else if spec.gamma_offset != 0.0 {
+        "offset γ yet"
+    } else {
+        return Ok(());
+    };
+    Err(Error::unsupported(NAME, what))
+}
+
+fn kind_err(spec: &NormSpec) -> Error {
+    Error::UnsupportedKind { backend: NAME.into(), kind: spec.kind.name() }
+}
+
+impl Normalize for CudaBackend {
+    type Buffer = CudaBuffer;
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
         let n = len.max(1);
@@ -452,14 +472,12 @@ impl Normalize for CudaBackend {
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CudaBuffer>) -> Result<()> {
-        for (t, b) in [("x", a.x), ("y", &*a.y), ("mean", &*a.mean), ("rstd", &*a.rstd)] {
-            self.check_own(t, b)?;
-        }
-        for (t, b) in [("gamma", a.gamma), ("beta", a.beta)] {
-            if let Some(b) = b {
-                self.check_own(t, b)?;
-            }
-        }
+        let a = a.try_map(
+            |t, b| self.check_own(t, b).map(|()| b),
+            |t, b| self.check_own(t, b).map(|()| b),
+        )?;
+        check_variants(spec, a.residual.is_some(), false, false)?;
+        let mean = a.mean.ok_or_else(|| kind_err(spec))?;
         if spec.rows == 0 {
             return Ok(());
         }
@@ -469,7 +487,7 @@ impl Normalize for CudaBackend {
         ptrs.read_opt(Tensor::Gamma, a.gamma, st);
         ptrs.read_opt(Tensor::Beta, a.beta, st);
         ptrs.write(Tensor::Y, a.y, st);
-        ptrs.write(Tensor::Mean, a.mean, st);
+        ptrs.write(Tensor::Mean, mean, st);
         ptrs.write(Tensor::Rstd, a.rstd, st);
         let aligned = ptrs.aligned(&[Tensor::X, Tensor::Gamma, Tensor::Beta, Tensor::Y]);
         let p = plan::plan_forward(spec.rows, spec.n, spec.dtype, &self.limits, aligned)?;
@@ -477,17 +495,12 @@ impl Normalize for CudaBackend {
     }
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, CudaBuffer>) -> Result<()> {
-        for (t, b) in [("x", a.x), ("dy", a.dy), ("mean", a.mean), ("rstd", a.rstd), ("dx", &*a.dx)]
-        {
-            self.check_own(t, b)?;
-        }
-        for (t, b) in
-            [("gamma", a.gamma), ("dgamma", a.dgamma.as_deref()), ("dbeta", a.dbeta.as_deref())]
-        {
-            if let Some(b) = b {
-                self.check_own(t, b)?;
-            }
-        }
+        let a = a.try_map(
+            |t, b| self.check_own(t, b).map(|()| b),
+            |t, b| self.check_own(t, b).map(|()| b),
+        )?;
+        check_variants(spec, false, a.saved.is_output(), a.dh.is_some())?;
+        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| kind_err(spec))?);
         let (has_dg, has_db) = (a.dgamma.is_some(), a.dbeta.is_some());
         if spec.rows == 0 {
             // No rows: the parameter gradients are empty sums.
@@ -518,9 +531,9 @@ impl Normalize for CudaBackend {
         }
         let st = &*self.stream;
         let mut ptrs = Pointers::default();
-        ptrs.read(Tensor::X, a.x, st);
+        ptrs.read(Tensor::X, x, st);
         ptrs.read(Tensor::Dy, a.dy, st);
-        ptrs.read(Tensor::Mean, a.mean, st);
+        ptrs.read(Tensor::Mean, mean, st);
         ptrs.read(Tensor::Rstd, a.rstd, st);
         ptrs.read_opt(Tensor::Gamma, a.gamma, st);
         ptrs.write(Tensor::Dx, a.dx, st);

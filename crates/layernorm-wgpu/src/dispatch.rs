@@ -96,6 +96,7 @@ impl WgpuBackend {
 
     pub(crate) fn forward_impl(&self, spec: &NormSpec, a: &Forward<'_, WgpuBuffer>) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
+        let (x, mean) = (a.x, a.mean.as_deref().ok_or_else(|| self.kind_err(spec))?);
         if rows == 0 {
             return Ok(());
         }
@@ -134,11 +135,11 @@ impl WgpuBackend {
                     layout: &layout,
                     entries: &[
                         entry(0, params.as_entire_binding()),
-                        entry(1, bind(&a.x.buffer, off, bytes)),
+                        entry(1, bind(&x.buffer, off, bytes)),
                         entry(2, bind(gamma, 0, row_bytes)),
                         entry(3, bind(beta, 0, row_bytes)),
                         entry(4, bind(&a.y.buffer, off, bytes)),
-                        entry(5, bind(&a.mean.buffer, soff, sbytes)),
+                        entry(5, bind(&mean.buffer, soff, sbytes)),
                         entry(6, bind(&a.rstd.buffer, soff, sbytes)),
                     ],
                 });
@@ -156,6 +157,7 @@ impl WgpuBackend {
         a: &Backward<'_, WgpuBuffer>,
     ) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
+        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| self.kind_err(spec))?);
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         let param_bytes = (row_bytes.div_ceil(4) * 4).max(16);
@@ -223,10 +225,10 @@ impl WgpuBackend {
                     layout: &layout,
                     entries: &[
                         entry(0, params.as_entire_binding()),
-                        entry(1, bind(&a.x.buffer, off, bytes)),
+                        entry(1, bind(&x.buffer, off, bytes)),
                         entry(2, bind(&a.dy.buffer, off, bytes)),
                         entry(3, bind(gamma, 0, row_bytes)),
-                        entry(4, bind(&a.mean.buffer, soff, sbytes)),
+                        entry(4, bind(&mean.buffer, soff, sbytes)),
                         entry(5, bind(&a.rstd.buffer, soff, sbytes)),
                         entry(6, bind(&a.dx.buffer, off, bytes)),
                         entry(7, bind(&lo, soff, sbytes)),
@@ -275,6 +277,7 @@ impl WgpuBackend {
         enc: &mut wgpu::CommandEncoder,
     ) -> Result<(wgpu::Buffer, wgpu::Buffer, usize)> {
         let (rows, n) = (spec.rows, spec.n);
+        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| self.kind_err(spec))?);
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         // Rows per block: at least 32, and at most about 2^20 partials per tensor in all; more
@@ -319,9 +322,9 @@ impl WgpuBackend {
                 layout: &layout,
                 entries: &[
                     entry(0, params.as_entire_binding()),
-                    entry(1, bind(&a.x.buffer, off, bytes)),
+                    entry(1, bind(&x.buffer, off, bytes)),
                     entry(2, bind(&a.dy.buffer, off, bytes)),
-                    entry(3, bind(&a.mean.buffer, soff, sbytes)),
+                    entry(3, bind(&mean.buffer, soff, sbytes)),
                     entry(4, bind(&a.rstd.buffer, soff, sbytes)),
                     entry(5, bind(lo, soff, sbytes)),
                     entry(6, part_g.as_entire_binding()),

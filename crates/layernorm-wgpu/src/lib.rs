@@ -18,13 +18,14 @@
 //!   validation and out-of-memory errors inside a call come back as [`Error::Device`].
 //!
 //! ```no_run
-//! use layernorm_core::{DType, HostNormalizeExt, NormSpec};
+//! use layernorm_core::ndarray::arr2;
+//! use layernorm_core::{Norm, NormalizeNd};
 //! use layernorm_wgpu::WgpuBackend;
 //!
 //! let backend = WgpuBackend::new()?;
-//! let spec = NormSpec::layer_norm(2, 4, DType::F32).with_affine(false);
-//! let out = backend.forward_vec(&spec, &[1.0f32, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0], None, None)?;
-//! assert!(out.y[0] < 0.0);
+//! let x = arr2(&[[1.0f32, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 1.0]]);
+//! let out = backend.forward_nd(Norm::layer_norm(), &x).run()?;
+//! assert!(out.y[[0, 0]] < 0.0);
 //! # Ok::<(), layernorm_core::Error>(())
 //! ```
 
@@ -35,8 +36,8 @@ mod kernels;
 use std::sync::{Arc, mpsc};
 
 use layernorm_core::{
-    Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut, NormKind,
-    NormSpec, Normalize, Result, check_download,
+    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
+    NormKind, NormSpec, Normalize, Result, check_download,
 };
 use wgpu::util::DeviceExt;
 
@@ -332,11 +333,34 @@ impl WgpuBackend {
             other => Err(Error::UnsupportedKind { backend: Self::NAME.into(), kind: other.name() }),
         }
     }
+
+    /// The error for a kind the kernels do not compute.
+    pub(crate) fn kind_err(&self, spec: &NormSpec) -> Error {
+        Error::UnsupportedKind { backend: Self::NAME.into(), kind: spec.kind.name() }
+    }
+
+    /// The variants the kernels do not compute yet, as typed errors.
+    fn check_variants(
+        &self,
+        spec: &NormSpec,
+        residual: bool,
+        from_y: bool,
+        dh: bool,
+    ) -> Result<()> {
+        let what = if residual {
+            "add a residual yet"
+        } else if from_y || dh {
+            "run the backward from y or with dh yet"
+        } else if spec.gamma_offset != 0.0 {
+            "offset γ yet"
+        } else {
+            return Ok(());
+        };
+        Err(Error::unsupported(Self::NAME, what))
+    }
 }
 
-impl Normalize for WgpuBackend {
-    type Buffer = WgpuBuffer;
-
+impl Backend for WgpuBackend {
     fn name(&self) -> &str {
         Self::NAME
     }
@@ -366,6 +390,10 @@ impl Normalize for WgpuBackend {
         };
         Err(Error::UnsupportedDType { backend: Self::NAME.into(), dtype, reason: reason.into() })
     }
+}
+
+impl Normalize for WgpuBackend {
+    type Buffer = WgpuBuffer;
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
         // wgpu zero-initializes new buffers.
@@ -425,34 +453,14 @@ impl Normalize for WgpuBackend {
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
-        self.own("x", a.x)?;
-        if let Some(g) = a.gamma {
-            self.own("gamma", g)?;
-        }
-        if let Some(b) = a.beta {
-            self.own("beta", b)?;
-        }
-        self.own("y", a.y)?;
-        self.own("mean", a.mean)?;
-        self.own("rstd", a.rstd)?;
+        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
+        self.check_variants(spec, a.residual.is_some(), false, false)?;
         self.scoped(|| self.forward_impl(spec, &a))
     }
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, WgpuBuffer>) -> Result<()> {
-        self.own("x", a.x)?;
-        self.own("dy", a.dy)?;
-        self.own("mean", a.mean)?;
-        self.own("rstd", a.rstd)?;
-        if let Some(g) = a.gamma {
-            self.own("gamma", g)?;
-        }
-        self.own("dx", a.dx)?;
-        if let Some(g) = a.dgamma.as_deref() {
-            self.own("dgamma", g)?;
-        }
-        if let Some(b) = a.dbeta.as_deref() {
-            self.own("dbeta", b)?;
-        }
+        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
+        self.check_variants(spec, false, a.saved.is_output(), a.dh.is_some())?;
         self.scoped(|| self.backward_impl(spec, &a))
     }
 }

@@ -1,27 +1,33 @@
-//! LayerNorm forward and backward on CPU, CUDA and wgpu behind one trait, every backend held to
-//! one f64 reference by one conformance suite.
+//! The normalization family — LayerNorm and RMSNorm, with a γ offset, a fused residual add and a
+//! backward from the output — forward and backward on CPU, CUDA and wgpu behind one trait, every
+//! backend held to one f64 reference by one conformance suite.
 //!
-//! This is the pick-a-backend facade. It re-exports the core types ([`Normalize`], [`NormSpec`],
-//! [`DType`], [`Error`], …) and the backends compiled in, and holds the **one registry** of backends
-//! ([`REGISTRY`]) that run-time selection and the conformance suite both read.
+//! This is the pick-a-backend facade. It re-exports the core ([`Norm`], [`NormalizeNd`],
+//! [`Normalize`], [`NormSpec`], [`DType`], [`Error`], …), `ndarray` and `half`, and the backends
+//! compiled in, and holds the **one registry** of backends ([`REGISTRY`]) that run-time selection
+//! and the conformance suite both read.
 //!
 //! # Choosing a backend
 //!
+//! - At run time: [`backend`] by name, or [`auto`], which returns the best available backend
+//!   and says why it chose it. Both give a `Box<dyn HostNormalize>`, on which the n-dimensional
+//!   API ([`NormalizeNd`]) takes ndarray views of any shape.
 //! - At compile time: use the backend type directly (`layernorm::cpu::CpuBackend`, …) to keep
 //!   data on its device ([`Normalize`] works on the backend's own buffers).
-//! - At run time: [`backend`] by name, or [`auto`], which returns the best available backend
-//!   and says why it chose it. Both give a `Box<dyn HostNormalize>` that works on host slices.
 //!
 //! ```
-//! use layernorm::{DType, HostNormalizeExt, NormSpec};
+//! use layernorm::*;
+//! use layernorm::ndarray::{Array, Array1};
 //!
-//! let (backend, why) = layernorm::auto()?;
+//! let (backend, why) = auto()?;
 //! println!("using {}: {why}", backend.name());
-//! let spec = NormSpec::layer_norm(2, 4, DType::F32);
-//! let x = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.0];
-//! let (gamma, beta) = ([1.0f32; 4], [0.0f32; 4]);
-//! let out = backend.forward_vec(&spec, &x, Some(&gamma), Some(&beta))?;
-//! assert_eq!(out.mean, vec![2.5, 0.0]);
+//! let x = Array::from_shape_fn((2, 3, 4), |(b, s, h)| (b + s * h) as f32); // [batch, seq, hidden]
+//! let (gamma, beta) = (Array1::from_elem(4, 1.0f32), Array1::zeros(4));
+//! let out = backend.forward_nd(Norm::layer_norm(), &x).gamma(&gamma).beta(&beta).run()?;
+//! assert_eq!(out.y.shape(), &[2, 3, 4]);
+//! let dy = Array::ones((2, 3, 4));
+//! let grads = backend.backward_nd(Norm::layer_norm(), &x, &dy, out.stats()).gamma(&gamma).run()?;
+//! assert!(grads.dgamma.is_some() && grads.dbeta.is_none());
 //! # Ok::<(), layernorm::Error>(())
 //! ```
 //!
@@ -37,6 +43,11 @@
 //! [`Error::Unavailable`] naming the feature.
 
 pub use layernorm_core::*;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 
 #[cfg(feature = "cpu")]
 pub use layernorm_cpu as cpu;

@@ -266,13 +266,13 @@ fn shift<S: Simd, T: Half>(simd: S, x: &[T]) -> f32 {
     }
     let mut sum = simd.reduce_sum_f32s(acc);
     for v in &x[heads * w..k] {
-        sum += v.to_acc();
+        sum += T::to_acc(*v);
     }
     let m = sum / k as f32;
     if m.is_finite() {
         m
     } else {
-        (x[..k].iter().map(|v| v.to_f64()).sum::<f64>() / k as f64) as f32
+        (x[..k].iter().map(|&v| T::to_f64(v)).sum::<f64>() / k as f64) as f32
     }
 }
 
@@ -621,7 +621,7 @@ fn normalize_16_vecs<S: Simd, T: Half, const G: bool, const B: bool>(
 /// second time): keeping widened `f32` copies instead measured slower, by a store and a load per
 /// vector and, for long rows, a working set past L1 (1024×4096: 5.5 → 8.1 GB/s without them).
 /// Per row the operations are those of the scratch path (`f32` rows
-/// widened by `CpuElement::widen`, `FusedBackward`, `row::back_apply`, then narrowed), so the
+/// widened by `Convert::widen`, `FusedBackward`, `row::back_apply`, then narrowed), so the
 /// bits are the same (tested).
 struct Back16<'a, T> {
     n: usize,
