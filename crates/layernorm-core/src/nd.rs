@@ -231,6 +231,14 @@ impl<T: Element, D: Dimension> DerefMut for OutArray<T, D> {
     }
 }
 
+/// So an output can be passed where a view is taken (`backend.backward_nd_from_output(norm,
+/// &out.y, …)`): `&OutArray` is an [`AsArray`] like `&Array`.
+impl<'a, T: Element, D: Dimension> From<&'a OutArray<T, D>> for ArrayView<'a, T, D> {
+    fn from(a: &'a OutArray<T, D>) -> ArrayView<'a, T, D> {
+        a.array.view()
+    }
+}
+
 impl<T: Element, D: Dimension> Clone for OutArray<T, D> {
     /// A copy of the array, detached from the cache.
     fn clone(&self) -> OutArray<T, D> {
