@@ -51,45 +51,64 @@ fn check_param(tensor: &'static str, p: Option<&[f64]>, wanted: bool, n: usize) 
     }
 }
 
-/// The effective scale of column `j`: γ_offset + γ_j, or 1 without γ (equation (13)).
+/// The effective scale of column `j`: γ_offset + γ_j, or 1 without γ (equation (13)). The offset
+/// is the one the backends add, rounded to the accumulation type ([`NormSpec::gamma_offset_acc`]):
+/// like the inputs, rounded to the storage type, the reference sees what a backend sees.
 fn scale(spec: &NormSpec, gamma: Option<&[f64]>, j: usize) -> f64 {
-    gamma.map_or(1.0, |g| spec.gamma_offset + g[j])
+    gamma.map_or(1.0, |g| spec.gamma_offset_acc() + g[j])
 }
 
-/// Statistics of one LayerNorm row: (μ, rstd), equations (1)–(3) of `docs/math.md`.
+/// A power of two s that brings the largest |x| of a finite row into [1, 2) (1 for a zero row):
+/// statistics taken of x·s are exact rescalings of those of x (only exponents change), and no
+/// square overflows or flushes to zero, whatever the magnitude of x.
+fn pow2_scale(x: &[f64]) -> f64 {
+    let max = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if max > 0.0 && max.is_finite() {
+        2f64.powi(-(max.log2().floor() as i32).clamp(-1000, 1000))
+    } else {
+        1.0
+    }
+}
+
+/// 1/√(v + ε) from v·s² (`vs`) and the scale s of [`pow2_scale`]: s/√(v·s² + ε·s²), the same
+/// value, exact in scaling. Where ε·s² overflows (rows of tiny magnitude), v is below ε by more
+/// than `f64`'s precision, and 1/√ε is the correctly rounded answer.
+fn rstd_scaled(vs: f64, eps: f64, s: f64) -> f64 {
+    let es = eps * s * s;
+    if es.is_finite() { s / (vs + es).sqrt() } else { 1.0 / eps.sqrt() }
+}
+
+/// Statistics of one LayerNorm row: (μ, rstd), equations (1)–(3) of `docs/math.md`. Taken of
+/// x·s ([`pow2_scale`]) so that no sum or square overflows, even for `f64` rows near `f64::MAX`.
 pub fn row_stats(x: &[f64], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
+    let s = pow2_scale(x);
     // Neumaier's compensated sum: `comp` collects the low-order bits each addition drops.
     let (mut sum, mut comp) = (0.0f64, 0.0f64);
     for &v in x {
+        let v = v * s;
         let t = sum + v;
         comp += if sum.abs() >= v.abs() { (sum - t) + v } else { (v - t) + sum };
         sum = t;
     }
-    let mean = (sum + comp) / n;
+    let mean_s = (sum + comp) / n;
     let mut ss = 0.0;
     for &v in x {
-        ss += (v - mean) * (v - mean);
+        ss += (v * s - mean_s) * (v * s - mean_s);
     }
-    let var = ss / n;
-    (mean, 1.0 / (var + eps).sqrt())
+    (mean_s / s, rstd_scaled(ss / n, eps, s))
 }
 
-/// The rstd of one RMSNorm row, r = 1/√(mean(x²) + ε), equation (10) of `docs/math.md`.
-///
-/// The squares are taken of x·s, s a power of two that brings max |x| near 1, and
-/// r = s / √(mean((x·s)²) + ε·s²): the same value, exact in scaling, with no square overflowing
-/// even for `f64` inputs near `f64::MAX`.
+/// The rstd of one RMSNorm row, r = 1/√(mean(x²) + ε), equation (10) of `docs/math.md`, taken
+/// of x·s ([`pow2_scale`]): no square overflows even for `f64` inputs near `f64::MAX`.
 pub fn rms_row_rstd(x: &[f64], eps: f64) -> f64 {
     // A NaN or infinite element makes the row NaN, as it does the LayerNorm statistics.
     if x.iter().any(|v| !v.is_finite()) {
         return f64::NAN;
     }
-    let max = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let s =
-        if max > 0.0 { 2f64.powi(-(max.log2().floor() as i32).clamp(-1000, 1000)) } else { 1.0 };
+    let s = pow2_scale(x);
     let ms = x.iter().map(|&v| (v * s) * (v * s)).sum::<f64>() / x.len() as f64;
-    s / (ms + eps * s * s).sqrt()
+    rstd_scaled(ms, eps, s)
 }
 
 /// The reference forward: y = x̂·(γ_offset + γ) + β with x̂ = (x − μ)·rstd (LayerNorm) or x·rstd
@@ -176,7 +195,7 @@ pub fn backward_from_output(
     check_param("beta", beta, spec.beta, spec.n)?;
     check_param("gamma", gamma, spec.gamma, spec.n)?;
     if let Some(g) = gamma
-        && let Some(column) = (0..spec.n).find(|&j| spec.gamma_offset + g[j] == 0.0)
+        && let Some(column) = (0..spec.n).find(|&j| scale(spec, gamma, j) == 0.0)
     {
         return Err(Error::SingularGamma { column, gamma: g[column], offset: spec.gamma_offset });
     }
@@ -330,6 +349,17 @@ mod tests {
         assert!((r - want).abs() <= 1e-15 * want, "{r} vs {want}");
         assert!(rms_row_rstd(&[1.0, f64::INFINITY], 1e-6).is_nan());
         assert!(rms_row_rstd(&[1.0, f64::NAN], 1e-6).is_nan());
+    }
+
+    #[test]
+    fn layer_norm_statistics_never_overflow() {
+        // The same row at 2^-996 and 2^996 times: μ scales exactly, rstd inversely (ε negligible).
+        let x = [1.0, -3.0, 2.0, 0.5];
+        let (m, r) = row_stats(&x, 1e-300);
+        let big: Vec<f64> = x.iter().map(|v| v * 2f64.powi(996)).collect();
+        let (mb, rb) = row_stats(&big, 1e-300);
+        assert_eq!((mb, rb), (m * 2f64.powi(996), r * 2f64.powi(-996)));
+        assert!(row_stats(&[f64::MAX, -f64::MAX], 1e-5).1.is_finite());
     }
 
     #[test]

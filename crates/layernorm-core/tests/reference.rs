@@ -650,9 +650,6 @@ fn layer_norm_rows_of_tiny_magnitude_keep_eps() {
 }
 
 #[test]
-#[ignore = "defect in src/reference.rs, reported to the lead: rms_row_rstd forms ε·s² with \
-            s ≈ 1/max|x|, which overflows to ∞ when max|x| < √(ε/f64::MAX) (7.5e-158 at \
-            ε = 1e-6) and returns r = 0, y = 0 instead of r = 1/√ε"]
 fn rms_rows_of_tiny_magnitude_keep_eps() {
     check_rows_of_tiny_magnitude(NormKind::RmsNorm);
 }
