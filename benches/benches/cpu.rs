@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
 use layernorm_benches::{SHAPES, data, quick};
 use layernorm_core::ndarray::ArrayView2;
-use layernorm_core::{DType, Element, Norm, NormSpec, NormalizeNd};
+use layernorm_core::{Element, Norm, NormSpec, NormalizeNd};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
 fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {

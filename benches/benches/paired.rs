@@ -100,7 +100,7 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
         let zero = T::Acc::from_f64(0.0);
         let (mut mean, mut rstd) = (vec![zero; rows], vec![zero; rows]);
         let fwd_call = |out: &mut [T], mean: &mut [T::Acc], rstd: &mut [T::Acc]| {
-            cpu.forward_into(&spec, &x, Some(&g), Some(&b), out, mean, rstd).unwrap()
+            cpu.forward_into(&spec, &x, Some(&g), Some(&b), out, Some(mean), rstd).unwrap()
         };
         fwd_call(&mut out.borrow_mut(), &mut mean, &mut rstd);
         if do_fwd {
@@ -126,7 +126,7 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
             let mut kernel = || {
                 let (dg, db) = (Some(&mut dg[..]), Some(&mut db[..]));
                 let dx = &mut out.borrow_mut()[..];
-                cpu.backward_into(&spec, &x, &dy, mean, rstd, Some(&g), dx, dg, db).unwrap()
+                cpu.backward_into(&spec, &x, &dy, Some(mean), rstd, Some(&g), dx, dg, db).unwrap()
             };
             let mut xor = || {
                 let dx = &mut out.borrow_mut()[..];

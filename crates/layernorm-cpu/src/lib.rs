@@ -7,9 +7,10 @@
 //! - [`CpuBackend::forward_into`] / [`CpuBackend::backward_into`]: typed slices in, caller-owned
 //!   outputs: no output is allocated (each call allocates only small scratch: the dγ/dβ block
 //!   partials, and for 16-bit data γ/β widened to `f32`).
-//! - [`CpuBackend::forward_nd`] / [`CpuBackend::backward_nd`]: ndarray views with any number of
-//!   leading dims, normalized over the trailing `normalized_ndim` dims like PyTorch's
-//!   `normalized_shape`; non-contiguous views are accepted (copied to standard layout first).
+//! - The n-dimensional layer every backend has ([`layernorm_core::NormalizeNd`]:
+//!   `cpu.forward_nd(Norm::layer_norm(), &x).gamma(&g).run()`): ndarray views with any number of
+//!   leading dims, normalized over the trailing dims like PyTorch's `normalized_shape`;
+//!   non-contiguous views are accepted (copied to standard layout first).
 //!
 //! Work runs on the rayon pool current at the call (so `pool.install(|| …)` is respected), or on
 //! the pool given to [`CpuBackend::with_pool`]. dγ/dβ are bitwise identical for every thread count.
@@ -22,7 +23,7 @@
 //! let spec = NormSpec::layer_norm(2, 3, DType::F32).with_affine(false);
 //! let x = [1.0f32, 2.0, 3.0, 10.0, 10.0, 10.0];
 //! let (mut y, mut mean, mut rstd) = ([0.0f32; 6], [0.0f32; 2], [0.0f32; 2]);
-//! cpu.forward_into(&spec, &x, None, None, &mut y, &mut mean, &mut rstd)?;
+//! cpu.forward_into(&spec, &x, None, None, &mut y, Some(&mut mean), &mut rstd)?;
 //! assert_eq!(mean, [2.0, 10.0]);
 //! assert_eq!(&y[3..], &[0.0, 0.0, 0.0]);
 //! # Ok::<(), layernorm_core::Error>(())
@@ -52,7 +53,7 @@ pub use element::CpuElement;
 pub struct CpuBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
     stores: Stores,
-    /// Where the allocating calls (`forward_vec`, `forward_nd`, …) take their outputs from and
+    /// Where the allocating calls (the n-d layer's `forward_nd`, …) take their outputs from and
     /// return them to; shared by clones.
     cache: Arc<OutputCache>,
 }

@@ -459,7 +459,7 @@ mod tests {
             dy[6 * n + n - 1] = bits(snan[2]);
             let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
             for r in 0..rows {
-                let v: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|v| v.to_f64()).collect();
+                let v: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|&v| T::to_f64(v)).collect();
                 let m = v.iter().sum::<f64>() / n as f64;
                 let var = v.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n as f64;
                 (mean[r], rstd[r]) = (m as f32, (1.0 / (var + 1e-5).sqrt()) as f32);
@@ -498,7 +498,8 @@ mod tests {
                 assert!(T::backward_converted(
                     n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
-                let bad = dx1.iter().zip(&dx0).position(|(a, b)| !same(a.to_acc(), b.to_acc()));
+                let bad =
+                    dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
                 assert!(bad.is_none(), "dx, n={n}, want={want:?}: first difference at {bad:?}");
                 let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
                 assert!(
@@ -558,7 +559,7 @@ mod tests {
                 }
                 assert!(T::forward_converted(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1));
                 let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                let bad = y1.iter().zip(&y0).position(|(a, b)| !same(a.to_acc(), b.to_acc()));
+                let bad = y1.iter().zip(&y0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
                 assert!(bad.is_none(), "y, n={n}: first difference at {bad:?}");
                 assert_eq!((fbits(&m1), fbits(&r1)), (fbits(&m0), fbits(&r0)), "stats, n={n}");
             }

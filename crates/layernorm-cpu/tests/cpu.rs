@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
-use layernorm_core::{DType, Error, HostNormalizeExt, NormSpec, bf16, f16, reference};
-use layernorm_cpu::{CpuBackend, ROW_BLOCK, Stores};
-use ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
+use layernorm_core::ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
+use layernorm_core::{
+    DType, Element, Error, Norm, NormSpec, NormalizeNd, Stats, bf16, f16, reference,
+};
+use layernorm_cpu::{CpuBackend, CpuElement, ROW_BLOCK, Stores};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -24,6 +26,53 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// A forward's outputs, allocated by the test.
+#[derive(Debug, PartialEq)]
+struct Fwd<T: CpuElement> {
+    y: Vec<T>,
+    mean: Vec<T::Acc>,
+    rstd: Vec<T::Acc>,
+}
+
+/// A backward's outputs, allocated by the test (dγ/dβ when the problem has γ/β).
+#[derive(Debug, PartialEq)]
+struct Grads<T> {
+    dx: Vec<T>,
+    dgamma: Option<Vec<T>>,
+    dbeta: Option<Vec<T>>,
+}
+
+/// A LayerNorm forward through `forward_into` into fresh outputs.
+fn forward<T: CpuElement>(
+    cpu: &CpuBackend,
+    spec: &NormSpec,
+    x: &[T],
+    g: Option<&[T]>,
+    b: Option<&[T]>,
+) -> layernorm_core::Result<Fwd<T>> {
+    let zero = T::Acc::from_f64(0.0);
+    let (mut y, mut mean, mut rstd) = (x.to_vec(), vec![zero; spec.rows], vec![zero; spec.rows]);
+    cpu.forward_into(spec, x, g, b, &mut y, Some(&mut mean), &mut rstd)?;
+    Ok(Fwd { y, mean, rstd })
+}
+
+/// A LayerNorm backward from x through `backward_into` into fresh outputs, every gradient the
+/// problem has.
+fn backward<T: CpuElement>(
+    cpu: &CpuBackend,
+    spec: &NormSpec,
+    (x, dy): (&[T], &[T]),
+    (mean, rstd): (&[T::Acc], &[T::Acc]),
+    g: Option<&[T]>,
+) -> layernorm_core::Result<Grads<T>> {
+    let zero = T::from_f64(0.0);
+    let mut dx = vec![zero; x.len()];
+    let (mut dg, mut db) = (vec![zero; spec.n], vec![zero; spec.n]);
+    let (dgo, dbo) = (spec.gamma.then_some(&mut dg[..]), spec.beta.then_some(&mut db[..]));
+    cpu.backward_into(spec, x, dy, Some(mean), rstd, g, &mut dx, dgo, dbo)?;
+    Ok(Grads { dx, dgamma: spec.gamma.then_some(dg), dbeta: spec.beta.then_some(db) })
+}
+
 /// Forward then backward (f32, with γ and β) on a pool of each thread count: dx, dγ and dβ must
 /// be bitwise identical across them. Returns the first pool's (dx, dγ, dβ).
 fn same_gradients_on_pools(
@@ -35,9 +84,9 @@ fn same_gradients_on_pools(
     let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
     for &threads in threads {
         let cpu = CpuBackend::with_pool(pool(threads));
-        let f = cpu.forward_vec(spec, x, Some(g), Some(b)).unwrap();
-        let gr = cpu.backward_vec(spec, x, dy, &f.mean, &f.rstd, Some(g)).unwrap();
-        let got = (gr.dx.into_vec(), gr.dgamma.unwrap().into_vec(), gr.dbeta.unwrap().into_vec());
+        let f = forward(&cpu, spec, x, Some(g), Some(b)).unwrap();
+        let gr = backward(&cpu, spec, (x, dy), (&f.mean, &f.rstd), Some(g)).unwrap();
+        let got = (gr.dx, gr.dgamma.unwrap(), gr.dbeta.unwrap());
         match &first {
             None => first = Some(got),
             Some(want) => {
@@ -76,7 +125,8 @@ fn very_long_rows_give_the_same_bits_on_any_pool() {
     let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
     let (xw, gw) = (wide(&x), wide(&g));
     let rf = reference::forward(&spec, &xw, Some(&gw), Some(&wide(&b))).unwrap();
-    let want = reference::backward(&spec, &xw, &wide(&dy), &rf.mean, &rf.rstd, Some(&gw)).unwrap();
+    let mean = rf.mean.as_deref();
+    let want = reference::backward(&spec, &xw, &wide(&dy), mean, &rf.rstd, Some(&gw)).unwrap();
     for (name, got, want) in [
         ("dx", &dx, &want.dx),
         ("dgamma", &dg, want.dgamma.as_ref().unwrap()),
@@ -100,8 +150,8 @@ fn bf16_parameter_gradients_are_deterministic_too() {
     let (x, dy, g) = (cv(normal(rows * n, 5)), cv(normal(rows * n, 6)), cv(normal(n, 7)));
     let run = |threads| {
         let cpu = CpuBackend::with_pool(pool(threads));
-        let f = cpu.forward_vec(&spec, &x, Some(&g), None).unwrap();
-        cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap()
+        let f = forward(&cpu, &spec, &x, Some(&g), None).unwrap();
+        backward(&cpu, &spec, (&x, &dy), (&f.mean, &f.rstd), Some(&g)).unwrap()
     };
     let one = run(1);
     for threads in [2, 3, 8] {
@@ -114,8 +164,8 @@ fn respects_the_callers_pool() {
     let spec = NormSpec::layer_norm(4096, 64, DType::F32).with_affine(false);
     let x = normal(4096 * 64, 8);
     let p = pool(3);
-    let f = p.install(|| CpuBackend::new().forward_vec(&spec, &x, None, None)).unwrap();
-    let g = CpuBackend::new().forward_vec(&spec, &x, None, None).unwrap();
+    let f = p.install(|| forward(&CpuBackend::new(), &spec, &x, None, None)).unwrap();
+    let g = forward(&CpuBackend::new(), &spec, &x, None, None).unwrap();
     assert_eq!(f, g);
 }
 
@@ -134,12 +184,12 @@ fn with_pool_runs_its_calls_on_that_pool() {
     let (rows, n) = (512, 512); // the 256 K elements from which calls go to the pool
     let spec = NormSpec::layer_norm(rows, n, DType::F32).with_affine(false);
     let x = normal(rows * n, 40);
-    let want = CpuBackend::new().forward_vec(&spec, &x, None, None).unwrap().y.into_vec();
+    let want = forward(&CpuBackend::new(), &spec, &x, None, None).unwrap().y;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let call = {
         let done = done.clone();
         std::thread::spawn(move || {
-            let y = cpu.forward_vec(&spec, &x, None, None).unwrap().y.into_vec();
+            let y = forward(&cpu, &spec, &x, None, None).unwrap().y;
             done.store(true, std::sync::atomic::Ordering::SeqCst);
             y
         })
@@ -157,77 +207,85 @@ fn nd_normalizes_over_trailing_dims_like_pytorch() {
     let gamma = Array2::from_shape_vec((4, 5), normal(20, 10)).unwrap().into_dyn();
     let beta = Array2::from_shape_vec((4, 5), normal(20, 11)).unwrap().into_dyn();
     let cpu = CpuBackend::new();
-    let out = cpu.forward_nd(x.view(), 2, Some(gamma.view()), Some(beta.view()), 1e-5).unwrap();
+    let norm = Norm::layer_norm().normalized_ndim(2);
+    let out = cpu.forward_nd(norm, &x).gamma(&gamma).beta(&beta).run().unwrap();
     assert_eq!(out.y.shape(), &[2, 3, 4, 5]);
-    assert_eq!(out.mean.shape(), &[2, 3]);
+    let nd_mean = out.saved.mean.as_ref().unwrap();
+    assert_eq!(nd_mean.shape(), &[2, 3]);
     // Same numbers as the flat API.
     let spec = NormSpec::layer_norm(6, 20, DType::F32);
     let flat =
-        cpu.forward_vec(&spec, x.as_slice().unwrap(), gamma.as_slice(), beta.as_slice()).unwrap();
+        forward(&cpu, &spec, x.as_slice().unwrap(), gamma.as_slice(), beta.as_slice()).unwrap();
     assert_eq!(out.y.as_slice().unwrap(), &flat.y[..]);
-    assert_eq!(out.mean.as_slice().unwrap(), &flat.mean[..]);
-    assert_eq!(out.rstd.as_slice().unwrap(), &flat.rstd[..]);
+    assert_eq!(nd_mean.as_slice().unwrap(), &flat.mean[..]);
+    assert_eq!(out.saved.rstd.as_slice().unwrap(), &flat.rstd[..]);
 
     let dy = Array::from_shape_vec((2, 3, 4, 5), normal(120, 12)).unwrap();
-    let grads = cpu
-        .backward_nd(
-            x.view(),
-            dy.view(),
-            out.mean.view(),
-            out.rstd.view(),
-            2,
-            Some(gamma.view()),
-            true,
-        )
-        .unwrap();
-    let fg = cpu
-        .backward_vec(
-            &spec,
-            x.as_slice().unwrap(),
-            dy.as_slice().unwrap(),
-            &flat.mean,
-            &flat.rstd,
-            gamma.as_slice(),
-        )
-        .unwrap();
+    let grads =
+        cpu.backward_nd(norm, &x, &dy, out.stats()).gamma(&gamma).beta(&beta).run().unwrap();
+    let xs = (x.as_slice().unwrap(), dy.as_slice().unwrap());
+    let fg = backward(&cpu, &spec, xs, (&flat.mean, &flat.rstd), gamma.as_slice()).unwrap();
     assert_eq!(grads.dx.as_slice().unwrap(), &fg.dx[..]);
     let dgamma = grads.dgamma.unwrap();
     assert_eq!(dgamma.shape(), &[4, 5]);
     assert_eq!(dgamma.as_slice().unwrap(), &fg.dgamma.unwrap()[..]);
-    assert_eq!(grads.dbeta.unwrap().as_slice().unwrap(), &fg.dbeta.unwrap()[..]);
+    let dbeta = fg.dbeta.unwrap();
+    assert_eq!(grads.dbeta.unwrap().as_slice().unwrap(), &dbeta[..]);
+    // A frozen γ: dγ skipped, dx and dβ unchanged.
+    let frozen = cpu
+        .backward_nd(norm, &x, &dy, out.stats())
+        .gamma(&gamma)
+        .beta(&beta)
+        .skip_dgamma()
+        .run()
+        .unwrap();
+    assert!(frozen.dgamma.is_none());
+    assert_eq!(frozen.dx.as_slice().unwrap(), &fg.dx[..]);
+    assert_eq!(frozen.dbeta.unwrap().as_slice().unwrap(), &dbeta[..]);
 }
 
 #[test]
-fn nd_accepts_non_contiguous_views_and_writes_into_strided_outputs() {
+fn nd_copies_non_contiguous_views_into_standard_layout() {
     let base = Array3::from_shape_vec((4, 6, 8), normal(192, 13)).unwrap();
     // A sliced, permuted view: rows are not contiguous in memory.
     let x = base.slice(s![.., 1..5, ..]).permuted_axes([1, 0, 2]); // (4, 4, 8)
     assert!(!x.is_standard_layout());
     let cpu = CpuBackend::new();
+    let norm = Norm::layer_norm();
     let owned = x.to_owned();
-    let want = cpu.forward_nd(owned.view(), 1, None, None, 1e-5).unwrap();
-    let got = cpu.forward_nd(x.view(), 1, None, None, 1e-5).unwrap();
+    let want = cpu.forward_nd(norm, &owned).run().unwrap();
+    let got = cpu.forward_nd(norm, x.view()).run().unwrap();
     assert_eq!(got, want);
+    assert!(got.y.is_standard_layout() && got.y.shape() == [4, 4, 8]);
 
-    // Caller-owned outputs, themselves strided (every other column of a wider array).
-    let mut ybuf = Array3::<f32>::zeros((4, 4, 16));
-    let mut mean = ArrayD::<f32>::zeros(IxDyn(&[4, 4]));
-    let mut rstd = ArrayD::<f32>::zeros(IxDyn(&[4, 4]));
-    cpu.forward_nd_into(
-        x.view(),
-        1,
-        None,
-        None,
-        1e-5,
-        ybuf.slice_mut(s![.., .., ..;2]),
-        mean.view_mut(),
-        rstd.view_mut(),
-    )
-    .unwrap();
-    assert_eq!(ybuf.slice(s![.., .., ..;2]).to_owned().into_dyn(), *want.y);
-    assert!(ybuf.slice(s![.., .., 1..;2]).iter().all(|&v| v == 0.0));
-    assert_eq!(mean, *want.mean);
-    assert_eq!(rstd, *want.rstd);
+    // A transposed view (every row strided), γ and β strided too (every other element of
+    // a wider array), and a transposed dy in the backward.
+    let wide = Array2::from_shape_vec((8, 4), normal(32, 14)).unwrap();
+    let xt = wide.t(); // (4, 8), column-major
+    assert!(!xt.is_standard_layout());
+    let params = Array2::from_shape_vec((2, 16), normal(32, 15)).unwrap();
+    let (g, b) = (params.slice(s![0, ..;2]), params.slice(s![1, ..;2]));
+    let (go, bo) = (g.to_owned(), b.to_owned());
+    let xo = xt.to_owned();
+    let want = cpu.forward_nd(norm, &xo).gamma(&go).beta(&bo).run().unwrap();
+    let got = cpu.forward_nd(norm, xt).gamma(g).beta(b).run().unwrap();
+    assert_eq!(got, want);
+    let dyw = Array2::from_shape_vec((8, 4), normal(32, 16)).unwrap();
+    let (dyt, dyo) = (dyw.t(), dyw.t().to_owned());
+    let want_b = cpu.backward_nd(norm, &xo, &dyo, want.stats()).gamma(&go).beta(&bo).run();
+    let got_b = cpu.backward_nd(norm, xt, dyt, got.stats()).gamma(g).beta(b).run();
+    assert_eq!(got_b.unwrap(), want_b.unwrap());
+
+    // Statistics passed as strided views of the caller's own arrays.
+    let mut stats = Array2::<f32>::zeros((2, 8));
+    stats.slice_mut(s![0, ..;2]).assign(want.saved.mean.as_ref().unwrap());
+    stats.slice_mut(s![1, ..;2]).assign(&want.saved.rstd);
+    let strided = Stats::new(stats.slice(s![1, ..;2])).with_mean(stats.slice(s![0, ..;2]));
+    let again = cpu.backward_nd(norm, xt, dyt, strided).gamma(g).beta(b).run().unwrap();
+    assert_eq!(
+        again,
+        cpu.backward_nd(norm, &xo, &dyo, want.stats()).gamma(&go).beta(&bo).run().unwrap()
+    );
 }
 
 #[test]
@@ -235,29 +293,26 @@ fn nd_shape_errors_name_the_tensor() {
     let cpu = CpuBackend::new();
     let x = Array2::<f32>::zeros((3, 4));
     let bad_gamma = ArrayD::<f32>::zeros(IxDyn(&[5]));
+    let ln = Norm::layer_norm();
     assert_eq!(
-        cpu.forward_nd(x.view(), 1, Some(bad_gamma.view()), None, 1e-5).unwrap_err(),
+        cpu.forward_nd(ln, &x).gamma(&bad_gamma).run().unwrap_err(),
         Error::DimsMismatch { tensor: "gamma", expected: vec![4], got: vec![5] }
     );
     assert_eq!(
-        cpu.forward_nd(x.view(), 3, None, None, 1e-5).unwrap_err(),
+        cpu.forward_nd(ln.normalized_ndim(3), &x).run().unwrap_err(),
         Error::TooManyNormalizedDims { normalized_dims: 3, ndim: 2 }
     );
     assert_eq!(
-        cpu.forward_nd(x.view(), 0, None, None, 1e-5).unwrap_err(),
+        cpu.forward_nd(ln.normalized_ndim(0), &x).run().unwrap_err(),
         Error::EmptyNormalizedDim
     );
     let empty = Array2::<f32>::zeros((3, 0));
-    assert_eq!(
-        cpu.forward_nd(empty.view(), 1, None, None, 1e-5).unwrap_err(),
-        Error::EmptyNormalizedDim
-    );
-    assert_eq!(cpu.forward_nd(x.view(), 1, None, None, f64::NAN).unwrap_err().class(), "eps");
-    let f = cpu.forward_nd(x.view(), 1, None, None, 1e-5).unwrap();
+    assert_eq!(cpu.forward_nd(ln, &empty).run().unwrap_err(), Error::EmptyNormalizedDim);
+    assert_eq!(cpu.forward_nd(ln.eps(f64::NAN), &x).run().unwrap_err().class(), "eps");
+    let f = cpu.forward_nd(ln, &x).run().unwrap();
     let dy = Array2::<f32>::zeros((3, 5));
     assert_eq!(
-        cpu.backward_nd(x.view(), dy.view(), f.mean.view(), f.rstd.view(), 1, None, false)
-            .unwrap_err(),
+        cpu.backward_nd(ln, &x, &dy, f.stats()).run().unwrap_err(),
         Error::DimsMismatch { tensor: "dy", expected: vec![3, 4], got: vec![3, 5] }
     );
 }
@@ -270,7 +325,7 @@ fn flat_api_errors_are_typed_and_never_panic() {
     let (g, b) = ([1.0f32; 3], [0.0f32; 3]);
     let (mut y, mut m, mut r) = ([0.0f32; 6], [0.0f32; 2], [0.0f32; 2]);
     let mut fwd = |spec: &NormSpec, x: &[f32], g: Option<&[f32]>| {
-        cpu.forward_into(spec, x, g, Some(&b), &mut y, &mut m, &mut r)
+        cpu.forward_into(spec, x, g, Some(&b), &mut y, Some(&mut m), &mut r)
     };
     assert_eq!(
         fwd(&spec, &x[..4], Some(&g)).unwrap_err(),
@@ -295,12 +350,22 @@ fn flat_api_errors_are_typed_and_never_panic() {
     // Backward: mean/rstd lengths.
     let (mut dx, dy) = ([0.0f32; 6], [0.0f32; 6]);
     assert_eq!(
-        cpu.backward_into(&spec, &x, &dy, &[0.0; 3], &[1.0; 2], Some(&g), &mut dx, None, None)
-            .unwrap_err(),
+        cpu.backward_into(
+            &spec,
+            &x,
+            &dy,
+            Some(&[0.0; 3]),
+            &[1.0; 2],
+            Some(&g),
+            &mut dx,
+            None,
+            None
+        )
+        .unwrap_err(),
         Error::ShapeMismatch { tensor: "mean", expected: 2, got: 3 }
     );
     assert_eq!(
-        cpu.backward_into(&spec, &x, &dy, &[0.0; 2], &[1.0], Some(&g), &mut dx, None, None)
+        cpu.backward_into(&spec, &x, &dy, Some(&[0.0; 2]), &[1.0], Some(&g), &mut dx, None, None)
             .unwrap_err(),
         Error::ShapeMismatch { tensor: "rstd", expected: 2, got: 1 }
     );
@@ -315,9 +380,9 @@ fn non_finite_inputs_poison_only_their_own_row() {
     x[n + 3] = f32::NAN;
     x[3 * n] = f32::INFINITY;
     let (g, b) = (normal(n, 15), normal(n, 16));
-    let f = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    let f = forward(&cpu, &spec, &x, Some(&g), Some(&b)).unwrap();
     let dy = normal(rows * n, 17);
-    let gr = cpu.backward_vec(&spec, &x, &dy, &f.mean, &f.rstd, Some(&g)).unwrap();
+    let gr = backward(&cpu, &spec, (&x, &dy), (&f.mean, &f.rstd), Some(&g)).unwrap();
     let one = NormSpec::layer_norm(1, n, DType::F32);
     for r in 0..rows {
         let span = r * n..(r + 1) * n;
@@ -327,11 +392,11 @@ fn non_finite_inputs_poison_only_their_own_row() {
             assert!(dx.iter().all(|v| v.is_nan()), "row {r}: dx should be NaN");
         } else {
             // A clean row gets exactly what it gets normalized alone.
-            let alone = cpu.forward_vec(&one, &x[span.clone()], Some(&g), Some(&b)).unwrap();
+            let alone = forward(&cpu, &one, &x[span.clone()], Some(&g), Some(&b)).unwrap();
             assert_eq!(bits(y), bits(&alone.y), "row {r}: y");
             assert_eq!((f.mean[r], f.rstd[r]), (alone.mean[0], alone.rstd[0]), "row {r}: stats");
             let (xr, dyr) = (&x[span.clone()], &dy[span.clone()]);
-            let ga = cpu.backward_vec(&one, xr, dyr, &alone.mean, &alone.rstd, Some(&g)).unwrap();
+            let ga = backward(&cpu, &one, (xr, dyr), (&alone.mean, &alone.rstd), Some(&g)).unwrap();
             assert_eq!(bits(dx), bits(&ga.dx), "row {r}: dx");
         }
     }
@@ -342,21 +407,21 @@ fn zero_rows_give_zero_parameter_gradients() {
     let cpu = CpuBackend::new();
     let spec = NormSpec::layer_norm(0, 8, DType::F16);
     let g = vec![f16::ONE; 8];
-    let f = cpu.forward_vec::<f16>(&spec, &[], Some(&g), Some(&g)).unwrap();
+    let f = forward::<f16>(&cpu, &spec, &[], Some(&g), Some(&g)).unwrap();
     assert!(f.y.is_empty() && f.mean.is_empty());
-    let gr = cpu.backward_vec::<f16>(&spec, &[], &[], &[], &[], Some(&g)).unwrap();
+    let gr = backward::<f16>(&cpu, &spec, (&[], &[]), (&[], &[]), Some(&g)).unwrap();
     assert_eq!(gr.dgamma.unwrap(), vec![f16::ZERO; 8]);
     assert_eq!(gr.dbeta.unwrap(), vec![f16::ZERO; 8]);
     // Into outputs that held values: they must be written, not left as they were.
     let (mut dg, mut db) = (vec![f16::from_f32(7.0); 8], vec![f16::from_f32(7.0); 8]);
     let (dg_, db_) = (Some(&mut dg[..]), Some(&mut db[..]));
-    cpu.backward_into::<f16>(&spec, &[], &[], &[], &[], Some(&g), &mut [], dg_, db_).unwrap();
+    cpu.backward_into::<f16>(&spec, &[], &[], Some(&[]), &[], Some(&g), &mut [], dg_, db_).unwrap();
     assert_eq!((dg, db), (vec![f16::ZERO; 8], vec![f16::ZERO; 8]));
     let spec = NormSpec::layer_norm(0, 300, DType::F32);
     let g = vec![1.0f32; 300];
     let (mut dg, mut db) = (vec![7.0f32; 300], vec![7.0f32; 300]);
     let (dg_, db_) = (Some(&mut dg[..]), Some(&mut db[..]));
-    cpu.backward_into::<f32>(&spec, &[], &[], &[], &[], Some(&g), &mut [], dg_, db_).unwrap();
+    cpu.backward_into::<f32>(&spec, &[], &[], Some(&[]), &[], Some(&g), &mut [], dg_, db_).unwrap();
     assert_eq!((dg, db), (vec![0.0; 300], vec![0.0; 300]));
 }
 
@@ -369,7 +434,7 @@ fn f32_accuracy_at_the_spine_issues_hard_cases() {
         let (rows, n) = (64, 1024);
         let x: Vec<f32> = normal(rows * n, 18).iter().map(|v| mean + std * v).collect();
         let spec = NormSpec::layer_norm(rows, n, DType::F32).with_affine(false);
-        let f = cpu.forward_vec(&spec, &x, None, None).unwrap();
+        let f = forward(&cpu, &spec, &x, None, None).unwrap();
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let r = reference::forward(&spec, &x64, None, None).unwrap();
         let err = f.y.iter().zip(&r.y).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
@@ -389,24 +454,16 @@ fn rows_are_independent_of_their_neighbours() {
         let dy = normal(1000 * n, 20);
         let g = normal(n, 21);
         let spec = NormSpec::layer_norm(1000, n, DType::F32).with_beta(false);
-        let all = cpu.forward_vec(&spec, &many, Some(&g), None).unwrap();
-        let all_b = cpu.backward_vec(&spec, &many, &dy, &all.mean, &all.rstd, Some(&g)).unwrap();
+        let all = forward(&cpu, &spec, &many, Some(&g), None).unwrap();
+        let all_b = backward(&cpu, &spec, (&many, &dy), (&all.mean, &all.rstd), Some(&g)).unwrap();
         let one_spec = NormSpec::layer_norm(1, n, DType::F32).with_beta(false);
         for r in [0, 517, 998, 999] {
             let span = r * n..(r + 1) * n;
-            let one = cpu.forward_vec(&one_spec, &many[span.clone()], Some(&g), None).unwrap();
+            let one = forward(&cpu, &one_spec, &many[span.clone()], Some(&g), None).unwrap();
             assert_eq!(bits(&one.y), bits(&all.y[span.clone()]), "y, n={n} row {r}");
             assert_eq!(one.mean[0].to_bits(), all.mean[r].to_bits());
-            let one_b = cpu
-                .backward_vec(
-                    &one_spec,
-                    &many[span.clone()],
-                    &dy[span.clone()],
-                    &one.mean,
-                    &one.rstd,
-                    Some(&g),
-                )
-                .unwrap();
+            let rows1 = (&many[span.clone()], &dy[span.clone()]);
+            let one_b = backward(&cpu, &one_spec, rows1, (&one.mean, &one.rstd), Some(&g)).unwrap();
             assert_eq!(bits(&one_b.dx), bits(&all_b.dx[span]), "dx, n={n} row {r}");
         }
     }
@@ -453,12 +510,14 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
                 .with_beta(beta.is_some());
             let (mut y0, mut m0, mut r0) =
                 (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
-            cached.forward_into(&spec, &x, gamma, beta, &mut y0, &mut m0, &mut r0).unwrap();
+            cached.forward_into(&spec, &x, gamma, beta, &mut y0, Some(&mut m0), &mut r0).unwrap();
             for offset in 0..16 {
                 let mut y1 = vec![-7f32; rows * n + 16];
                 let (mut m1, mut r1) = (vec![0f32; rows], vec![0f32; rows]);
                 let out = &mut y1[offset..offset + rows * n];
-                streaming.forward_into(&spec, &x, gamma, beta, out, &mut m1, &mut r1).unwrap();
+                streaming
+                    .forward_into(&spec, &x, gamma, beta, out, Some(&mut m1), &mut r1)
+                    .unwrap();
                 assert_eq!(bits(out), bits(&y0), "n={n}, offset {offset}");
                 assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)));
                 let outside = y1[..offset].iter().chain(&y1[offset + rows * n..]);
@@ -470,7 +529,7 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
             let grads = |cpu: &CpuBackend, dx: &mut [f32]| {
                 let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
                 let (g_out, b_out) = (want_g.then_some(&mut dg[..]), want_b.then_some(&mut db[..]));
-                cpu.backward_into(&spec, &x, &dy, &m0, &r0, gamma, dx, g_out, b_out).unwrap();
+                cpu.backward_into(&spec, &x, &dy, Some(&m0), &r0, gamma, dx, g_out, b_out).unwrap();
                 (bits(&dg), bits(&db))
             };
             let mut dx0 = vec![0f32; rows * n];
@@ -489,38 +548,44 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
 
 #[test]
 fn allocating_calls_reuse_their_outputs_memory() {
-    // A loop of allocating calls must not get fresh pages for every large output: dropped
-    // outputs return to the backend's cache and the next call takes them back.
+    // A loop of allocating calls (the n-d layer) must not get fresh pages for every large
+    // output: dropped outputs return to the backend's cache and the next call takes them back.
     let cpu = CpuBackend::new();
     let (rows, n) = (512, 1024); // 2 MiB of y
-    let spec = NormSpec::layer_norm(rows, n, DType::F32);
-    let x = normal(rows * n, 26);
+    let norm = Norm::layer_norm();
+    let x = Array2::from_shape_vec((rows, n), normal(rows * n, 26)).unwrap();
     let (g, b) = (normal(n, 27), normal(n, 28));
     // The second call of each pair has other inputs, so an output left unwritten would show;
     // a fresh backend (its own cache) says what the call must give.
-    let x2: Vec<f32> = x.iter().map(|v| v * 2.0 + 1.0).collect();
+    let x2 = x.mapv(|v| v * 2.0 + 1.0);
     let fresh = CpuBackend::new();
-    let first = cpu.forward_vec(&spec, &x, Some(&g), Some(&b)).unwrap();
+    let fwd = |cpu: &CpuBackend, x: &Array2<f32>| {
+        cpu.forward_nd(norm, x).gamma(&g[..]).beta(&b[..]).run().unwrap()
+    };
+    let first = fwd(&cpu, &x);
     let ptr = first.y.as_ptr();
     drop(first);
-    let again = cpu.forward_vec(&spec, &x2, Some(&g), Some(&b)).unwrap();
-    let want = fresh.forward_vec(&spec, &x2, Some(&g), Some(&b)).unwrap();
+    let again = fwd(&cpu, &x2);
+    let want = fwd(&fresh, &x2);
     assert_eq!(again.y.as_ptr(), ptr, "y reuses the dropped output's memory");
-    assert_eq!(bits(&again.y), bits(&want.y), "and is fully overwritten");
-    let dy = normal(rows * n, 29);
-    let grads = cpu.backward_vec(&spec, &x, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
+    assert_eq!(again, want, "and is fully overwritten");
+    let dy = Array2::from_shape_vec((rows, n), normal(rows * n, 29)).unwrap();
+    let bwd = |cpu: &CpuBackend, x: &Array2<f32>| {
+        cpu.backward_nd(norm, x, &dy, again.stats()).gamma(&g[..]).beta(&b[..]).run().unwrap()
+    };
+    let grads = bwd(&cpu, &x);
     let dx_ptr = grads.dx.as_ptr();
     drop(grads);
-    let grads = cpu.backward_vec(&spec, &x2, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
-    let want = fresh.backward_vec(&spec, &x2, &dy, &again.mean, &again.rstd, Some(&g)).unwrap();
-    assert_eq!((grads.dx.as_ptr(), bits(&grads.dx)), (dx_ptr, bits(&want.dx)));
+    let grads = bwd(&cpu, &x2);
+    let want = bwd(&fresh, &x2);
+    assert_eq!(grads.dx.as_ptr(), dx_ptr);
+    assert_eq!(grads, want);
 
-    // The ndarray calls share the cache; `into_array` keeps an output for good.
-    let xa = Array2::from_shape_vec((rows, n), x.clone()).unwrap();
-    let out = cpu.forward_nd(xa.view(), 1, None, None, 1e-5).unwrap();
+    // `into_array` keeps an output for good.
+    let out = fwd(&cpu, &x);
     let nd_ptr = out.y.as_ptr();
     drop(out);
-    let out = cpu.forward_nd(xa.view(), 1, None, None, 1e-5).unwrap();
+    let out = fwd(&cpu, &x);
     assert_eq!(out.y.as_ptr(), nd_ptr);
     let copy = out.y.clone().into_array();
     let kept = out.y.into_array();
