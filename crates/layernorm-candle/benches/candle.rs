@@ -1,0 +1,126 @@
+//! On candle tensors, in one run: this crate's forward against candle-nn's fused `layer_norm`
+//! and `rms_norm` (which have no backward), and this crate's backward against the autograd
+//! backward of candle-nn's composed `layer_norm_slow` (its only differentiable LayerNorm).
+//!
+//! f32, bytes/s: a forward moves x in and y out (2 · rows · N · 4 bytes), a backward x and dy in
+//! and dx out (3 · rows · N · 4). A timed backward is `y.backward()` on a graph built outside the
+//! timing: candle seeds dy with ones (one write of y's size, on both sides), then runs the
+//! norm's backward (dx, dγ, dβ). `LAYERNORM_BENCH_QUICK=1` shortens every measurement.
+//!
+//! ```text
+//! cargo bench -p layernorm-candle --bench candle
+//! ```
+
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+/// The shapes of `benches/src/lib.rs` (`SHAPES`), rows × N.
+const SHAPES: [(usize, usize); 6] =
+    [(4096, 768), (4096, 1024), (1024, 4096), (256, 16384), (65536, 128), (16384, 1024)];
+
+const EPS: f32 = 1e-5;
+
+fn quick() -> bool {
+    std::env::var_os("LAYERNORM_BENCH_QUICK").is_some()
+}
+
+/// Deterministic, normal-ish data (the benches crate's generator).
+fn data(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32 - 0.5) * 3.0
+        })
+        .collect()
+}
+
+struct Inputs {
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl Inputs {
+    fn new(rows: usize, n: usize) -> candle_core::Result<Inputs> {
+        let t = |len, seed, shape: &[usize]| Tensor::from_vec(data(len, seed), shape, &Device::Cpu);
+        Ok(Inputs { x: t(rows * n, 1, &[rows, n])?, gamma: t(n, 3, &[n])?, beta: t(n, 4, &[n])? })
+    }
+
+    /// The inputs as variables, so that a forward builds a graph.
+    fn vars(&self) -> candle_core::Result<[Var; 3]> {
+        Ok([
+            Var::from_tensor(&self.x)?,
+            Var::from_tensor(&self.gamma)?,
+            Var::from_tensor(&self.beta)?,
+        ])
+    }
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    bytes: usize,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.sample_size(10);
+    let (warm, measure) = if quick() { (0.2, 1.0) } else { (1.0, 4.0) };
+    g.warm_up_time(Duration::from_secs_f64(warm));
+    g.measurement_time(Duration::from_secs_f64(measure));
+    g
+}
+
+fn benches(c: &mut Criterion) {
+    for (rows, n) in SHAPES {
+        let shape = format!("{rows}x{n}");
+        let numel = rows * n;
+        let size = DType::F32.size_in_bytes();
+        let inp = Inputs::new(rows, n).expect("inputs");
+        let (x, g, b) = (&inp.x, &inp.gamma, &inp.beta);
+
+        let mut fwd = group(c, &format!("candle/layer_norm_forward/{shape}"), 2 * numel * size);
+        fwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench.iter(|| layernorm_candle::ops::layer_norm(x, g, b, EPS).expect("ours"))
+        });
+        fwd.bench_function(BenchmarkId::from_parameter("candle-fused"), |bench| {
+            bench.iter(|| candle_nn::ops::layer_norm(x, g, b, EPS).expect("candle"))
+        });
+        fwd.finish();
+
+        let mut rms = group(c, &format!("candle/rms_norm_forward/{shape}"), 2 * numel * size);
+        rms.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench.iter(|| layernorm_candle::ops::rms_norm(x, g, EPS).expect("ours"))
+        });
+        rms.bench_function(BenchmarkId::from_parameter("candle-fused"), |bench| {
+            bench.iter(|| candle_nn::ops::rms_norm(x, g, EPS).expect("candle"))
+        });
+        rms.finish();
+
+        let mut bwd = group(c, &format!("candle/layer_norm_backward/{shape}"), 3 * numel * size);
+        let vars = inp.vars().expect("vars");
+        let [xv, gv, bv] = &vars;
+        bwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench.iter_batched(
+                || layernorm_candle::ops::layer_norm(xv, gv, bv, EPS).expect("ours"),
+                |y| y.backward().expect("backward"),
+                BatchSize::PerIteration,
+            )
+        });
+        bwd.bench_function(BenchmarkId::from_parameter("candle-slow"), |bench| {
+            bench.iter_batched(
+                || candle_nn::ops::layer_norm_slow(xv, gv, bv, EPS).expect("slow"),
+                |y| y.backward().expect("backward"),
+                BatchSize::PerIteration,
+            )
+        });
+        bwd.finish();
+    }
+}
+
+criterion_group!(candle, benches);
+criterion_main!(candle);
