@@ -91,3 +91,8 @@ mod module;
 
 pub use layernorm_core::NormKind;
 pub use module::{LayerNorm, RmsNorm, layer_norm, layer_norm_no_bias, rms_norm};
+
+/// The README's examples, run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
