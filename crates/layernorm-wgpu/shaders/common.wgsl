@@ -9,6 +9,77 @@ override K: u32 = 0u;
 const KMAX: u32 = 8u;
 
 var<workgroup> red: array<vec4<f32>, WG>;
+
+// Rows too long to cache in registers (K = 0) are streamed: every pass reads the row from
+// memory, and `stream(step, lane)` runs the kernel's `s_item(step, j)` over the thread's items
+// j = lane, lane + TPR, ..., UNROLL per loop iteration. llvmpipe (lavapipe, and Mesa's GL
+// driver) ends all of an invocation's loops after 65535 iterations in total; 32 items an
+// iteration keep four passes over a row of 2^26 elements (its largest binding: 2^18 items a
+// thread) at 32768.
+const UNROLL: u32 = 32u;
+
+fn s_item4(step: u32, j: u32) {
+    s_item(step, j);
+    s_item(step, j + TPR);
+    s_item(step, j + 2u * TPR);
+    s_item(step, j + 3u * TPR);
+}
+
+fn s_item16(step: u32, j: u32) {
+    s_item4(step, j);
+    s_item4(step, j + 4u * TPR);
+    s_item4(step, j + 8u * TPR);
+    s_item4(step, j + 12u * TPR);
+}
+
+fn stream(step: u32, lane: u32) {
+    acc_reset();
+    for (var j = lane; j < p.nv; j += UNROLL * TPR) {
+        s_item16(step, j);
+        s_item16(step, j + 16u * TPR);
+    }
+}
+
+// A thread's running sums over a streamed row (thousands of items per thread): terms go into
+// l0, which is folded into l1 every 16 terms, l1 into l2 every 256 and l2 into l3 every 4096,
+// so each term takes part in at most 16 + 16 + 16 + n/4096 roundings instead of n. Compilers
+// cannot reassociate it (the folds are loop-carried), unlike compensated (Kahan) sums, which
+// rewriting drivers reduce to plain ones.
+struct Acc {
+    l0: vec4<f32>,
+    l1: vec4<f32>,
+    l2: vec4<f32>,
+    l3: vec4<f32>,
+    n: u32,
+}
+
+var<private> acc: Acc;
+
+fn acc_reset() {
+    acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), 0u);
+}
+
+fn acc_add(v: vec4<f32>) {
+    acc.l0 += v;
+    acc.n += 1u;
+    if ((acc.n & 15u) == 0u) {
+        acc.l1 += acc.l0;
+        acc.l0 = vec4<f32>(0.0);
+        if ((acc.n & 255u) == 0u) {
+            acc.l2 += acc.l1;
+            acc.l1 = vec4<f32>(0.0);
+            if ((acc.n & 4095u) == 0u) {
+                acc.l3 += acc.l2;
+                acc.l2 = vec4<f32>(0.0);
+            }
+        }
+    }
+}
+
+fn acc_sum() -> vec4<f32> {
+    return acc.l3 + (acc.l2 + (acc.l1 + acc.l0));
+}
+
 var<workgroup> wg_flag: u32;
 
 // Reductions over a segment go FAN slots at a time: each level, the first thread of every

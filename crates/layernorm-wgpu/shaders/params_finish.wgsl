@@ -1,14 +1,10 @@
 //! Stage 2 of the dgamma/dbeta reduction: see params_grad.wgsl.
 
 struct Params {
-    rows: u32,
-    n: u32,
-    chunk: u32,
-    part0: u32,
+    n: u32,          // columns
     parts: u32,      // total blocks
-    flags: u32,      // bit 0: write dgamma, bit 1: write dbeta
+    flags: u32,      // F_DGAMMA, F_DBETA
     groups_x: u32,
-    _pad: u32,
 }
 
 const CW: u32 = 64u;
@@ -34,7 +30,7 @@ fn finish(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid:
             tg += sg;
             tb += sb;
         }
-        if ((p.flags & 1u) != 0u) { put_dgamma(j, tg); }
-        if ((p.flags & 2u) != 0u) { put_dbeta(j, tb); }
+        if ((p.flags & F_DGAMMA) != 0u) { put_dgamma(j, tg); }
+        if ((p.flags & F_DBETA) != 0u) { put_dbeta(j, tb); }
     }
 }

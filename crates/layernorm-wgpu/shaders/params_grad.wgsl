@@ -3,17 +3,17 @@
 //
 // Stage 1 (`partials`): thread = column j, workgroup y = a block of `chunk` consecutive rows;
 // each thread adds its rows in order and writes one f32 partial per (block, column).
-// Stage 2 (`finish`): thread = column j; adds the partials of all blocks in order, in runs of 64
-// (two-level, to keep the rounding error small), and stores in the storage dtype.
-// xhat is recomputed exactly as the row kernel does: (x - mean) * rstd - lo.
+// Stage 2 (`finish`, params_finish.wgsl): thread = column j; adds the partials of all blocks in
+// order, in runs of 64 (two-level, to keep the rounding error small), and stores in the dtype.
+// xhat is recomputed exactly as the row kernel does (xhat.wgsl), minus the row's lo.
 
 struct Params {
     rows: u32,       // rows in this dispatch
     n: u32,          // columns (elements per row)
     chunk: u32,      // rows per block
     part0: u32,      // index of this dispatch's first block in the partial buffers
-    parts: u32,      // total blocks (stage 2)
-    flags: u32,      // bit 0: write dgamma, bit 1: write dbeta
+    flags: u32,      // F_GAMMA, F_BETA, F_RMS, F_FROM_Y
+    offset: f32,     // gamma offset
     groups_x: u32,   // workgroups along x
     _pad: u32,
 }
@@ -23,11 +23,13 @@ const CW: u32 = 64u;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<IN_T>;
 @group(0) @binding(2) var<storage, read> dy: array<IN_T>;
-@group(0) @binding(3) var<storage, read> mean: array<f32>;
-@group(0) @binding(4) var<storage, read> rstd: array<f32>;
-@group(0) @binding(5) var<storage, read> lo: array<f32>;
-@group(0) @binding(6) var<storage, read_write> part_g: array<f32>;
-@group(0) @binding(7) var<storage, read_write> part_b: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<IN_T>;
+@group(0) @binding(4) var<storage, read> beta: array<IN_T>;
+@group(0) @binding(5) var<storage, read> mean: array<f32>;
+@group(0) @binding(6) var<storage, read> rstd: array<f32>;
+@group(0) @binding(7) var<storage, read> lo: array<f32>;
+@group(0) @binding(8) var<storage, read_write> part_g: array<f32>;
+@group(0) @binding(9) var<storage, read_write> part_b: array<f32>;
 
 @compute @workgroup_size(CW)
 fn partials(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -37,8 +39,13 @@ fn partials(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
         var sg = 0.0;
         var sb = 0.0;
         for (var r = r0; r < r1; r++) {
+            var mu = 0.0;
+            if (reads_mean(p.flags)) {
+                mu = mean[r];
+            }
+            let xr = xrow(mu, rstd[r]);
             let d = get_dy(r * p.n + j);
-            let xhat = (get_x(r * p.n + j) - mean[r]) * rstd[r] - lo[r];
+            let xhat = xhat_raw(p.flags, p.offset, xr, get_x(r * p.n + j), j) - lo[r];
             sg += d * xhat;
             sb += d;
         }

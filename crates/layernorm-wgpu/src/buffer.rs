@@ -72,10 +72,13 @@ impl WgpuBuffer {
             limit: "u64 bytes".into(),
         })?;
         if buffer.size() < need {
+            // In elements, like every other shape error: the padded size the tensor needs, and
+            // the whole elements the buffer holds.
+            let size = dtype.size() as u64;
             return Err(Error::ShapeMismatch {
-                tensor: "wrapped buffer (bytes)",
-                expected: need as usize,
-                got: buffer.size() as usize,
+                tensor: "wrapped buffer",
+                expected: need.div_ceil(size) as usize,
+                got: (buffer.size() / size) as usize,
             });
         }
         if !buffer.usage().contains(REQUIRED_USAGES) {

@@ -3,9 +3,9 @@
 
 use std::num::NonZeroU64;
 
-use layernorm_core::{Backward, Error, Forward, NormSpec, Result};
+use layernorm_core::{Backward, Error, Forward, NormSpec, Residual, Result};
 
-use crate::kernels::{CW, Io, Kernel, Shape};
+use crate::kernels::{CW, Flags, Io, Kernel, Shape};
 use crate::{WgpuBackend, WgpuBuffer, device_err};
 
 /// One dispatch's share of the rows: `rows` rows starting at `row0`.
@@ -24,6 +24,19 @@ pub(crate) fn bind(buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> wgpu::Bind
         offset,
         size: NonZeroU64::new(size),
     })
+}
+
+/// A binding of `b`'s bytes like [`bind`], or of all of `dummy` where the tensor is absent.
+fn opt_bind<'a>(
+    b: Option<&'a WgpuBuffer>,
+    dummy: &'a wgpu::Buffer,
+    offset: u64,
+    bytes: u64,
+) -> wgpu::BindingResource<'a> {
+    match b {
+        Some(b) => bind(&b.buffer, offset, bytes),
+        None => dummy.as_entire_binding(),
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -89,14 +102,54 @@ impl WgpuBackend {
         self.cache.pipeline(&self.device, kernel, io, shape, self.subgroups).map_err(device_err)
     }
 
-    fn eps_f32(spec: &NormSpec) -> f32 {
-        // eps below the smallest normal f32 would round to 0 (or flush): keep it positive.
-        (spec.eps as f32).max(f32::MIN_POSITIVE)
+    /// ε as the shaders take it: `(m, e)` with ε = m·2^e and m in [0.5, 1) rounded to f32, so
+    /// that every ε from the smallest normal f32 to the largest f64 keeps its value; smaller ε
+    /// is [`Error::Unsupported`] (the shaders compute in f32, where GPUs may flush subnormals).
+    pub(crate) fn eps_parts(spec: &NormSpec) -> Result<(f32, i32)> {
+        let eps = spec.eps;
+        if eps < f64::from(f32::MIN_POSITIVE) {
+            return Err(Error::unsupported(
+                Self::NAME,
+                format!(
+                    "use eps = {eps:e}: the shaders compute in f32, whose smallest normal value \
+                     is {:e} (GPUs may flush anything smaller to zero)",
+                    f32::MIN_POSITIVE
+                ),
+            ));
+        }
+        let bits = eps.to_bits();
+        let e = ((bits >> 52) & 0x7ff) as i32 - 1022;
+        let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1022u64 << 52)) as f32;
+        Ok(if m == 1.0 { (0.5, e + 1) } else { (m, e) })
     }
 
-    pub(crate) fn forward_impl(&self, spec: &NormSpec, a: &Forward<'_, WgpuBuffer>) -> Result<()> {
+    /// A backward from x forms x̂ = (x − mean)·rstd from the rstd the forward saved in f32.
+    /// rstd = 1/√(var + ε) ≤ 1/√ε: from ε = 2^252 it lies below f32's normal range for every
+    /// row, where GPUs flush it and x̂ cannot be recovered: [`Error::Unsupported`], naming the
+    /// backward from y, which does not need it.
+    pub(crate) fn check_saved_rstd(spec: &NormSpec, from_y: bool) -> Result<()> {
+        let limit = 2f64.powi(252);
+        if from_y || spec.eps < limit {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            Self::NAME,
+            format!(
+                "run a backward from x with eps = {:e}: from eps = 2^252 ({limit:e}) the saved \
+                 f32 rstd = 1/sqrt(var + eps) lies below f32's normal range and cannot carry \
+                 xhat (the backward from y can)",
+                spec.eps
+            ),
+        ))
+    }
+
+    pub(crate) fn forward_impl(
+        &self,
+        spec: &NormSpec,
+        a: &Forward<'_, WgpuBuffer>,
+        eps: (f32, i32),
+    ) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
-        let (x, mean) = (a.x, a.mean.as_deref().ok_or_else(|| self.kind_err(spec))?);
         if rows == 0 {
             return Ok(());
         }
@@ -108,9 +161,20 @@ impl WgpuBackend {
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         let chunks = self.chunks(spec, row_bytes)?;
-        let flags = u32::from(spec.gamma) | (u32::from(spec.beta) << 1);
+        let (res_in, h_out) = match &a.residual {
+            Some(Residual::Add { residual, h }) => (Some(*residual), Some(&**h)),
+            Some(Residual::InPlace(r)) => (None, Some(&**r)),
+            None => (None, None),
+        };
+        let flags = Flags::default()
+            .with(Flags::GAMMA, spec.gamma)
+            .with(Flags::BETA, spec.beta)
+            .with(Flags::RMS, !spec.has_mean())
+            .with(Flags::RES_ADD, res_in.is_some())
+            .with(Flags::RES_IN_PLACE, h_out.is_some() && res_in.is_none());
         let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
         let beta = a.beta.map_or(&self.dummy, |b| &b.buffer);
+        let offset = spec.gamma_offset_acc() as f32;
         let mut enc = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -118,15 +182,15 @@ impl WgpuBackend {
             for c in &chunks {
                 let groups = c.rows.div_ceil(shape.rows_per_group() as usize);
                 let (gx, gy) = self.grid(groups, spec)?;
-                let params = self.uniform([
+                let params = self.uniform(&[
                     c.rows as u32,
                     nv as u32,
                     n as u32,
-                    flags,
-                    Self::eps_f32(spec).to_bits(),
+                    flags.0,
+                    eps.0.to_bits(),
+                    eps.1 as u32,
                     gx,
-                    0,
-                    0,
+                    offset.to_bits(),
                 ]);
                 let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
                 let (soff, sbytes) = (c.row0 as u64 * 4, c.rows as u64 * 4);
@@ -135,12 +199,14 @@ impl WgpuBackend {
                     layout: &layout,
                     entries: &[
                         entry(0, params.as_entire_binding()),
-                        entry(1, bind(&x.buffer, off, bytes)),
+                        entry(1, bind(&a.x.buffer, off, bytes)),
                         entry(2, bind(gamma, 0, row_bytes)),
                         entry(3, bind(beta, 0, row_bytes)),
                         entry(4, bind(&a.y.buffer, off, bytes)),
-                        entry(5, bind(&mean.buffer, soff, sbytes)),
+                        entry(5, opt_bind(a.mean.as_deref(), &self.dummy_out[0], soff, sbytes)),
                         entry(6, bind(&a.rstd.buffer, soff, sbytes)),
+                        entry(7, opt_bind(res_in, &self.dummy, off, bytes)),
+                        entry(8, opt_bind(h_out, &self.dummy_out[1], off, bytes)),
                     ],
                 });
                 pass.set_bind_group(0, &bg, &[]);
@@ -151,13 +217,24 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// The flags of a backward: the kind, γ, and the variants.
+    fn backward_flags(spec: &NormSpec, a: &Backward<'_, WgpuBuffer>) -> Flags {
+        let from_y = a.saved.is_output();
+        Flags::default()
+            .with(Flags::GAMMA, spec.gamma)
+            .with(Flags::BETA, spec.beta && from_y)
+            .with(Flags::RMS, !spec.has_mean())
+            .with(Flags::FROM_Y, from_y)
+            .with(Flags::DH, a.dh.is_some())
+    }
+
     pub(crate) fn backward_impl(
         &self,
         spec: &NormSpec,
         a: &Backward<'_, WgpuBuffer>,
     ) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
-        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| self.kind_err(spec))?);
+        let x = *a.saved.tensor();
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         let param_bytes = (row_bytes.div_ceil(4) * 4).max(16);
@@ -171,7 +248,10 @@ impl WgpuBackend {
         }
         let chunks = self.chunks(spec, row_bytes)?;
         let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
-        let lo = self.scratch(rows as u64 * 4);
+        let from_y = a.saved.is_output();
+        let beta = a.beta.filter(|_| from_y).map_or(&self.dummy, |b| &b.buffer);
+        let mean = a.mean.filter(|_| spec.has_mean() && !from_y);
+        let lo = self.scratch(spec, rows as u64 * 4)?;
         let io = Io::widest(spec.dtype, n);
         let nv = n / io.width();
         let shape = Shape::for_items(nv);
@@ -191,16 +271,13 @@ impl WgpuBackend {
         if parts > max_parts {
             return Err(self.partials_too_large(spec));
         }
-        let (part_g, part_b) = if fused {
-            let bytes = parts as u64 * n as u64 * 4;
-            (self.scratch(bytes), self.scratch(bytes))
-        } else {
-            (self.scratch(16), self.scratch(16))
-        };
+        let part_bytes = if fused { parts as u64 * n as u64 * 4 } else { 16 };
+        let (part_g, part_b) = (self.scratch(spec, part_bytes)?, self.scratch(spec, part_bytes)?);
 
         let pipeline = self.pipeline(Kernel::Backward, io, Some(shape))?;
         let layout = pipeline.get_bind_group_layout(0);
-        let flags = u32::from(spec.gamma) | (u32::from(fused) << 1);
+        let flags = Self::backward_flags(spec, a).with(Flags::PARTIALS, fused);
+        let offset = spec.gamma_offset_acc() as f32;
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipeline);
@@ -208,15 +285,15 @@ impl WgpuBackend {
             for c in &chunks {
                 let segs_c = c.rows.div_ceil(rps);
                 let (gx, gy) = self.grid(segs_c.div_ceil(rpg), spec)?;
-                let params = self.uniform([
+                let params = self.uniform(&[
                     c.rows as u32,
                     nv as u32,
                     n as u32,
-                    flags,
+                    flags.0,
                     rps as u32,
                     gx,
                     part0 as u32,
-                    0,
+                    offset.to_bits(),
                 ]);
                 let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
                 let (soff, sbytes) = (c.row0 as u64 * 4, c.rows as u64 * 4);
@@ -228,12 +305,14 @@ impl WgpuBackend {
                         entry(1, bind(&x.buffer, off, bytes)),
                         entry(2, bind(&a.dy.buffer, off, bytes)),
                         entry(3, bind(gamma, 0, row_bytes)),
-                        entry(4, bind(&mean.buffer, soff, sbytes)),
-                        entry(5, bind(&a.rstd.buffer, soff, sbytes)),
-                        entry(6, bind(&a.dx.buffer, off, bytes)),
-                        entry(7, bind(&lo, soff, sbytes)),
-                        entry(8, part_g.as_entire_binding()),
-                        entry(9, part_b.as_entire_binding()),
+                        entry(4, bind(beta, 0, row_bytes)),
+                        entry(5, opt_bind(mean, &self.dummy, soff, sbytes)),
+                        entry(6, bind(&a.rstd.buffer, soff, sbytes)),
+                        entry(7, opt_bind(a.dh, &self.dummy, off, bytes)),
+                        entry(8, bind(&a.dx.buffer, off, bytes)),
+                        entry(9, bind(&lo, soff, sbytes)),
+                        entry(10, part_g.as_entire_binding()),
+                        entry(11, part_b.as_entire_binding()),
                     ],
                 });
                 pass.set_bind_group(0, &bg, &[]);
@@ -277,7 +356,13 @@ impl WgpuBackend {
         enc: &mut wgpu::CommandEncoder,
     ) -> Result<(wgpu::Buffer, wgpu::Buffer, usize)> {
         let (rows, n) = (spec.rows, spec.n);
-        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| self.kind_err(spec))?);
+        let x = *a.saved.tensor();
+        let from_y = a.saved.is_output();
+        let mean = a.mean.filter(|_| spec.has_mean() && !from_y);
+        let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
+        let beta = a.beta.filter(|_| from_y).map_or(&self.dummy, |b| &b.buffer);
+        let flags = Self::backward_flags(spec, a);
+        let offset = spec.gamma_offset_acc() as f32;
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         // Rows per block: at least 32, and at most about 2^20 partials per tensor in all; more
@@ -295,8 +380,8 @@ impl WgpuBackend {
             return Err(self.partials_too_large(spec));
         }
         let part_bytes = total as u64 * n as u64 * 4;
-        let part_g = self.scratch(part_bytes);
-        let part_b = self.scratch(part_bytes);
+        let part_g = self.scratch(spec, part_bytes)?;
+        let part_b = self.scratch(spec, part_bytes)?;
         let io = Io::scalar(spec.dtype);
         let col_groups = n.div_ceil(CW as usize).clamp(1, self.max_groups as usize) as u32;
         let grad = self.pipeline(Kernel::ParamsGrad, io, None)?;
@@ -305,13 +390,13 @@ impl WgpuBackend {
         pass.set_pipeline(&grad);
         let mut part0 = 0usize;
         for (c, &p) in chunks.iter().zip(&parts) {
-            let params = self.uniform([
+            let params = self.uniform(&[
                 c.rows as u32,
                 n as u32,
                 block as u32,
                 part0 as u32,
-                total as u32,
-                0,
+                flags.0,
+                offset.to_bits(),
                 col_groups,
                 0,
             ]);
@@ -324,11 +409,13 @@ impl WgpuBackend {
                     entry(0, params.as_entire_binding()),
                     entry(1, bind(&x.buffer, off, bytes)),
                     entry(2, bind(&a.dy.buffer, off, bytes)),
-                    entry(3, bind(&mean.buffer, soff, sbytes)),
-                    entry(4, bind(&a.rstd.buffer, soff, sbytes)),
-                    entry(5, bind(lo, soff, sbytes)),
-                    entry(6, part_g.as_entire_binding()),
-                    entry(7, part_b.as_entire_binding()),
+                    entry(3, bind(gamma, 0, row_bytes)),
+                    entry(4, bind(beta, 0, row_bytes)),
+                    entry(5, opt_bind(mean, &self.dummy, soff, sbytes)),
+                    entry(6, bind(&a.rstd.buffer, soff, sbytes)),
+                    entry(7, bind(lo, soff, sbytes)),
+                    entry(8, part_g.as_entire_binding()),
+                    entry(9, part_b.as_entire_binding()),
                 ],
             });
             pass.set_bind_group(0, &bg, &[]);
@@ -354,10 +441,11 @@ impl WgpuBackend {
         let row_bytes = n as u64 * spec.dtype.size() as u64;
         let io = Io::scalar(spec.dtype);
         let col_groups = n.div_ceil(CW as usize).clamp(1, self.max_groups as usize) as u32;
-        let flags = u32::from(a.dgamma.is_some()) | (u32::from(a.dbeta.is_some()) << 1);
+        let flags = Flags::default()
+            .with(Flags::DGAMMA, a.dgamma.is_some())
+            .with(Flags::DBETA, a.dbeta.is_some());
         let finish = self.pipeline(Kernel::ParamsFinish, io, None)?;
-        let params =
-            self.uniform([spec.rows as u32, n as u32, 0, 0, parts as u32, flags, col_groups, 0]);
+        let params = self.uniform(&[n as u32, parts as u32, flags.0, col_groups]);
         let dgamma = a.dgamma.as_deref().map_or(&self.dummy, |b| &b.buffer);
         let dbeta = a.dbeta.as_deref().map_or(&self.dummy, |b| &b.buffer);
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -2,9 +2,14 @@
 //! kernel shape by N.
 //!
 //! Every kernel file under `shaders/` is written against a small dtype interface (`IN_T`, `OUT_T`,
-//! `V`, `W`, `get_<name>`, `put_<name>`) that one of the files under `shaders/io/` provides. The
-//! io file's head is emitted once; its `// @get` and `// @put` sections are templates, copied once
-//! per tensor name the kernel reads or writes, with `NAME` replaced.
+//! `V`, `W`, `get_<name>`, `load_<name>`, `put_<name>`) that one of the files under `shaders/io/`
+//! provides. The io file's head is emitted once; its `// @get`, `// @load` and `// @put` sections
+//! are templates, copied once per tensor name the kernel reads, reads back from an output
+//! binding, or writes, with `NAME` replaced (an io without a `// @load` section reads outputs
+//! like inputs).
+//!
+//! The kind and the variants are not separate sources: they are bits of each kernel's `flags`
+//! word ([`Flags`]), read by one source per kernel family.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +22,7 @@ const REDUCE_PLAIN: &str = include_str!("../shaders/reduce_plain.wgsl");
 const REDUCE_SG: &str = include_str!("../shaders/reduce_sg.wgsl");
 const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 const BACKWARD: &str = include_str!("../shaders/backward.wgsl");
+const XHAT: &str = include_str!("../shaders/xhat.wgsl");
 const PARAMS_GRAD: &str = include_str!("../shaders/params_grad.wgsl");
 const PARAMS_FINISH: &str = include_str!("../shaders/params_finish.wgsl");
 const COPY: &str = include_str!("../shaders/copy.wgsl");
@@ -89,6 +95,29 @@ impl Io {
     }
 }
 
+/// Bits of the kernels' `flags` word: the same numbers as the `F_*` constants of
+/// `shaders/consts.wgsl`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Flags(pub u32);
+
+impl Flags {
+    pub const GAMMA: u32 = 1;
+    pub const BETA: u32 = 2;
+    pub const RMS: u32 = 4;
+    pub const RES_ADD: u32 = 8;
+    pub const RES_IN_PLACE: u32 = 16;
+    pub const FROM_Y: u32 = 32;
+    pub const DH: u32 = 64;
+    pub const PARTIALS: u32 = 128;
+    pub const DGAMMA: u32 = 256;
+    pub const DBETA: u32 = 512;
+
+    /// Sets `bit` when `on`.
+    pub fn with(self, bit: u32, on: bool) -> Flags {
+        Flags(if on { self.0 | bit } else { self.0 })
+    }
+}
+
 /// Which kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
@@ -120,22 +149,43 @@ impl Kernel {
             !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish) || io.is_scalar(),
             "{self:?} over {io:?}: the dγ/dβ kernels take scalar io"
         );
-        let (body, gets, puts): (&str, &[&str], &[&str]) = match self {
-            Kernel::Forward => (FORWARD, &["x", "gamma", "beta"], &["y"]),
-            Kernel::Backward => (BACKWARD, &["x", "dy", "gamma"], &["dx"]),
-            Kernel::ParamsGrad => (PARAMS_GRAD, &["x", "dy"], &[]),
-            Kernel::ParamsFinish => (PARAMS_FINISH, &[], &["dgamma", "dbeta"]),
+        // (body, inputs, outputs read back, outputs, whether it forms xhat)
+        type Parts = (
+            &'static str,
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [&'static str],
+            bool,
+        );
+        let (body, gets, loads, puts, xhat): Parts = match self {
+            Kernel::Forward => {
+                (FORWARD, &["x", "gamma", "beta", "res"], &["h"], &["y", "h"], false)
+            }
+            Kernel::Backward => (BACKWARD, &["x", "dy", "gamma", "beta", "dh"], &[], &["dx"], true),
+            Kernel::ParamsGrad => (PARAMS_GRAD, &["x", "dy", "gamma", "beta"], &[], &[], true),
+            Kernel::ParamsFinish => (PARAMS_FINISH, &[], &[], &["dgamma", "dbeta"], false),
             Kernel::Copy => return COPY.to_string(),
         };
         let io_src = io.source();
-        let get_at = io_src.find("// @get").expect("io prelude has a // @get section");
-        let put_at = io_src.find("// @put").expect("io prelude has a // @put section");
-        let (head, get_t, put_t) = (&io_src[..get_at], &io_src[get_at..put_at], &io_src[put_at..]);
-        let mut s = String::with_capacity(8192);
+        let section = |tag: &str| io_src.find(tag);
+        let get_at = section("// @get").expect("io prelude has a // @get section");
+        let put_at = section("// @put").expect("io prelude has a // @put section");
+        let load_at = section("// @load");
+        let head = &io_src[..get_at];
+        let get_t = &io_src[get_at..load_at.unwrap_or(put_at)];
+        let load_t = match load_at {
+            Some(at) => io_src[at..put_at].to_string(),
+            None => get_t.replace("get_NAME", "load_NAME"),
+        };
+        let put_t = &io_src[put_at..];
+        let mut s = String::with_capacity(16384);
         s.push_str(head);
         s.push_str(CONSTS);
         for name in gets {
             s.push_str(&get_t.replace("NAME", name));
+        }
+        for name in loads {
+            s.push_str(&load_t.replace("NAME", name));
         }
         for name in puts {
             s.push_str(&put_t.replace("NAME", name));
@@ -143,6 +193,9 @@ impl Kernel {
         if self.uses_overrides() {
             s.push_str(COMMON);
             s.push_str(if subgroups { REDUCE_SG } else { REDUCE_PLAIN });
+        }
+        if xhat {
+            s.push_str(XHAT);
         }
         let (args, check) = if subgroups && self.uses_overrides() {
             (

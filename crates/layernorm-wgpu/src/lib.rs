@@ -1,5 +1,7 @@
-//! The wgpu backend of layernorm: LayerNorm forward and backward as WGSL compute shaders, on any
-//! adapter wgpu finds (Vulkan, Metal, DX12, GL; lavapipe on a CPU-only machine).
+//! The wgpu backend of layernorm: the normalization family — LayerNorm and RMSNorm, with a γ
+//! offset, a fused residual add (into h, or in place over the residual) and a backward from x or
+//! from y with dh — as WGSL compute shaders, on any adapter wgpu finds (Vulkan, Metal, DX12, GL;
+//! lavapipe on a CPU-only machine).
 //!
 //! - **Device-resident.** [`WgpuBuffer`] wraps a `wgpu::Buffer`; [`Normalize::forward`] and
 //!   [`Normalize::backward`] run on those without a host round trip. Buffers you already have are
@@ -9,13 +11,19 @@
 //! - **dtypes.** f32; f16 storage (f32 arithmetic) when the device has `SHADER_F16`; bf16 storage
 //!   as packed `u32` words with bit shifts. No f64: WGSL has none, and the backend says so with
 //!   [`Error::UnsupportedDType`].
+//! - **One source per kernel family.** The kind and the variants are bits of each kernel's
+//!   parameters, read by the same row kernels, so every strategy below serves all of them.
 //! - **Shapes.** Kernel shape is chosen by N (several rows per workgroup for small N, one
 //!   workgroup per row for large N, vec4 access when N allows, rows streamed from memory past
 //!   2048 items per row). Rows past 65535 workgroups use a 2-D grid; tensors larger than the
 //!   device's `max_storage_buffer_binding_size` are processed in several dispatches of whole rows.
 //!   The design is described in `docs/backends/wgpu.md`.
-//! - **Errors, not panics.** No adapter → [`Error::Unavailable`] carrying wgpu's reason; wgpu
-//!   validation and out-of-memory errors inside a call come back as [`Error::Device`].
+//! - **ε.** The shaders compute in f32 and take ε as a mantissa and an exponent: every ε from
+//!   `f32::MIN_POSITIVE` to `f64::MAX` follows the f64 reference; a smaller one (which GPUs
+//!   may flush to zero) is [`Error::Unsupported`].
+//! - **Errors, not panics.** No adapter → [`Error::Unavailable`] carrying wgpu's reason; a device
+//!   that runs out of memory → [`Error::OutOfMemory`]; other wgpu errors inside a call come back
+//!   as [`Error::Device`].
 //!
 //! ```no_run
 //! use layernorm_core::ndarray::arr2;
@@ -37,7 +45,7 @@ use std::sync::{Arc, mpsc};
 
 use layernorm_core::{
     Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
-    NormKind, NormSpec, Normalize, Result, check_download,
+    HostVec, NormKind, NormSpec, Normalize, Result, check_download, check_gamma_recoverable,
 };
 use wgpu::util::DeviceExt;
 
@@ -46,7 +54,7 @@ pub use buffer::{REQUIRED_USAGES, WgpuBuffer};
 use dispatch::{bind, entry};
 use kernels::{Cache, Io, Kernel};
 
-/// LayerNorm on a wgpu device.
+/// The normalization family on a wgpu device.
 ///
 /// Holds the device and queue (cheap clones of wgpu handles), the limits it plans dispatches by,
 /// and the compiled pipelines, which are created once per device, kernel, dtype and shape.
@@ -61,7 +69,11 @@ pub struct WgpuBackend {
     max_buffer: u64,
     offset_align: u64,
     max_groups: u32,
+    /// Bound where an input tensor is absent (read only: any number of bindings may share it).
     dummy: wgpu::Buffer,
+    /// Bound where an output is absent (the forward's mean for RMSNorm, h without a residual):
+    /// one each, as writable bindings must not alias.
+    dummy_out: [wgpu::Buffer; 2],
     cache: Cache,
     token: Arc<()>,
 }
@@ -122,12 +134,16 @@ impl WgpuBackend {
         let f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("layernorm absent tensor"),
-            size: 16,
-            usage: REQUIRED_USAGES,
-            mapped_at_creation: false,
-        });
+        let small = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: REQUIRED_USAGES,
+                mapped_at_creation: false,
+            })
+        };
+        let dummy = small("layernorm absent input");
+        let dummy_out = [small("layernorm absent output"), small("layernorm absent output")];
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(scope_err(e));
         }
@@ -142,6 +158,7 @@ impl WgpuBackend {
             offset_align: u64::from(limits.min_storage_buffer_offset_alignment).max(4),
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
             dummy,
+            dummy_out,
             cache: Cache::default(),
             token: Arc::new(()),
         })
@@ -194,7 +211,7 @@ impl WgpuBackend {
             let words = (bytes / 16) as usize;
             let spec = NormSpec::layer_norm(words, 1, DType::F32);
             let (gx, gy) = self.grid(words.div_ceil(256), &spec)?;
-            let params = self.uniform([words as u32, gx, 0, 0, 0, 0, 0, 0]);
+            let params = self.uniform(&[words as u32, gx, 0, 0]);
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("layernorm copy"),
                 layout: &pipeline.get_bind_group_layout(0),
@@ -270,14 +287,7 @@ impl WgpuBackend {
                 limit: format!("the device's max_buffer_size ({} bytes)", self.max_buffer),
             }
         })?;
-        let buffer = self.scoped(|| {
-            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("layernorm tensor"),
-                size,
-                usage: REQUIRED_USAGES,
-                mapped_at_creation: false,
-            }))
-        })?;
+        let buffer = self.allocate("layernorm tensor", size, REQUIRED_USAGES)?;
         Ok(WgpuBuffer {
             buffer,
             device: self.device.clone(),
@@ -287,19 +297,55 @@ impl WgpuBackend {
         })
     }
 
-    fn scratch(&self, bytes: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("layernorm scratch"),
-            size: (bytes.div_ceil(4) * 4).max(16),
-            usage: wgpu::BufferUsages::STORAGE,
+    /// A device buffer of `size` bytes; the device running out of memory is
+    /// [`Error::OutOfMemory`], anything else wgpu rejects [`Error::Device`].
+    fn allocate(
+        &self,
+        label: &'static str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
             mapped_at_creation: false,
-        })
+        });
+        let e_val = pollster::block_on(val.pop());
+        if pollster::block_on(oom.pop()).is_some() {
+            return Err(Error::OutOfMemory { tensor: label, bytes: size as usize });
+        }
+        match e_val {
+            Some(e) => Err(scope_err(e)),
+            None => Ok(buffer),
+        }
     }
 
-    fn uniform(&self, words: [u32; 8]) -> wgpu::Buffer {
+    /// A working buffer of `bytes` (rounded up to 4, at least 16) for the kernels of `spec`.
+    fn scratch(&self, spec: &NormSpec, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = (bytes.div_ceil(4) * 4).max(16);
+        if size > self.max_buffer {
+            return Err(Error::TooLarge {
+                rows: spec.rows,
+                n: spec.n,
+                limit: format!(
+                    "the device's max_buffer_size ({} bytes) for a working buffer of {size} bytes",
+                    self.max_buffer
+                ),
+            });
+        }
+        self.allocate("layernorm scratch", size, wgpu::BufferUsages::STORAGE)
+    }
+
+    /// A uniform buffer of `words`, padded to a multiple of 16 bytes.
+    fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
+        let mut padded = words.to_vec();
+        padded.resize(words.len().div_ceil(4) * 4, 0);
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("layernorm params"),
-            contents: bytemuck::cast_slice(&words),
+            contents: bytemuck::cast_slice(&padded),
             usage: wgpu::BufferUsages::UNIFORM,
         })
     }
@@ -326,38 +372,6 @@ impl WgpuBackend {
             Err(Error::ForeignBuffer { tensor })
         }
     }
-
-    fn check_kind(&self, kind: NormKind) -> Result<()> {
-        match kind {
-            NormKind::LayerNorm => Ok(()),
-            other => Err(Error::UnsupportedKind { backend: Self::NAME.into(), kind: other.name() }),
-        }
-    }
-
-    /// The error for a kind the kernels do not compute.
-    pub(crate) fn kind_err(&self, spec: &NormSpec) -> Error {
-        Error::UnsupportedKind { backend: Self::NAME.into(), kind: spec.kind.name() }
-    }
-
-    /// The variants the kernels do not compute yet, as typed errors.
-    fn check_variants(
-        &self,
-        spec: &NormSpec,
-        residual: bool,
-        from_y: bool,
-        dh: bool,
-    ) -> Result<()> {
-        let what = if residual {
-            "add a residual yet"
-        } else if from_y || dh {
-            "run the backward from y or with dh yet"
-        } else if spec.gamma_offset != 0.0 {
-            "offset γ yet"
-        } else {
-            return Ok(());
-        };
-        Err(Error::unsupported(Self::NAME, what))
-    }
 }
 
 impl Backend for WgpuBackend {
@@ -380,7 +394,15 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, kind: NormKind, dtype: DType) -> Result<()> {
-        self.check_kind(kind)?;
+        match kind {
+            NormKind::LayerNorm | NormKind::RmsNorm => {}
+            other => {
+                return Err(Error::UnsupportedKind {
+                    backend: Self::NAME.into(),
+                    kind: other.name(),
+                });
+            }
+        }
         let reason = match dtype {
             DType::F32 | DType::BF16 => return Ok(()),
             DType::F16 if self.f16 => return Ok(()),
@@ -454,13 +476,20 @@ impl Normalize for WgpuBackend {
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
         let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
-        self.check_variants(spec, a.residual.is_some(), false, false)?;
-        self.scoped(|| self.forward_impl(spec, &a))
+        let eps = Self::eps_parts(spec)?;
+        self.scoped(|| self.forward_impl(spec, &a, eps))
     }
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, WgpuBuffer>) -> Result<()> {
         let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
-        self.check_variants(spec, false, a.saved.is_output(), a.dh.is_some())?;
+        Self::check_saved_rstd(spec, a.saved.is_output())?;
+        if let (true, Some(gamma)) = (a.saved.is_output(), a.gamma) {
+            // x̂ = (y − β)/(γ_offset + γ) needs every γ_offset + γ nonzero: checked on a copy
+            // of γ before anything is written.
+            let mut host = HostVec::try_zeros("gamma (host copy)", spec.dtype, spec.n)?;
+            self.download(gamma, host.as_mut_slice())?;
+            check_gamma_recoverable(spec, Some(host.as_slice()))?;
+        }
         self.scoped(|| self.backward_impl(spec, &a))
     }
 }

@@ -17,8 +17,14 @@ fn f32_to_bf16(v: f32) -> u32 {
     return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
 }
 fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
+fn vround(v: f32) -> f32 { return bf16_to_f32(f32_to_bf16(v)); }
+fn vfirst(v: f32) -> f32 { return v; }
 // @get
 fn get_NAME(i: u32) -> f32 { return bf16_to_f32((NAME[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }
+// @load
+fn load_NAME(i: u32) -> f32 {
+    return bf16_to_f32((atomicLoad(&NAME[i >> 1u]) >> ((i & 1u) * 16u)) & 0xffffu);
+}
 // @put
 fn put_NAME(i: u32, v: f32) {
     let sh = (i & 1u) * 16u;

@@ -16,6 +16,10 @@ fn f32_to_bf16(v: f32) -> u32 {
     return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
 }
 fn vscale(v: vec2<f32>, e: i32) -> vec2<f32> { return sc2(v, e); }
+fn vround(v: vec2<f32>) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(f32_to_bf16(v.x) << 16u), bitcast<f32>(f32_to_bf16(v.y) << 16u));
+}
+fn vfirst(v: vec2<f32>) -> f32 { return v.x; }
 // @get
 fn get_NAME(i: u32) -> vec2<f32> {
     let w = NAME[i];

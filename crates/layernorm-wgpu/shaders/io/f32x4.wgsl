@@ -10,6 +10,8 @@ fn vmaxabs(v: vec4<f32>) -> f32 {
     return max(max(b.x, b.y), max(b.z, b.w));
 }
 fn vscale(v: vec4<f32>, e: i32) -> vec4<f32> { return sc4(v, e); }
+fn vround(v: vec4<f32>) -> vec4<f32> { return v; }
+fn vfirst(v: vec4<f32>) -> f32 { return v.x; }
 // @get
 fn get_NAME(i: u32) -> vec4<f32> { return NAME[i]; }
 // @put
