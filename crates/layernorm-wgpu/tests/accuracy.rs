@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{BF16, Dist, F16, F32, backend, check, data};
-use layernorm_core::{DType, HostNormalizeExt, NormSpec, Normalize, bf16, f16};
+use common::{BF16, Dist, F16, F32, array, backend, check, data, runs};
+use layernorm_core::{DType, Norm, NormSpec, NormalizeNd, bf16, f16};
 
 /// Shapes every dtype runs: 1×1, N = 1, N = 3, N not a multiple of 4, the transformer sizes,
 /// N = 65536 (streamed), many rows of a small N, and no rows at all.
@@ -38,11 +38,9 @@ fn f32_shapes() {
 #[test]
 fn f16_shapes() {
     let Some(b) = backend() else { return };
-    if !b.has_f16() {
-        // Then f16 must be refused by name, not computed wrongly.
-        let err = b.supports(layernorm_core::NormKind::LayerNorm, DType::F16).unwrap_err();
-        assert_eq!(err.class(), "unsupported");
-        eprintln!("skipped f16: {err}");
+    // Without SHADER_F16, f16 must be refused by name, not computed wrongly.
+    if !runs(b, DType::F16) {
+        assert!(!b.has_f16());
         return;
     }
     for (i, &(rows, n)) in SHAPES.iter().enumerate() {
@@ -81,7 +79,7 @@ fn f32_large_mean_huge_values_constant_rows() {
 #[test]
 fn sixteen_bit_offsets_and_extremes() {
     let Some(b) = backend() else { return };
-    let f16_ok = b.has_f16();
+    let f16_ok = runs(b, DType::F16);
     for &(rows, n) in &[(6, 3), (8, 1000), (8, 1024)] {
         for dist in [Dist::Offset(1e4), Dist::Constant, Dist::Scaled(1e-2)] {
             if f16_ok {
@@ -105,15 +103,21 @@ fn sixteen_bit_offsets_and_extremes() {
 }
 
 #[test]
-fn the_default_backend_takes_the_subgroup_path_on_lavapipe() {
-    // lavapipe (CI's device) has subgroups: the default backend must use them there, or the
-    // subgroup shaders would go untested while every test passed on the fallback.
+fn the_default_backend_takes_the_subgroup_path_where_the_device_has_subgroups() {
+    // Decided by the device's features, not its name: lavapipe (Vulkan) has SUBGROUP, Mesa's GL
+    // llvmpipe adapter does not. Where the feature exists the default backend must use it, or
+    // the subgroup shaders would go untested while every test passed on the fallback; where it
+    // does not, it must not claim to.
     let Some(b) = backend() else { return };
-    let name = Normalize::device(b).name;
-    if name.contains("llvmpipe") {
-        assert!(b.uses_subgroups(), "{name}: subgroups not used");
-    } else {
-        eprintln!("{name}: not lavapipe, subgroups {}", b.uses_subgroups());
+    let has = b.device().features().contains(wgpu::Features::SUBGROUP);
+    let name = layernorm_core::Backend::device(b).name;
+    assert_eq!(b.uses_subgroups(), has, "{name}: SUBGROUP {has}, used {}", b.uses_subgroups());
+    // Off on request, and never on without the feature.
+    let off = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
+    assert!(!off.uses_subgroups());
+    assert_eq!(off.with_subgroups(true).uses_subgroups(), has);
+    if !has {
+        eprintln!("{name}: no SUBGROUP feature, the workgroup-memory reductions run");
     }
 }
 
@@ -179,15 +183,12 @@ fn split_into_several_dispatches_and_a_2d_grid() {
     check::<f32>(&b, &spec(1000, 100, DType::F32), &data(1000, 100, Dist::Normal, 1), F32, 1);
     check::<f32>(&b, &spec(700, 3, DType::F32), &data(700, 3, Dist::Normal, 1), F32, 1);
     check::<bf16>(&b, &spec(1000, 99, DType::BF16), &data(1000, 99, Dist::Normal, 2), BF16, 2);
-    if b.has_f16() {
+    if runs(&b, DType::F16) {
         check::<f16>(&b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
     }
     // A row that alone exceeds the binding cap is a typed error, not a wgpu validation panic.
-    let err = b.forward_vec(
-        &spec(2, 20_000, DType::F32),
-        &[0.0f32; 40_000],
-        Some(&[1.0; 20_000]),
-        Some(&[0.0; 20_000]),
-    );
+    let x = array(2, 20_000, vec![0.0f32; 40_000]);
+    let (g, be) = (vec![1.0f32; 20_000], vec![0.0f32; 20_000]);
+    let err = b.forward_nd(Norm::layer_norm(), &x).gamma(&g[..]).beta(&be[..]).run();
     assert_eq!(err.unwrap_err().class(), "too-large");
 }

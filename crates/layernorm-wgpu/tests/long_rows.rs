@@ -1,0 +1,62 @@
+//! Rows of 2^24 and more elements: every sum a thread or a workgroup forms runs over millions of
+//! terms here, the element count is past f32's exact integers, and bf16 indices pass 2^23 words.
+//! The same tolerances as every other shape.
+
+mod common;
+
+use common::{BF16, F32, Res, Variant, backend, check_variant, runs};
+use layernorm_core::{DType, NormKind, NormSpec, bf16};
+
+/// `n` values of mean `mean` and standard deviation `std` (uniform, from a fixed linear
+/// congruential sequence: millions of normal samples would dominate the test's time).
+fn uniform(n: usize, mean: f64, std: f64, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let half_width = std * 3f64.sqrt();
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+            mean + half_width * (2.0 * u - 1.0)
+        })
+        .collect()
+}
+
+#[test]
+fn one_f32_row_of_2_24_at_a_large_mean() {
+    let Some(b) = backend() else { return };
+    let n = 1 << 24;
+    let x = uniform(n, 1e6, 0.6, 1);
+    for kind in NormKind::ALL {
+        let s = NormSpec::new(kind, 1, n, DType::F32);
+        check_variant::<f32>(b, &s, Variant::PLAIN, &x, F32, 3);
+    }
+}
+
+#[test]
+fn one_f32_row_of_2_24_plus_2_through_a_residual() {
+    // N not a multiple of 4: scalar access; the fused residual and the backward from y.
+    let Some(b) = backend() else { return };
+    let n = (1 << 24) + 2;
+    let x = uniform(n, -3e4, 2.0, 2);
+    let v = Variant { res: Res::InPlace, from_y: true, dh: true };
+    check_variant::<f32>(b, &NormSpec::layer_norm(1, n, DType::F32), v, &x, F32, 4);
+}
+
+#[test]
+fn one_bf16_row_of_2_24() {
+    let Some(b) = backend() else { return };
+    if !runs(b, DType::BF16) {
+        return;
+    }
+    let n = 1 << 24;
+    let x = uniform(n, 0.0, 0.58, 5);
+    for kind in NormKind::ALL {
+        let s = NormSpec::new(kind, 1, n, DType::BF16);
+        check_variant::<bf16>(b, &s, Variant::PLAIN, &x, BF16, 6);
+    }
+    // Odd N: one element per item, rows sharing words.
+    let n = (1 << 24) + 1;
+    let x = uniform(n, 5.0, 1.5, 7);
+    let v = Variant { res: Res::Add, from_y: false, dh: true };
+    check_variant::<bf16>(b, &NormSpec::rms_norm(1, n, DType::BF16), v, &x, BF16, 8);
+}
