@@ -19,9 +19,11 @@
 
 use rayon::prelude::*;
 
-use crate::driver::is_parallel;
+use layernorm_core::Result;
+
+use crate::driver::{is_parallel, try_with_capacity};
 use crate::reduce::ColumnScratch;
-use crate::row::{self, BackParams};
+use crate::row::{self, BackParams, Kind};
 
 /// Rows at least this long take the column-chunked backward (`f32`) whatever the pool: measured
 /// on the AMD Zen 3 VM against the row-wise path at one thread, 4×1048576 5.7 → 7.5 GB/s and
@@ -52,6 +54,7 @@ pub(crate) const CHUNK: usize = 2048;
 /// finished gradients.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
+    kind: Kind,
     n: usize,
     x: &[f32],
     dy: &[f32],
@@ -61,36 +64,40 @@ pub(crate) fn backward(
     dx: &mut [f32],
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
-) {
+) -> Result<()> {
     let rows = mean.len().min(rstd.len());
     if rows == 0 || n == 0 {
         for d in [dgamma, dbeta].into_iter().flatten() {
             d.fill(0.0);
         }
-        return;
+        return Ok(());
     }
     let par = is_parallel(rows * n);
     let params_of = |r: usize| -> BackParams<f32> {
         let span = r * n..(r + 1) * n;
         let (m, s) = row::back_shift_f32(mean[r], rstd[r]);
         let sums = crate::reduce::backward_sums(&x[span.clone()], &dy[span], gamma, m, s);
-        row::back_params::<f32>(n, f64::from(mean[r]), f64::from(rstd[r]), sums)
+        row::back_params::<f32>(kind, n, f64::from(mean[r]), f64::from(rstd[r]), sums)
     };
-    let params: Vec<BackParams<f32>> = if par {
-        (0..rows).into_par_iter().map(params_of).collect()
+    let mut params: Vec<BackParams<f32>> = try_with_capacity("row constants", rows)?;
+    if par {
+        (0..rows).into_par_iter().map(params_of).collect_into_vec(&mut params);
     } else {
-        (0..rows).map(params_of).collect()
-    };
+        params.extend((0..rows).map(params_of));
+    }
 
     // Each chunk's piece of every row of dx, and of dγ and dβ.
     let chunks = n.div_ceil(CHUNK);
-    let mut dxs: Vec<Vec<&mut [f32]>> = (0..chunks).map(|_| Vec::with_capacity(rows)).collect();
+    let mut dxs: Vec<Vec<&mut [f32]>> = try_with_capacity("column chunks", chunks)?;
+    for _ in 0..chunks {
+        dxs.push(try_with_capacity("column chunks", rows)?);
+    }
     for row in dx.chunks_mut(n).take(rows) {
         for (c, piece) in row.chunks_mut(CHUNK).enumerate() {
             dxs[c].push(piece);
         }
     }
-    let (dgs, dbs) = (pieces(dgamma, chunks), pieces(dbeta, chunks));
+    let (dgs, dbs) = (pieces(dgamma, chunks)?, pieces(dbeta, chunks)?);
     let work = |scratch: &mut ColumnScratch, (c, ((dx, dg), db)): (usize, ((Vec<_>, _), _))| {
         let cols = c * CHUNK..((c + 1) * CHUNK).min(n);
         let rows = (x, dy, gamma);
@@ -99,19 +106,24 @@ pub(crate) fn backward(
     // Each worker keeps its chunk buffers from chunk to chunk.
     let tasks = dxs.into_iter().zip(dgs).zip(dbs).enumerate();
     if par {
-        tasks.collect::<Vec<_>>().into_par_iter().for_each_init(ColumnScratch::default, work);
+        let mut all = try_with_capacity("column chunks", chunks)?;
+        all.extend(tasks);
+        all.into_par_iter().for_each_init(ColumnScratch::default, work);
     } else {
         let mut scratch = ColumnScratch::default();
         tasks.for_each(|t| work(&mut scratch, t));
     }
+    Ok(())
 }
 
 /// `d` in pieces of [`CHUNK`] (or `chunks` times `None`).
-fn pieces(d: Option<&mut [f32]>, chunks: usize) -> Vec<Option<&mut [f32]>> {
+fn pieces(d: Option<&mut [f32]>, chunks: usize) -> Result<Vec<Option<&mut [f32]>>> {
+    let mut v = try_with_capacity("column chunks", chunks)?;
     match d {
-        Some(d) => d.chunks_mut(CHUNK).map(Some).collect(),
-        None => (0..chunks).map(|_| None).collect(),
+        Some(d) => v.extend(d.chunks_mut(CHUNK).map(Some)),
+        None => v.extend((0..chunks).map(|_| None)),
     }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -134,7 +146,12 @@ mod tests {
     fn column_chunks_match_the_row_wise_backward_bit_for_bit() {
         // Ragged chunks and ragged blocks; rows taking every path of the statistics
         // (`mixed_rows`: constant rows, large offsets, huge values, a NaN).
-        for (rows, n) in [(1, 300), (3, CHUNK + 37), (33, 2 * CHUNK), (70, CHUNK - 5)] {
+        let shapes = [(1, 300), (3, CHUNK + 37), (33, 2 * CHUNK), (70, CHUNK - 5)];
+        let specs = crate::reduce::tests::SPECS;
+        for ((rows, n), (spec, _)) in
+            shapes.into_iter().flat_map(|s| specs[..2].iter().map(move |p| (s, *p)))
+        {
+            let kind = spec.kind;
             let x = mixed_rows(rows, n);
             let dy: Vec<f32> =
                 (0..rows * n).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
@@ -143,20 +160,26 @@ mod tests {
             let (mut y, mut mean, mut rstd) =
                 (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
             let (gg, bb) = (Some(&g[..]), Some(&b[..]));
-            crate::driver::forward(n, 1e-5, &x, gg, bb, &mut y, &mut mean, &mut rstd, Out::Cached);
+            let m = kind.centred().then_some(&mut mean[..]);
+            let out = Out::Cached;
+            crate::driver::forward(n, (spec, 0.0), &x, gg, bb, &mut y, m, &mut rstd, out).unwrap();
             for gamma in [Some(&g[..]), None] {
                 for want in [(true, true), (true, false), (false, true), (false, false)] {
-                    let what = format!("{rows}x{n}, gamma {}, want {want:?}", gamma.is_some());
+                    let what =
+                        format!("{rows}x{n}, gamma {}, want {want:?}, {kind:?}", gamma.is_some());
                     let (mut dx0, mut dg0, mut db0) =
                         (vec![0f32; rows * n], vec![9f32; n], vec![9f32; n]);
                     let (dg, db) = (want.0.then_some(&mut dg0[..]), want.1.then_some(&mut db0[..]));
+                    let m = kind.centred().then_some(&mean[..]);
+                    let (k, xs) = ((kind, 0.0), (&x[..], &dy[..]));
                     crate::driver::backward(
-                        n, &x, &dy, &mean, &rstd, gamma, &mut dx0, dg, db, false,
-                    );
+                        n, k, xs.0, xs.1, m, &rstd, gamma, &mut dx0, dg, db, false,
+                    )
+                    .unwrap();
                     let (mut dx1, mut dg1, mut db1) =
                         (vec![0f32; rows * n], vec![9f32; n], vec![9f32; n]);
                     let (dg, db) = (want.0.then_some(&mut dg1[..]), want.1.then_some(&mut db1[..]));
-                    backward(n, &x, &dy, &mean, &rstd, gamma, &mut dx1, dg, db);
+                    backward(kind, n, &x, &dy, &mean, &rstd, gamma, &mut dx1, dg, db).unwrap();
                     same(&format!("dx {what}"), &dx1, &dx0);
                     same(&format!("dgamma {what}"), &dg1, &dg0);
                     same(&format!("dbeta {what}"), &db1, &db0);

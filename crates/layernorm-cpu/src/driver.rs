@@ -8,10 +8,12 @@
 //!   boundaries do not depend on the thread count, so dγ/dβ are bitwise identical for any pool.
 //! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
 
+use layernorm_core::{Error, Result, try_zeroed_vec};
+use num_traits::Zero;
 use rayon::prelude::*;
 
 use crate::element::{CpuElement, load_param};
-use crate::row::Real;
+use crate::row::{self, Kind, Real, Spec};
 use crate::simd;
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
@@ -148,15 +150,27 @@ pub(crate) fn block_partials<A>(
 }
 
 /// A zeroed buffer with room for `len` elements from a cache-line (64-byte) boundary on, and the
-/// index of that boundary. The backward's dγ/dβ partials start there (with N a multiple of 16,
-/// every block's partials do too): the allocator gives 16-byte alignment (a large buffer comes
-/// from `mmap`, 16 bytes past a page), and then every other 32-byte vector of the kernels'
-/// read-modify-write of the partials straddled two lines. One thread, AMD Zen 3, interleaved
-/// runs: 4096×768 backward 20.8 → 22.6 GB/s, 256×16384 16.5 → 18.9, 1024×4096 18.2 → 19.7.
-fn zeroed_on_line<A: Real>(len: usize) -> (Vec<A>, usize) {
-    let store = vec![A::zero(); len + 64 / size_of::<A>()];
+/// index of that boundary ([`Error::OutOfMemory`] where it cannot be had). The backward's dγ/dβ
+/// partials start there (with N a multiple of 16, every block's partials do too): the allocator
+/// gives 16-byte alignment (a large buffer comes from `mmap`, 16 bytes past a page), and then
+/// every other 32-byte vector of the kernels' read-modify-write of the partials straddled two
+/// lines. One thread, AMD Zen 3, interleaved runs: 4096×768 backward 20.8 → 22.6 GB/s,
+/// 256×16384 16.5 → 18.9, 1024×4096 18.2 → 19.7.
+fn zeroed_on_line<A: Real>(len: usize) -> Result<(Vec<A>, usize)> {
+    let slack = 64 / size_of::<A>();
+    let store = try_zeroed_vec("dgamma/dbeta partials", len.saturating_add(slack))?;
     let start = to_line(&store);
-    (store, start)
+    Ok((store, start))
+}
+
+/// An empty vector with room for `len` elements ([`Error::OutOfMemory`] where it cannot be had).
+pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+        tensor: what,
+        bytes: len.saturating_mul(size_of::<T>()),
+    })?;
+    Ok(v)
 }
 
 /// How many elements from the start of `v` to its first cache-line (64-byte) boundary: at most
@@ -192,60 +206,123 @@ fn blocks_per_task(n: usize, blocks: usize) -> usize {
     rows_per_task(ROW_BLOCK * n, blocks)
 }
 
-/// Forward over contiguous rows. Lengths are validated by the caller.
+/// γ and β (the latter absent in the backward), in the accumulation type.
+type Params<'a, A> = (Option<&'a [A]>, Option<&'a [A]>);
+
+/// The mean the kernels write (LayerNorm: the caller's) or read (a scratch of zeros: RMSNorm
+/// has none to save or read, and its rows are centred on 0).
+fn mean_or_zeros<'a, A: Real>(
+    mean: Option<&'a mut [A]>,
+    rows: usize,
+    scratch: &'a mut Vec<A>,
+) -> Result<&'a mut [A]> {
+    match mean {
+        Some(m) => Ok(m),
+        None => {
+            *scratch = try_zeroed_vec("mean", rows)?;
+            Ok(&mut scratch[..])
+        }
+    }
+}
+
+/// Forward over contiguous rows (`spec.rows` of `spec.n`; `mean` for the kinds that save one).
+/// Lengths are validated by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: CpuElement>(
     n: usize,
-    eps: f64,
+    (spec, gamma_offset): (Spec, f64),
     x: &[T],
     gamma: Option<&[T]>,
     beta: Option<&[T]>,
     y: &mut [T],
-    mean: &mut [T::Acc],
+    mean: Option<&mut [T::Acc]>,
     rstd: &mut [T::Acc],
     out: Out,
-) {
-    let gamma = load_param(gamma);
-    let beta = load_param(beta);
+) -> Result<()> {
+    let gamma = load_param("gamma", gamma, T::Acc::of(gamma_offset))?;
+    let beta = load_param("beta", beta, T::Acc::zero())?;
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
+    let mut zeros = Vec::new();
+    let mean = mean_or_zeros(mean, rstd.len(), &mut zeros)?;
     if !is_parallel(x.len()) {
-        simd::forward_rows(n, eps, x, gamma, beta, y, mean, rstd, out);
-        return;
+        simd::forward_rows(n, spec, x, gamma, beta, y, mean, rstd, out);
+    } else {
+        let per = rows_per_task(n, mean.len());
+        y.par_chunks_mut(per * n)
+            .zip(x.par_chunks(per * n))
+            .zip(mean.par_chunks_mut(per))
+            .zip(rstd.par_chunks_mut(per))
+            .for_each(|(((y, x), m), s)| simd::forward_rows(n, spec, x, gamma, beta, y, m, s, out));
     }
-    let per = rows_per_task(n, mean.len());
-    y.par_chunks_mut(per * n)
-        .zip(x.par_chunks(per * n))
-        .zip(mean.par_chunks_mut(per))
-        .zip(rstd.par_chunks_mut(per))
-        .for_each(|(((y, x), m), s)| simd::forward_rows(n, eps, x, gamma, beta, y, m, s, out));
+    forward_exact_rows(n, spec, x, (gamma, beta), y, rstd)
 }
 
-/// Backward over contiguous rows. Lengths are validated by the caller.
+/// The rows whose rstd overflowed the accumulation type (+inf: var + ε below ~8.6e-78 with `f32`
+/// accumulation, so ε below that on a constant row), where the kernels' x̂ = (x − μ)·rstd would
+/// make 0·∞: normalized again in `f64` (`row::forward_exact_row`).
+fn forward_exact_rows<T: CpuElement>(
+    n: usize,
+    spec: Spec,
+    x: &[T],
+    params: Params<'_, T::Acc>,
+    y: &mut [T],
+    rstd: &[T::Acc],
+) -> Result<()> {
+    let (gamma, beta) = params;
+    let mut wide: Vec<f64> = Vec::new();
+    for (r, &rs) in rstd.iter().enumerate() {
+        if rs.into() != f64::INFINITY {
+            continue;
+        }
+        if wide.is_empty() {
+            wide = try_zeroed_vec("x (an exact row)", n)?;
+        }
+        for (w, &v) in wide.iter_mut().zip(&x[r * n..(r + 1) * n]) {
+            *w = T::to_f64(v);
+        }
+        let yr = &mut y[r * n..(r + 1) * n];
+        row::forward_exact_row(spec, &wide, gamma, beta, |j, v| yr[j] = T::from_f64(v));
+    }
+    Ok(())
+}
+
+/// Backward over contiguous rows (`mean` for the kinds that save one). Lengths are validated
+/// by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: CpuElement>(
     n: usize,
+    (kind, gamma_offset): (Kind, f64),
     x: &[T],
     dy: &[T],
-    mean: &[T::Acc],
+    mean: Option<&[T::Acc]>,
     rstd: &[T::Acc],
     gamma: Option<&[T]>,
     dx: &mut [T],
     mut dgamma: Option<&mut [T]>,
     mut dbeta: Option<&mut [T]>,
     stream: bool,
-) {
-    let rows = mean.len();
-    let gamma = load_param(gamma);
+) -> Result<()> {
+    let rows = rstd.len();
+    let gamma = load_param("gamma", gamma, T::Acc::of(gamma_offset))?;
     let gamma = gamma.as_deref();
+    let mut zeros = Vec::new();
+    let mean: &[T::Acc] = match mean {
+        Some(m) => m,
+        None => mean_or_zeros(None, rows, &mut zeros)?,
+    };
+    // Rows whose rstd the kernels' distributed second sweep cannot take (extreme ε, or a
+    // saved rstd of +inf): the whole call runs the row-wise composition, those rows exactly.
+    let exact = rstd.iter().any(|&r| row::needs_exact_row(r.into()));
     // Very long rows: in column chunks (`crate::columns`), where the type has that kernel.
-    if crate::columns::by_columns(rows, n)
+    if !exact
+        && crate::columns::by_columns(rows, n)
         && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
     {
         // The outputs have an accumulation-type view whenever x has (the same `T`).
         let dg = dgamma.as_deref_mut().and_then(T::as_acc_mut);
         let db = dbeta.as_deref_mut().and_then(T::as_acc_mut);
-        if <T::Acc as Real>::back_columns(n, xa, da, mean, rstd, gamma, dxa, dg, db) {
-            return;
+        if <T::Acc as Real>::back_columns(kind, n, xa, da, mean, rstd, gamma, dxa, dg, db)? {
+            return Ok(());
         }
     }
     let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
@@ -253,7 +330,7 @@ pub(crate) fn backward<T: CpuElement>(
     // Per block: [dγ partial (n) | dβ partial (n)].
     let width = 2 * n;
     let len = if want_g || want_b { blocks * width } else { 0 };
-    let (mut store, start) = zeroed_on_line::<T::Acc>(len);
+    let (mut store, start) = zeroed_on_line::<T::Acc>(len)?;
     let partials = &mut store[start..start + len];
 
     // Blocks are handed out in groups (a task's worth of rows); within a group the kernels
@@ -263,28 +340,35 @@ pub(crate) fn backward<T: CpuElement>(
     let chunk = ROW_BLOCK * n;
     let group_blocks =
         if is_parallel(x.len()) { blocks_per_task(n, blocks) } else { blocks.max(1) };
-    let group = |g: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| {
+    let group = |g: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| -> Result<()> {
         let rows = g * group_blocks * ROW_BLOCK..((g + 1) * group_blocks * ROW_BLOCK).min(rows);
         let elems = rows.start * n..rows.end * n;
         let (x, dy) = (&x[elems.clone()], &dy[elems]);
         let (m, s) = (&mean[rows.clone()], &rstd[rows]);
-        simd::backward_blocks(n, x, dy, m, s, gamma, dx, part, (want_g, want_b), stream);
+        let want = (want_g, want_b);
+        if exact {
+            return simd::backward_blocks_exact(kind, n, (x, dy, m, s), gamma, dx, part, want);
+        }
+        simd::backward_blocks(kind, n, x, dy, m, s, gamma, dx, part, want, stream);
+        Ok(())
     };
     let (gchunk, gwidth) = (group_blocks * chunk, group_blocks * width);
     if !is_parallel(x.len()) {
         let part = (!partials.is_empty()).then_some(&mut partials[..]);
-        group(0, dx, part);
+        group(0, dx, part)?;
     } else if partials.is_empty() {
-        dx.par_chunks_mut(gchunk).enumerate().for_each(|(g, d)| group(g, d, None));
+        dx.par_chunks_mut(gchunk).enumerate().try_for_each(|(g, d)| group(g, d, None))?;
     } else {
         dx.par_chunks_mut(gchunk)
             .zip(partials.par_chunks_mut(gwidth))
             .enumerate()
-            .for_each(|(g, (d, p))| group(g, d, Some(p)));
+            .try_for_each(|(g, (d, p))| group(g, d, Some(p)))?;
     }
     // Fixed-order reduction of the block partials: block 0, 1, 2, … in f64, rounded once.
-    let reduce = |offset: usize, out: &mut [T]| {
-        let mut acc = vec![0f64; n];
+    let mut acc: Vec<f64> =
+        if want_g || want_b { try_zeroed_vec("dgamma/dbeta sums", n)? } else { Vec::new() };
+    let mut reduce = |offset: usize, out: &mut [T]| {
+        acc.fill(0.0);
         // Compiled for the machine's instruction set (the loop converts and adds across
         // columns, so every column still sums its blocks in block order).
         pulp::Arch::new().dispatch(|| {
@@ -294,7 +378,7 @@ pub(crate) fn backward<T: CpuElement>(
                 }
             }
         });
-        for (o, a) in out.iter_mut().zip(acc) {
+        for (o, &a) in out.iter_mut().zip(&acc) {
             *o = T::from_f64(a);
         }
     };
@@ -304,6 +388,7 @@ pub(crate) fn backward<T: CpuElement>(
     if let Some(db) = dbeta {
         reduce(n, db);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -313,10 +398,10 @@ mod tests {
     #[test]
     fn the_partials_start_on_a_cache_line() {
         for len in [0, 1, 100, 1 << 16, 1 << 22] {
-            let (v, start) = zeroed_on_line::<f32>(len);
+            let (v, start) = zeroed_on_line::<f32>(len).unwrap();
             assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
             assert_eq!(v[start..].as_ptr().addr() % 64, 0, "len {len}");
-            let (v, start) = zeroed_on_line::<f64>(len);
+            let (v, start) = zeroed_on_line::<f64>(len).unwrap();
             assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
             assert_eq!(v[start..].as_ptr().addr() % 64, 0, "len {len}");
         }

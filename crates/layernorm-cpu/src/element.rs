@@ -1,10 +1,12 @@
 //! How each storage type reaches the `f32`/`f64` row kernels: directly, or widened per row.
 
+use std::borrow::Cow;
+
 use half::slice::HalfFloatSliceExt;
-use layernorm_core::{Element, bf16, f16};
+use layernorm_core::{Element, Result, bf16, f16, try_zeroed_vec};
 use num_traits::Zero;
 
-use crate::row::Real;
+use crate::row::{Kind, Real, Spec};
 
 /// A storage type the CPU backend computes on: `f32`, `f64`, `f16`, `bf16`.
 ///
@@ -36,7 +38,7 @@ pub trait Convert: Element<Acc: Real> {
     #[inline(always)]
     fn forward_converted(
         _n: usize,
-        _eps: f64,
+        _spec: Spec,
         _x: &[Self],
         _gamma: Option<&[Self::Acc]>,
         _beta: Option<&[Self::Acc]>,
@@ -54,6 +56,7 @@ pub trait Convert: Element<Acc: Real> {
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn backward_converted(
+        _kind: Kind,
         _n: usize,
         _x: &[Self],
         _dy: &[Self],
@@ -114,7 +117,7 @@ macro_rules! in_registers {
         #[inline(always)]
         fn forward_converted(
             n: usize,
-            eps: f64,
+            spec: Spec,
             x: &[Self],
             gamma: Option<&[f32]>,
             beta: Option<&[f32]>,
@@ -122,10 +125,11 @@ macro_rules! in_registers {
             mean: &mut [f32],
             rstd: &mut [f32],
         ) -> bool {
-            crate::reduce::forward_16(n, eps, x, gamma, beta, y, mean, rstd);
+            crate::reduce::forward_16(n, spec, x, gamma, beta, y, mean, rstd);
             true
         }
         fn backward_converted(
+            kind: Kind,
             n: usize,
             x: &[Self],
             dy: &[Self],
@@ -137,7 +141,7 @@ macro_rules! in_registers {
             want: (bool, bool),
         ) -> bool {
             let partials = crate::reduce::Partials { buf: partials, want };
-            crate::reduce::backward_16(n, x, dy, mean, rstd, gamma, dx, partials);
+            crate::reduce::backward_16(kind, n, x, dy, mean, rstd, gamma, dx, partials);
             true
         }
     };
@@ -219,14 +223,23 @@ impl Convert for bf16 {
     }
 }
 
-/// A whole parameter vector (γ, β) in the accumulation type.
-pub(crate) fn load_param<T: CpuElement>(p: Option<&[T]>) -> Option<std::borrow::Cow<'_, [T::Acc]>> {
-    p.map(|p| match T::as_acc(p) {
-        Some(p) => std::borrow::Cow::Borrowed(p),
-        None => {
-            let mut v = vec![T::Acc::zero(); p.len()];
-            T::widen(p, &mut v);
-            std::borrow::Cow::Owned(v)
-        }
-    })
+/// A whole parameter vector (γ, β) in the accumulation type, `offset` added to every element
+/// there (γ_eff = γ_offset + γ, `docs/math.md` (13); 0 for β): borrowed where the storage type is
+/// the accumulation type and there is no offset, else a widened copy
+/// ([`Error::OutOfMemory`] where it cannot be had).
+pub(crate) fn load_param<'a, T: CpuElement>(
+    name: &'static str,
+    p: Option<&'a [T]>,
+    offset: T::Acc,
+) -> Result<Option<Cow<'a, [T::Acc]>>> {
+    let Some(p) = p else { return Ok(None) };
+    if let (Some(p), true) = (T::as_acc(p), offset.is_zero()) {
+        return Ok(Some(Cow::Borrowed(p)));
+    }
+    let mut v = try_zeroed_vec(name, p.len())?;
+    T::widen(p, &mut v);
+    if !offset.is_zero() {
+        v.iter_mut().for_each(|g| *g = offset + *g);
+    }
+    Ok(Some(Cow::Owned(v)))
 }

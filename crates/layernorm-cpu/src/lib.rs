@@ -1,5 +1,7 @@
-//! The CPU backend of layernorm: LayerNorm forward and backward on the host, rows in parallel with
-//! rayon, in `f32`, `f64`, `f16` and `bf16` (16-bit storage is computed in `f32` and rounded once).
+//! The CPU backend of layernorm: LayerNorm and RMSNorm (with a γ offset) forward and backward on
+//! the host, rows in parallel with rayon, in `f32`, `f64`, `f16` and `bf16` (16-bit storage is
+//! computed in `f32` and rounded once). Both kinds run through the same kernels: the kind changes
+//! only the per-row scalar steps around their sweeps.
 //!
 //! Three ways in, from most to least general:
 //!
@@ -194,13 +196,10 @@ impl CpuBackend {
     /// slices): validates, then computes.
     pub fn forward_typed<T: CpuElement>(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
         validate_forward(spec, &a)?;
-        check_kind(spec.kind)?;
+        let kind = check_kind(spec.kind)?;
         check_dtype::<T>(spec)?;
         if a.residual.is_some() {
             return Err(Error::unsupported(Self::NAME, "add a residual yet"));
-        }
-        if spec.gamma_offset != 0.0 {
-            return Err(Error::unsupported(Self::NAME, "offset γ yet"));
         }
         let x = host::<T>("x", a.x)?;
         let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
@@ -208,15 +207,9 @@ impl CpuBackend {
         let y = host_mut::<T>("y", a.y)?;
         let mean = a.mean.map(|m| host_mut::<T::Acc>("mean", m)).transpose()?;
         let rstd = host_mut::<T::Acc>("rstd", a.rstd)?;
-        let Some(mean) = mean else {
-            return Err(Error::UnsupportedKind {
-                backend: Self::NAME.into(),
-                kind: spec.kind.name(),
-            });
-        };
         let out = driver::Out::new(self.stores.stream(size_of_val(y)), size_of_val(y));
-        self.run(x.len(), || driver::forward(spec.n, spec.eps, x, gamma, beta, y, mean, rstd, out));
-        Ok(())
+        let stats = (row::Spec { kind, eps: spec.eps }, spec.gamma_offset_acc());
+        self.run(x.len(), || driver::forward(spec.n, stats, x, gamma, beta, y, mean, rstd, out))
     }
 
     /// Any backward over host slices of `T`: validates, then computes.
@@ -226,13 +219,10 @@ impl CpuBackend {
         a: HostBackward<'_>,
     ) -> Result<()> {
         validate_backward(spec, &a)?;
-        check_kind(spec.kind)?;
+        let kind = check_kind(spec.kind)?;
         check_dtype::<T>(spec)?;
         if a.saved.is_output() || a.dh.is_some() {
             return Err(Error::unsupported(Self::NAME, "run the backward from y or with dh yet"));
-        }
-        if spec.gamma_offset != 0.0 {
-            return Err(Error::unsupported(Self::NAME, "offset γ yet"));
         }
         let x = host::<T>("x", *a.saved.tensor())?;
         let dy = host::<T>("dy", a.dy)?;
@@ -242,17 +232,11 @@ impl CpuBackend {
         let dx = host_mut::<T>("dx", a.dx)?;
         let dgamma = a.dgamma.map(|g| host_mut::<T>("dgamma", g)).transpose()?;
         let dbeta = a.dbeta.map(|b| host_mut::<T>("dbeta", b)).transpose()?;
-        let Some(mean) = mean else {
-            return Err(Error::UnsupportedKind {
-                backend: Self::NAME.into(),
-                kind: spec.kind.name(),
-            });
-        };
         let stream = self.stores.stream(size_of_val(dx));
+        let kind = (kind, spec.gamma_offset_acc());
         self.run(x.len(), || {
-            driver::backward(spec.n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
-        });
-        Ok(())
+            driver::backward(spec.n, kind, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
+        })
     }
 
     fn forward_dispatch(&self, spec: &NormSpec, a: HostForward<'_>) -> Result<()> {
@@ -297,9 +281,11 @@ fn host_mut<'a, T: Element>(tensor: &'static str, s: HostSliceMut<'a>) -> Result
     T::from_host_mut(s).ok_or(Error::DTypeMismatch { tensor, expected: T::DTYPE, got })
 }
 
-fn check_kind(kind: NormKind) -> Result<()> {
+/// The kernels' name for a kind this backend computes.
+fn check_kind(kind: NormKind) -> Result<row::Kind> {
     match kind {
-        NormKind::LayerNorm => Ok(()),
+        NormKind::LayerNorm => Ok(row::Kind::LayerNorm),
+        NormKind::RmsNorm => Ok(row::Kind::RmsNorm),
         other => {
             Err(Error::UnsupportedKind { backend: CpuBackend::NAME.into(), kind: other.name() })
         }
@@ -322,7 +308,7 @@ impl Backend for CpuBackend {
     }
 
     fn supports(&self, kind: NormKind, _dtype: DType) -> Result<()> {
-        check_kind(kind)
+        check_kind(kind).map(|_| ())
     }
 
     fn output_cache(&self) -> Option<Arc<OutputCache>> {

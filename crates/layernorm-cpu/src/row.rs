@@ -21,9 +21,21 @@
 //!   pass over ((x − m_hi) − m_lo)² replaces it. So the forward sweeps a row twice: statistics,
 //!   then normalize. If squares overflow (|x| ≳ 1e18 in `f32`), the sweep is redone on values
 //!   scaled by a power of two, so |x| up to ~1e38 stays finite and exact.
+//!   The same rescaled sweep runs where var + ε is so small that squares may have lost bits below
+//!   the type's normal range (only with ε below ~1e-30). Where m_hi + m_lo is itself exact in
+//!   the accumulation type the two are folded into one centring point, so a constant row
+//!   normalizes to exactly 0.
 //! - **Backward** does not trust the saved mean beyond its storage precision: its one reduction
 //!   sweep sums the residuals `d = x − mean_saved` beside Σg and Σg·d (g = dy·γ), so
 //!   m_lo = Σd/N recovers the exact mean, and c1 = (Σg·d − m_lo·Σg)/N · rstd.
+//! - **RMSNorm** runs the same sweeps: its "shift" and saved "mean" are 0, so the residuals are x
+//!   itself and Σd² is Σx²; only the per-row scalar steps ([`Kind`]: [`shift`], [`finish`],
+//!   [`back_params`]) differ — var = Σx²/N with no m_lo², no far-shift second pass, c2 = 0 —
+//!   and the rescaled sweep for overflowing squares is shared.
+//! - **Extreme rstd**: a forward row whose rstd overflows the accumulation type, and a backward
+//!   row whose saved rstd is above 2^63, are computed in `f64` by the driver
+//!   ([`forward_exact_row`], [`back_exact_row`]), where the kernels' distributed formulas
+//!   would meet 0·∞ or overflow.
 
 // Index loops over lanes are the shape the vectorizer wants here.
 #![allow(clippy::needless_range_loop)]
@@ -67,7 +79,7 @@ pub(crate) const F32_BACK_LONG_MIN_N: usize = 64;
 ///
 /// The sweeps have portable defaults (lane arrays the compiler vectorizes, adequately for `f64`);
 /// `f32` overrides them with explicit SIMD (`reduce/`).
-pub trait Real: Float + Into<f64> + Send + Sync + 'static {
+pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
     /// Rounds an `f64` to this type.
     fn of(v: f64) -> Self;
 
@@ -89,7 +101,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     #[allow(clippy::too_many_arguments)]
     fn rows(
         n: usize,
-        eps: f64,
+        spec: Spec,
         x: &[Self],
         gamma: Option<&[Self]>,
         beta: Option<&[Self]>,
@@ -98,7 +110,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         rstd: &mut [Self],
         _out: Out,
     ) {
-        rows_portable(n, eps, x, gamma, beta, y, mean, rstd)
+        rows_portable(n, spec, x, gamma, beta, y, mean, rstd)
     }
 
     /// Backward of `mean.len()` consecutive rows of `n` (the short-row path), adding the rows'
@@ -107,6 +119,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// where the kernel has them (a hint).
     #[allow(clippy::too_many_arguments)]
     fn back_rows(
+        kind: Kind,
         n: usize,
         x: &[Self],
         dy: &[Self],
@@ -118,7 +131,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         dbeta: Option<&mut [Self]>,
         _stream: bool,
     ) {
-        back_rows_portable(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
+        back_rows_portable(kind, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)
     }
 
     /// Forward of `mean.len()` consecutive rows of at least `FUSE_MIN_N`, in place, pipelined
@@ -128,7 +141,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     #[allow(clippy::too_many_arguments)]
     fn long(
         _n: usize,
-        _eps: f64,
+        _spec: Spec,
         _x: &[Self],
         _gamma: Option<&[Self]>,
         _beta: Option<&[Self]>,
@@ -147,6 +160,7 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     /// non-temporal stores of dx (a hint).
     #[allow(clippy::too_many_arguments)]
     fn back_blocks(
+        _kind: Kind,
         _n: usize,
         _x: &[Self],
         _dy: &[Self],
@@ -162,10 +176,11 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
     }
 
     /// The whole backward of very long rows (`columns::by_columns`) in column chunks, where
-    /// the type has that kernel (`f32`), writing the finished dγ/dβ: `false` otherwise, and the
-    /// caller runs the row-wise path (the bits are the same either way).
+    /// the type has that kernel (`f32`), writing the finished dγ/dβ: `Ok(false)` otherwise, and
+    /// the caller runs the row-wise path (the bits are the same either way).
     #[allow(clippy::too_many_arguments)]
     fn back_columns(
+        _kind: Kind,
         _n: usize,
         _x: &[Self],
         _dy: &[Self],
@@ -175,8 +190,8 @@ pub trait Real: Float + Into<f64> + Send + Sync + 'static {
         _dx: &mut [Self],
         _dgamma: Option<&mut [Self]>,
         _dbeta: Option<&mut [Self]>,
-    ) -> bool {
-        false
+    ) -> layernorm_core::Result<bool> {
+        Ok(false)
     }
 
     /// (Σe, Σe²) with e = (x − m)·s − ml.
@@ -241,7 +256,7 @@ impl Real for f32 {
     }
     fn rows(
         n: usize,
-        eps: f64,
+        spec: Spec,
         x: &[f32],
         gamma: Option<&[f32]>,
         beta: Option<&[f32]>,
@@ -250,9 +265,10 @@ impl Real for f32 {
         rstd: &mut [f32],
         out: Out,
     ) {
-        crate::reduce::rows(n, eps, x, gamma, beta, y, mean, rstd, out)
+        crate::reduce::rows(n, spec, x, gamma, beta, y, mean, rstd, out)
     }
     fn back_rows(
+        kind: Kind,
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -264,11 +280,11 @@ impl Real for f32 {
         dbeta: Option<&mut [f32]>,
         stream: bool,
     ) {
-        crate::reduce::back_rows(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
+        crate::reduce::back_rows(kind, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
     }
     fn long(
         n: usize,
-        eps: f64,
+        spec: Spec,
         x: &[f32],
         gamma: Option<&[f32]>,
         beta: Option<&[f32]>,
@@ -277,10 +293,11 @@ impl Real for f32 {
         rstd: &mut [f32],
         out: Out,
     ) -> bool {
-        crate::reduce::long(n, eps, x, gamma, beta, y, mean, rstd, out);
+        crate::reduce::long(n, spec, x, gamma, beta, y, mean, rstd, out);
         true
     }
     fn back_blocks(
+        kind: Kind,
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -294,13 +311,15 @@ impl Real for f32 {
     ) -> bool {
         let partials = crate::reduce::Partials { buf: partials, want };
         if n < F32_BACK_LONG_MIN_N {
-            crate::reduce::back_short_blocks(n, x, dy, mean, rstd, gamma, dx, partials, stream);
+            let rows = (x, dy, mean, rstd);
+            crate::reduce::back_short_blocks(kind, n, rows, gamma, dx, partials, stream);
         } else {
-            crate::reduce::back_long(n, x, dy, mean, rstd, gamma, dx, partials, stream);
+            crate::reduce::back_long(kind, n, x, dy, mean, rstd, gamma, dx, partials, stream);
         }
         true
     }
     fn back_columns(
+        kind: Kind,
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -310,9 +329,9 @@ impl Real for f32 {
         dx: &mut [f32],
         dgamma: Option<&mut [f32]>,
         dbeta: Option<&mut [f32]>,
-    ) -> bool {
-        crate::columns::backward(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta);
-        true
+    ) -> layernorm_core::Result<bool> {
+        crate::columns::backward(kind, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta)?;
+        Ok(true)
     }
     fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
         crate::reduce::centered(x, m, s, ml)
@@ -330,8 +349,7 @@ impl Real for f32 {
         y: &mut [f32],
         stream: bool,
     ) -> Option<[f64; 2]> {
-        let params = (st.m_hi, st.m_lo, st.rstd as f32);
-        Some(crate::reduce::fused(next, m_next, cur, params, gamma, beta, y, stream))
+        Some(crate::reduce::fused(next, m_next, cur, st.params(), gamma, beta, y, stream))
     }
     fn fused_backward(
         next: (&[f32], &[f32], f32, f32),
@@ -359,7 +377,7 @@ impl Real for f64 {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_portable<A: Real>(
     n: usize,
-    eps: f64,
+    spec: Spec,
     x: &[A],
     gamma: Option<&[A]>,
     beta: Option<&[A]>,
@@ -369,8 +387,8 @@ pub(crate) fn rows_portable<A: Real>(
 ) {
     let rows = x.chunks_exact(n).zip(y.chunks_exact_mut(n));
     for ((x, y), (mean, rstd)) in rows.zip(mean.iter_mut().zip(rstd.iter_mut())) {
-        let m = shift(x);
-        let st = finish(x, m, A::centered(x, m, A::one(), A::zero()), eps);
+        let m = shift(spec.kind, x);
+        let st = finish(spec, x, m, A::centered(x, m, A::one(), A::zero()));
         normalize(x, &st, gamma, beta, y);
         *mean = A::of(st.mean);
         *rstd = A::of(st.rstd);
@@ -381,6 +399,7 @@ pub(crate) fn rows_portable<A: Real>(
 /// portable default of [`Real::back_rows`], and what the `f32` kernel must reproduce bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn back_rows_portable<A: Real>(
+    kind: Kind,
     n: usize,
     x: &[A],
     dy: &[A],
@@ -393,12 +412,31 @@ pub(crate) fn back_rows_portable<A: Real>(
 ) {
     let rows = x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n));
     for (((x, dy), dx), (&mu, &rs)) in rows.zip(mean.iter().zip(rstd)) {
-        let (mu, rs) = (mu.into(), rs.into());
-        let (m, s) = back_shift::<A>(mu, rs);
-        let sums = A::backward_sums(x, dy, gamma, m, A::of(s));
-        let p = back_params::<A>(n, mu, rs, sums);
-        back_apply(x, dy, gamma, &p, dx, dgamma.as_deref_mut(), dbeta.as_deref_mut());
+        let (dg, db) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
+        back_row(kind, (x, dy), (mu.into(), rs.into()), gamma, dx, dg, db);
     }
+}
+
+/// The backward of one row from its saved statistics, composed from [`back_shift`], the sums,
+/// [`back_params`] and [`back_apply`] — or, where its rstd [`needs_exact_row`],
+/// [`back_exact_row`] — adding its dγ/dβ terms into `dgamma`/`dbeta`.
+#[inline(always)]
+pub(crate) fn back_row<A: Real>(
+    kind: Kind,
+    (x, dy): (&[A], &[A]),
+    (mu, rs): (f64, f64),
+    gamma: Option<&[A]>,
+    dx: &mut [A],
+    dgamma: Option<&mut [A]>,
+    dbeta: Option<&mut [A]>,
+) {
+    if needs_exact_row(rs) {
+        return back_exact_row(kind, x, dy, (mu, rs), gamma, dx, dgamma, dbeta);
+    }
+    let (m, s) = back_shift::<A>(mu, rs);
+    let sums = A::backward_sums(x, dy, gamma, m, A::of(s));
+    let p = back_params::<A>(kind, x.len(), mu, rs, sums);
+    back_apply(x, dy, gamma, &p, dx, dgamma, dbeta);
 }
 
 /// Pairwise fold of the lanes (fixed order: deterministic).
@@ -460,7 +498,7 @@ fn residual_sums<A: Real>(x: &[A], m: A, s: A, ml: A) -> [f64; 2] {
 
 /// Largest |x| of the row (NaN is ignored here; it propagates through the sums instead).
 #[inline(always)]
-fn max_abs<A: Real>(x: &[A]) -> f64 {
+pub(crate) fn max_abs<A: Real>(x: &[A]) -> f64 {
     x.iter().fold(A::zero(), |a, &v| a.max(v.abs())).into()
 }
 
@@ -476,10 +514,17 @@ fn exponent(v: f64) -> i64 {
     ((v.to_bits() >> 52) & 0x7ff) as i64 - 1023
 }
 
-/// A power of two `s` with `max_abs · s` in [1, 2), so squares of scaled values cannot overflow.
+/// A power of two `s` with `max_abs · s` in [1, 2), so that squares of scaled values neither
+/// overflow nor fall below `A`'s normal range; bounded to what `A` holds (`f32`: 2^±126, which
+/// still brings the smallest subnormal to 2^-23).
 #[inline(always)]
-fn pow2_below(max_abs: f64) -> f64 {
-    if max_abs.is_finite() && max_abs > 0.0 { pow2(-exponent(max_abs)) } else { 1.0 }
+fn pow2_below<A: Real>(max_abs: f64) -> f64 {
+    let lim = exponent(A::max_value().into()) - 1;
+    if max_abs.is_finite() && max_abs > 0.0 {
+        pow2((-exponent(max_abs)).clamp(-lim, lim))
+    } else {
+        1.0
+    }
 }
 
 /// A power of two within a factor 2 of `rstd`, so `(x − mean) · s` is of the size of x̂;
@@ -489,95 +534,192 @@ fn rstd_scale(rstd: f64) -> f64 {
     if rstd.is_finite() && rstd > 0.0 { pow2(exponent(rstd).clamp(-120, 120)) } else { 1.0 }
 }
 
+/// The member of the family the per-row steps compute: whether rows are centred on their mean
+/// (LayerNorm) or not (RMSNorm, mean and shift 0). The SIMD sweeps are the same for both; only
+/// the scalar steps around them ([`shift`], [`finish`], [`back_params`]) look at it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `docs/math.md` (1)–(9).
+    LayerNorm,
+    /// `docs/math.md` (10)–(12).
+    RmsNorm,
+}
+
+impl Kind {
+    /// Whether the rows are centred on their mean.
+    #[inline(always)]
+    pub(crate) fn centred(self) -> bool {
+        self == Kind::LayerNorm
+    }
+}
+
+/// What the forward's per-row statistics need besides the row: the kind and ε.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spec {
+    pub kind: Kind,
+    pub eps: f64,
+}
+
+impl Spec {
+    /// A LayerNorm with `eps` (the unit tests' default).
+    #[cfg(test)]
+    pub(crate) fn ln(eps: f64) -> Spec {
+        Spec { kind: Kind::LayerNorm, eps }
+    }
+}
+
 /// Per-row statistics: (mean, rstd) in `f64`, plus the split mean used for centering.
 #[derive(Clone, Copy, Debug)]
 pub struct RowStats<A> {
-    /// The row's shift (see [`shift`]): a value near the mean, in `A`, that the rows are
-    /// centered on.
+    /// The centring point's leading part: the row's shift (see [`shift`]), or the shift plus
+    /// the residual mean where that sum is exact in `A` (then `m_lo` is 0).
     pub m_hi: A,
     /// The residual mean, mean − m_hi, rounded to `A`.
     pub m_lo: A,
-    /// The full mean, in `f64`.
+    /// The full mean, in `f64` (0 for RMSNorm).
     pub mean: f64,
-    /// 1 / sqrt(var + eps), in `f64`.
+    /// 1 / sqrt(var + eps) (LayerNorm), 1 / sqrt(mean(x²) + eps) (RMSNorm), in `f64`.
     pub rstd: f64,
 }
 
-/// The forward's shift: the mean of the row's first elements, rounded to `A` (see the module docs).
-#[inline(always)]
-pub(crate) fn shift<A: Real>(x: &[A]) -> A {
-    A::shift(x)
+impl<A: Real> RowStats<A> {
+    /// The normalize sweep's constants (m_hi, m_lo, rstd in `A`).
+    #[inline(always)]
+    pub(crate) fn params(&self) -> (A, A, A) {
+        (self.m_hi, self.m_lo, A::of(self.rstd))
+    }
 }
 
-/// Mean and rstd of one row (equations (1)–(3) of `docs/math.md`), computed as the module docs say.
-/// The kernels call [`shift`] and [`finish`] around their (possibly fused) sweeps; this is the
-/// one-row composition, for the unit tests.
+/// The forward's shift: the mean of the row's first elements, rounded to `A` (see the module
+/// docs); 0 for RMSNorm, whose rows are not centred.
+#[inline(always)]
+pub(crate) fn shift<A: Real>(kind: Kind, x: &[A]) -> A {
+    if kind.centred() { A::shift(x) } else { A::zero() }
+}
+
+/// Mean and rstd of one row (equations (1)–(3), (10) of `docs/math.md`), computed as the module
+/// docs say. The kernels call [`shift`] and [`finish`] around their (possibly fused) sweeps;
+/// this is the one-row composition, for the unit tests.
 #[cfg(test)]
-pub(crate) fn stats<A: Real>(x: &[A], eps: f64) -> RowStats<A> {
-    let m_hi = shift(x);
-    finish(x, m_hi, A::centered(x, m_hi, A::one(), A::zero()), eps)
+pub(crate) fn stats<A: Real>(spec: Spec, x: &[A]) -> RowStats<A> {
+    let m_hi = shift(spec.kind, x);
+    finish(spec, x, m_hi, A::centered(x, m_hi, A::one(), A::zero()))
 }
 
 /// Statistics from the residual sums `[Σd, Σd²]` around the shift `m_hi`, re-sweeping the row only
-/// in the rare cases the module docs describe (overflow; a shift far from the mean).
+/// in the rare cases the module docs describe (overflow; squares below `A`'s normal range; a
+/// shift far from the mean).
 #[inline(always)]
-pub(crate) fn finish<A: Real>(x: &[A], m_hi: A, sums: [f64; 2], eps: f64) -> RowStats<A> {
-    if let Some(st) = finish_common(x.len(), m_hi, sums, eps) {
+pub(crate) fn finish<A: Real>(spec: Spec, x: &[A], m_hi: A, sums: [f64; 2]) -> RowStats<A> {
+    let sweep = |s: A, ml: A| A::centered(x, m_hi, s, ml);
+    finish_with(spec, x.len(), m_hi, sums, || max_abs(x), sweep)
+}
+
+/// [`finish`] of a row of `n` that the caller reaches through `max_abs` (its largest |x|) and
+/// `sweep(s, ml)` (`A::centered(x, m_hi, s, ml)` of it, bitwise): kernels whose rows are not in
+/// `A` (16-bit storage) sweep them where they lie, with no widened copy.
+#[inline(always)]
+pub(crate) fn finish_with<A: Real>(
+    spec: Spec,
+    n: usize,
+    m_hi: A,
+    sums: [f64; 2],
+    max_abs: impl FnOnce() -> f64,
+    mut sweep: impl FnMut(A, A) -> [f64; 2],
+) -> RowStats<A> {
+    let (rare, st) = common(spec, n, m_hi, sums);
+    if !rare {
         return st;
     }
-    let nf = x.len() as f64;
+    let nf = n as f64;
     let mut s = 1.0;
     let [mut sd, mut sdd] = sums;
-    if !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite() {
-        // Residuals or their squares overflowed: scale them by a power of two (exact).
-        s = pow2_below(max_abs(x));
-        [sd, sdd] = A::centered(x, m_hi, A::of(s), A::zero());
+    let (_, var) = moments(spec.kind, nf, sd, sdd);
+    if (!(sd.is_finite() && sdd.is_finite()) || var + spec.eps < tiny::<A>()) && m_hi.is_finite() {
+        // Residuals or their squares overflowed, or squares may have fallen below `A`'s normal
+        // range: scale them by a power of two (exact) that brings the largest |x| near 1.
+        s = pow2_below::<A>(max_abs());
+        [sd, sdd] = sweep(A::of(s), A::zero());
     }
     // Work in the scaled units d·s until the end.
-    let m_lo_s = sd / nf;
-    let mut var_s = sdd / nf - m_lo_s * m_lo_s;
+    let (m_lo_s, mut var_s) = moments(spec.kind, nf, sd, sdd);
     if m_lo_s * m_lo_s > var_s.abs() * 0.25 {
         // The shift is far from the mean next to the spread (an outlying head, a row constant to
         // a few ulps): Σd²/N − m_lo² would cancel, so take the exact second pass instead.
-        let (sa, ml) = (A::of(s), A::of(m_lo_s));
-        var_s = A::centered(x, m_hi, sa, ml)[1] / nf;
+        var_s = sweep(A::of(s), A::of(m_lo_s))[1] / nf;
     }
-    // Clamp rounding below zero, but let NaN through (a NaN row stays NaN).
-    let var_s = if var_s < 0.0 { 0.0 } else { var_s };
-    let m_lo = m_lo_s / s;
-    RowStats {
-        m_hi,
-        m_lo: A::of(m_lo),
-        mean: m_hi.into() + m_lo,
-        rstd: 1.0 / (var_s / (s * s) + eps).sqrt(),
+    if !sdd.is_finite() {
+        // Still not finite at scale: an infinite element (a NaN row is NaN already).
+        var_s = f64::NAN;
+    }
+    stats_of(m_hi, m_lo_s / s, var_s, s, spec.eps)
+}
+
+/// Squares of residuals below this (`A`'s smallest normal times 2^26) may have lost bits to
+/// gradual underflow; where var + ε is below it, [`finish`] sweeps the row again, scaled.
+#[inline(always)]
+fn tiny<A: Real>() -> f64 {
+    A::min_positive_value().into() * 67_108_864.0
+}
+
+/// (m_lo, var) from the sums of a row of `nf` elements: the residual mean and Σd²/N − m_lo²
+/// (LayerNorm), or 0 and Σx²/N (RMSNorm: the "residuals" are x itself).
+#[inline(always)]
+fn moments(kind: Kind, nf: f64, sd: f64, sdd: f64) -> (f64, f64) {
+    if kind.centred() {
+        let m_lo = sd / nf;
+        (m_lo, sdd / nf - m_lo * m_lo)
+    } else {
+        (0.0, sdd / nf)
     }
 }
 
-/// [`finish`] without the row, for its common case (sums finite, shift near the mean): `None`
-/// where it would need the row again. The same operations as [`finish`] with s = 1.
+/// The statistics [`finish`] returns, from the shift, the residual mean and the variance (or
+/// mean square) taken at scale `s`: rstd = s / √(var_s + ε·s²), exact in scaling, 1/√ε where
+/// ε·s² overflows (var is then below ε by more than `f64`'s precision). The centring point is
+/// kept as one value where m_hi + m_lo is exact in `A`: a constant row then normalizes to
+/// exactly 0 (x − m_hi = 0), where fma(x − m_hi, r, −(m_lo·r)) kept the rounding of m_lo·r.
 #[inline(always)]
-pub(crate) fn finish_common<A: Real>(
+fn stats_of<A: Real>(m_hi: A, m_lo: f64, var_s: f64, s: f64, eps: f64) -> RowStats<A> {
+    // Clamp rounding below zero, but let NaN through (a NaN row stays NaN).
+    let var_s = if var_s < 0.0 { 0.0 } else { var_s };
+    let es = eps * s * s;
+    let rstd = if es.is_finite() { s / (var_s + es).sqrt() } else { 1.0 / eps.sqrt() };
+    let mean = m_hi.into() + m_lo;
+    let ml = A::of(m_lo);
+    let t = m_hi + ml;
+    let exact = t.is_finite() && t - m_hi == ml && t - ml == m_hi;
+    let (m_hi, m_lo) = if exact { (t, A::zero()) } else { (m_hi, ml) };
+    RowStats { m_hi, m_lo, mean, rstd }
+}
+
+/// [`finish`] without the row, for its common case (sums finite, no underflow, shift near the
+/// mean): `(true, _)` where it needs the row again (the statistics are then meaningless). The
+/// same operations as [`finish`] with s = 1, in straight-line code that runs in lanes across
+/// rows (`reduce::forward::Group`).
+#[inline(always)]
+pub(crate) fn common<A: Real>(
+    spec: Spec,
     n: usize,
     m_hi: A,
     [sd, sdd]: [f64; 2],
-    eps: f64,
+) -> (bool, RowStats<A>) {
+    let (m_lo, var) = moments(spec.kind, n as f64, sd, sdd);
+    let overflow = !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite();
+    let rare = overflow || m_lo * m_lo > var.abs() * 0.25 || var + spec.eps < tiny::<A>();
+    (rare, stats_of(m_hi, m_lo, var, 1.0, spec.eps))
+}
+
+/// [`common`] as an `Option`: `None` where [`finish`] needs the row again.
+#[inline(always)]
+pub(crate) fn finish_common<A: Real>(
+    spec: Spec,
+    n: usize,
+    m_hi: A,
+    sums: [f64; 2],
 ) -> Option<RowStats<A>> {
-    if !(sd.is_finite() && sdd.is_finite()) && m_hi.is_finite() {
-        return None;
-    }
-    let nf = n as f64;
-    let m_lo = sd / nf;
-    let var = sdd / nf - m_lo * m_lo;
-    if m_lo * m_lo > var.abs() * 0.25 {
-        return None;
-    }
-    let var = if var < 0.0 { 0.0 } else { var };
-    Some(RowStats {
-        m_hi,
-        m_lo: A::of(m_lo),
-        mean: m_hi.into() + m_lo,
-        rstd: 1.0 / (var + eps).sqrt(),
-    })
+    let (rare, st) = common(spec, n, m_hi, sums);
+    (!rare).then_some(st)
 }
 
 /// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd). For the unit
@@ -588,9 +730,9 @@ pub(crate) fn forward<A: Real>(
     gamma: Option<&[A]>,
     beta: Option<&[A]>,
     y: &mut [A],
-    eps: f64,
+    spec: Spec,
 ) -> (f64, f64) {
-    let st = stats(x, eps);
+    let st = stats(spec, x);
     normalize(x, &st, gamma, beta, y);
     (st.mean, st.rstd)
 }
@@ -605,8 +747,8 @@ pub(crate) fn normalize<A: Real>(
     beta: Option<&[A]>,
     y: &mut [A],
 ) {
-    let r = A::of(st.rstd);
-    let (m_hi, nml) = (st.m_hi, -(st.m_lo * r));
+    let (m_hi, m_lo, r) = st.params();
+    let (m_hi, nml) = (m_hi, -(m_lo * r));
     let xhat = |v: A| (v - m_hi).mul_add(r, nml);
     match (gamma, beta) {
         (Some(g), Some(b)) => {
@@ -735,9 +877,11 @@ pub(crate) fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {
     (A::of(mean_saved), rstd_scale(rstd))
 }
 
-/// The constants of the second sweep from the first sweep's sums (equations (8)–(9)).
+/// The constants of the second sweep from the first sweep's sums (equations (8)–(9), (12)):
+/// for RMSNorm the saved "mean" is 0 and neither a residual mean nor c2 is formed.
 #[inline(always)]
 pub(crate) fn back_params<A: Real>(
+    kind: Kind,
     n: usize,
     mean_saved: f64,
     rstd: f64,
@@ -746,10 +890,11 @@ pub(crate) fn back_params<A: Real>(
     let nf = n as f64;
     let (m, s) = back_shift::<A>(mean_saved, rstd);
     let [sd, sg, sgd] = sums;
+    let centred = kind.centred();
     // The exact mean's distance from the saved one, scaled like d.
-    let m_lo = sd / nf;
+    let m_lo = if centred { sd / nf } else { 0.0 };
     let r = rstd / s;
-    let c2 = sg / nf;
+    let c2 = if centred { sg / nf } else { 0.0 };
     let c1 = (sgd - m_lo * sg) / nf * r;
     // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (x − m)·rstd − m_lo·r (m_lo·r is the exact
     // mean's distance from m times rstd: m_lo is in the scaled units of d, r = rstd / s).
@@ -812,6 +957,84 @@ pub(crate) fn back_apply<A: Real>(
     }
 }
 
+/// Whether a backward row's saved rstd is beyond what the distributed form of the second sweep
+/// (dx = rstd·g − rstd·c2 − x̂·rstd·c1) can evaluate in the accumulation type: above 2^63 its
+/// products overflow from |g| ≈ 2^65 on (`f32`), and +inf (ε below ~1e-77 on a constant row)
+/// would make 0·∞. Such rows are computed by [`back_exact_row`] instead.
+#[inline(always)]
+pub(crate) fn needs_exact_row(rstd: f64) -> bool {
+    rstd > 9_223_372_036_854_775_808.0
+}
+
+/// x̂ = d·rstd with the convention of the f64 formula at a finite rstd: an exact 0 stays 0 (a
+/// constant row normalizes to 0 even where rstd rounded to +inf).
+#[inline(always)]
+fn times(d: f64, rstd: f64) -> f64 {
+    if d == 0.0 { 0.0 } else { d * rstd }
+}
+
+/// The backward of one row whose rstd [`needs_exact_row`], in `f64` in the undistributed form
+/// of `docs/math.md` (8)–(9), (12): x̂ = (x − mean − m_lo)·rstd, dx = rstd·(g − c2 − x̂·c1),
+/// each 0 where its factor other than rstd is exactly 0, rounded once to `A`; the row's dγ/dβ
+/// terms added into the partials as [`back_apply`] adds them (x̂ rounded to `A`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn back_exact_row<A: Real>(
+    kind: Kind,
+    x: &[A],
+    dy: &[A],
+    (mean, rstd): (f64, f64),
+    gamma: Option<&[A]>,
+    dx: &mut [A],
+    dgamma: Option<&mut [A]>,
+    dbeta: Option<&mut [A]>,
+) {
+    let n = x.len();
+    let nf = n as f64;
+    let (dy, dx) = (&dy[..n], &mut dx[..n]);
+    let centred = kind.centred();
+    let d = |j: usize| x[j].into() - mean;
+    let m_lo = if centred { (0..n).map(d).sum::<f64>() / nf } else { 0.0 };
+    let xhat = |j: usize| times(d(j) - m_lo, rstd);
+    let g = |j: usize| dy[j].into() * gamma.map_or(1.0, |g| g[j].into());
+    let c1 = (0..n).map(|j| g(j) * xhat(j)).sum::<f64>() / nf;
+    let c2 = if centred { (0..n).map(g).sum::<f64>() / nf } else { 0.0 };
+    for j in 0..n {
+        dx[j] = A::of(times(g(j) - c2 - xhat(j) * c1, rstd));
+    }
+    if let Some(dg) = dgamma {
+        for j in 0..n {
+            dg[j] = dy[j].mul_add(A::of(xhat(j)), dg[j]);
+        }
+    }
+    if let Some(db) = dbeta {
+        for j in 0..n {
+            db[j] = db[j] + dy[j];
+        }
+    }
+}
+
+/// The forward of one row whose rstd overflows the accumulation type (saved as +inf: var + ε
+/// below ~8.6e-78 with `f32` accumulation), in `f64`: the row's statistics as the reference
+/// takes them ([`layernorm_core::reference`]), x̂ = (x − μ)·rstd with an exact 0 kept 0, and y
+/// rounded once. A constant row gives y = β.
+pub(crate) fn forward_exact_row<A: Real>(
+    spec: Spec,
+    x: &[f64],
+    gamma: Option<&[A]>,
+    beta: Option<&[A]>,
+    mut y: impl FnMut(usize, f64),
+) {
+    use layernorm_core::reference::{rms_row_rstd, row_stats};
+    let (mean, rstd) = match spec.kind {
+        Kind::LayerNorm => row_stats(x, spec.eps),
+        Kind::RmsNorm => (0.0, rms_row_rstd(x, spec.eps)),
+    };
+    for (j, &v) in x.iter().enumerate() {
+        let xhat = times(v - mean, rstd);
+        y(j, xhat * gamma.map_or(1.0, |g| g[j].into()) + beta.map_or(0.0, |b| b[j].into()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -830,7 +1053,7 @@ mod tests {
         let x: Vec<f32> = (0..1024).map(|i| 1e6 + ((i * 37 % 101) as f32 - 50.0) / 29.0).collect();
         let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let (mean, rstd) = layernorm_core::reference::row_stats(&xf, 1e-5);
-        let st = stats(&x, 1e-5);
+        let st = stats(Spec::ln(1e-5), &x);
         assert!((st.mean - mean).abs() < 1e-9 * mean, "{} vs {mean}", st.mean);
         assert!((st.rstd - rstd).abs() < 2e-7 * rstd, "{} vs {rstd}", st.rstd);
     }
@@ -840,7 +1063,7 @@ mod tests {
         let x: Vec<f32> = (0..100).map(|i| if i % 2 == 0 { 3e37 } else { -1e38 }).collect();
         let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let (mean, rstd) = layernorm_core::reference::row_stats(&xf, 1e-5);
-        let st = stats(&x, 1e-5);
+        let st = stats(Spec::ln(1e-5), &x);
         assert!((st.mean - mean).abs() <= 1e-6 * mean.abs());
         assert!((st.rstd - rstd).abs() <= 1e-6 * rstd, "{} vs {rstd}", st.rstd);
     }
@@ -850,7 +1073,7 @@ mod tests {
         for v in [0.1f32, 3.25, -1.5e6, 7e-30] {
             let x = vec![v; 1000];
             let mut y = vec![1.0f32; 1000];
-            let (mean, _) = forward(&x, None, None, &mut y, 1e-12);
+            let (mean, _) = forward(&x, None, None, &mut y, Spec::ln(1e-12));
             assert_eq!(mean, v as f64);
             assert!(y.iter().all(|&y| y == 0.0), "{v}");
         }
@@ -861,7 +1084,10 @@ mod tests {
         assert_eq!(pow2(0), 1.0);
         assert_eq!(pow2(-3), 0.125);
         assert_eq!(exponent(1e30), 99);
-        assert_eq!(pow2_below(3e37) * 3e37, 3e37 / 2f64.powi(124));
+        assert_eq!(pow2_below::<f32>(3e37) * 3e37, 3e37 / 2f64.powi(124));
+        // The smallest subnormal is brought up as far as f32 can scale: to 2^-23.
+        assert_eq!(pow2_below::<f32>(f64::from(f32::from_bits(1))), 2f64.powi(126));
+        assert_eq!(pow2_below::<f64>(1e-320), 2f64.powi(1022));
         assert_eq!(rstd_scale(0.3), 0.25);
         assert_eq!(rstd_scale(f64::INFINITY), 1.0);
         assert_eq!(rstd_scale(1e-300), 2f64.powi(-120));
@@ -871,7 +1097,7 @@ mod tests {
     fn a_nan_row_stays_nan() {
         let mut x = vec![1.0f32; 40];
         x[7] = f32::NAN;
-        let st = stats(&x, 1e-5);
+        let st = stats(Spec::ln(1e-5), &x);
         assert!(st.mean.is_nan() && st.rstd.is_nan());
     }
 }

@@ -27,7 +27,7 @@ use crate::row::{self, Real};
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_rows<T: CpuElement>(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[T],
     gamma: Option<&[T::Acc]>,
     beta: Option<&[T::Acc]>,
@@ -50,12 +50,12 @@ pub(crate) fn forward_rows<T: CpuElement>(
         (Out::Cached, row::FUSE_MIN_N)
     };
     let stream = out.stream();
-    if T::forward_converted(n, eps, x, gamma, beta, y, mean, rstd) {
+    if T::forward_converted(n, spec, x, gamma, beta, y, mean, rstd) {
         // Done in registers (16-bit storage with such kernels).
     } else if n < long_min {
-        forward_short(n, eps, x, gamma, beta, y, mean, rstd, out);
-    } else if !long_in_place(n, eps, x, gamma, beta, y, mean, rstd, out) {
-        forward_long(n, eps, x, gamma, beta, y, mean, rstd, stream);
+        forward_short(n, spec, x, gamma, beta, y, mean, rstd, out);
+    } else if !long_in_place(n, spec, x, gamma, beta, y, mean, rstd, out) {
+        forward_long(n, spec, x, gamma, beta, y, mean, rstd, stream);
     }
     if stream {
         crate::reduce::stream_fence();
@@ -68,7 +68,7 @@ pub(crate) fn forward_rows<T: CpuElement>(
 #[allow(clippy::too_many_arguments)]
 fn long_in_place<T: CpuElement>(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[T],
     gamma: Option<&[T::Acc]>,
     beta: Option<&[T::Acc]>,
@@ -78,7 +78,7 @@ fn long_in_place<T: CpuElement>(
     out: Out,
 ) -> bool {
     match (T::as_acc(x), T::as_acc_mut(y)) {
-        (Some(x), Some(y)) => <T::Acc as Real>::long(n, eps, x, gamma, beta, y, mean, rstd, out),
+        (Some(x), Some(y)) => <T::Acc as Real>::long(n, spec, x, gamma, beta, y, mean, rstd, out),
         _ => false,
     }
 }
@@ -89,7 +89,7 @@ fn long_in_place<T: CpuElement>(
 #[allow(clippy::too_many_arguments)]
 fn forward_long<T: CpuElement>(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[T],
     gamma: Option<&[T::Acc]>,
     beta: Option<&[T::Acc]>,
@@ -105,7 +105,7 @@ fn forward_long<T: CpuElement>(
     let (mut xb, mut yb) = ([Vec::new(), Vec::new()], vec![zero; if direct { 0 } else { n }]);
     widen_into(xrow(0), &mut xb[0]);
     let x0 = acc_row(xrow(0), &xb[0]);
-    let mut m_next = row::shift(x0);
+    let mut m_next = row::shift(spec.kind, x0);
     let mut sums = <T::Acc as Real>::centered(x0, m_next, T::Acc::one(), zero);
     for r in 0..rows {
         let (lo, hi) = xb.split_at_mut(1);
@@ -122,7 +122,7 @@ fn forward_long<T: CpuElement>(
             T::narrow_widen(prev, next);
         }
         let xc = acc_row(xrow(r), cur);
-        let st = row::finish(xc, m_next, sums, eps);
+        let st = row::finish(spec, xc, m_next, sums);
         {
             let yr: &mut [T::Acc] = match T::as_acc_mut(&mut y[r * n..(r + 1) * n]) {
                 Some(yr) => yr,
@@ -130,7 +130,7 @@ fn forward_long<T: CpuElement>(
             };
             let next = if r + 1 < rows {
                 let xn = acc_row(xrow(r + 1), nxt);
-                m_next = row::shift(xn);
+                m_next = row::shift(spec.kind, xn);
                 Some(xn)
             } else {
                 None
@@ -165,6 +165,7 @@ fn forward_long<T: CpuElement>(
 /// block boundaries; everything else runs block by block through [`backward_rows`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_blocks<T: CpuElement>(
+    kind: row::Kind,
     n: usize,
     x: &[T],
     dy: &[T],
@@ -178,14 +179,16 @@ pub(crate) fn backward_blocks<T: CpuElement>(
 ) {
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         let parts = partials.as_deref_mut();
-        if <T::Acc as Real>::back_blocks(n, xa, da, mean, rstd, gamma, dxa, parts, want, stream) {
+        if <T::Acc as Real>::back_blocks(
+            kind, n, xa, da, mean, rstd, gamma, dxa, parts, want, stream,
+        ) {
             if stream {
                 crate::reduce::stream_fence();
             }
             return;
         }
     }
-    if T::backward_converted(n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want) {
+    if T::backward_converted(kind, n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want) {
         return;
     }
     let rows = mean.len().min(rstd.len());
@@ -195,8 +198,47 @@ pub(crate) fn backward_blocks<T: CpuElement>(
         let e = r.start * n..r.end * n;
         let (pg, pb) = crate::driver::block_partials(partials.as_deref_mut(), n, b, want);
         let (xb, dyb, m, s) = (&x[e.clone()], &dy[e], &mean[r.clone()], &rstd[r]);
-        backward_rows(n, xb, dyb, m, s, gamma, dxb, pg, pb, stream);
+        backward_rows(kind, n, xb, dyb, m, s, gamma, dxb, pg, pb, stream);
     }
+}
+
+/// [`backward_blocks`] for a call whose saved statistics hold a row that `row::needs_exact_row`:
+/// every row through the row-wise composition (`row::back_row`: the kernels' bits for the
+/// ordinary rows, `f64` for the others), 16-bit rows widened into scratch rows and rounded back,
+/// adding into the blocks' partials in row order as the kernels do. [`Error::OutOfMemory`]
+/// where the scratch rows cannot be had.
+#[allow(clippy::type_complexity)]
+pub(crate) fn backward_blocks_exact<T: CpuElement>(
+    kind: row::Kind,
+    n: usize,
+    (x, dy, mean, rstd): (&[T], &[T], &[T::Acc], &[T::Acc]),
+    gamma: Option<&[T::Acc]>,
+    dx: &mut [T],
+    mut partials: Option<&mut [T::Acc]>,
+    want: (bool, bool),
+) -> layernorm_core::Result<()> {
+    let wide = T::as_acc(x).is_none();
+    let scratch =
+        |name| if wide { layernorm_core::try_zeroed_vec(name, n) } else { Ok(Vec::new()) };
+    let (mut xb, mut db, mut dxb) = (scratch("x (a widened row)")?, scratch("dy")?, scratch("dx")?);
+    let rows = mean.len().min(rstd.len());
+    for r in 0..rows {
+        let span = r * n..(r + 1) * n;
+        widen_into(&x[span.clone()], &mut xb);
+        widen_into(&dy[span.clone()], &mut db);
+        let (xr, dyr) = (acc_row(&x[span.clone()], &xb), acc_row(&dy[span.clone()], &db));
+        let b = r / crate::driver::ROW_BLOCK;
+        let (pg, pb) = crate::driver::block_partials(partials.as_deref_mut(), n, b, want);
+        let stats = (mean[r].into(), rstd[r].into());
+        match T::as_acc_mut(&mut dx[span.clone()]) {
+            Some(dxr) => row::back_row(kind, (xr, dyr), stats, gamma, dxr, pg, pb),
+            None => {
+                row::back_row(kind, (xr, dyr), stats, gamma, &mut dxb, pg, pb);
+                T::narrow(&dxb, &mut dx[span]);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Elements per widened chunk of 16-bit short rows (the chunk and its output stay in L1/L2).
@@ -208,7 +250,7 @@ const SHORT_CHUNK: usize = 4096;
 #[allow(clippy::too_many_arguments)]
 fn forward_short<T: CpuElement>(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[T],
     gamma: Option<&[T::Acc]>,
     beta: Option<&[T::Acc]>,
@@ -221,7 +263,7 @@ fn forward_short<T: CpuElement>(
     let (x, y) = (&x[..rows * n], &mut y[..rows * n]);
     let (mean, rstd) = (&mut mean[..rows], &mut rstd[..rows]);
     if let (Some(xa), Some(ya)) = (T::as_acc(x), T::as_acc_mut(y)) {
-        return <T::Acc as Real>::rows(n, eps, xa, gamma, beta, ya, mean, rstd, out);
+        return <T::Acc as Real>::rows(n, spec, xa, gamma, beta, ya, mean, rstd, out);
     }
     let per = (SHORT_CHUNK / n).max(1);
     let zero = T::Acc::zero();
@@ -231,7 +273,7 @@ fn forward_short<T: CpuElement>(
         let len = xc.len();
         T::widen(xc, &mut xb[..len]);
         let out = Out::Cached;
-        <T::Acc as Real>::rows(n, eps, &xb[..len], gamma, beta, &mut yb[..len], mc, sc, out);
+        <T::Acc as Real>::rows(n, spec, &xb[..len], gamma, beta, &mut yb[..len], mc, sc, out);
         T::narrow(&yb[..len], yc);
     }
 }
@@ -240,6 +282,7 @@ fn forward_short<T: CpuElement>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_short<T: CpuElement>(
+    kind: row::Kind,
     n: usize,
     x: &[T],
     dy: &[T],
@@ -255,7 +298,7 @@ fn backward_short<T: CpuElement>(
     let (x, dy, dx) = (&x[..rows * n], &dy[..rows * n], &mut dx[..rows * n]);
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         return <T::Acc as Real>::back_rows(
-            n, xa, da, mean, rstd, gamma, dxa, dgamma, dbeta, stream,
+            kind, n, xa, da, mean, rstd, gamma, dxa, dgamma, dbeta, stream,
         );
     }
     let per = (SHORT_CHUNK / n).max(1);
@@ -268,6 +311,7 @@ fn backward_short<T: CpuElement>(
         T::widen(dc, &mut db[..len]);
         let (dg, dbeta) = (dgamma.as_deref_mut(), dbeta.as_deref_mut());
         <T::Acc as Real>::back_rows(
+            kind,
             n,
             &xb[..len],
             &db[..len],
@@ -309,6 +353,7 @@ fn widen_into<T: CpuElement>(row: &[T], scratch: &mut Vec<T::Acc>) {
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_rows<T: CpuElement>(
+    kind: row::Kind,
     n: usize,
     x: &[T],
     dy: &[T],
@@ -325,7 +370,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
         return;
     }
     if n < row::BACK_FUSE_MIN_N {
-        backward_short(n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
+        backward_short(kind, n, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream);
         if stream {
             crate::reduce::stream_fence();
         }
@@ -355,7 +400,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
         };
         let (xr, dyr) = (acc_row(&x[span(r)], xcur), acc_row(&dy[span(r)], dcur));
         let (mu, rs) = stats(r);
-        let p = row::back_params::<T::Acc>(n, mu, rs, sums);
+        let p = row::back_params::<T::Acc>(kind, n, mu, rs, sums);
         {
             let dxr: &mut [T::Acc] = match T::as_acc_mut(&mut dx[span(r)]) {
                 Some(d) => d,
@@ -434,7 +479,9 @@ mod tests {
         // Two full blocks of rows and a ragged one, lengths with and without tails; dx and
         // every block's dγ/dβ partials compared bit for bit with the widen-per-row path.
         let rows = 2 * crate::driver::ROW_BLOCK + 7;
-        for n in [1usize, 7, 8, 64, 100, 128, 256, 300, 515, 1024] {
+        let lengths = [1usize, 7, 8, 64, 100, 128, 256, 300, 515, 1024];
+        let kinds = [row::Kind::LayerNorm, row::Kind::RmsNorm];
+        for (n, kind) in lengths.into_iter().flat_map(|n| kinds.map(|k| (n, k))) {
             let mut s = 0x9e37_79b9u32;
             let mut rand = move || {
                 s ^= s << 13;
@@ -460,7 +507,7 @@ mod tests {
             let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
             for r in 0..rows {
                 let v: Vec<f64> = x[r * n..(r + 1) * n].iter().map(|&v| T::to_f64(v)).collect();
-                let m = v.iter().sum::<f64>() / n as f64;
+                let m = if kind.centred() { v.iter().sum::<f64>() / n as f64 } else { 0.0 };
                 let var = v.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n as f64;
                 (mean[r], rstd[r]) = (m as f32, (1.0 / (var + 1e-5).sqrt()) as f32);
             }
@@ -482,6 +529,7 @@ mod tests {
                     let (pg, pb) = crate::driver::block_partials(Some(&mut p0), n, b, want);
                     let (xb, dyb) = (&x[e.clone()], &dy[e]);
                     backward_rows(
+                        kind,
                         n,
                         xb,
                         dyb,
@@ -496,16 +544,14 @@ mod tests {
                 }
                 let parts = Some(&mut p1[..]);
                 assert!(T::backward_converted(
-                    n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
+                    kind, n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
                 let bad =
                     dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                assert!(bad.is_none(), "dx, n={n}, want={want:?}: first difference at {bad:?}");
+                let what = format!("n={n}, want={want:?}, {kind:?}");
+                assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
                 let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
-                assert!(
-                    bad.is_none(),
-                    "partials, n={n}, want={want:?}: first difference at {bad:?}"
-                );
+                assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
             }
         }
     }
@@ -533,12 +579,15 @@ mod tests {
                     s ^= s >> 17;
                     s ^= s << 5;
                     let u = s as f32 / u32::MAX as f32 - 0.5;
-                    T::from_acc(match (i / n) % 6 {
+                    T::from_acc(match (i / n) % 9 {
                         0 => 3.25,
                         1 => 1e6 + 1e3 * u,
                         2 => 1e37 * u,
                         3 if i % n < 32 => 50.0 + u,
                         4 if i % n == n / 2 => f32::NAN,
+                        5 => 0.0,
+                        6 => 1e-30 * u,
+                        7 => 1e4 + 3.0 * u,
                         _ => 3.0 * u,
                     })
                 })
@@ -547,21 +596,29 @@ mod tests {
             x[5 * n + n - 1] = bits(snan[1]);
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
             let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
-            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            let params = [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)];
+            let specs = crate::reduce::tests::SPECS;
+            for ((gamma, beta), (spec, _)) in params.into_iter().flat_map(|p| specs.map(|s| (p, s)))
             {
                 let (mut y0, mut m0, mut r0) =
                     (vec![T::from_acc(0.0); rows * n], vec![0f32; rows], vec![0f32; rows]);
                 let (mut y1, mut m1, mut r1) = (y0.clone(), m0.clone(), r0.clone());
                 if n < row::FUSE_MIN_N {
-                    forward_short(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, Out::Cached);
+                    forward_short(n, spec, &x, gamma, beta, &mut y0, &mut m0, &mut r0, Out::Cached);
                 } else {
-                    forward_long(n, 1e-5, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
+                    forward_long(n, spec, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
                 }
-                assert!(T::forward_converted(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1));
-                let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(T::forward_converted(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1));
                 let bad = y1.iter().zip(&y0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                assert!(bad.is_none(), "y, n={n}: first difference at {bad:?}");
-                assert_eq!((fbits(&m1), fbits(&r1)), (fbits(&m0), fbits(&r0)), "stats, n={n}");
+                assert!(bad.is_none(), "y, n={n}, {spec:?}: first difference at {bad:?}");
+                let stats = |m: &[f32], r: &[f32]| {
+                    m.iter().zip(r).map(|(&m, &r)| (m, r)).collect::<Vec<_>>()
+                };
+                let bad = stats(&m1, &r1)
+                    .into_iter()
+                    .zip(stats(&m0, &r0))
+                    .position(|(a, b)| !(same(a.0, b.0) && same(a.1, b.1)));
+                assert!(bad.is_none(), "stats, n={n}, {spec:?}: first difference at row {bad:?}");
             }
         }
     }

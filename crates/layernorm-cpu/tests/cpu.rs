@@ -2,76 +2,16 @@
 //! the ndarray layer (leading dims, several normalized dims, non-contiguous views, caller-owned
 //! outputs), typed errors for bad input, and non-finite rows staying in their row.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{backward, bits, forward, normal, pool};
 use layernorm_core::ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
 use layernorm_core::{
-    DType, Element, Error, Norm, NormSpec, NormalizeNd, Stats, bf16, f16, reference,
+    DType, Error, Norm, NormKind, NormSpec, NormalizeNd, Stats, bf16, f16, reference,
 };
-use layernorm_cpu::{CpuBackend, CpuElement, ROW_BLOCK, Stores};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-
-fn normal(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
-}
-
-fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
-    Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap())
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// A forward's outputs, allocated by the test.
-#[derive(Debug, PartialEq)]
-struct Fwd<T: CpuElement> {
-    y: Vec<T>,
-    mean: Vec<T::Acc>,
-    rstd: Vec<T::Acc>,
-}
-
-/// A backward's outputs, allocated by the test (dγ/dβ when the problem has γ/β).
-#[derive(Debug, PartialEq)]
-struct Grads<T> {
-    dx: Vec<T>,
-    dgamma: Option<Vec<T>>,
-    dbeta: Option<Vec<T>>,
-}
-
-/// A LayerNorm forward through `forward_into` into fresh outputs.
-fn forward<T: CpuElement>(
-    cpu: &CpuBackend,
-    spec: &NormSpec,
-    x: &[T],
-    g: Option<&[T]>,
-    b: Option<&[T]>,
-) -> layernorm_core::Result<Fwd<T>> {
-    let zero = T::Acc::from_f64(0.0);
-    let (mut y, mut mean, mut rstd) = (x.to_vec(), vec![zero; spec.rows], vec![zero; spec.rows]);
-    cpu.forward_into(spec, x, g, b, &mut y, Some(&mut mean), &mut rstd)?;
-    Ok(Fwd { y, mean, rstd })
-}
-
-/// A LayerNorm backward from x through `backward_into` into fresh outputs, every gradient the
-/// problem has.
-fn backward<T: CpuElement>(
-    cpu: &CpuBackend,
-    spec: &NormSpec,
-    (x, dy): (&[T], &[T]),
-    (mean, rstd): (&[T::Acc], &[T::Acc]),
-    g: Option<&[T]>,
-) -> layernorm_core::Result<Grads<T>> {
-    let zero = T::from_f64(0.0);
-    let mut dx = vec![zero; x.len()];
-    let (mut dg, mut db) = (vec![zero; spec.n], vec![zero; spec.n]);
-    let (dgo, dbo) = (spec.gamma.then_some(&mut dg[..]), spec.beta.then_some(&mut db[..]));
-    cpu.backward_into(spec, x, dy, Some(mean), rstd, g, &mut dx, dgo, dbo)?;
-    Ok(Grads { dx, dgamma: spec.gamma.then_some(dg), dbeta: spec.beta.then_some(db) })
-}
+use layernorm_cpu::{CpuBackend, ROW_BLOCK, Stores};
 
 /// Forward then backward (f32, with γ and β) on a pool of each thread count: dx, dγ and dβ must
 /// be bitwise identical across them. Returns the first pool's (dx, dγ, dβ).
@@ -82,6 +22,7 @@ fn same_gradients_on_pools(
     threads: &[usize],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+    let kind = spec.kind;
     for &threads in threads {
         let cpu = CpuBackend::with_pool(pool(threads));
         let f = forward(&cpu, spec, x, Some(g), Some(b)).unwrap();
@@ -90,9 +31,17 @@ fn same_gradients_on_pools(
         match &first {
             None => first = Some(got),
             Some(want) => {
-                assert_eq!(bits(&got.1), bits(&want.1), "dgamma differs at {threads} threads");
-                assert_eq!(bits(&got.2), bits(&want.2), "dbeta differs at {threads} threads");
-                assert_eq!(bits(&got.0), bits(&want.0), "dx differs at {threads} threads");
+                assert_eq!(
+                    bits(&got.1),
+                    bits(&want.1),
+                    "{kind}: dgamma differs at {threads} threads"
+                );
+                assert_eq!(
+                    bits(&got.2),
+                    bits(&want.2),
+                    "{kind}: dbeta differs at {threads} threads"
+                );
+                assert_eq!(bits(&got.0), bits(&want.0), "{kind}: dx differs at {threads} threads");
             }
         }
     }
@@ -103,11 +52,13 @@ fn same_gradients_on_pools(
 fn parameter_gradients_are_bitwise_identical_for_any_thread_count() {
     // Enough rows for many blocks and a parallel run, with a ragged last block.
     let (rows, n) = (ROW_BLOCK * 37 + 5, 515);
-    let spec = NormSpec::layer_norm(rows, n, DType::F32);
     let x = normal(rows * n, 1);
     let dy = normal(rows * n, 2);
     let (g, b) = (normal(n, 3), normal(n, 4));
-    same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3, 8]);
+    for kind in NormKind::ALL {
+        let spec = NormSpec::new(kind, rows, n, DType::F32);
+        same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3, 8]);
+    }
 }
 
 #[test]
@@ -115,26 +66,28 @@ fn very_long_rows_give_the_same_bits_on_any_pool() {
     // Fewer rows than a block, rows of 2^17 + 3: one thread runs the row-wise kernels, more
     // threads the column chunks (which spread where the blocks cannot); the bits must agree.
     let (rows, n) = (5, (1 << 17) + 3);
-    let spec = NormSpec::layer_norm(rows, n, DType::F32);
     let x: Vec<f32> =
         normal(rows * n, 11).iter().enumerate().map(|(i, v)| v + (i / n) as f32 * 1e3).collect();
     let dy = normal(rows * n, 12);
     let (g, b) = (normal(n, 13), normal(n, 14));
-    let (dx, dg, db) = same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3]);
-    // And against the f64 oracle.
-    let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
-    let (xw, gw) = (wide(&x), wide(&g));
-    let rf = reference::forward(&spec, &xw, Some(&gw), Some(&wide(&b))).unwrap();
-    let mean = rf.mean.as_deref();
-    let want = reference::backward(&spec, &xw, &wide(&dy), mean, &rf.rstd, Some(&gw)).unwrap();
-    for (name, got, want) in [
-        ("dx", &dx, &want.dx),
-        ("dgamma", &dg, want.dgamma.as_ref().unwrap()),
-        ("dbeta", &db, want.dbeta.as_ref().unwrap()),
-    ] {
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for (i, (&a, &w)) in got.iter().zip(want.iter()).enumerate() {
-            assert!((f64::from(a) - w).abs() <= 1e-4 * scale, "{name}[{i}]: {a} vs {w}");
+    for kind in NormKind::ALL {
+        let spec = NormSpec::new(kind, rows, n, DType::F32);
+        let (dx, dg, db) = same_gradients_on_pools(&spec, (&x, &dy), (&g, &b), &[1, 2, 3]);
+        // And against the f64 oracle.
+        let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let (xw, gw) = (wide(&x), wide(&g));
+        let rf = reference::forward(&spec, &xw, Some(&gw), Some(&wide(&b))).unwrap();
+        let mean = rf.mean.as_deref();
+        let want = reference::backward(&spec, &xw, &wide(&dy), mean, &rf.rstd, Some(&gw)).unwrap();
+        for (name, got, want) in [
+            ("dx", &dx, &want.dx),
+            ("dgamma", &dg, want.dgamma.as_ref().unwrap()),
+            ("dbeta", &db, want.dbeta.as_ref().unwrap()),
+        ] {
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (i, (&a, &w)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((f64::from(a) - w).abs() <= 1e-4 * scale, "{kind} {name}[{i}]: {a} vs {w}");
+            }
         }
     }
 }
@@ -145,17 +98,19 @@ fn bf16_parameter_gradients_are_deterministic_too() {
     // for the pools to split the blocks.
     let (rows, n) = (ROW_BLOCK * 64 + 1, 130);
     assert!(rows * n >= 1 << 18);
-    let spec = NormSpec::layer_norm(rows, n, DType::BF16).with_beta(false);
     let cv = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
     let (x, dy, g) = (cv(normal(rows * n, 5)), cv(normal(rows * n, 6)), cv(normal(n, 7)));
-    let run = |threads| {
-        let cpu = CpuBackend::with_pool(pool(threads));
-        let f = forward(&cpu, &spec, &x, Some(&g), None).unwrap();
-        backward(&cpu, &spec, (&x, &dy), (&f.mean, &f.rstd), Some(&g)).unwrap()
-    };
-    let one = run(1);
-    for threads in [2, 3, 8] {
-        assert_eq!(run(threads), one, "{threads} threads");
+    for kind in NormKind::ALL {
+        let spec = NormSpec::new(kind, rows, n, DType::BF16).with_beta(false);
+        let run = |threads| {
+            let cpu = CpuBackend::with_pool(pool(threads));
+            let f = forward(&cpu, &spec, &x, Some(&g), None).unwrap();
+            backward(&cpu, &spec, (&x, &dy), (&f.mean, &f.rstd), Some(&g)).unwrap()
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            assert_eq!(run(threads), one, "{kind}, {threads} threads");
+        }
     }
 }
 
@@ -449,22 +404,23 @@ fn rows_are_independent_of_their_neighbours() {
     // The same row gives the same bits whether alone or among 999 others (no cross-row state),
     // forward and backward — also where a row's sweep is fused with its neighbour's (N ≥ 512).
     let cpu = CpuBackend::new();
-    for n in [300, 600, 1000] {
+    for (n, kind) in [300, 600, 1000].into_iter().flat_map(|n| NormKind::ALL.map(|k| (n, k))) {
         let many = normal(1000 * n, 19);
         let dy = normal(1000 * n, 20);
         let g = normal(n, 21);
-        let spec = NormSpec::layer_norm(1000, n, DType::F32).with_beta(false);
+        let spec = NormSpec::new(kind, 1000, n, DType::F32).with_beta(false);
         let all = forward(&cpu, &spec, &many, Some(&g), None).unwrap();
         let all_b = backward(&cpu, &spec, (&many, &dy), (&all.mean, &all.rstd), Some(&g)).unwrap();
-        let one_spec = NormSpec::layer_norm(1, n, DType::F32).with_beta(false);
+        let one_spec = NormSpec::new(kind, 1, n, DType::F32).with_beta(false);
         for r in [0, 517, 998, 999] {
             let span = r * n..(r + 1) * n;
             let one = forward(&cpu, &one_spec, &many[span.clone()], Some(&g), None).unwrap();
-            assert_eq!(bits(&one.y), bits(&all.y[span.clone()]), "y, n={n} row {r}");
+            assert_eq!(bits(&one.y), bits(&all.y[span.clone()]), "y, n={n} row {r}, {kind}");
             assert_eq!(one.mean[0].to_bits(), all.mean[r].to_bits());
+            assert_eq!(one.rstd[0].to_bits(), all.rstd[r].to_bits());
             let rows1 = (&many[span.clone()], &dy[span.clone()]);
             let one_b = backward(&cpu, &one_spec, rows1, (&one.mean, &one.rstd), Some(&g)).unwrap();
-            assert_eq!(bits(&one_b.dx), bits(&all_b.dx[span]), "dx, n={n} row {r}");
+            assert_eq!(bits(&one_b.dx), bits(&all_b.dx[span]), "dx, n={n} row {r}, {kind}");
         }
     }
 }
@@ -504,21 +460,22 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
             (None, Some(&b[..])),
             (Some(&g[..]), None),
         ];
-        for (gamma, beta) in pairs {
-            let spec = NormSpec::layer_norm(rows, n, DType::F32)
+        for ((gamma, beta), kind) in pairs.into_iter().flat_map(|p| NormKind::ALL.map(|k| (p, k))) {
+            let spec = NormSpec::new(kind, rows, n, DType::F32)
                 .with_gamma(gamma.is_some())
                 .with_beta(beta.is_some());
+            let has_mean = spec.has_mean();
             let (mut y0, mut m0, mut r0) =
                 (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
-            cached.forward_into(&spec, &x, gamma, beta, &mut y0, Some(&mut m0), &mut r0).unwrap();
+            let m = has_mean.then_some(&mut m0[..]);
+            cached.forward_into(&spec, &x, gamma, beta, &mut y0, m, &mut r0).unwrap();
             for offset in 0..16 {
                 let mut y1 = vec![-7f32; rows * n + 16];
                 let (mut m1, mut r1) = (vec![0f32; rows], vec![0f32; rows]);
                 let out = &mut y1[offset..offset + rows * n];
-                streaming
-                    .forward_into(&spec, &x, gamma, beta, out, Some(&mut m1), &mut r1)
-                    .unwrap();
-                assert_eq!(bits(out), bits(&y0), "n={n}, offset {offset}");
+                let m = has_mean.then_some(&mut m1[..]);
+                streaming.forward_into(&spec, &x, gamma, beta, out, m, &mut r1).unwrap();
+                assert_eq!(bits(out), bits(&y0), "n={n}, offset {offset}, {kind}");
                 assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)));
                 let outside = y1[..offset].iter().chain(&y1[offset + rows * n..]);
                 assert!(outside.into_iter().all(|&v| v == -7.0), "wrote outside y");
@@ -529,7 +486,8 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
             let grads = |cpu: &CpuBackend, dx: &mut [f32]| {
                 let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
                 let (g_out, b_out) = (want_g.then_some(&mut dg[..]), want_b.then_some(&mut db[..]));
-                cpu.backward_into(&spec, &x, &dy, Some(&m0), &r0, gamma, dx, g_out, b_out).unwrap();
+                let m = has_mean.then_some(&m0[..]);
+                cpu.backward_into(&spec, &x, &dy, m, &r0, gamma, dx, g_out, b_out).unwrap();
                 (bits(&dg), bits(&db))
             };
             let mut dx0 = vec![0f32; rows * n];
@@ -537,8 +495,12 @@ fn streaming_stores_give_the_same_bits_at_every_alignment() {
             for offset in 0..16 {
                 let mut dx1 = vec![-7f32; rows * n + 16];
                 let out = &mut dx1[offset..offset + rows * n];
-                assert_eq!(grads(&streaming, out), params0, "dγ/dβ, n={n}, offset {offset}");
-                assert_eq!(bits(out), bits(&dx0), "dx, n={n}, offset {offset}");
+                assert_eq!(
+                    grads(&streaming, out),
+                    params0,
+                    "dγ/dβ, n={n}, offset {offset}, {kind}"
+                );
+                assert_eq!(bits(out), bits(&dx0), "dx, n={n}, offset {offset}, {kind}");
                 let outside = dx1[..offset].iter().chain(&dx1[offset + rows * n..]);
                 assert!(outside.into_iter().all(|&v| v == -7.0), "wrote outside dx");
             }

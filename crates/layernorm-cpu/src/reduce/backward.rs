@@ -5,7 +5,7 @@ use pulp::{Arch, Simd, WithSimd};
 
 use super::steps::*;
 use super::store::*;
-use crate::row::{self, BackParams};
+use crate::row::{self, BackParams, Kind};
 
 struct Backward<'a> {
     x: &'a [f32],
@@ -85,6 +85,7 @@ impl WithSimd for FusedBackward<'_> {
 
 /// Backward of consecutive short rows in one dispatch, adding into one block's dγ/dβ partials.
 struct BackRows<'a> {
+    kind: Kind,
     stream: bool,
     n: usize,
     x: &'a [f32],
@@ -144,7 +145,7 @@ impl WithSimd for BackRows<'_> {
             // Phase 2: every row's constants.
             for q in 0..count {
                 let (mu, rs) = (f64::from(self.mean[start + q]), f64::from(self.rstd[start + q]));
-                params[q] = row::back_params::<f32>(n, mu, rs, sums[q]);
+                params[q] = row::back_params::<f32>(self.kind, n, mu, rs, sums[q]);
             }
             // Phase 3: dx and the dγ/dβ terms, from L1, while the next group is fetched. Two
             // rows per pass over the partials with AVX-512's 32 registers, or rows shorter than
@@ -191,6 +192,7 @@ impl WithSimd for BackRows<'_> {
 /// Backward of consecutive blocks of short rows in one dispatch: [`BackRows`] block by block,
 /// each adding into its own partials (the same calls the per-block loop made, so the same bits).
 struct ShortBlocks<'a> {
+    kind: Kind,
     stream: bool,
     n: usize,
     x: &'a [f32],
@@ -215,8 +217,9 @@ impl WithSimd for ShortBlocks<'_> {
             let (mean, rstd) = (&self.mean[r.clone()], &self.rstd[r]);
             let after = (&self.x[e.end..], &self.dy[e.end..]);
             let (x, dy, dx) = (&self.x[e.clone()], &self.dy[e.clone()], &mut self.dx[e]);
-            let (stream, gamma) = (self.stream, self.gamma);
-            let op = BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
+            let (kind, stream, gamma) = (self.kind, self.stream, self.gamma);
+            let op =
+                BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
             op.with_simd(simd);
         }
     }
@@ -225,17 +228,16 @@ impl WithSimd for ShortBlocks<'_> {
 /// Backward of consecutive blocks of short rows (see [`ShortBlocks`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn back_short_blocks(
+    kind: Kind,
     n: usize,
-    x: &[f32],
-    dy: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    (x, dy, mean, rstd): (&[f32], &[f32], &[f32], &[f32]),
     gamma: Option<&[f32]>,
     dx: &mut [f32],
     partials: Partials<'_>,
     stream: bool,
 ) {
-    Arch::new().dispatch(ShortBlocks { stream, n, x, dy, mean, rstd, gamma, dx, partials })
+    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials };
+    Arch::new().dispatch(op)
 }
 
 /// One column chunk of the column-chunked backward (`crate::columns`): for every 32-row block,
@@ -503,6 +505,7 @@ fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool>(
 /// Backward of `mean.len()` consecutive rows of `n` in one explicit-SIMD loop (for short rows).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn back_rows(
+    kind: Kind,
     n: usize,
     x: &[f32],
     dy: &[f32],
@@ -515,7 +518,8 @@ pub(crate) fn back_rows(
     stream: bool,
 ) {
     let after = (&[][..], &[][..]);
-    Arch::new().dispatch(BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta })
+    let op = BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
+    Arch::new().dispatch(op)
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -542,6 +546,7 @@ pub(crate) fn fused_backward(
 /// `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the results are bitwise those
 /// of the one-row pipeline whatever K is.
 struct BackLong<'a> {
+    kind: Kind,
     n: usize,
     x: &'a [f32],
     dy: &'a [f32],
@@ -617,7 +622,7 @@ impl BackLong<'_> {
         while r < rows {
             let params = |i: usize| {
                 let (mu, rs) = (f64::from(self.mean[r + i]), f64::from(self.rstd[r + i]));
-                row::back_params::<f32>(n, mu, rs, sums[i])
+                row::back_params::<f32>(self.kind, n, mu, rs, sums[i])
             };
             if r + 2 * K <= rows {
                 // The pipelined case: these K rows' dx, the next K rows' sums.
@@ -833,6 +838,7 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
 /// blocks' boundaries.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn back_long(
+    kind: Kind,
     n: usize,
     x: &[f32],
     dy: &[f32],
@@ -843,7 +849,7 @@ pub(crate) fn back_long(
     partials: Partials<'_>,
     stream: bool,
 ) {
-    Arch::new().dispatch(BackLong { n, x, dy, mean, rstd, gamma, dx, partials, stream })
+    Arch::new().dispatch(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream })
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
@@ -860,8 +866,8 @@ pub(crate) fn backward_sums(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reduce::tests::close;
-    use layernorm_core::{DType, NormSpec, reference};
+    use crate::reduce::tests::{SPECS, close, reference_spec};
+    use layernorm_core::{DType, reference};
 
     /// Finite, varied rows (the backward of a NaN row would make every dγ column NaN); with
     /// `offset`, every fifth row sits at mean 1e4 (σ ≈ 0.3).
@@ -893,11 +899,15 @@ mod tests {
         // The kernels run one row per sweep; two (kept for cores where they pay) must give the
         // same bits, whichever machine the test runs on, and streamed dx (staged, and on
         // AVX-512 written during the next sweep) the same as ordinary stores.
-        for (rows, n) in [(37usize, 256usize), (64, 300), (5, 515), (33, 1024)] {
+        let shapes = [(37usize, 256usize), (64, 300), (5, 515), (33, 1024)];
+        for ((rows, n), kind) in
+            shapes.into_iter().flat_map(|s| [Kind::LayerNorm, Kind::RmsNorm].map(|k| (s, k)))
+        {
             let x = rows_of(rows, n, 3, true);
             let dy = rows_of(rows, n, 5, false);
             let g: Vec<f32> = (0..n).map(|j| 0.75 + j as f32 / n as f32).collect();
-            let mean: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32 * 0.01).collect();
+            let centred = if kind.centred() { 1.0 } else { 0.0 };
+            let mean: Vec<f32> = (0..rows).map(|r| centred * (1.0 + r as f32 * 0.01)).collect();
             let rstd: Vec<f32> = (0..rows).map(|r| 0.9 + r as f32 * 0.003).collect();
             let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
             for_each_isa!(simd, isa => {
@@ -907,7 +917,7 @@ mod tests {
                     let mut parts = vec![0f32; blocks * 2 * n];
                     let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                     let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
-                    let long = BackLong { n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream };
+                    let long = BackLong { kind, n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream };
                     if k == 1 {
                         pulp::Simd::vectorize(simd, RowsPerSweep::<1>(long));
                     } else {
@@ -922,8 +932,8 @@ mod tests {
                 for stream in [false, true] {
                     for k in [1, 2] {
                         let got = run(k, stream);
-                        assert!(got.0 == want.0, "dx, {isa}, {rows}x{n}, k={k}, stream={stream}");
-                        assert!(got.1 == want.1, "dγ/dβ partials, {isa}, {rows}x{n}, k={k}, stream={stream}");
+                        assert!(got.0 == want.0, "dx, {isa}, {rows}x{n}, k={k}, stream={stream}, {kind:?}");
+                        assert!(got.1 == want.1, "dγ/dβ partials, {isa}, {rows}x{n}, k={k}, stream={stream}, {kind:?}");
                     }
                 }
             });
@@ -933,16 +943,25 @@ mod tests {
     #[test]
     fn the_backward_kernels_are_right_on_every_instruction_set() {
         let rows = 37;
-        for n in [3usize, 16, 33, 128, 255, 256, 300, 515, 1024] {
+        let lengths = [3usize, 16, 33, 128, 255, 256, 300, 515, 1024];
+        for (n, (rs, _)) in
+            lengths.into_iter().flat_map(|n| SPECS[..2].iter().map(move |s| (n, *s)))
+        {
+            let kind = rs.kind;
             let x = rows_of(rows, n, 7, true);
             let dy = rows_of(rows, n, 11, false);
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
-            let spec = NormSpec::layer_norm(rows, n, DType::F32).with_beta(true);
+            let spec = reference_spec(rs, rows, n, DType::F32).with_beta(true);
             let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
             let fwd = reference::forward(&spec, &wide(&x), Some(&wide(&g)), Some(&vec![0.0; n]))
                 .unwrap_or_else(|e| panic!("{e}"));
             let (mean, rstd): (Vec<f32>, Vec<f32>) = (
-                fwd.mean.as_deref().unwrap_or_default().iter().map(|&v| v as f32).collect(),
+                fwd.mean
+                    .clone()
+                    .unwrap_or_else(|| vec![0.0; rows])
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect(),
                 fwd.rstd.iter().map(|&v| v as f32).collect(),
             );
             let want = reference::backward(
@@ -971,7 +990,7 @@ mod tests {
                         let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
                         let mut parts = vec![0f32; blocks * 2 * n];
                         let partials = Partials { buf: Some(&mut parts), want: (true, true) };
-                        pulp::Simd::vectorize(simd, BackLong { n, x, dy, mean, rstd, gamma, dx, partials, stream });
+                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream });
                         if let (Some(g), Some(b)) = (dgamma, dbeta) {
                             for j in 0..n {
                                 let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
@@ -980,10 +999,10 @@ mod tests {
                         }
                     } else {
                         let after = (&[][..], &[][..]);
-                        pulp::Simd::vectorize(simd, BackRows { stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta });
+                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta });
                     }
                     crate::reduce::stream_fence();
-                    let what = format!("{isa}, n={n}, long={long}, stream={stream}");
+                    let what = format!("{isa}, n={n}, long={long}, stream={stream}, {kind:?}");
                     close(&format!("dx {what}"), &dxbuf[3..], &want.dx, 2e-5);
                     close(&format!("dgamma {what}"), &dg, &want_dg, 1e-4);
                     close(&format!("dbeta {what}"), &db, &want_db, 1e-5);

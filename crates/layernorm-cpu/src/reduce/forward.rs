@@ -5,7 +5,7 @@ use pulp::{Arch, Simd, WithSimd};
 use super::steps::*;
 use super::store::*;
 use crate::driver::Out;
-use crate::row;
+use crate::row::{self, Kind};
 
 struct Centered<'a> {
     x: &'a [f32],
@@ -231,7 +231,7 @@ fn fused_lines<S: Simd, const G: bool, const B: bool, const ST: bool, const PF: 
 /// of the generic pipelined loop (`simd::forward_rows`), so the results are bitwise equal.
 struct Long<'a> {
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &'a [f32],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
@@ -269,19 +269,20 @@ impl WithSimd for Long<'_> {
         // prefetched where the row ends on a boundary and streams it whole.
         let join = spans.is_none() && out.stream();
         let (mut carry, mut head, mut tail) = (Carry::default(), [0f32; 16], [0f32; 16]);
-        let mut m_next = shift_in(simd, row_at(x, n, 0));
+        let kind = self.spec.kind;
+        let mut m_next = shift_of(simd, kind, row_at(x, n, 0));
         let mut sums = centered_in(simd, row_at(x, n, 0), (m_next, 1.0, 0.0));
         for r in 0..rows {
             let cur_row = row_at(x, n, r);
-            let st = row::finish(cur_row, m_next, sums, self.eps);
-            let params = (st.m_hi, st.m_lo, st.rstd as f32);
+            let st = row::finish(self.spec, cur_row, m_next, sums);
+            let params = st.params();
             let y = match spans.as_mut() {
                 Some(sp) => sp.next().0,
                 None => &mut self.y[r * n..(r + 1) * n],
             };
             if r + 1 < rows {
                 let next = row_at(x, n, r + 1);
-                m_next = shift_in(simd, next);
+                m_next = shift_of(simd, kind, next);
                 if join {
                     let (lines, stream) = stream_span::<S>(y, true);
                     let edges = stream.then_some((&mut head, &mut tail));
@@ -316,7 +317,7 @@ impl WithSimd for Long<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn long(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[f32],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -325,7 +326,7 @@ pub(crate) fn long(
     rstd: &mut [f32],
     out: Out,
 ) {
-    Arch::new().dispatch(Long { n, eps, x, gamma, beta, y, mean, rstd, out })
+    Arch::new().dispatch(Long { n, spec, x, gamma, beta, y, mean, rstd, out })
 }
 
 /// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
@@ -370,7 +371,7 @@ pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
 /// the operations are those of `row::rows_portable`, so the bits are too (tested).
 struct Rows<'a> {
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &'a [f32],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
@@ -399,18 +400,23 @@ impl WithSimd for Rows<'_> {
             // Phase 1: the group's sums, four rows side by side (independent dependency chains).
             let mut i = 0;
             while i + 4 <= count {
-                g.sums::<S, 4>(simd, i, [row(i), row(i + 1), row(i + 2), row(i + 3)]);
+                g.sums::<S, 4>(
+                    simd,
+                    self.spec.kind,
+                    i,
+                    [row(i), row(i + 1), row(i + 2), row(i + 3)],
+                );
                 i += 4;
             }
             while i < count {
-                g.sums::<S, 1>(simd, i, [row(i)]);
+                g.sums::<S, 1>(simd, self.spec.kind, i, [row(i)]);
                 i += 1;
             }
             // Phase 2: the statistics of all the group's rows at once.
-            g.finish(n, self.eps);
+            g.finish(self.spec, n);
             for i in 0..count {
                 if g.rare[i] {
-                    let st = row::finish(row(i), g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
+                    let st = row::finish(self.spec, row(i), g.shift[i], [g.sd[i], g.sdd[i]]);
                     g.set(i, &st);
                 }
             }
@@ -427,7 +433,7 @@ impl WithSimd for Rows<'_> {
                     }
                 }
                 let (x, r) = (row(i), start + i);
-                let params = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
+                let params = (g.m_hi[i], g.m_lo[i], g.rstd[i] as f32);
                 let y = match stage.as_mut() {
                     Some((buf, off)) => &mut buf[*off + i * n..*off + (i + 1) * n],
                     None => &mut self.y[r * n..(r + 1) * n],
@@ -451,12 +457,13 @@ impl WithSimd for Rows<'_> {
 /// The statistics of a group of short rows, computed across rows (one row per lane).
 #[derive(Default)]
 pub(super) struct Group {
-    /// Each row's shift (`m_hi` of `row::RowStats`).
+    /// Each row's shift (see `row::shift`).
     pub(super) shift: [f32; GROUP_ROWS],
     /// Σd and Σd² of the residuals d = x − shift.
     pub(super) sd: [f64; GROUP_ROWS],
     pub(super) sdd: [f64; GROUP_ROWS],
-    /// What `row::finish` returns: m_lo (rounded), mean and rstd.
+    /// What `row::finish` returns: m_hi, m_lo (rounded), mean and rstd.
+    pub(super) m_hi: [f32; GROUP_ROWS],
     pub(super) m_lo: [f32; GROUP_ROWS],
     pub(super) mean: [f64; GROUP_ROWS],
     pub(super) rstd: [f64; GROUP_ROWS],
@@ -465,12 +472,12 @@ pub(super) struct Group {
 }
 
 impl Group {
-    /// The shifts and residual sums of rows `i..i + R`: per row exactly `shift_in` and
+    /// The shifts and residual sums of rows `i..i + R`: per row exactly `shift_of` and
     /// `centered_in(x, (shift, 1, 0))`, with the rows' steps interleaved so their dependency
     /// chains overlap.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
-    fn sums<S: Simd, const R: usize>(&mut self, simd: S, i: usize, x: [&[f32]; R]) {
+    fn sums<S: Simd, const R: usize>(&mut self, simd: S, kind: Kind, i: usize, x: [&[f32]; R]) {
         // Loops, not `array::map`: closures are compiled without the target features.
         let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
         let nv = S::as_simd_f32s(x[0]).0.len();
@@ -478,7 +485,7 @@ impl Group {
         let mut k = [(zero, one, zero); R];
         let mut heads: [&[S::f32s]; R] = [&[]; R];
         for r in 0..R {
-            shift[r] = shift_in(simd, x[r]);
+            shift[r] = shift_of(simd, kind, x[r]);
             k[r].0 = simd.splat_f32s(shift[r]);
             heads[r] = &S::as_simd_f32s(x[r]).0[..nv];
         }
@@ -505,28 +512,23 @@ impl Group {
         }
     }
 
-    /// `row::finish` for every row, in its common case (no rescaling, no second pass): the same
-    /// operations in the same order, so bitwise its result, but in lanes across rows; rows that
-    /// need the rare paths are flagged in `rare` for the caller to finish one by one.
+    /// `row::finish` for every row, in its common case (`row::common`: no rescaling, no second
+    /// pass), in lanes across rows; rows that need the rare paths are flagged in `rare` for the
+    /// caller to finish one by one.
     #[inline(always)]
-    pub(super) fn finish(&mut self, n: usize, eps: f64) {
-        let nf = n as f64;
+    pub(super) fn finish(&mut self, spec: row::Spec, n: usize) {
         for i in 0..GROUP_ROWS {
-            let (sd, sdd) = (self.sd[i], self.sdd[i]);
-            let m_lo = sd / nf;
-            let var = sdd / nf - m_lo * m_lo;
-            self.rare[i] = !(sd.is_finite() && sdd.is_finite()) || m_lo * m_lo > var.abs() * 0.25;
-            let var = if var < 0.0 { 0.0 } else { var };
-            self.m_lo[i] = m_lo as f32;
-            self.mean[i] = f64::from(self.shift[i]) + m_lo;
-            self.rstd[i] = 1.0 / (var + eps).sqrt();
+            let (rare, st) = row::common(spec, n, self.shift[i], [self.sd[i], self.sdd[i]]);
+            self.rare[i] = rare;
+            self.set(i, &st);
         }
     }
 
     /// Overwrites row `i` with the statistics `row::finish` computed.
     #[inline(always)]
     pub(super) fn set(&mut self, i: usize, st: &row::RowStats<f32>) {
-        (self.m_lo[i], self.mean[i], self.rstd[i]) = (st.m_lo, st.mean, st.rstd);
+        (self.m_hi[i], self.m_lo[i]) = (st.m_hi, st.m_lo);
+        (self.mean[i], self.rstd[i]) = (st.mean, st.rstd);
     }
 }
 
@@ -534,7 +536,7 @@ impl Group {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[f32],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -543,26 +545,30 @@ pub(crate) fn rows(
     rstd: &mut [f32],
     out: Out,
 ) {
-    Arch::new().dispatch(Rows { n, eps, x, gamma, beta, y, mean, rstd, out })
+    Arch::new().dispatch(Rows { n, spec, x, gamma, beta, y, mean, rstd, out })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reduce::tests::{close, mixed_rows};
+    use crate::reduce::tests::{SPECS, close, mixed_rows, reference_spec};
     use layernorm_core::{DType, NormSpec, reference};
 
     #[test]
     fn the_short_row_kernel_is_right_on_every_instruction_set() {
         let rows = 37;
-        for n in [3usize, 8, 16, 24, 33, 100, 128, 300] {
+        for (n, (rs, _)) in [3usize, 8, 16, 24, 33, 100, 128, 300]
+            .into_iter()
+            .flat_map(|n| SPECS[..2].iter().map(move |s| (n, *s)))
+        {
             let x = mixed_rows(rows, n);
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
             let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
-            let spec = NormSpec::layer_norm(rows, n, DType::F32);
+            let spec = reference_spec(rs, rows, n, DType::F32).with_beta(true);
             let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
             let want = reference::forward(&spec, &wide(&x), Some(&wide(&g)), Some(&wide(&b)))
                 .unwrap_or_else(|e| panic!("{e}"));
+            let want_mean = want.mean.clone().unwrap_or_else(|| vec![0.0; rows]);
             for_each_isa!(simd, isa => {
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     // y at an odd offset, so that streaming has a head and a tail to mask.
@@ -570,16 +576,16 @@ mod tests {
                     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                     let y = &mut ybuf[3..];
                     let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
-                    pulp::Simd::vectorize(simd, Rows { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out });
+                    pulp::Simd::vectorize(simd, Rows { n, spec: rs, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out });
                     crate::reduce::stream_fence();
-                    let what = format!("{isa}, n={n}, {out:?}");
+                    let what = format!("{isa}, n={n}, {out:?}, {:?}", rs.kind);
                     close(&format!("y {what}"), &ybuf[3..], &want.y, 1e-5);
                     assert_eq!(ybuf[..3], [-7.0; 3], "wrote before y, {what}");
                     // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean
                     // that is small next to its elements.
-                    for (r, (&m, &w)) in mean.iter().zip(want.mean.as_deref().unwrap_or_default()).enumerate() {
+                    for (r, (&m, &w)) in mean.iter().zip(&want_mean).enumerate() {
                         let scale = 1.0 / want.rstd[r] + w.abs();
-                        let ok = if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
+                        let ok = if !rs.kind.centred() { m == 0.0 } else if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
                         assert!(ok, "mean {what}, row {r}: got {m}, want {w}");
                     }
                     close(&format!("rstd {what}"), &rstd, &want.rstd, 1e-5);
@@ -607,15 +613,16 @@ mod tests {
                 (None, Some(&b[..])),
                 (Some(&g[..]), None),
             ];
-            for (gamma, beta) in pairs {
+            for ((gamma, beta), (spec, _)) in pairs.into_iter().flat_map(|p| SPECS.map(|s| (p, s)))
+            {
                 for_each_isa!(simd, isa => {
                     let (mut y0, mut m0, mut r0) =
                         (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
                     for r in 0..rows {
                         let xr = &x[r * n..(r + 1) * n];
-                        let m = shift_in(simd, xr);
-                        let st = row::finish(xr, m, centered_in(simd, xr, (m, 1.0, 0.0)), 1e-5);
-                        let params = (st.m_hi, st.m_lo, st.rstd as f32);
+                        let m = shift_of(simd, spec.kind, xr);
+                        let st = row::finish(spec, xr, m, centered_in(simd, xr, (m, 1.0, 0.0)));
+                        let params = st.params();
                         let y = &mut y0[r * n..(r + 1) * n];
                         normalize_in(simd, xr, params, (gamma, beta), y, false);
                         (m0[r], r0[r]) = (st.mean as f32, st.rstd as f32);
@@ -628,10 +635,10 @@ mod tests {
                         let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
                         let at = off + ybuf.as_ptr().align_offset(64);
                         let y = &mut ybuf[at..at + rows * n];
-                        let op = Long { n, eps: 1e-5, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out };
+                        let op = Long { n, spec, x: &x, gamma, beta, y, mean: &mut mean, rstd: &mut rstd, out };
                         pulp::Simd::vectorize(simd, op);
                         crate::reduce::stream_fence();
-                        let what = format!("{isa}, n={n}, {out:?}, at {off}");
+                        let what = format!("{isa}, n={n}, {out:?}, at {off}, {spec:?}");
                         assert_eq!(bits(&ybuf[at..at + rows * n]), bits(&y0), "y, {what}");
                         assert!(ybuf[..at].iter().chain(&ybuf[at + rows * n..]).all(|&v| v == -7.0), "wrote outside y, {what}");
                         assert_eq!((bits(&mean), bits(&rstd)), (bits(&m0), bits(&r0)), "stats, {what}");
@@ -661,7 +668,7 @@ mod tests {
             let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
             let want = reference::forward(&spec, &wide(cur), Some(&wide(&g)), Some(&wide(&b)))
                 .unwrap_or_else(|e| panic!("{e}"));
-            let st = row::stats(cur, 1e-5);
+            let st = row::stats(row::Spec::ln(1e-5), cur);
             let m_next = next[0];
             let sum: f64 = next.iter().map(|&v| f64::from(v - m_next)).sum();
             let sum2: f64 = next.iter().map(|&v| f64::from((v - m_next) * (v - m_next))).sum();
@@ -670,7 +677,7 @@ mod tests {
                     let mut ybuf = vec![-7f32; n + 3];
                     let y = &mut ybuf[3..];
                     let (gamma, beta) = (Some(&g[..]), Some(&b[..]));
-                    let (m_hi, m_lo, r) = (st.m_hi, st.m_lo, st.rstd as f32);
+                    let (m_hi, m_lo, r) = st.params();
                     let op = Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream };
                     let [s1, s2] = pulp::Simd::vectorize(simd, op);
                     crate::reduce::stream_fence();

@@ -16,7 +16,7 @@ use super::forward::Group;
 use super::steps::*;
 use super::store::{PREFETCH_AHEAD, prefetch, prefetch_line};
 use crate::CpuElement;
-use crate::row;
+use crate::row::{self, Kind};
 
 /// `W` `bf16` values from `src` (at least `W` long), widened to an `f32` vector exactly — but on
 /// x86 a signaling NaN stays signaling, where `half`'s `bf16::to_f32` sets its quiet bit.
@@ -250,12 +250,12 @@ unsafe fn store_vec<S: Simd, T: Half>(simd: S, row: &mut [T], j: usize, v: S::f3
     T::store(simd, unsafe { row.get_unchecked_mut(j * w..(j + 1) * w) }, v)
 }
 
-/// The forward's shift of a 16-bit row: `shift_in` of the widened row, without widening it.
+/// The forward's shift of a 16-bit row: `shift_of` the widened row, without widening it.
 #[inline(always)]
-fn shift<S: Simd, T: Half>(simd: S, x: &[T]) -> f32 {
+fn shift<S: Simd, T: Half>(simd: S, kind: Kind, x: &[T]) -> f32 {
     let w = size_of::<S::f32s>() / 4;
     let k = x.len().min(row::SHIFT_SAMPLE);
-    if k == 0 {
+    if k == 0 || !kind.centred() {
         return 0.0;
     }
     let mut acc = simd.splat_f32s(0.0);
@@ -278,11 +278,31 @@ fn shift<S: Simd, T: Half>(simd: S, x: &[T]) -> f32 {
 
 /// `centered_tail` of a 16-bit row's last `x.len() − base` values (fewer than a vector), widened.
 #[inline(always)]
-fn centered_tail_16<T: Half>(x: &[T], base: usize, m: f32, total: &mut [f64; 2]) {
+fn centered_tail_16<T: Half>(x: &[T], base: usize, k: (f32, f32, f32), total: &mut [f64; 2]) {
     let mut t = [0f32; 16];
     let t = &mut t[..x.len() - base];
     T::widen(&x[base..], t);
-    centered_tail(t, (m, 1.0, 0.0), total);
+    centered_tail(t, k, total);
+}
+
+/// `row::max_abs` of a 16-bit row (the largest |x| widened: exact).
+#[inline(always)]
+fn max_abs_16<T: Half>(x: &[T]) -> f64 {
+    f64::from(x.iter().fold(0f32, |a, &v| a.max(T::to_acc(v).abs())))
+}
+
+/// `row::finish` of a 16-bit row whose sums around `m_hi` are `sums`: its rare paths sweep the
+/// row where it lies ([`sums`] at a scale and a residual mean), the bits of the widened row's.
+#[inline(always)]
+fn finish_16<S: Simd, T: Half>(
+    simd: S,
+    spec: row::Spec,
+    x: &[T],
+    m_hi: f32,
+    sums: [f64; 2],
+) -> row::RowStats<f32> {
+    let sweep = |s: f32, ml: f32| self::sums(simd, x, (m_hi, s, ml));
+    row::finish_with(spec, x.len(), m_hi, sums, || max_abs_16(x), sweep)
 }
 
 /// `normalize_tail` of a 16-bit row's last `x.len() − base` values (fewer than a vector): widened,
@@ -301,13 +321,31 @@ fn normalize_tail_16<T: Half>(
     T::narrow(out, &mut y[base..]);
 }
 
-/// `centered_in(x, (m, 1, 0))` of a 16-bit row, converted in registers.
+/// `centered_in(x, (m, s, ml))` of a 16-bit row, converted in registers.
 #[inline(always)]
-fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
+fn sums<S: Simd, T: Half>(simd: S, x: &[T], (m, s, ml): (f32, f32, f32)) -> [f64; 2] {
+    let w = size_of::<S::f32s>() / 4;
+    let nv = x.len() / w;
+    let mut total = if s == 1.0 && ml == 0.0 {
+        sums_vecs::<S, T, true>(simd, x, (m, s, ml))
+    } else {
+        sums_vecs::<S, T, false>(simd, x, (m, s, ml))
+    };
+    centered_tail_16(x, nv * w, (m, s, ml), &mut total);
+    total
+}
+
+/// The vector body of [`sums`] (`centered_vecs` on values widened in registers).
+#[inline(always)]
+fn sums_vecs<S: Simd, T: Half, const PLAIN: bool>(
+    simd: S,
+    x: &[T],
+    (m, s, ml): (f32, f32, f32),
+) -> [f64; 2] {
     let w = size_of::<S::f32s>() / 4;
     let nv = x.len() / w;
     let zero = simd.splat_f32s(0.0);
-    let k = (simd.splat_f32s(m), simd.splat_f32s(1.0), zero);
+    let k = (simd.splat_f32s(m), simd.splat_f32s(s), simd.splat_f32s(ml));
     let mut total = [0f64; 2];
     let pb = per_block::<S>();
     let mut i = 0;
@@ -317,12 +355,11 @@ fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
         for j in i..end {
             // SAFETY: j < nv = x.len() / W.
             let v = unsafe { load_vec(simd, x, j) };
-            centered_step::<S, true>(simd, v, k, &mut acc);
+            centered_step::<S, PLAIN>(simd, v, k, &mut acc);
         }
         fold_into(simd, acc, &mut total);
         i = end;
     }
-    centered_tail_16(x, nv * w, m, &mut total);
     total
 }
 
@@ -330,7 +367,7 @@ fn sums<S: Simd, T: Half>(simd: S, x: &[T], m: f32) -> [f64; 2] {
 /// while row r+1 is summed, every vector converted in its register.
 struct Fwd16<'a, T> {
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &'a [T],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
@@ -352,27 +389,22 @@ impl<T: Half> WithSimd for Fwd16<'_, T> {
         let (gamma, beta) = (self.gamma, self.beta);
         let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
         let bh = beta.map_or(&[][..], |b| &S::as_simd_f32s(&b[..n]).0[..nv]);
-        // A widened copy of a row, made only for `finish`'s rare paths and for the tails.
-        let mut scratch = vec![0f32; n];
-        let zero = simd.splat_f32s(0.0);
-        let mut m_next = shift(simd, xr(0));
-        let mut next_sums = sums(simd, xr(0), m_next);
+        let (spec, zero) = (self.spec, simd.splat_f32s(0.0));
+        let mut m_next = shift(simd, spec.kind, xr(0));
+        let mut next_sums = sums(simd, xr(0), (m_next, 1.0, 0.0));
         for r in 0..rows {
             let cur = xr(r);
-            let st = match row::finish_common(n, m_next, next_sums, self.eps) {
+            let st = match row::finish_common(spec, n, m_next, next_sums) {
                 Some(st) => st,
-                None => {
-                    T::widen(cur, &mut scratch);
-                    row::finish(&scratch, m_next, next_sums, self.eps)
-                }
+                None => finish_16(simd, spec, cur, m_next, next_sums),
             };
-            let (mh, ml, rs) = (st.m_hi, st.m_lo, st.rstd as f32);
+            let (mh, ml, rs) = st.params();
             let kc = xhat_splats(simd, (mh, ml, rs));
             let y = &mut self.y[r * n..(r + 1) * n];
             let has_next = r + 1 < rows;
             let nxt = if has_next { xr(r + 1) } else { cur };
             if has_next {
-                m_next = shift(simd, nxt);
+                m_next = shift(simd, spec.kind, nxt);
             }
             let kn = (simd.splat_f32s(m_next), simd.splat_f32s(1.0), zero);
             let (g, b) = (gamma.is_some(), beta.is_some());
@@ -388,7 +420,7 @@ impl<T: Half> WithSimd for Fwd16<'_, T> {
                 // Tails: the scalar code of the f32 kernels, on widened values.
                 normalize_tail_16((cur, base), (mh, ml, rs), (gamma, beta), y);
                 if has_next {
-                    centered_tail_16(nxt, base, m_next, &mut total);
+                    centered_tail_16(nxt, base, (m_next, 1.0, 0.0), &mut total);
                 }
             }
             if has_next {
@@ -453,7 +485,7 @@ fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_16<T: Half>(
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &[T],
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -462,9 +494,9 @@ pub(crate) fn forward_16<T: Half>(
     rstd: &mut [f32],
 ) {
     if n < row::FUSE_MIN_N {
-        T::dispatch(Rows16 { n, eps, x, gamma, beta, y, mean, rstd })
+        T::dispatch(Rows16 { n, spec, x, gamma, beta, y, mean, rstd })
     } else {
-        T::dispatch(Fwd16 { n, eps, x, gamma, beta, y, mean, rstd })
+        T::dispatch(Fwd16 { n, spec, x, gamma, beta, y, mean, rstd })
     }
 }
 
@@ -475,7 +507,7 @@ pub(crate) fn forward_16<T: Half>(
 /// the scratch path, so the bits are the same (tested).
 struct Rows16<'a, T> {
     n: usize,
-    eps: f64,
+    spec: row::Spec,
     x: &'a [T],
     gamma: Option<&'a [f32]>,
     beta: Option<&'a [f32]>,
@@ -496,33 +528,26 @@ impl<T: Half> WithSimd for Rows16<'_, T> {
         let (gamma, beta) = (self.gamma, self.beta);
         let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
         let bh = beta.map_or(&[][..], |b| &S::as_simd_f32s(&b[..n]).0[..nv]);
-        let per = group_rows(n);
+        let (per, spec) = (group_rows(n), self.spec);
         let mut g = Group::default();
-        // A widened row, for `row::finish`'s rare paths only.
-        let mut scratch = vec![0f32; n];
         let mut start = 0;
         while start < rows {
             let count = per.min(rows - start);
             let row = |i: usize| &x[(start + i) * n..(start + i + 1) * n];
             let mut i = 0;
             while i + 4 <= count {
-                group_sums::<S, T, 4>(
-                    simd,
-                    &mut g,
-                    i,
-                    [row(i), row(i + 1), row(i + 2), row(i + 3)],
-                );
+                let rows4 = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+                group_sums::<S, T, 4>(simd, spec.kind, &mut g, i, rows4);
                 i += 4;
             }
             while i < count {
-                group_sums::<S, T, 1>(simd, &mut g, i, [row(i)]);
+                group_sums::<S, T, 1>(simd, spec.kind, &mut g, i, [row(i)]);
                 i += 1;
             }
-            g.finish(n, self.eps);
+            g.finish(spec, n);
             for i in 0..count {
                 if g.rare[i] {
-                    T::widen(row(i), &mut scratch);
-                    let st = row::finish(&scratch, g.shift[i], [g.sd[i], g.sdd[i]], self.eps);
+                    let st = finish_16(simd, spec, row(i), g.shift[i], [g.sd[i], g.sdd[i]]);
                     g.set(i, &st);
                 }
             }
@@ -532,7 +557,7 @@ impl<T: Half> WithSimd for Rows16<'_, T> {
                     prefetch(&x[next..(next + n).min(x.len())]);
                 }
                 let (xr, r) = (row(i), start + i);
-                let (mh, ml, rs) = (g.shift[i], g.m_lo[i], g.rstd[i] as f32);
+                let (mh, ml, rs) = (g.m_hi[i], g.m_lo[i], g.rstd[i] as f32);
                 let k = xhat_splats(simd, (mh, ml, rs));
                 let y = &mut self.y[r * n..(r + 1) * n];
                 let a = (simd, xr, k, (gh, bh));
@@ -557,7 +582,13 @@ impl<T: Half> WithSimd for Rows16<'_, T> {
 /// steps interleaved so that their dependency chains overlap.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // rows side by side: one index into R arrays
-fn group_sums<S: Simd, T: Half, const R: usize>(simd: S, g: &mut Group, i: usize, x: [&[T]; R]) {
+fn group_sums<S: Simd, T: Half, const R: usize>(
+    simd: S,
+    kind: Kind,
+    g: &mut Group,
+    i: usize,
+    x: [&[T]; R],
+) {
     let w = size_of::<S::f32s>() / 4;
     let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
     let n = x[0].len();
@@ -567,7 +598,7 @@ fn group_sums<S: Simd, T: Half, const R: usize>(simd: S, g: &mut Group, i: usize
     for r in 0..R {
         // The vectors' bounds, checked here once for the loop's unchecked loads.
         assert!(x[r].len() == n);
-        shifts[r] = shift(simd, x[r]);
+        shifts[r] = shift(simd, kind, x[r]);
         k[r].0 = simd.splat_f32s(shifts[r]);
     }
     let mut total = [[0f64; 2]; R];
@@ -589,7 +620,7 @@ fn group_sums<S: Simd, T: Half, const R: usize>(simd: S, g: &mut Group, i: usize
         b = end;
     }
     for r in 0..R {
-        centered_tail_16(x[r], nv * w, shifts[r], &mut total[r]);
+        centered_tail_16(x[r], nv * w, (shifts[r], 1.0, 0.0), &mut total[r]);
         g.shift[i + r] = shifts[r];
         [g.sd[i + r], g.sdd[i + r]] = total[r];
     }
@@ -624,6 +655,7 @@ fn normalize_16_vecs<S: Simd, T: Half, const G: bool, const B: bool>(
 /// widened by `Convert::widen`, `FusedBackward`, `row::back_apply`, then narrowed), so the
 /// bits are the same (tested).
 struct Back16<'a, T> {
+    kind: Kind,
     n: usize,
     x: &'a [T],
     dy: &'a [T],
@@ -649,14 +681,13 @@ impl<T: Half> WithSimd for Back16<'_, T> {
         let (x, dy, gamma) = (self.x, self.dy, self.gamma);
         let span = |r: usize| r * n..(r + 1) * n;
         let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
-        // Widened tails (fewer than a vector), and the whole row for the last one.
-        let mut tx = vec![0f32; n];
-        let mut td = vec![0f32; n];
+        // Widened tails (fewer than a vector).
+        let (mut tx, mut td) = ([0f32; 16], [0f32; 16]);
         let shift = |r: usize| row::back_shift_f32(self.mean[r], self.rstd[r]);
         let mut sums = back_sums(simd, (&x[span(0)], &dy[span(0)]), gamma, shift(0));
         for r in 0..rows {
             let (mu, rs) = (f64::from(self.mean[r]), f64::from(self.rstd[r]));
-            let p = row::back_params::<f32>(n, mu, rs, sums);
+            let p = row::back_params::<f32>(self.kind, n, mu, rs, sums);
             let (dg, db) = self.partials.of_row(r, n);
             let (want_g, want_b) = (dg.is_some(), db.is_some());
             let dxr = &mut self.dx[span(r)];
@@ -695,14 +726,39 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                 }
                 sums = total;
             } else {
-                // The last row alone: widened whole, as the scratch path does.
-                T::widen(&x[span(r)], &mut tx);
-                T::widen(&dy[span(r)], &mut td);
-                let mut out = vec![0f32; n];
-                apply_in(simd, (&tx, &td, gamma), &p, &mut out, dg, db);
-                T::narrow(&out, dxr);
+                // The last row alone, as the scratch path does it.
+                apply_16(simd, (&x[span(r)], &dy[span(r)], gamma), &p, dxr, (dg, db));
             }
         }
+    }
+}
+
+/// `apply_in` of a 16-bit row (x, dy) into its dx, widened and rounded a chunk at a time: the
+/// step is elementwise and the chunks split the row where `apply_in` of the whole widened row
+/// splits it into vectors, so the bits are that call's.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn apply_16<S: Simd, T: Half>(
+    simd: S,
+    (x, dy, gamma): (&[T], &[T], Option<&[f32]>),
+    p: &row::BackParams<f32>,
+    dx: &mut [T],
+    (mut dgamma, mut dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
+) {
+    const C: usize = 256;
+    let n = x.len();
+    let (mut tx, mut td, mut out) = ([0f32; C], [0f32; C], [0f32; C]);
+    for start in (0..n).step_by(C) {
+        let e = start..(start + C).min(n);
+        let len = e.len();
+        let (tx, td, out) = (&mut tx[..len], &mut td[..len], &mut out[..len]);
+        T::widen(&x[e.clone()], tx);
+        T::widen(&dy[e.clone()], td);
+        let g = gamma.map(|g| &g[e.clone()]);
+        let dg = dgamma.as_deref_mut().map(|d| &mut d[e.clone()]);
+        let db = dbeta.as_deref_mut().map(|d| &mut d[e.clone()]);
+        apply_in(simd, (tx, td, g), p, out, dg, db);
+        T::narrow(out, &mut dx[e]);
     }
 }
 
@@ -801,6 +857,7 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
 /// blocks' dγ/dβ partials (`partials`: as for `Real::back_blocks`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_16<T: Half>(
+    kind: Kind,
     n: usize,
     x: &[T],
     dy: &[T],
@@ -810,7 +867,7 @@ pub(crate) fn backward_16<T: Half>(
     dx: &mut [T],
     partials: Partials<'_>,
 ) {
-    T::dispatch(Back16 { n, x, dy, mean, rstd, gamma, dx, partials })
+    T::dispatch(Back16 { kind, n, x, dy, mean, rstd, gamma, dx, partials })
 }
 
 #[cfg(test)]
@@ -923,19 +980,23 @@ mod tests {
     /// type's rounding (`tol`), the statistics and dγ/dβ to the tolerances of the `f32`
     /// kernels' own tests.
     fn right_on_every_isa<T: Half>(tol: f64) {
-        use crate::reduce::tests::{close, mixed_rows};
-        use layernorm_core::{NormSpec, reference};
+        use crate::reduce::tests::{SPECS, close, mixed_rows, reference_spec};
+        use layernorm_core::reference;
         let rows = 21;
-        for n in [7usize, 100, 128, 600] {
+        let lengths = [7usize, 100, 128, 600];
+        for (n, (rs, _)) in
+            lengths.into_iter().flat_map(|n| SPECS[..2].iter().map(move |s| (n, *s)))
+        {
             let name = T::DTYPE.name();
             let x: Vec<T> = mixed_rows(rows, n).iter().map(|&v| T::from_acc(v)).collect();
             let g: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 / n as f32).collect();
             let b: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
             let wide = |v: &[T]| v.iter().map(|&v| T::to_f64(v)).collect::<Vec<f64>>();
             let f64s = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-            let spec = NormSpec::layer_norm(rows, n, T::DTYPE);
+            let spec = reference_spec(rs, rows, n, T::DTYPE).with_beta(true);
             let want = reference::forward(&spec, &wide(&x), Some(&f64s(&g)), Some(&f64s(&b)))
                 .unwrap_or_else(|e| panic!("{e}"));
+            let want_mean = want.mean.clone().unwrap_or_else(|| vec![0.0; rows]);
             // The backward from finite rows (mixed_rows' NaN and overflowing rows would make
             // every dγ/dβ NaN): a large mean, a constant row, ordinary rows.
             let xb: Vec<T> = (0..rows * n)
@@ -952,38 +1013,43 @@ mod tests {
             let fb = reference::forward(&spec, &wide(&xb), Some(&f64s(&g)), Some(&f64s(&b)))
                 .unwrap_or_else(|e| panic!("{e}"));
             let (mean, rstd): (Vec<f32>, Vec<f32>) = (
-                fb.mean.as_deref().unwrap_or_default().iter().map(|&v| v as f32).collect(),
+                fb.mean
+                    .clone()
+                    .unwrap_or_else(|| vec![0.0; rows])
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect(),
                 fb.rstd.iter().map(|&v| v as f32).collect(),
             );
             let want_b = reference::backward(
                 &spec,
                 &wide(&xb),
                 &wide(&dy),
-                Some(&f64s(&mean)),
+                fb.mean.is_some().then(|| f64s(&mean)).as_deref(),
                 &f64s(&rstd),
                 Some(&f64s(&g)),
             )
             .unwrap_or_else(|e| panic!("{e}"));
             for_each_isa!(simd, isa => {
-                let what = |s: &str| format!("{isa}, {name}, n={n}: {s}");
+                let what = |s: &str| format!("{isa}, {name}, n={n}, {:?}: {s}", rs.kind);
                 let mut y = vec![T::from_acc(0.0); rows * n];
                 let (mut m, mut r) = (vec![0f32; rows], vec![0f32; rows]);
-                let (gamma, beta, eps) = (Some(&g[..]), Some(&b[..]), 1e-5);
+                let (gamma, beta, spec) = (Some(&g[..]), Some(&b[..]), rs);
                 let (y_, mean_, rstd_) = (&mut y[..], &mut m[..], &mut r[..]);
                 if n < row::FUSE_MIN_N {
-                    let op = Rows16 { n, eps, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
+                    let op = Rows16 { n, spec, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
                     Simd::vectorize(simd, op);
                 } else {
-                    let op = Fwd16 { n, eps, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
+                    let op = Fwd16 { n, spec, x: &x, gamma, beta, y: y_, mean: mean_, rstd: rstd_ };
                     Simd::vectorize(simd, op);
                 }
                 let acc = |v: &[T]| v.iter().map(|&v| T::to_acc(v)).collect::<Vec<f32>>();
                 close(&what("y"), &acc(&y), &want.y, tol);
                 // The mean against the row's spread (1/rstd): a row of ±1e37 has a mean that is
                 // small next to its elements.
-                for (i, (&m, &w)) in m.iter().zip(want.mean.as_deref().unwrap_or_default()).enumerate() {
+                for (i, (&m, &w)) in m.iter().zip(&want_mean).enumerate() {
                     let scale = 1.0 / want.rstd[i] + w.abs();
-                    let ok = if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
+                    let ok = if !rs.kind.centred() { m == 0.0 } else if w.is_nan() { m.is_nan() } else { (f64::from(m) - w).abs() <= 1e-6 * scale };
                     assert!(ok, "{}: got {m}, want {w}", what(&format!("mean[{i}]")));
                 }
                 close(&what("rstd"), &r, &want.rstd, 1e-5);
@@ -991,7 +1057,7 @@ mod tests {
                 let mut p = vec![0f32; 2 * n];
                 let partials = Partials { buf: Some(&mut p), want: (true, true) };
                 let (x, dy, mean, rstd, dx_) = (&xb[..], &dy[..], &mean[..], &rstd[..], &mut dx[..]);
-                let op = Back16 { n, x, dy, mean, rstd, gamma, dx: dx_, partials };
+                let op = Back16 { kind: rs.kind, n, x, dy, mean, rstd, gamma, dx: dx_, partials };
                 Simd::vectorize(simd, op);
                 close(&what("dx"), &acc(&dx), &want_b.dx, tol);
                 close(&what("dγ"), &p[..n], want_b.dgamma.as_deref().unwrap(), 1e-4);

@@ -70,7 +70,33 @@ pub(crate) use store::stream_fence;
 pub(crate) mod tests {
     use super::*;
     use crate::driver::Out;
-    use crate::row;
+    use crate::row::{self, Kind, Spec};
+
+    /// The statistics the bitwise tests run, and whether their backward is compared too:
+    /// LayerNorm and RMSNorm at their default ε, and both at ε = 2^-120, small enough that the
+    /// rows of tiny magnitude in [`mixed_rows`] take `row::finish`'s rescaled sweep — the
+    /// forward only, for those rows' rstd (~1e30) then `row::needs_exact_row`, which the
+    /// driver routes around the kernels.
+    pub(crate) const SPECS: [(Spec, bool); 4] = [
+        (Spec { kind: Kind::LayerNorm, eps: 1e-5 }, true),
+        (Spec { kind: Kind::RmsNorm, eps: 1e-6 }, true),
+        (Spec { kind: Kind::LayerNorm, eps: 7.52316384526264e-37 }, false),
+        (Spec { kind: Kind::RmsNorm, eps: 7.52316384526264e-37 }, false),
+    ];
+
+    /// The reference's description of a problem the kernels compute with `spec`.
+    pub(crate) fn reference_spec(
+        spec: Spec,
+        rows: usize,
+        n: usize,
+        dtype: layernorm_core::DType,
+    ) -> layernorm_core::NormSpec {
+        let kind = match spec.kind {
+            Kind::LayerNorm => layernorm_core::NormKind::LayerNorm,
+            Kind::RmsNorm => layernorm_core::NormKind::RmsNorm,
+        };
+        layernorm_core::NormSpec::new(kind, rows, n, dtype).with_eps(spec.eps)
+    }
 
     /// `got` within `tol · (1 + |want|)` of `want` everywhere (NaN where `want` is NaN).
     pub(super) fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
@@ -85,8 +111,9 @@ pub(crate) mod tests {
         }
     }
 
-    /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows, a
-    /// huge mean, squares that overflow, an outlying head, a NaN; and plain pseudo-random rows.
+    /// Rows that exercise `row::finish`'s rare paths, mixed among ordinary ones: constant rows (one
+    /// of 0, one at −944328.625 whose shift is off the value), a huge mean, squares that overflow,
+    /// squares below `f32`'s range, an outlying head, a NaN; and plain pseudo-random rows.
     pub(crate) fn mixed_rows(rows: usize, n: usize) -> Vec<f32> {
         let mut s = 0x2545_f491u32;
         let mut x = Vec::with_capacity(rows * n);
@@ -96,12 +123,15 @@ pub(crate) mod tests {
                 s ^= s >> 17;
                 s ^= s << 5;
                 let u = s as f32 / u32::MAX as f32 - 0.5;
-                x.push(match r % 7 {
+                x.push(match r % 9 {
                     0 => 3.25,
                     1 => 1e6 + u,
                     2 => 1e37 * u,
                     3 if j < 32 => 50.0 + u,
                     4 if j == n / 2 => f32::NAN,
+                    5 => 0.0,
+                    6 => 1e-30 * u,
+                    7 => -944_328.6, // −944328.625 exactly
                     _ => u * 3.0,
                 });
             }
@@ -125,12 +155,13 @@ pub(crate) mod tests {
     /// `row::rows_portable` of `x`: (y, mean, rstd).
     fn portable_forward(
         n: usize,
+        spec: Spec,
         x: &[f32],
         (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
     ) -> [Vec<f32>; 3] {
         let nrows = x.len() / n;
         let (mut y, mut m, mut r) = (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
-        row::rows_portable(n, 1e-5, x, gamma, beta, &mut y, &mut m, &mut r);
+        row::rows_portable(n, spec, x, gamma, beta, &mut y, &mut m, &mut r);
         [y, m, r]
     }
 
@@ -139,22 +170,33 @@ pub(crate) mod tests {
         let nrows = 45; // two full groups of 16 and a ragged one
         for n in [1usize, 5, 16, 17, 40, 100, 128, 255, 256, 300, 511] {
             let [x, dy, g, b] = bitwise_inputs(nrows, n);
-            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            let params = [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)];
+            for ((gamma, beta), (spec, backward)) in
+                params.into_iter().flat_map(|p| SPECS.map(|s| (p, s)))
             {
-                let [y0, m0, r0] = portable_forward(n, &x, (gamma, beta));
+                let kind = spec.kind;
+                let [y0, m0, r0] = portable_forward(n, spec, &x, (gamma, beta));
                 let (mut y1, mut m1, mut r1) =
                     (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
-                    rows(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
+                    rows(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
-                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}");
-                    assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}, {spec:?}");
+                    assert_eq!(
+                        (bits(&m1), bits(&r1)),
+                        (bits(&m0), bits(&r0)),
+                        "stats, n={n}, {spec:?}"
+                    );
+                }
+                if !backward {
+                    continue;
                 }
                 // Backward from finite statistics (the NaN row's are NaN, which is fine too).
                 let (mut dx0, mut dg0, mut db0) =
                     (vec![0f32; nrows * n], vec![0f32; n], vec![0f32; n]);
                 let (dx1, dg1, db1) = (dx0.clone(), dg0.clone(), db0.clone());
                 row::back_rows_portable(
+                    kind,
                     n,
                     &x,
                     &dy,
@@ -168,11 +210,11 @@ pub(crate) mod tests {
                 for stream in [false, true] {
                     let (mut dx1, mut dg1, mut db1) = (dx1.clone(), dg1.clone(), db1.clone());
                     let (dg, db) = (Some(&mut dg1[..]), Some(&mut db1[..]));
-                    back_rows(n, &x, &dy, &m0, &r0, gamma, &mut dx1, dg, db, stream);
+                    back_rows(kind, n, &x, &dy, &m0, &r0, gamma, &mut dx1, dg, db, stream);
                     stream_fence();
-                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}");
+                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}, {kind:?}");
                     let (g1, b1, g0, b0) = (bits(&dg1), bits(&db1), bits(&dg0), bits(&db0));
-                    assert_eq!((g1, b1), (g0, b0), "dγ/dβ, n={n}");
+                    assert_eq!((g1, b1), (g0, b0), "dγ/dβ, n={n}, {kind:?}");
                 }
             }
         }
@@ -186,16 +228,26 @@ pub(crate) mod tests {
         let nrows = 45; // a ragged last block of 32 rows
         for n in [2usize, 17, 40, 64, 100, 128, 129, 200, 255, 256, 300, 511] {
             let [x, dy, g, b] = bitwise_inputs(nrows, n);
-            for (gamma, beta) in [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)]
+            let params = [(Some(&g[..]), Some(&b[..])), (None, None), (Some(&g[..]), None)];
+            for ((gamma, beta), (spec, backward)) in
+                params.into_iter().flat_map(|p| SPECS.map(|s| (p, s)))
             {
-                let [y0, m0, r0] = portable_forward(n, &x, (gamma, beta));
+                let kind = spec.kind;
+                let [y0, m0, r0] = portable_forward(n, spec, &x, (gamma, beta));
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     let (mut y1, mut m1, mut r1) =
                         (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
-                    long(n, 1e-5, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
+                    long(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
-                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}");
-                    assert_eq!((bits(&m1), bits(&r1)), (bits(&m0), bits(&r0)), "stats, n={n}");
+                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}, {spec:?}");
+                    assert_eq!(
+                        (bits(&m1), bits(&r1)),
+                        (bits(&m0), bits(&r0)),
+                        "stats, n={n}, {spec:?}"
+                    );
+                }
+                if !backward {
+                    continue;
                 }
                 // The backward: dx whole, dγ/dβ block by block (the long kernel adds each 32-row
                 // block's terms into that block's partials).
@@ -209,16 +261,16 @@ pub(crate) mod tests {
                     let (dg, db) = parts0[2 * n * k..2 * n * (k + 1)].split_at_mut(n);
                     let (xk, dyk, m, s) = (&x[e.clone()], &dy[e.clone()], &m0[r.clone()], &r0[r]);
                     let dxk = &mut dx0[e];
-                    row::back_rows_portable(n, xk, dyk, m, s, gamma, dxk, Some(dg), Some(db));
+                    row::back_rows_portable(kind, n, xk, dyk, m, s, gamma, dxk, Some(dg), Some(db));
                 }
                 for stream in [false, true] {
                     let mut dx1 = vec![0f32; nrows * n];
                     let mut parts1 = vec![0f32; blocks * 2 * n];
                     let partials = Partials { buf: Some(&mut parts1), want: (true, true) };
-                    back_long(n, &x, &dy, &m0, &r0, gamma, &mut dx1, partials, stream);
+                    back_long(kind, n, &x, &dy, &m0, &r0, gamma, &mut dx1, partials, stream);
                     stream_fence();
-                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}");
-                    assert_eq!(bits(&parts1), bits(&parts0), "dγ/dβ partials, n={n}");
+                    assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}, {kind:?}");
+                    assert_eq!(bits(&parts1), bits(&parts0), "dγ/dβ partials, n={n}, {kind:?}");
                 }
             }
         }

@@ -4,7 +4,7 @@
 use pulp::Simd;
 
 use super::store::{put, stream_span};
-use crate::row::{BLOCK, BackParams, SHIFT_SAMPLE};
+use crate::row::{BLOCK, BackParams, Kind, SHIFT_SAMPLE};
 
 /// Vectors per block for this instruction set.
 #[inline(always)]
@@ -206,6 +206,13 @@ pub(super) fn shift_in<S: Simd>(simd: S, x: &[f32]) -> f32 {
     } else {
         (x[..k].iter().map(|&v| f64::from(v)).sum::<f64>() / k as f64) as f32
     }
+}
+
+/// [`shift_in`] where the rows are centred (LayerNorm), 0 where they are not (RMSNorm): the
+/// point the forward's first sweep sums around (`row::shift`).
+#[inline(always)]
+pub(super) fn shift_of<S: Simd>(simd: S, kind: Kind, x: &[f32]) -> f32 {
+    if kind.centred() { shift_in(simd, x) } else { 0.0 }
 }
 
 /// (Σe, Σe²) with e = (x − m)·s − ml over one row, blocks folded into `f64`.
