@@ -26,17 +26,12 @@ fn quick() -> bool {
     std::env::var_os("LAYERNORM_BENCH_QUICK").is_some()
 }
 
-/// Deterministic, normal-ish data (the benches crate's generator).
+#[path = "../tests/support/data.rs"]
+mod data;
+
+/// `len` values of [`data::data`] as f32.
 fn data(len: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32 - 0.5) * 3.0
-        })
-        .collect()
+    data::data(len, seed).into_iter().map(|v| v as f32).collect()
 }
 
 struct Inputs {

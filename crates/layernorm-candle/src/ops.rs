@@ -92,6 +92,35 @@ fn our_dtype(d: candle_core::DType) -> Option<DType> {
     }
 }
 
+/// Evaluates `$body` with `$t` the element type of the op's dtype.
+macro_rules! with_element {
+    ($op:expr, |$t:ident| $body:expr) => {
+        match $op.spec.dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => Err($op.err(layernorm_core::Error::UnsupportedDType {
+                backend: CpuBackend::NAME.into(),
+                dtype: other,
+                reason: String::new(),
+            })),
+        }
+    };
+}
+
 /// What the forward saves for the backward: the per-row mean (LayerNorm) and rstd, in the
 /// accumulation dtype.
 #[derive(Debug)]
@@ -191,17 +220,7 @@ impl NormOp {
         gamma: (&CpuStorage, &Layout),
         beta: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let storage = match self.spec.dtype {
-            DType::F32 => self.forward_typed::<f32>(x, gamma, beta),
-            DType::F64 => self.forward_typed::<f64>(x, gamma, beta),
-            DType::F16 => self.forward_typed::<half::f16>(x, gamma, beta),
-            DType::BF16 => self.forward_typed::<half::bf16>(x, gamma, beta),
-            other => Err(self.err(layernorm_core::Error::UnsupportedDType {
-                backend: CpuBackend::NAME.into(),
-                dtype: other,
-                reason: String::new(),
-            })),
-        }?;
+        let storage = with_element!(self, |T| self.forward_typed::<T>(x, gamma, beta))?;
         Ok((storage, x.1.shape().clone()))
     }
 
@@ -262,17 +281,7 @@ impl NormOp {
         let (x, dy, gamma) = (x.contiguous()?, dy.contiguous()?, gamma.contiguous()?);
         let ins = [&x, &dy, &gamma];
         let want = (want_dgamma, want_dbeta);
-        match self.spec.dtype {
-            DType::F32 => self.backward_typed::<f32>(ins, stats, want),
-            DType::F64 => self.backward_typed::<f64>(ins, stats, want),
-            DType::F16 => self.backward_typed::<half::f16>(ins, stats, want),
-            DType::BF16 => self.backward_typed::<half::bf16>(ins, stats, want),
-            other => Err(self.err(layernorm_core::Error::UnsupportedDType {
-                backend: CpuBackend::NAME.into(),
-                dtype: other,
-                reason: String::new(),
-            })),
-        }
+        with_element!(self, |T| self.backward_typed::<T>(ins, stats, want))
     }
 
     fn backward_typed<T: CpuElement + candle_core::WithDType>(

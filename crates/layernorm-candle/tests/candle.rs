@@ -3,7 +3,7 @@
 //! strided inputs, weights from a safetensors file, and bad input.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor, Var};
-use candle_nn::{Linear, Optimizer, VarBuilder, VarMap};
+use candle_nn::{LayerNormConfig, Linear, Optimizer, VarBuilder, VarMap};
 use layernorm_candle::{LayerNorm, NormKind, RmsNorm, ops};
 use layernorm_core::{NormSpec, reference};
 
@@ -11,17 +11,11 @@ type Result<T = ()> = candle_core::Result<T>;
 
 const CPU: Device = Device::Cpu;
 
-/// Deterministic, normal-ish data in [-1.5, 1.5) times `scale`, plus `offset`.
+mod support;
+
+/// [`support::data`] times `scale`, plus `offset`.
 fn data(len: usize, seed: u32, scale: f64, offset: f64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f64 / u32::MAX as f64 - 0.5) * 3.0 * scale + offset
-        })
-        .collect()
+    support::data::data(len, seed).into_iter().map(|v| v * scale + offset).collect()
 }
 
 fn tensor(shape: &[usize], seed: u32, scale: f64, offset: f64, dtype: DType) -> Result<Tensor> {
@@ -466,10 +460,20 @@ fn modules_load_weights_from_safetensors() -> Result {
     // forms the variance as E[x²] − μ² in f32: on this data (|μ| < σ) good to a few 1e-7 of
     // the output's scale; 1e-5 bounds it.
     let x = tensor(&[3, 7, n], 66, 1.0, 0.1, DType::F32)?;
-    let pairs: [(Box<dyn Module>, Box<dyn Module>); 3] = [
+    // RMSNorm with a bias, and LayerNorm without one: what a `LayerNormConfig` can ask for.
+    let rms_bias = LayerNormConfig { eps: 1e-6, remove_mean: false, affine: true };
+    let pairs: [(Box<dyn Module>, Box<dyn Module>); 5] = [
         (Box::new(ln.clone()), Box::new(candle_nn::layer_norm(n, 1e-5, vb.pp("ln"))?)),
         (Box::new(rms.clone()), Box::new(candle_nn::rms_norm(n, 1e-6, vb.pp("rms"))?)),
         (Box::new(old), Box::new(candle_nn::layer_norm(n, 1e-5, vb.pp("old"))?)),
+        (
+            Box::new(layernorm_candle::layer_norm(n, rms_bias, vb.pp("ln"))?),
+            Box::new(candle_nn::layer_norm(n, rms_bias, vb.pp("ln"))?),
+        ),
+        (
+            Box::new(layernorm_candle::layer_norm_no_bias(n, 1e-5, vb.pp("ln"))?),
+            Box::new(candle_nn::layer_norm_no_bias(n, 1e-5, vb.pp("ln"))?),
+        ),
     ];
     for (ours, theirs) in &pairs {
         let (a, b) = (f64s(&ours.forward(&x)?)?, f64s(&theirs.forward(&x)?)?);

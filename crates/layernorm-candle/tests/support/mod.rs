@@ -1,0 +1,3 @@
+//! Helpers shared by the tests and the bench.
+
+pub mod data;
