@@ -5,7 +5,11 @@
 //! f32, bytes/s: a forward moves x in and y out (2 · rows · N · 4 bytes), a backward x and dy in
 //! and dx out (3 · rows · N · 4). A timed backward is `y.backward()` on a graph built outside the
 //! timing: candle seeds dy with ones (one write of y's size, on both sides), then runs the
-//! norm's backward (dx, dγ, dβ). `LAYERNORM_BENCH_QUICK=1` shortens every measurement.
+//! norm's backward (dx, dγ, dβ); candle's autograd then adds each gradient into a zeroed tensor
+//! (`zeros_like` + `add`, two more passes over dx's size). The `kernel` lines time the same
+//! forward and backward called on layernorm-cpu directly, into preallocated slices, to show what
+//! of each figure is the kernel and what is candle's bookkeeping around it.
+//! `LAYERNORM_BENCH_QUICK=1` shortens every measurement.
 //!
 //! ```text
 //! cargo bench -p layernorm-candle --bench candle
@@ -15,6 +19,8 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use layernorm_core::NormSpec;
+use layernorm_cpu::CpuBackend;
 
 /// The shapes of `benches/src/lib.rs` (`SHAPES`), rows × N.
 const SHAPES: [(usize, usize); 6] =
@@ -85,6 +91,25 @@ fn benches(c: &mut Criterion) {
         fwd.bench_function(BenchmarkId::from_parameter("candle-fused"), |bench| {
             bench.iter(|| candle_nn::ops::layer_norm(x, g, b, EPS).expect("candle"))
         });
+        let cpu = CpuBackend::new();
+        let spec = NormSpec::layer_norm(rows, n, layernorm_core::DType::F32).with_eps(EPS as f64);
+        let host = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("host");
+        let (xh, gh, bh) = (host(x), host(g), host(b));
+        let (mut y, mut mean, mut rstd) = (vec![0f32; numel], vec![0f32; rows], vec![0f32; rows]);
+        fwd.bench_function(BenchmarkId::from_parameter("kernel"), |bench| {
+            bench.iter(|| {
+                cpu.forward_into(
+                    &spec,
+                    &xh,
+                    Some(&gh),
+                    Some(&bh),
+                    &mut y,
+                    Some(&mut mean),
+                    &mut rstd,
+                )
+                .expect("kernel")
+            })
+        });
         fwd.finish();
 
         let mut rms = group(c, &format!("candle/rms_norm_forward/{shape}"), 2 * numel * size);
@@ -112,6 +137,24 @@ fn benches(c: &mut Criterion) {
                 |y| y.backward().expect("backward"),
                 BatchSize::PerIteration,
             )
+        });
+        let dy = vec![1f32; numel];
+        let (mut dx, mut dg, mut db) = (vec![0f32; numel], vec![0f32; n], vec![0f32; n]);
+        bwd.bench_function(BenchmarkId::from_parameter("kernel"), |bench| {
+            bench.iter(|| {
+                cpu.backward_into(
+                    &spec,
+                    &xh,
+                    &dy,
+                    Some(&mean),
+                    &rstd,
+                    Some(&gh),
+                    &mut dx,
+                    Some(&mut dg),
+                    Some(&mut db),
+                )
+                .expect("kernel")
+            })
         });
         bwd.finish();
     }
