@@ -1,5 +1,6 @@
-//! CPU benchmarks: LayerNorm forward and backward (f32, bf16, f16; 1 and 2 threads) on the standard
-//! shapes, each beside baselines that move the same bytes with no math — read N + write N for
+//! CPU benchmarks: LayerNorm and RMSNorm forward and backward (f32, bf16, f16; 1 and 2 threads)
+//! on the standard shapes (groups `cpu/<pass>/<dtype>/<threads>t`, pass `fwd`/`bwd` and
+//! `rms-fwd`/`rms-bwd`; the kernel's function is `layernorm` or `rmsnorm`), each beside baselines that move the same bytes with no math — read N + write N for
 //! the forward (a parallel memcpy, a vectorized copy loop, and a copy with streaming stores),
 //! read 2N + write N for the backward (a bytewise XOR the compiler vectorizes, with ordinary and
 //! with streaming stores) — on the same pool in the same run. `cargo xtask bench` takes the
@@ -11,35 +12,39 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
 use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
-use layernorm_benches::{SHAPES, data, quick};
+use layernorm_benches::{SHAPES, data, pass, problem, quick};
 use layernorm_core::ndarray::ArrayView2;
-use layernorm_core::{Element, Norm, NormSpec, NormalizeNd};
+use layernorm_core::{Element, Norm, NormKind, NormalizeNd};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
-fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
+fn bench_dtype<T: CpuElement>(c: &mut Criterion, kind: NormKind, threads: usize) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
     let cpu = CpuBackend::with_pool(pool.clone());
     let dt = T::DTYPE;
     for (rows, n) in SHAPES {
         let numel = rows * n;
         let id = format!("{rows}x{n}");
-        let spec = NormSpec::layer_norm(rows, n, dt);
+        let spec = problem(kind, rows, n, dt);
         let Inputs { x, dy, gamma: g, beta: b } = Inputs::<T>::new(rows, n);
+        let b = spec.beta.then_some(&b[..]);
+        let name = if spec.has_mean() { "layernorm" } else { "rmsnorm" };
         let mut y = x.clone();
         let mut dx = x.clone();
         let (mut dg, mut db) = (g.clone(), g.clone());
         let zero = T::Acc::from_f64(0.0);
         let (mut mean, mut rstd) = (vec![zero; rows], vec![zero; rows]);
-        cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, Some(&mut mean), &mut rstd)
-            .unwrap();
+        let has_mean = spec.has_mean();
+        let forward = |y: &mut [T], mean: &mut [T::Acc], rstd: &mut [T::Acc]| {
+            let mean = has_mean.then_some(mean);
+            cpu.forward_into(&spec, &x, Some(&g), b, y, mean, rstd).unwrap()
+        };
+        forward(&mut y, &mut mean, &mut rstd);
 
-        let mut fwd = c.benchmark_group(format!("cpu/fwd/{}/{threads}t", dt.name()));
+        let mut fwd =
+            c.benchmark_group(format!("cpu/{}/{}/{threads}t", pass(kind, "fwd"), dt.name()));
         fwd.throughput(Throughput::Bytes((2 * numel * dt.size()) as u64));
-        fwd.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
-            bch.iter(|| {
-                cpu.forward_into(&spec, &x, Some(&g), Some(&b), &mut y, Some(&mut mean), &mut rstd)
-                    .unwrap()
-            })
+        fwd.bench_function(BenchmarkId::new(name, &id), |bch| {
+            bch.iter(|| forward(&mut y, &mut mean, &mut rstd))
         });
         fwd.bench_function(BenchmarkId::new("baseline", &id), |bch| {
             bch.iter(|| pool.install(|| copy(&x, &mut y)))
@@ -52,22 +57,15 @@ fn bench_dtype<T: CpuElement>(c: &mut Criterion, threads: usize) {
         });
         fwd.finish();
 
-        let mut bwd = c.benchmark_group(format!("cpu/bwd/{}/{threads}t", dt.name()));
+        let mut bwd =
+            c.benchmark_group(format!("cpu/{}/{}/{threads}t", pass(kind, "bwd"), dt.name()));
         bwd.throughput(Throughput::Bytes((3 * numel * dt.size()) as u64));
-        bwd.bench_function(BenchmarkId::new("layernorm", &id), |bch| {
+        let m = has_mean.then_some(&mean[..]);
+        bwd.bench_function(BenchmarkId::new(name, &id), |bch| {
             bch.iter(|| {
-                cpu.backward_into(
-                    &spec,
-                    &x,
-                    &dy,
-                    Some(&mean),
-                    &rstd,
-                    Some(&g),
-                    &mut dx,
-                    Some(&mut dg),
-                    Some(&mut db),
-                )
-                .unwrap()
+                let db = spec.beta.then_some(&mut db[..]);
+                let dg = Some(&mut dg[..]);
+                cpu.backward_into(&spec, &x, &dy, m, &rstd, Some(&g), &mut dx, dg, db).unwrap()
             })
         });
         bwd.bench_function(BenchmarkId::new("baseline", &id), |bch| {
@@ -114,10 +112,12 @@ fn bench_allocating(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    for threads in [1, 2] {
-        bench_dtype::<f32>(c, threads);
-        bench_dtype::<bf16>(c, threads);
-        bench_dtype::<f16>(c, threads);
+    for kind in NormKind::ALL {
+        for threads in [1, 2] {
+            bench_dtype::<f32>(c, kind, threads);
+            bench_dtype::<bf16>(c, kind, threads);
+            bench_dtype::<f16>(c, kind, threads);
+        }
     }
     bench_allocating(c);
 }

@@ -1,12 +1,13 @@
-//! CPU fractions of the same-bytes baseline, measured in pairs: LayerNorm and its baselines are
-//! timed alternately, a few milliseconds each, many times over, so that every pair sees the
-//! machine in the same state. `cargo xtask bench --paired` runs this and prints the median of
+//! CPU fractions of the same-bytes baseline, measured in pairs: the kernel (LayerNorm, RMSNorm)
+//! and its baselines are timed alternately, a few milliseconds each, many times over, so that
+//! every pair sees the machine in the same state. `cargo xtask bench --paired` runs this and prints the median of
 //! the pairs' fractions. (The criterion benches in `cpu.rs` time each function for a second or
 //! so in turn; on the shared VMs we measure on, the machine's speed changes on that scale, and
 //! their fractions moved by ±0.2 from run to run.)
 //!
 //! Not a criterion bench: criterion measures one function at a time. Arguments are substring
-//! filters on `cpu/<pass>/<dtype>/<threads>t/<shape>`; each row prints as one line
+//! filters on `cpu/<pass>/<dtype>/<threads>t/<shape>` (pass `fwd`, `bwd`, `rms-fwd`,
+//! `rms-bwd`); each row prints as one line
 //! `pair <group> <shape> <bytes> <kernel s>,<bar s> …` (seconds per call, one pair each), which
 //! `cargo xtask bench --paired` reads. `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21).
 
@@ -16,8 +17,8 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
-use layernorm_benches::{SHAPES, quick};
-use layernorm_core::{Element, NormSpec};
+use layernorm_benches::{SHAPES, pass, problem, quick};
+use layernorm_core::{Element, NormKind};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
 /// Seconds per call of `f`, timed over `calls` calls after one untimed call: the first call
@@ -74,7 +75,13 @@ fn report(group: &str, shape: &str, bytes: usize, pairs: &[(f64, f64)]) {
     println!("pair {group} {shape} {bytes} {}", p.join(" "));
 }
 
-fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, target: f64) {
+fn bench_dtype<T: CpuElement>(
+    kind: NormKind,
+    threads: usize,
+    filters: &[String],
+    pairs: usize,
+    target: f64,
+) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
     let cpu = CpuBackend::with_pool(pool.clone());
     let dt = T::DTYPE;
@@ -82,8 +89,8 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
     for (rows, n) in SHAPES {
         let shape = format!("{rows}x{n}");
         let (fwd, bwd) = (
-            format!("cpu/fwd/{}/{threads}t", dt.name()),
-            format!("cpu/bwd/{}/{threads}t", dt.name()),
+            format!("cpu/{}/{}/{threads}t", pass(kind, "fwd"), dt.name()),
+            format!("cpu/{}/{}/{threads}t", pass(kind, "bwd"), dt.name()),
         );
         let (do_fwd, do_bwd) =
             (wanted(&format!("{fwd}/{shape}")), wanted(&format!("{bwd}/{shape}")));
@@ -91,16 +98,18 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
             continue;
         }
         let numel = rows * n;
-        let spec = NormSpec::layer_norm(rows, n, dt);
+        let spec = problem(kind, rows, n, dt);
         let Inputs { x, dy, gamma: g, beta: b } = Inputs::<T>::new(rows, n);
-        // As in `cpu.rs`, the baselines write where LayerNorm does (y, dx), so that both sides
+        let b = spec.beta.then_some(&b[..]);
+        // As in `cpu.rs`, the baselines write where the kernel does (y, dx), so that both sides
         // of a pair touch the same memory.
         let out = RefCell::new(x.clone());
         let (mut dg, mut db) = (g.clone(), g.clone());
         let zero = T::Acc::from_f64(0.0);
         let (mut mean, mut rstd) = (vec![zero; rows], vec![zero; rows]);
         let fwd_call = |out: &mut [T], mean: &mut [T::Acc], rstd: &mut [T::Acc]| {
-            cpu.forward_into(&spec, &x, Some(&g), Some(&b), out, Some(mean), rstd).unwrap()
+            let mean = spec.has_mean().then_some(mean);
+            cpu.forward_into(&spec, &x, Some(&g), b, out, mean, rstd).unwrap()
         };
         fwd_call(&mut out.borrow_mut(), &mut mean, &mut rstd);
         if do_fwd {
@@ -122,11 +131,11 @@ fn bench_dtype<T: CpuElement>(threads: usize, filters: &[String], pairs: usize, 
             report(&fwd, &shape, 2 * numel * dt.size(), &p);
         }
         if do_bwd {
-            let (mean, rstd) = (&mean, &rstd);
+            let (mean, rstd) = (spec.has_mean().then_some(&mean[..]), &rstd);
             let mut kernel = || {
-                let (dg, db) = (Some(&mut dg[..]), Some(&mut db[..]));
+                let (dg, db) = (Some(&mut dg[..]), spec.beta.then_some(&mut db[..]));
                 let dx = &mut out.borrow_mut()[..];
-                cpu.backward_into(&spec, &x, &dy, Some(mean), rstd, Some(&g), dx, dg, db).unwrap()
+                cpu.backward_into(&spec, &x, &dy, mean, rstd, Some(&g), dx, dg, db).unwrap()
             };
             let mut xor = || {
                 let dx = &mut out.borrow_mut()[..];
@@ -153,9 +162,11 @@ fn main() {
     // Seconds per side of a pair: long enough to time, short enough that the machine holds
     // still across the pair.
     let target = if quick() { 0.01 } else { 0.05 };
-    for threads in [1, 2] {
-        bench_dtype::<f32>(threads, &filters, pairs, target);
-        bench_dtype::<bf16>(threads, &filters, pairs, target);
-        bench_dtype::<f16>(threads, &filters, pairs, target);
+    for kind in NormKind::ALL {
+        for threads in [1, 2] {
+            bench_dtype::<f32>(kind, threads, &filters, pairs, target);
+            bench_dtype::<bf16>(kind, threads, &filters, pairs, target);
+            bench_dtype::<f16>(kind, threads, &filters, pairs, target);
+        }
     }
 }

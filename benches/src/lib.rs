@@ -4,6 +4,29 @@
 pub const SHAPES: [(usize, usize); 6] =
     [(4096, 768), (4096, 1024), (1024, 4096), (256, 16384), (65536, 128), (16384, 1024)];
 
+/// The kinds every CPU bench runs, as their problems over `rows × n` in `dtype` are set up:
+/// LayerNorm with γ and β (PyTorch's `nn.LayerNorm`), RMSNorm with γ and no β (the Llama layer).
+pub fn problem(
+    kind: layernorm_core::NormKind,
+    rows: usize,
+    n: usize,
+    dtype: layernorm_core::DType,
+) -> layernorm_core::NormSpec {
+    match kind {
+        layernorm_core::NormKind::RmsNorm => layernorm_core::NormSpec::rms_norm(rows, n, dtype),
+        _ => layernorm_core::NormSpec::layer_norm(rows, n, dtype),
+    }
+}
+
+/// A bench group's pass for `kind`: `fwd`/`bwd` for LayerNorm, `rms-fwd`/`rms-bwd` for RMSNorm
+/// (`cargo xtask bench` reads the kind back from the prefix).
+pub fn pass(kind: layernorm_core::NormKind, pass: &str) -> String {
+    match kind {
+        layernorm_core::NormKind::RmsNorm => format!("rms-{pass}"),
+        _ => pass.to_string(),
+    }
+}
+
 /// Deterministic, cheap, normal-ish data (no RNG needed to benchmark).
 pub fn data(len: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9) | 1;

@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: run a criterion bench quickly and print GB/s beside the same-run baseline.
 //!
-//! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a `layernorm` and one or more
-//! `baseline…` functions per shape (see `benches/benches/*.rs`; the fastest baseline is the
-//! bar). The table gives LayerNorm's effective bandwidth (bytes read + written once / time) and
-//! its fraction of the baseline's, measured in the same run. `--rounds K` runs the bench K times
+//! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a kernel (`layernorm` or
+//! `rmsnorm`) and one or more `baseline…` functions per shape (see `benches/benches/*.rs`; the
+//! fastest baseline is the bar); a pass prefixed `rms-` is RMSNorm's, and the table and JSON show
+//! the kind in a column of its own. The table gives the kernel's effective bandwidth (bytes read
+//! + written once / time) and its fraction of the baseline's, measured in the same run. `--rounds K` runs the bench K times
 //! and reports the median of the rounds' fractions (each against its own round's baseline, so a
 //! machine whose speed drifts between rounds moves both sides of a fraction alike), with every
 //! round's fraction beside it. `--json PATH` writes the same rows as JSON.
@@ -137,8 +138,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
             .iter()
             .map(|r| {
                 let [backend, pass, dtype, threads, shape] = &r.key;
+                let (kind, pass) = split_kind(pass);
                 json!({
-                    "backend": backend, "pass": pass, "dtype": dtype, "threads": threads,
+                    "backend": backend, "kind": kind, "pass": pass, "dtype": dtype,
+                    "threads": threads,
                     "shape": shape, "bytes": r.bytes, "rounds": r.rounds.len(),
                     "seconds": r.bytes / r.gbs() * 1e-9,
                     "gb_per_s": r.gbs(),
@@ -153,6 +156,14 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         println!("wrote {}", p.display());
     }
     Ok(true)
+}
+
+/// The kind a bench group's pass names (`rms-fwd`: RMSNorm's forward) and the pass itself.
+fn split_kind(pass: &str) -> (&'static str, &str) {
+    match pass.strip_prefix("rms-") {
+        Some(p) => ("rms_norm", p),
+        None => ("layer_norm", pass),
+    }
 }
 
 /// A row's key from its bench group (`backend/pass/dtype/threads`) and shape.
@@ -218,7 +229,7 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Summary>, String> {
         let ns = e["mean"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
         let slot = m.entry((group, shape)).or_default();
         match b["function_id"].as_str() {
-            Some("layernorm") => slot.layernorm = Some((ns, bytes)),
+            Some("layernorm" | "rmsnorm") => slot.layernorm = Some((ns, bytes)),
             // Several baselines (memcpy, a copy loop, a streaming copy): the fastest is the bar.
             Some(f)
                 if f.starts_with("baseline")
@@ -259,8 +270,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 fn print_table(rows: &[Summary]) {
     let many = rows.iter().any(|r| r.rounds.len() > 1);
     println!(
-        "{:<6} {:<9} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}{}",
+        "{:<6} {:<10} {:<4} {:<5} {:<4} {:<11} {:>9} {:>12} {:>9}{}",
         "bench",
+        "kind",
         "pass",
         "dtype",
         "thr",
@@ -289,8 +301,9 @@ fn print_table(rows: &[Summary]) {
             _ => String::new(),
         };
         let [backend, pass, dtype, threads, shape] = &r.key;
+        let (kind, pass) = split_kind(pass);
         println!(
-            "{backend:<6} {pass:<9} {dtype:<5} {threads:<4} {shape:<11} {:>9.1} {base:>12} {frac:>9}{spread}",
+            "{backend:<6} {kind:<10} {pass:<4} {dtype:<5} {threads:<4} {shape:<11} {:>9.1} {base:>12} {frac:>9}{spread}",
             r.gbs(),
         );
     }
@@ -343,6 +356,14 @@ mod tests {
         assert!(close(r.rounds[0].0, 3.0) && close(r.rounds[0].1.unwrap(), 6.0));
         assert!(close(f[0], 0.5) && close(f[1], 0.75), "{f:?}");
         assert!(close(r.fraction().unwrap(), 0.625));
+    }
+
+    #[test]
+    fn an_rms_prefix_names_the_kind() {
+        assert_eq!(split_kind("rms-fwd"), ("rms_norm", "fwd"));
+        assert_eq!(split_kind("bwd"), ("layer_norm", "bwd"));
+        let rows = parse_pairs("pair cpu/rms-bwd/f32/1t 4x8 300 1e-7,5e-8\n");
+        assert_eq!(rows[0].key[1], "rms-bwd");
     }
 
     #[test]
