@@ -52,17 +52,12 @@ fn dx_value(g: V, xhat: V, c1: f32, c2: f32, rs: f32, i: u32) -> V {
 // The row as the streamed passes see it (see `stream` in common.wgsl).
 const S_SUMS: u32 = 0u;  // sum(e), sum(g * e), sum(g)
 const S_DX: u32 = 1u;    // dx
-var<private> s_base: u32;
 var<private> s_xr: XRow;
 var<private> s_lo: f32;
 var<private> s_c1: f32;
 var<private> s_c2: f32;
 
-fn s_item(step: u32, j: u32) {
-    if (j >= p.nv) {
-        return;
-    }
-    let i = s_base + j;
+fn s_item(step: u32, i: u32, j: u32) {
     let e = xhat_raw(p.flags, p.offset, s_xr, get_x(i), j);
     let g = get_dy(i) * gamma_eff(p.flags, p.offset, j);
     if (step == S_SUMS) {

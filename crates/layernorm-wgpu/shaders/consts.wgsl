@@ -26,6 +26,14 @@ fn finite4(v: vec4<f32>) -> vec4<bool> {
     return (bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu)) < vec4<u32>(0x7f800000u);
 }
 
+// bf16 from its bits, and f32 to bf16 bits rounded to nearest even (NaN stays a quiet NaN).
+fn bf16_to_f32(bits: u32) -> f32 { return bitcast<f32>(bits << 16u); }
+fn f32_to_bf16(v: f32) -> u32 {
+    let u = bitcast<u32>(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { return (u >> 16u) | 0x40u; }
+    return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
+}
+
 // v * 2^e by exponent arithmetic, for e chosen so that no result overflows. Results below the
 // normal range (and zero or subnormal inputs) become a signed zero; NaN and infinities stay
 // what they are (a poisoned input must poison its row). This is deliberately not a

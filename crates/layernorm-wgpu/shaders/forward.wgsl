@@ -84,7 +84,6 @@ const S_MAX_SUM: u32 = 0u;     // pass 1: max |x| and sum(x - x0)
 const S_SCALED_SUM: u32 = 1u;  // pass 2 (rare): sum(x*s - x0*s)
 const S_RESIDUALS: u32 = 2u;   // pass 3: sum(d), sum(d^2)
 const S_Y: u32 = 3u;           // pass 4: y
-var<private> s_base: u32;
 var<private> s_m: f32;
 var<private> s_x0: f32;
 var<private> s_se: i32;
@@ -93,11 +92,7 @@ var<private> s_mu0: f32;
 var<private> s_lo: f32;
 var<private> s_k: f32;
 
-fn s_item(step: u32, j: u32) {
-    if (j >= p.nv) {
-        return;
-    }
-    let i = s_base + j;
+fn s_item(step: u32, i: u32, j: u32) {
     switch step {
         case S_MAX_SUM: {
             let v = first_read(i);

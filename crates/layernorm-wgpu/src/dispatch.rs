@@ -217,6 +217,34 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// Bindings 0–6 of the backward row kernel and of the dγ/dβ pass, for chunk `c`: the
+    /// parameters, the saved tensor (x or y), dy, γ, β (read from y only), the mean (LayerNorm
+    /// from x only) and rstd.
+    fn saved_entries<'a>(
+        &'a self,
+        spec: &NormSpec,
+        a: &Backward<'a, WgpuBuffer>,
+        params: &'a wgpu::Buffer,
+        c: &Chunk,
+        row_bytes: u64,
+    ) -> Vec<wgpu::BindGroupEntry<'a>> {
+        let from_y = a.saved.is_output();
+        let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
+        let beta = a.beta.filter(|_| from_y).map_or(&self.dummy, |b| &b.buffer);
+        let mean = a.mean.filter(|_| spec.has_mean() && !from_y);
+        let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
+        let (soff, sbytes) = (c.row0 as u64 * 4, c.rows as u64 * 4);
+        vec![
+            entry(0, params.as_entire_binding()),
+            entry(1, bind(&a.saved.tensor().buffer, off, bytes)),
+            entry(2, bind(&a.dy.buffer, off, bytes)),
+            entry(3, bind(gamma, 0, row_bytes)),
+            entry(4, bind(beta, 0, row_bytes)),
+            entry(5, opt_bind(mean, &self.dummy, soff, sbytes)),
+            entry(6, bind(&a.rstd.buffer, soff, sbytes)),
+        ]
+    }
+
     /// The flags of a backward: the kind, γ, and the variants.
     fn backward_flags(spec: &NormSpec, a: &Backward<'_, WgpuBuffer>) -> Flags {
         let from_y = a.saved.is_output();
@@ -234,7 +262,6 @@ impl WgpuBackend {
         a: &Backward<'_, WgpuBuffer>,
     ) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
-        let x = *a.saved.tensor();
         let es = spec.dtype.size() as u64;
         let row_bytes = n as u64 * es;
         let param_bytes = (row_bytes.div_ceil(4) * 4).max(16);
@@ -247,10 +274,6 @@ impl WgpuBackend {
             return Ok(());
         }
         let chunks = self.chunks(spec, row_bytes)?;
-        let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
-        let from_y = a.saved.is_output();
-        let beta = a.beta.filter(|_| from_y).map_or(&self.dummy, |b| &b.buffer);
-        let mean = a.mean.filter(|_| spec.has_mean() && !from_y);
         let lo = self.scratch(spec, rows as u64 * 4)?;
         let io = Io::widest(spec.dtype, n);
         let nv = n / io.width();
@@ -297,23 +320,18 @@ impl WgpuBackend {
                 ]);
                 let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
                 let (soff, sbytes) = (c.row0 as u64 * 4, c.rows as u64 * 4);
+                let mut entries = self.saved_entries(spec, a, &params, c, row_bytes);
+                entries.extend([
+                    entry(7, opt_bind(a.dh, &self.dummy, off, bytes)),
+                    entry(8, bind(&a.dx.buffer, off, bytes)),
+                    entry(9, bind(&lo, soff, sbytes)),
+                    entry(10, part_g.as_entire_binding()),
+                    entry(11, part_b.as_entire_binding()),
+                ]);
                 let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("layernorm backward"),
                     layout: &layout,
-                    entries: &[
-                        entry(0, params.as_entire_binding()),
-                        entry(1, bind(&x.buffer, off, bytes)),
-                        entry(2, bind(&a.dy.buffer, off, bytes)),
-                        entry(3, bind(gamma, 0, row_bytes)),
-                        entry(4, bind(beta, 0, row_bytes)),
-                        entry(5, opt_bind(mean, &self.dummy, soff, sbytes)),
-                        entry(6, bind(&a.rstd.buffer, soff, sbytes)),
-                        entry(7, opt_bind(a.dh, &self.dummy, off, bytes)),
-                        entry(8, bind(&a.dx.buffer, off, bytes)),
-                        entry(9, bind(&lo, soff, sbytes)),
-                        entry(10, part_g.as_entire_binding()),
-                        entry(11, part_b.as_entire_binding()),
-                    ],
+                    entries: &entries,
                 });
                 pass.set_bind_group(0, &bg, &[]);
                 pass.dispatch_workgroups(gx, gy, 1);
@@ -356,11 +374,6 @@ impl WgpuBackend {
         enc: &mut wgpu::CommandEncoder,
     ) -> Result<(wgpu::Buffer, wgpu::Buffer, usize)> {
         let (rows, n) = (spec.rows, spec.n);
-        let x = *a.saved.tensor();
-        let from_y = a.saved.is_output();
-        let mean = a.mean.filter(|_| spec.has_mean() && !from_y);
-        let gamma = a.gamma.map_or(&self.dummy, |g| &g.buffer);
-        let beta = a.beta.filter(|_| from_y).map_or(&self.dummy, |b| &b.buffer);
         let flags = Self::backward_flags(spec, a);
         let offset = spec.gamma_offset_acc() as f32;
         let es = spec.dtype.size() as u64;
@@ -400,23 +413,17 @@ impl WgpuBackend {
                 col_groups,
                 0,
             ]);
-            let (off, bytes) = (c.row0 as u64 * row_bytes, c.rows as u64 * row_bytes);
             let (soff, sbytes) = (c.row0 as u64 * 4, c.rows as u64 * 4);
+            let mut entries = self.saved_entries(spec, a, &params, c, row_bytes);
+            entries.extend([
+                entry(7, bind(lo, soff, sbytes)),
+                entry(8, part_g.as_entire_binding()),
+                entry(9, part_b.as_entire_binding()),
+            ]);
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("layernorm dgamma/dbeta partials"),
                 layout: &layout,
-                entries: &[
-                    entry(0, params.as_entire_binding()),
-                    entry(1, bind(&x.buffer, off, bytes)),
-                    entry(2, bind(&a.dy.buffer, off, bytes)),
-                    entry(3, bind(gamma, 0, row_bytes)),
-                    entry(4, bind(beta, 0, row_bytes)),
-                    entry(5, opt_bind(mean, &self.dummy, soff, sbytes)),
-                    entry(6, bind(&a.rstd.buffer, soff, sbytes)),
-                    entry(7, bind(lo, soff, sbytes)),
-                    entry(8, part_g.as_entire_binding()),
-                    entry(9, part_b.as_entire_binding()),
-                ],
+                entries: &entries,
             });
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(col_groups, p as u32, 1);

@@ -59,6 +59,15 @@ impl Io {
         }
     }
 
+    /// The helpers of the compute type `V` (`hsum`, `vmaxabs`, `vscale`, `vfirst`), by width.
+    fn lanes(self) -> &'static str {
+        match self.width() {
+            1 => include_str!("../shaders/io/lanes1.wgsl"),
+            2 => include_str!("../shaders/io/lanes2.wgsl"),
+            _ => include_str!("../shaders/io/lanes4.wgsl"),
+        }
+    }
+
     /// Elements per item.
     pub(crate) fn width(self) -> usize {
         match self {
@@ -180,6 +189,7 @@ impl Kernel {
         let put_t = &io_src[put_at..];
         let mut s = String::with_capacity(16384);
         s.push_str(head);
+        s.push_str(io.lanes());
         s.push_str(CONSTS);
         for name in gets {
             s.push_str(&get_t.replace("NAME", name));
@@ -337,6 +347,16 @@ mod tests {
         assert_eq!(Shape::for_items(1024), Shape { tpr: 128, k: 8 });
         assert_eq!(Shape::for_items(2048), Shape { tpr: 256, k: 8 });
         assert_eq!(Shape::for_items(16384), Shape { tpr: 256, k: 0 });
+    }
+
+    #[test]
+    fn the_backward_binds_the_most_storage_buffers() {
+        // `from_device` refuses a device with fewer than STORAGE_BUFFERS per shader stage.
+        let count = |k: Kernel| k.source(Io::F32, false).matches("var<storage").count() as u32;
+        assert_eq!(count(Kernel::Backward), crate::STORAGE_BUFFERS);
+        for k in [Kernel::Forward, Kernel::ParamsGrad, Kernel::ParamsFinish, Kernel::Copy] {
+            assert!(count(k) <= crate::STORAGE_BUFFERS, "{k:?}");
+        }
     }
 
     #[test]

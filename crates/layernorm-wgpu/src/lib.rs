@@ -41,7 +41,7 @@ mod buffer;
 mod dispatch;
 mod kernels;
 
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use layernorm_core::{
     Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
@@ -76,7 +76,13 @@ pub struct WgpuBackend {
     dummy_out: [wgpu::Buffer; 2],
     cache: Cache,
     token: Arc<()>,
+    /// Held through each call on the GL backend (see [`WgpuBackend::serial`]).
+    gl_calls: Option<Mutex<()>>,
 }
+
+/// Storage buffers the largest kernel binds (the backward: x or y, dy, γ, β, mean, rstd, dh, dx
+/// and three working buffers).
+const STORAGE_BUFFERS: u32 = 11;
 
 fn device_err(e: impl std::fmt::Display) -> Error {
     Error::device(WgpuBackend::NAME, e)
@@ -131,6 +137,17 @@ impl WgpuBackend {
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<WgpuBackend> {
         let limits = device.limits();
         let info = device.adapter_info();
+        if limits.max_storage_buffers_per_shader_stage < STORAGE_BUFFERS {
+            return Err(Error::unavailable(
+                Self::NAME,
+                format!(
+                    "the device allows {} storage buffers per shader stage; the backward binds \
+                     {STORAGE_BUFFERS}",
+                    limits.max_storage_buffers_per_shader_stage
+                ),
+            ));
+        }
+        let gl_calls = (info.backend == wgpu::Backend::Gl).then(|| Mutex::new(()));
         let f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -161,6 +178,7 @@ impl WgpuBackend {
             dummy_out,
             cache: Cache::default(),
             token: Arc::new(()),
+            gl_calls,
         })
     }
 
@@ -186,6 +204,7 @@ impl WgpuBackend {
     /// kernel on this adapter can hope for, which is what the benches compare against. Both
     /// buffers must hold the same number of bytes, a multiple of 16.
     pub fn copy_kernel(&self, src: &WgpuBuffer, dst: &mut WgpuBuffer) -> Result<()> {
+        let _serial = self.serial();
         self.own("src", src)?;
         self.own("dst", dst)?;
         let bytes = src.byte_len();
@@ -235,6 +254,7 @@ impl WgpuBackend {
 
     /// Blocks until all work submitted to the queue has finished.
     pub fn synchronize(&self) -> Result<()> {
+        let _serial = self.serial();
         self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(device_err)
     }
 
@@ -365,6 +385,14 @@ impl WgpuBackend {
         r
     }
 
+    /// On wgpu's GL backend every call holds the adapter's one GL context, and a thread that
+    /// waits more than 6 s for it panics inside wgpu ("Could not lock adapter context"): a
+    /// long dispatch on llvmpipe holds it that long. The backend's own calls therefore queue on
+    /// this lock first, without a timeout; on other backends it is absent.
+    fn serial(&self) -> Option<MutexGuard<'_, ()>> {
+        self.gl_calls.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn own(&self, tensor: &'static str, b: &WgpuBuffer) -> Result<()> {
         if Arc::ptr_eq(&b.owner, &self.token) {
             Ok(())
@@ -418,11 +446,13 @@ impl Normalize for WgpuBackend {
     type Buffer = WgpuBuffer;
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
+        let _serial = self.serial();
         // wgpu zero-initializes new buffers.
         self.create(dtype, len)
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<WgpuBuffer> {
+        let _serial = self.serial();
         let b = self.create(data.dtype(), data.len())?;
         let bytes = data.as_bytes();
         if !bytes.is_empty() {
@@ -440,7 +470,36 @@ impl Normalize for WgpuBackend {
         Ok(b)
     }
 
-    fn download(&self, buffer: &WgpuBuffer, mut out: HostSliceMut<'_>) -> Result<()> {
+    fn download(&self, buffer: &WgpuBuffer, out: HostSliceMut<'_>) -> Result<()> {
+        let _serial = self.serial();
+        self.download_held(buffer, out)
+    }
+
+    fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
+        let _serial = self.serial();
+        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
+        let eps = Self::eps_parts(spec)?;
+        self.scoped(|| self.forward_impl(spec, &a, eps))
+    }
+
+    fn run_backward(&self, spec: &NormSpec, a: Backward<'_, WgpuBuffer>) -> Result<()> {
+        let _serial = self.serial();
+        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
+        Self::check_saved_rstd(spec, a.saved.is_output())?;
+        if let (true, Some(gamma)) = (a.saved.is_output(), a.gamma) {
+            // x̂ = (y − β)/(γ_offset + γ) needs every γ_offset + γ nonzero: checked on a copy
+            // of γ before anything is written.
+            let mut host = HostVec::try_zeros("gamma (host copy)", spec.dtype, spec.n)?;
+            self.download_held(gamma, host.as_mut_slice())?;
+            check_gamma_recoverable(spec, Some(host.as_slice()))?;
+        }
+        self.scoped(|| self.backward_impl(spec, &a))
+    }
+}
+
+impl WgpuBackend {
+    /// [`Normalize::download`], with [`WgpuBackend::serial`] already held.
+    fn download_held(&self, buffer: &WgpuBuffer, mut out: HostSliceMut<'_>) -> Result<()> {
         check_download(buffer, &out)?;
         self.own("download source", buffer)?;
         let nbytes = buffer.len * buffer.dtype.size();
@@ -448,17 +507,13 @@ impl Normalize for WgpuBackend {
             return Ok(());
         }
         let size = (nbytes as u64).div_ceil(4) * 4;
-        let staging = self.scoped(|| {
-            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("layernorm download"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let staging = self.allocate("layernorm download", size, usage)?;
+        self.scoped(|| {
             let mut enc = self.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&buffer.buffer, 0, &staging, 0, size);
             self.queue.submit([enc.finish()]);
-            Ok(staging)
+            Ok(())
         })?;
         let (tx, rx) = mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -472,24 +527,5 @@ impl Normalize for WgpuBackend {
         }
         staging.unmap();
         Ok(())
-    }
-
-    fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
-        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
-        let eps = Self::eps_parts(spec)?;
-        self.scoped(|| self.forward_impl(spec, &a, eps))
-    }
-
-    fn run_backward(&self, spec: &NormSpec, a: Backward<'_, WgpuBuffer>) -> Result<()> {
-        let a = a.try_map(|t, b| self.own(t, b).map(|()| b), |t, b| self.own(t, b).map(|()| b))?;
-        Self::check_saved_rstd(spec, a.saved.is_output())?;
-        if let (true, Some(gamma)) = (a.saved.is_output(), a.gamma) {
-            // x̂ = (y − β)/(γ_offset + γ) needs every γ_offset + γ nonzero: checked on a copy
-            // of γ before anything is written.
-            let mut host = HostVec::try_zeros("gamma (host copy)", spec.dtype, spec.n)?;
-            self.download(gamma, host.as_mut_slice())?;
-            check_gamma_recoverable(spec, Some(host.as_slice()))?;
-        }
-        self.scoped(|| self.backward_impl(spec, &a))
     }
 }

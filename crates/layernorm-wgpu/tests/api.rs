@@ -129,6 +129,9 @@ fn user_buffers_are_wrapped_and_misuse_is_an_error() {
 fn zero_rows_write_zero_parameter_gradients() {
     let Some(b) = backend() else { return };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
+        if !common::runs(b, dtype) {
+            continue;
+        }
         let spec = NormSpec::layer_norm(0, 5, dtype);
         let ones = layernorm_core::HostVec::from_f64(dtype, &[1.0; 5]);
         let empty = layernorm_core::HostVec::zeros(dtype, 0);

@@ -4,21 +4,7 @@ alias IN_T = u32;
 alias OUT_T = atomic<u32>;
 alias V = f32;
 const W: u32 = 1u;
-fn hsum(v: f32) -> f32 { return v; }
-fn vmaxabs(v: f32) -> f32 {
-    let a = abs(v);
-    return select(inf(), a, finite1(a));
-}
-fn bf16_to_f32(bits: u32) -> f32 { return bitcast<f32>(bits << 16u); }
-// Round to nearest even; NaN stays a (quiet) NaN.
-fn f32_to_bf16(v: f32) -> u32 {
-    let u = bitcast<u32>(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { return (u >> 16u) | 0x40u; }
-    return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
-}
-fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
 fn vround(v: f32) -> f32 { return bf16_to_f32(f32_to_bf16(v)); }
-fn vfirst(v: f32) -> f32 { return v; }
 // @get
 fn get_NAME(i: u32) -> f32 { return bf16_to_f32((NAME[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }
 // @load

@@ -4,22 +4,9 @@ alias IN_T = u32;
 alias OUT_T = u32;
 alias V = vec2<f32>;
 const W: u32 = 2u;
-fn hsum(v: vec2<f32>) -> f32 { return v.x + v.y; }
-fn vmaxabs(v: vec2<f32>) -> f32 {
-    let a = abs(v);
-    let b = select(vec2<f32>(inf()), a, finite2(a));
-    return max(b.x, b.y);
-}
-fn f32_to_bf16(v: f32) -> u32 {
-    let u = bitcast<u32>(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { return (u >> 16u) | 0x40u; }
-    return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
-}
-fn vscale(v: vec2<f32>, e: i32) -> vec2<f32> { return sc2(v, e); }
 fn vround(v: vec2<f32>) -> vec2<f32> {
     return vec2<f32>(bitcast<f32>(f32_to_bf16(v.x) << 16u), bitcast<f32>(f32_to_bf16(v.y) << 16u));
 }
-fn vfirst(v: vec2<f32>) -> f32 { return v.x; }
 // @get
 fn get_NAME(i: u32) -> vec2<f32> {
     let w = NAME[i];

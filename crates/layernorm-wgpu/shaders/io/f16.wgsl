@@ -4,14 +4,7 @@ alias IN_T = f16;
 alias OUT_T = f16;
 alias V = f32;
 const W: u32 = 1u;
-fn hsum(v: f32) -> f32 { return v; }
-fn vmaxabs(v: f32) -> f32 {
-    let a = abs(v);
-    return select(inf(), a, finite1(a));
-}
-fn vscale(v: f32, e: i32) -> f32 { return sc1(v, e); }
 fn vround(v: f32) -> f32 { return f32(f16(v)); }
-fn vfirst(v: f32) -> f32 { return v; }
 // @get
 fn get_NAME(i: u32) -> f32 { return f32(NAME[i]); }
 // @put
