@@ -37,13 +37,16 @@ fn family_rows(rows: usize, n: usize, dtype: DType, seed: u64) -> Vec<f32> {
 /// (777).
 const LENGTHS: [usize; 5] = [7, 40, 100, 300, 777];
 
+/// [`check_against_reference`] at every length of [`LENGTHS`], with γ (around 1, or around 0
+/// with a γ offset: the zero-centred γ of Gemma's RMSNorm), with γ and β, and with neither.
 fn every_path<T: CpuElement>(kind: NormKind, offset: f64) {
     let cpu = CpuBackend::new();
     let rows = 19;
     for n in LENGTHS {
         let x: Vec<T> = to(&family_rows(rows, n, T::DTYPE, n as u64));
         let dy: Vec<T> = to(&normal(rows * n, 100 + n as u64));
-        let g: Vec<T> = to(&normal(n, 7).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        let centre = if offset == 0.0 { 1.0 } else { 0.0 };
+        let g: Vec<T> = to(&normal(n, 7).iter().map(|v| centre + 0.5 * v).collect::<Vec<_>>());
         let b: Vec<T> = to(&normal(n, 8).iter().map(|v| 0.5 * v).collect::<Vec<_>>());
         let params = [(Some(&g[..]), None), (Some(&g[..]), Some(&b[..])), (None, None)];
         for (gamma, beta) in params {
@@ -77,6 +80,61 @@ fn layer_norm_matches_the_reference_on_every_path_in_every_dtype() {
     every_path::<f64>(NormKind::LayerNorm, 0.0);
     every_path::<bf16>(NormKind::LayerNorm, 0.0);
     every_path::<f16>(NormKind::LayerNorm, 0.0);
+}
+
+#[test]
+fn a_gamma_offset_scales_by_offset_plus_gamma_in_both_kinds_and_every_dtype() {
+    for kind in NormKind::ALL {
+        // Gemma's 1, and an offset that no 16-bit type holds (rounded to f32 as the backends
+        // and the reference both take it).
+        for offset in [1.0, 0.1] {
+            every_path::<f32>(kind, offset);
+            every_path::<f64>(kind, offset);
+            every_path::<bf16>(kind, offset);
+            every_path::<f16>(kind, offset);
+        }
+    }
+}
+
+#[test]
+fn an_offset_gamma_is_the_same_as_the_sum_where_the_dtype_holds_it() {
+    // f32: γ_eff = offset + γ is formed in f32, once per call; a problem without offset whose γ
+    // is that sum gives the same bits everywhere — dγ included (∂/∂γ of offset + γ is 1). Every
+    // path: short groups, pipelined rows, the column chunks of very long rows.
+    let cpu = CpuBackend::new();
+    for (rows, n) in [(33usize, 40usize), (33, 300), (9, 777), (2, 1 << 20)] {
+        let x = normal(rows * n, 21);
+        let dy = normal(rows * n, 22);
+        let g: Vec<f32> = normal(n, 23).iter().map(|v| 0.3 * v).collect();
+        let b = normal(n, 24);
+        let summed: Vec<f32> = g.iter().map(|v| 1.0 + v).collect();
+        for kind in NormKind::ALL {
+            let plain = NormSpec::new(kind, rows, n, DType::F32);
+            let offset = plain.clone().with_gamma_offset(1.0);
+            let f0 = forward(&cpu, &plain, &x, Some(&summed), Some(&b)).unwrap();
+            let f1 = forward(&cpu, &offset, &x, Some(&g), Some(&b)).unwrap();
+            assert_eq!(f1, f0, "{kind} {rows}x{n}: forward");
+            let g0 = backward(&cpu, &plain, (&x, &dy), (&f0.mean, &f0.rstd), Some(&summed));
+            let g1 = backward(&cpu, &offset, (&x, &dy), (&f1.mean, &f1.rstd), Some(&g));
+            assert_eq!(g1.unwrap(), g0.unwrap(), "{kind} {rows}x{n}: backward");
+        }
+    }
+}
+
+#[test]
+fn the_n_d_layer_takes_the_offset_from_the_norm() {
+    let cpu = CpuBackend::new();
+    let (rows, n) = (4, 96);
+    let x = Array2::from_shape_vec((rows, n), to::<bf16>(&normal(rows * n, 31))).unwrap();
+    let g: Vec<bf16> = to(&normal(n, 32).iter().map(|v| 0.2 * v).collect::<Vec<_>>());
+    let gemma = Norm::rms_norm().gamma_offset(1.0);
+    let out = cpu.forward_nd(gemma, &x).gamma(&g[..]).run().unwrap();
+    let spec = NormSpec::rms_norm(rows, n, DType::BF16).with_gamma_offset(1.0);
+    let f = forward(&cpu, &spec, x.as_slice().unwrap(), Some(&g), None).unwrap();
+    assert_eq!(out.y.as_slice().unwrap(), &f.y[..]);
+    // Without γ there is nothing to offset: a typed error before any work.
+    let err = cpu.forward_nd(gemma, &x).run().unwrap_err();
+    assert_eq!(err.class(), "option");
 }
 
 #[test]

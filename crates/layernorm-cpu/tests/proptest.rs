@@ -1,20 +1,54 @@
-//! Random problems against the f64 reference: shapes, offsets, scales, eps and affine flags drawn
-//! by proptest, forward and backward (y, mean, rstd, dx, dγ, dβ), held to the `f32` tolerances
-//! of the conformance suite (error relative to the size of the terms that form each output; a
-//! NaN where the reference is finite fails).
+//! Random problems against the f64 reference: kinds, shapes, offsets, scales, ε, affine flags
+//! and γ offsets drawn by proptest, forward and backward (y, mean, rstd, dx, dγ, dβ), held to
+//! the tolerances of the conformance suite (error relative to the size of the terms that form
+//! each output; a NaN where the reference is finite fails): `common::check_against_reference`.
 
-use layernorm_core::{DType, NormSpec, reference};
-use layernorm_cpu::CpuBackend;
+mod common;
+
+use common::check_against_reference;
+use layernorm_core::{NormKind, NormSpec, bf16};
+use layernorm_cpu::{CpuBackend, CpuElement};
 use proptest::prelude::*;
 
-fn row_err(got: &[f32], want: &[f64], scale: f64) -> f64 {
-    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max(err(g, w, scale)))
+/// One drawn problem in `T`: rows around `10^offset_exp · 10^scale_exp` with spread
+/// `10^scale_exp`, dy and β in [−1, 1] and [−0.5, 0.5], γ around 1 (around 0 with an offset).
+#[allow(clippy::too_many_arguments)]
+fn run<T: CpuElement>(
+    kind: NormKind,
+    (rows, n): (usize, usize),
+    (offset_exp, scale_exp, eps_exp): (i32, i32, i32),
+    (gamma_on, beta_on): (bool, bool),
+    gamma_offset: f64,
+    seed: u64,
+) {
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    let (offset, scale) = (10f64.powi(offset_exp), 10f64.powi(scale_exp));
+    let x: Vec<T> = (0..rows * n).map(|_| T::from_f64(offset * scale + scale * next())).collect();
+    let dy: Vec<T> = (0..rows * n).map(|_| T::from_f64(next())).collect();
+    let centre = if gamma_offset == 0.0 { 1.0 } else { 0.0 };
+    let gamma: Vec<T> = (0..n).map(|_| T::from_f64(centre + 0.5 * next())).collect();
+    let beta: Vec<T> = (0..n).map(|_| T::from_f64(0.5 * next())).collect();
+    let spec = NormSpec::new(kind, rows, n, T::DTYPE)
+        .with_eps(10f64.powi(eps_exp))
+        .with_gamma(gamma_on)
+        .with_beta(beta_on)
+        .with_gamma_offset(if gamma_on { gamma_offset } else { 0.0 });
+    let (g, b) = (gamma_on.then_some(&gamma[..]), beta_on.then_some(&beta[..]));
+    check_against_reference(&CpuBackend::new(), &spec, (&x, &dy), (g, b), &format!("{spec:?}"));
 }
 
-/// |got − want| / scale, infinite where `got` is not finite (every reference value here is).
-fn err(got: f32, want: f64, scale: f64) -> f64 {
-    let d = (f64::from(got) - want).abs() / scale;
-    if d.is_nan() || !got.is_finite() { f64::INFINITY } else { d }
+fn kind() -> impl Strategy<Value = NormKind> {
+    prop_oneof![Just(NormKind::LayerNorm), Just(NormKind::RmsNorm)]
+}
+
+fn gamma_offset() -> impl Strategy<Value = f64> {
+    prop_oneof![Just(0.0), Just(1.0), -2.0..2.0f64]
 }
 
 proptest! {
@@ -22,6 +56,7 @@ proptest! {
 
     #[test]
     fn f32_matches_the_reference(
+        kind in kind(),
         rows in 0usize..24,
         n in 1usize..300,
         offset_exp in -3i32..7,
@@ -29,83 +64,32 @@ proptest! {
         eps_exp in -12i32..-2,
         gamma_on: bool,
         beta_on: bool,
+        gamma_offset in gamma_offset(),
         seed: u64,
     ) {
-        let mut s = seed | 1;
-        let mut next = move || {
-            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
-        let (offset, scale) = (10f64.powi(offset_exp), 10f64.powi(scale_exp));
-        let x: Vec<f32> = (0..rows * n).map(|_| (offset * scale + scale * next()) as f32).collect();
-        let dy: Vec<f32> = (0..rows * n).map(|_| next() as f32).collect();
-        let gamma: Vec<f32> = (0..n).map(|_| (1.0 + 0.5 * next()) as f32).collect();
-        let beta: Vec<f32> = (0..n).map(|_| (0.5 * next()) as f32).collect();
-        let spec = NormSpec::layer_norm(rows, n, DType::F32)
-            .with_eps(10f64.powi(eps_exp))
-            .with_gamma(gamma_on)
-            .with_beta(beta_on);
-        let (g, b) = (gamma_on.then_some(&gamma[..]), beta_on.then_some(&beta[..]));
-        let cpu = CpuBackend::new();
-        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * n], vec![0f32; rows], vec![0f32; rows]);
-        cpu.forward_into(&spec, &x, g, b, &mut y, Some(&mut mean), &mut rstd).unwrap();
-        let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let (x64, dy64) = (wide(&x), wide(&dy));
-        let (g64, b64) = (g.map(wide), b.map(wide));
-        let r = reference::forward(&spec, &x64, g64.as_deref(), b64.as_deref()).unwrap();
-        let (mut dx, mut dgamma, mut dbeta) = (vec![0f32; rows * n], vec![0f32; n], vec![0f32; n]);
-        let (dgo, dbo) = (gamma_on.then_some(&mut dgamma[..]), beta_on.then_some(&mut dbeta[..]));
-        cpu.backward_into(&spec, &x, &dy, Some(&mean), &rstd, g, &mut dx, dgo, dbo).unwrap();
-        let r_mean = r.mean.as_deref().unwrap_or_default();
-        let rb = reference::backward(&spec, &x64, &dy64, r.mean.as_deref(), &r.rstd, g64.as_deref()).unwrap();
-        let (mut sum_dgx, mut sum_dy) = (vec![0f64; n], vec![0f64; n]);
-        for row in 0..rows {
-            let span = row * n..(row + 1) * n;
-            let std = 1.0 / r.rstd[row];
-            let e = err(mean[row], r_mean[row], r_mean[row].abs().max(std));
-            prop_assert!(e <= 1e-6, "row {row}: mean error {e:e}");
-            let e = err(rstd[row], r.rstd[row], r.rstd[row]);
-            prop_assert!(e <= 1e-6, "row {row}: rstd error {e:e}");
-            let xhat: Vec<f64> = x64[span.clone()].iter().map(|&v| (v - r_mean[row]) * r.rstd[row]).collect();
-            let gj = |j: usize| g64.as_ref().map_or(1.0, |g| g[j]);
-            let bj = |j: usize| b64.as_ref().map_or(0.0, |b| b[j]);
-            let y_scale = (0..n).map(|j| (xhat[j] * gj(j)).abs() + bj(j).abs()).fold(0.0, f64::max);
-            if y_scale > 0.0 {
-                let e = row_err(&y[span.clone()], &r.y[span.clone()], y_scale);
-                prop_assert!(e <= 1e-6, "row {row}: y error {e:e}");
-            }
-            for j in 0..n {
-                sum_dgx[j] += dy64[row * n + j].abs() * (xhat[j].abs() + 1.0);
-                sum_dy[j] += dy64[row * n + j].abs();
-            }
-            let gs: Vec<f64> = (0..n).map(|j| dy64[row * n + j] * gj(j)).collect();
-            let c1 = gs.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / n as f64;
-            let c2 = gs.iter().sum::<f64>() / n as f64;
-            let dx_scale = r.rstd[row]
-                * (0..n).map(|j| gs[j].abs() + c2.abs() + (xhat[j] * c1).abs()).fold(0.0, f64::max);
-            if dx_scale > 0.0 && dx_scale.is_finite() {
-                let e = row_err(&dx[span.clone()], &rb.dx[span], dx_scale);
-                prop_assert!(e <= 1e-6, "row {row}: dx error {e:e}");
-            }
-        }
-        // dγ_j against Σ_rows |dy|·(|x̂| + 1), dβ_j against Σ_rows |dy| (a zero scale demands
-        // zero), as the conformance suite measures them (docs/conformance.md).
-        let (dg, db) = (gamma_on.then_some(&dgamma[..]), beta_on.then_some(&dbeta[..]));
-        for (name, got, want, scale) in
-            [("dgamma", dg, rb.dgamma.as_deref(), &sum_dgx), ("dbeta", db, rb.dbeta.as_deref(), &sum_dy)]
-        {
-            let (Some(got), Some(want)) = (got, want) else {
-                prop_assert!(got.is_none() && want.is_none(), "{name}: present in one only");
-                continue;
-            };
-            for j in 0..n {
-                let e = if scale[j] == 0.0 {
-                    if got[j] == 0.0 { 0.0 } else { f64::INFINITY }
-                } else {
-                    err(got[j], want[j], scale[j])
-                };
-                prop_assert!(e <= 1e-5, "{name}[{j}] error {e:e}: {} vs {}", got[j], want[j]);
-            }
-        }
+        let exps = (offset_exp, scale_exp, eps_exp);
+        run::<f32>(kind, (rows, n), exps, (gamma_on, beta_on), gamma_offset, seed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bf16_and_f64_match_the_reference(
+        kind in kind(),
+        rows in 0usize..12,
+        n in 1usize..700,
+        offset_exp in -3i32..4,
+        scale_exp in -20i32..30,
+        eps_exp in -12i32..-2,
+        gamma_on: bool,
+        beta_on: bool,
+        gamma_offset in gamma_offset(),
+        seed: u64,
+    ) {
+        let exps = (offset_exp, scale_exp, eps_exp);
+        run::<bf16>(kind, (rows, n), exps, (gamma_on, beta_on), gamma_offset, seed);
+        run::<f64>(kind, (rows, n), exps, (gamma_on, beta_on), gamma_offset, seed);
     }
 }

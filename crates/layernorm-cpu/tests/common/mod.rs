@@ -92,7 +92,7 @@ pub fn backward<T: CpuElement>(
 pub fn tolerance(spec: &NormSpec) -> (f64, f64) {
     match spec.dtype {
         layernorm_core::DType::F64 => (1e-12, 1e-13),
-        layernorm_core::DType::F32 => (2e-6, 1e-6),
+        layernorm_core::DType::F32 => (1e-6, 1e-6),
         layernorm_core::DType::BF16 => (2f64.powi(-8), 1e-6),
         _ => (2f64.powi(-10), 1e-6),
     }
@@ -100,7 +100,9 @@ pub fn tolerance(spec: &NormSpec) -> (f64, f64) {
 
 /// Forward and backward of `spec` on the CPU against the `f64` reference on the same inputs
 /// (rounded to the dtype): every output, with [`tolerance`]. Rows where the reference is not
-/// finite must be NaN or infinite where it is. Returns the outputs.
+/// finite must be NaN or infinite where it is. The reference's own error is allowed for: its x̂
+/// centres on μ rounded to `f64`, off by up to 2^-53·|μ| (the kernels keep the mean in two
+/// parts), which shows in `f64` rows whose |μ| is far above their spread. Returns the outputs.
 pub fn check_against_reference<T: CpuElement>(
     cpu: &CpuBackend,
     spec: &NormSpec,
@@ -133,6 +135,7 @@ pub fn check_against_reference<T: CpuElement>(
         assert!(ok, "{what}: {name}: got {got:e}, want {want:e} (scale {scale:e})");
     };
     let (mut sum_dgx, mut sum_dy) = (vec![0f64; n], vec![0f64; n]);
+    let mut slack_dg = vec![0f64; n];
     for row in 0..spec.rows {
         let span = row * n..(row + 1) * n;
         let rs = r.rstd[row];
@@ -151,34 +154,48 @@ pub fn check_against_reference<T: CpuElement>(
             assert_eq!(acc(f.mean[row]), 0.0, "{what}: RMSNorm writes no mean");
         }
         let xhat: Vec<f64> = x64[span.clone()].iter().map(|&v| (v - mu) * rs).collect();
+        // The reference's x̂ error, as a share of the scales below.
+        let ref_xhat = 2f64.powi(-52) * mu.abs() * rs;
         let y_scale = (0..n).map(|j| (xhat[j] * gj(j)).abs() + bj(j).abs()).fold(0.0, f64::max);
+        let y_slack = ref_xhat * (0..n).map(|j| gj(j).abs()).fold(0.0, f64::max);
         for j in 0..n {
             let got = T::to_f64(f.y[row * n + j]);
-            close(&format!("y[{row}][{j}]"), got, r.y[row * n + j], y_scale, tol);
+            close(
+                &format!("y[{row}][{j}]"),
+                got,
+                r.y[row * n + j],
+                y_scale,
+                tol + y_slack / y_scale,
+            );
         }
         let gs: Vec<f64> = (0..n).map(|j| dy64[row * n + j] * gj(j)).collect();
         let c1 = gs.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / n as f64;
         let c2 = if spec.has_mean() { gs.iter().sum::<f64>() / n as f64 } else { 0.0 };
         let dx_scale =
             rs * (0..n).map(|j| gs[j].abs() + c2.abs() + (xhat[j] * c1).abs()).fold(0.0, f64::max);
+        let dx_slack = rs * (c1.abs() + gs.iter().fold(0.0, |m: f64, g| m.max(g.abs()))) * ref_xhat;
         for j in 0..n {
             let got = T::to_f64(gr.dx[row * n + j]);
-            close(&format!("dx[{row}][{j}]"), got, rb.dx[row * n + j], dx_scale, tol);
+            let t = tol + dx_slack / dx_scale;
+            close(&format!("dx[{row}][{j}]"), got, rb.dx[row * n + j], dx_scale, t);
             sum_dgx[j] += dy64[row * n + j].abs() * (xhat[j].abs() + 1.0);
+            slack_dg[j] += dy64[row * n + j].abs() * ref_xhat;
             sum_dy[j] += dy64[row * n + j].abs();
         }
     }
+    let no_slack = vec![0f64; n];
     let pairs = [
-        ("dgamma", gr.dgamma.as_deref(), rb.dgamma.as_deref(), &sum_dgx),
-        ("dbeta", gr.dbeta.as_deref(), rb.dbeta.as_deref(), &sum_dy),
+        ("dgamma", gr.dgamma.as_deref(), rb.dgamma.as_deref(), &sum_dgx, &slack_dg),
+        ("dbeta", gr.dbeta.as_deref(), rb.dbeta.as_deref(), &sum_dy, &no_slack),
     ];
-    for (name, got, want, scale) in pairs {
+    for (name, got, want, scale, slack) in pairs {
         let (Some(got), Some(want)) = (got, want) else {
             assert!(got.is_none() && want.is_none(), "{what}: {name} present in one only");
             continue;
         };
         for j in 0..n {
-            close(&format!("{name}[{j}]"), T::to_f64(got[j]), want[j], scale[j], 5.0 * tol);
+            let t = 5.0 * tol + slack[j] / scale[j];
+            close(&format!("{name}[{j}]"), T::to_f64(got[j]), want[j], scale[j], t);
         }
     }
     (f, gr)
