@@ -1,6 +1,6 @@
-//! `cargo xtask cuda-check`: compile every CUDA kernel × dtype × strategy with NVRTC for each
-//! target architecture, assemble the PTX with `ptxas -v`, and print registers, shared memory,
-//! stack and spills per kernel. Fails on any compile error, spill or stack use, and — with
+//! `cargo xtask cuda-check`: compile every CUDA kernel × dtype × kind × strategy with NVRTC for
+//! each target architecture, assemble the PTX with `ptxas -v`, and print registers, shared
+//! memory, stack and spills per kernel. Fails on any compile error, spill or stack use, and — with
 //! `--require-ptxas` — when ptxas is not found.
 
 use layernorm::cuda::check::{DEFAULT_ARCHS, check_all};

@@ -3,21 +3,32 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg, SyncOnDrop,
+    DriverError, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use layernorm_core::{
-    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
-    NormKind, NormSpec, Normalize, Result, Storage, check_download,
+    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostForward, HostSlice,
+    HostSliceMut, HostVec, NormKind, NormSpec, Normalize, Residual, Result, Saved, Storage,
+    check_download, check_gamma_recoverable,
 };
 
-use crate::plan::{self, Arg, DeviceLimits, Step, Tensor};
+use crate::plan::{self, Arg, BackwardVariant, DeviceLimits, Step, Tensor};
 use crate::{NAME, kernels};
 
 fn dev_err(e: impl std::fmt::Display) -> Error {
     Error::device(NAME, e)
+}
+
+/// A failed allocation of `bytes` for `tensor`: [`Error::OutOfMemory`] when the device is out
+/// of memory, else the driver's error.
+fn alloc_err(tensor: &'static str, bytes: usize, e: DriverError) -> Error {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory { tensor, bytes }
+    } else {
+        dev_err(e)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,22 +137,30 @@ impl<'a> Pointers<'a> {
         self.ptrs.insert(t, p);
         self.guards.push(g);
     }
+    /// Points `t` at the buffer already resolved for `to` (an in-place residual: one buffer is
+    /// both the residual read and h written).
+    fn alias(&mut self, t: Tensor, to: Tensor) {
+        if let Some(&p) = self.ptrs.get(&to) {
+            self.ptrs.insert(t, p);
+        }
+    }
     /// Whether every present tensor of `ts` starts on a 16-byte boundary.
     fn aligned(&self, ts: &[Tensor]) -> bool {
         ts.iter().filter_map(|t| self.ptrs.get(t)).all(|p| p % 16 == 0)
     }
 }
 
-/// LayerNorm on an NVIDIA GPU through cudarc, with kernels compiled by NVRTC at run time for the
-/// device's compute capability and cached per dtype.
+/// The normalization family (LayerNorm and RMSNorm, γ offset, fused residual, backward from x
+/// or y with dh) on an NVIDIA GPU through cudarc, with kernels compiled by NVRTC at run time for
+/// the device's compute capability and cached per dtype and kind.
 ///
 /// All work is queued on one stream; [`Normalize::download`] waits for it.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     limits: DeviceLimits,
-    modules: Mutex<HashMap<DType, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(DType, String), CudaFunction>>,
+    modules: Mutex<HashMap<(DType, NormKind), Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(DType, NormKind, String), CudaFunction>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -263,35 +282,35 @@ impl CudaBackend {
         }
     }
 
-    /// The compiled module of `dtype`, compiling it on first use.
-    fn module(&self, dtype: DType) -> Result<Arc<CudaModule>> {
+    /// The compiled module of `dtype` and `kind`, compiling it on first use.
+    fn module(&self, dtype: DType, kind: NormKind) -> Result<Arc<CudaModule>> {
         let mut modules = lock(&self.modules);
-        if let Some(m) = modules.get(&dtype) {
+        if let Some(m) = modules.get(&(dtype, kind)) {
             return Ok(m.clone());
         }
         let (major, minor) = self.limits.compute_capability;
         let arch = format!("compute_{major}{minor}");
         // An NVRTC older than the device cannot target it; PTX for sm_80 is JIT-compiled forward.
-        let ptx = kernels::compile(dtype, &arch)
-            .or_else(|first| kernels::compile(dtype, "compute_80").map_err(|_| first))
+        let ptx = kernels::compile(dtype, kind, &arch)
+            .or_else(|first| kernels::compile(dtype, kind, "compute_80").map_err(|_| first))
             .map_err(dev_err)?;
         let module = self.ctx.load_module(ptx).map_err(dev_err)?;
-        modules.insert(dtype, module.clone());
+        modules.insert((dtype, kind), module.clone());
         Ok(module)
     }
 
-    fn function(&self, dtype: DType, name: &str) -> Result<CudaFunction> {
-        let key = (dtype, name.to_string());
+    fn function(&self, spec: &NormSpec, name: &str) -> Result<CudaFunction> {
+        let key = (spec.dtype, spec.kind, name.to_string());
         if let Some(f) = lock(&self.functions).get(&key) {
             return Ok(f.clone());
         }
-        let f = self.module(dtype)?.load_function(name).map_err(dev_err)?;
+        let f = self.module(spec.dtype, spec.kind)?.load_function(name).map_err(dev_err)?;
         lock(&self.functions).insert(key, f.clone());
         Ok(f)
     }
 
     /// Queues the steps, resolving tensor arguments to the call's device pointers.
-    fn execute(&self, dtype: DType, steps: &[Step], ptrs: &Pointers<'_>) -> Result<()> {
+    fn execute(&self, spec: &NormSpec, steps: &[Step], ptrs: &Pointers<'_>) -> Result<()> {
         for step in steps {
             let l = &step.launch;
             let mut ptr_args = Vec::with_capacity(step.args.len());
@@ -303,7 +322,7 @@ impl CudaBackend {
                     _ => 0u64,
                 });
             }
-            let f = self.function(dtype, &l.kernel)?;
+            let f = self.function(spec, &l.kernel)?;
             if l.smem > plan::DEFAULT_SMEM {
                 // cudarc's set_attribute does not make the context current itself.
                 self.ctx.bind_to_thread().map_err(dev_err)?;
@@ -326,18 +345,52 @@ impl CudaBackend {
             let cfg =
                 LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.smem };
             // SAFETY: `plan::*_steps` lists the arguments in the order and with the types of
-            // the kernel's parameters in kernels/layernorm.cu (LN_FWD_ARGS, LN_BWD_ARGS,
-            // ln_bwd_gb_*; tests/emulated.rs runs these exact lists), every pointer is a live
-            // allocation of this context holding at least the elements the plan indexes (the
-            // lengths were validated), null only where the kernel tests for null, and the
-            // guards in `ptrs` outlive the launch.
+            // the kernel's parameters in kernels/layernorm.cu (LN_FWD_PARAMS, LN_BWD_PARAMS,
+            // LN_GB_PARAMS, gb_final; tests/emulated.rs runs these exact lists and checks each
+            // pointer's nullability against the kernel), every pointer is a live allocation of
+            // this context holding at least the elements the plan indexes (the lengths were
+            // validated), null only where the kernel tests for null, and the guards in `ptrs`
+            // outlive the launch.
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
         }
         Ok(())
     }
 
-    fn alloc_acc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
-        self.alloc(dtype.acc(), len)
+    /// A zero-filled scratch buffer of `len` elements of `dtype`'s accumulation type.
+    fn scratch(&self, tensor: &'static str, dtype: DType, len: usize) -> Result<CudaBuffer> {
+        self.alloc_named(tensor, dtype.acc(), len)
+    }
+
+    fn alloc_named(&self, tensor: &'static str, dtype: DType, len: usize) -> Result<CudaBuffer> {
+        let n = len.max(1);
+        let bytes = n.checked_mul(dtype.size()).filter(|&b| b <= isize::MAX as usize);
+        let Some(bytes) = bytes else {
+            return Err(Error::OutOfMemory { tensor, bytes: usize::MAX });
+        };
+        let s = &self.stream;
+        let data = match dtype {
+            DType::F16 | DType::BF16 => s.alloc_zeros::<u16>(n).map(Data::Bits16),
+            DType::F32 => s.alloc_zeros::<f32>(n).map(Data::F32),
+            DType::F64 => s.alloc_zeros::<f64>(n).map(Data::F64),
+            other => {
+                return Err(Error::UnsupportedDType {
+                    backend: NAME.into(),
+                    dtype: other,
+                    reason: "no device representation".into(),
+                });
+            }
+        }
+        .map_err(|e| alloc_err(tensor, bytes, e))?;
+        Ok(CudaBuffer { data, dtype, len })
+    }
+
+    /// For a backward from y: downloads γ and raises [`Error::SingularGamma`] where
+    /// γ_offset + γ = 0, before anything is written (the kernels divide by it).
+    fn check_gamma(&self, spec: &NormSpec, gamma: Option<&CudaBuffer>) -> Result<()> {
+        let Some(gamma) = gamma else { return Ok(()) };
+        let mut host = HostVec::try_zeros("gamma", spec.dtype, spec.n)?;
+        self.download(gamma, host.as_mut_slice())?;
+        check_gamma_recoverable(spec, Some(host.as_slice()))
     }
 }
 
@@ -371,9 +424,9 @@ impl Backend for CudaBackend {
                 reason: "no CUDA kernel for this dtype".into(),
             });
         }
-        match kind {
-            NormKind::LayerNorm => Ok(()),
-            _ => Err(Error::UnsupportedKind { backend: NAME.into(), kind: kind.name() }),
+        match kernels::kind_code(kind) {
+            Some(_) => Ok(()),
+            None => Err(Error::UnsupportedKind { backend: NAME.into(), kind: kind.name() }),
         }
     }
 
@@ -384,44 +437,11 @@ impl Backend for CudaBackend {
     }
 }
 
-/// The variants the kernels do not compute yet, as typed errors.
-fn check_variants(spec: &NormSpec, residual: bool, from_y: bool, dh: bool) -> Result<()> {
-    let what = if residual {
-        "add a residual yet"
-    } else if from_y || dh {
-        "run the backward from y or with dh yet"
-    } else if spec.gamma_offset != 0.0 {
-        "offset γ yet"
-    } else {
-        return Ok(());
-    };
-    Err(Error::unsupported(NAME, what))
-}
-
-fn kind_err(spec: &NormSpec) -> Error {
-    Error::UnsupportedKind { backend: NAME.into(), kind: spec.kind.name() }
-}
-
 impl Normalize for CudaBackend {
     type Buffer = CudaBuffer;
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
-        let n = len.max(1);
-        let s = &self.stream;
-        let data = match dtype {
-            DType::F16 | DType::BF16 => s.alloc_zeros::<u16>(n).map(Data::Bits16),
-            DType::F32 => s.alloc_zeros::<f32>(n).map(Data::F32),
-            DType::F64 => s.alloc_zeros::<f64>(n).map(Data::F64),
-            other => {
-                return Err(Error::UnsupportedDType {
-                    backend: NAME.into(),
-                    dtype: other,
-                    reason: "no device representation".into(),
-                });
-            }
-        }
-        .map_err(dev_err)?;
-        Ok(CudaBuffer { data, dtype, len })
+        self.alloc_named("buffer", dtype, len)
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CudaBuffer> {
@@ -430,6 +450,7 @@ impl Normalize for CudaBackend {
             return self.alloc(dtype, 0);
         }
         let s = &self.stream;
+        let bytes = len * dtype.size();
         let data = match data {
             HostSlice::F16(v) => s.clone_htod(bytemuck::cast_slice::<_, u16>(v)).map(Data::Bits16),
             HostSlice::BF16(v) => s.clone_htod(bytemuck::cast_slice::<_, u16>(v)).map(Data::Bits16),
@@ -443,7 +464,7 @@ impl Normalize for CudaBackend {
                 });
             }
         }
-        .map_err(dev_err)?;
+        .map_err(|e| alloc_err("upload", bytes, e))?;
         Ok(CudaBuffer { data, dtype, len })
     }
 
@@ -471,27 +492,48 @@ impl Normalize for CudaBackend {
         s.synchronize().map_err(dev_err)
     }
 
+    /// The ε rule ([`plan::eps_args`]) checked before the host layer uploads or allocates
+    /// anything: an ε the kernels cannot represent is [`Error::Unsupported`] straight away.
+    /// Every other problem goes on to the device (`None`).
+    fn forward_on_host(&self, spec: &NormSpec, _args: &mut HostForward<'_>) -> Option<Result<()>> {
+        plan::eps_args(spec).err().map(Err)
+    }
+
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CudaBuffer>) -> Result<()> {
         let a = a.try_map(
             |t, b| self.check_own(t, b).map(|()| b),
             |t, b| self.check_own(t, b).map(|()| b),
         )?;
-        check_variants(spec, a.residual.is_some(), false, false)?;
-        let mean = a.mean.ok_or_else(|| kind_err(spec))?;
+        plan::eps_args(spec)?;
         if spec.rows == 0 {
             return Ok(());
         }
         let st = &*self.stream;
         let mut ptrs = Pointers::default();
         ptrs.read(Tensor::X, a.x, st);
+        let residual = a.residual.is_some();
+        match a.residual {
+            Some(Residual::Add { residual, h }) => {
+                ptrs.read(Tensor::Residual, residual, st);
+                ptrs.write(Tensor::H, h, st);
+            }
+            Some(Residual::InPlace(r)) => {
+                ptrs.write(Tensor::H, r, st);
+                ptrs.alias(Tensor::Residual, Tensor::H);
+            }
+            None => {}
+        }
         ptrs.read_opt(Tensor::Gamma, a.gamma, st);
         ptrs.read_opt(Tensor::Beta, a.beta, st);
         ptrs.write(Tensor::Y, a.y, st);
-        ptrs.write(Tensor::Mean, mean, st);
+        if let Some(mean) = a.mean {
+            ptrs.write(Tensor::Mean, mean, st);
+        }
         ptrs.write(Tensor::Rstd, a.rstd, st);
-        let aligned = ptrs.aligned(&[Tensor::X, Tensor::Gamma, Tensor::Beta, Tensor::Y]);
-        let p = plan::plan_forward(spec.rows, spec.n, spec.dtype, &self.limits, aligned)?;
-        self.execute(spec.dtype, &plan::forward_steps(spec, &p), &ptrs)
+        use Tensor::{Beta, Gamma, H, X, Y};
+        let aligned = ptrs.aligned(&[X, Tensor::Residual, H, Gamma, Beta, Y]);
+        let p = plan::plan_forward(spec, &self.limits, aligned)?;
+        self.execute(spec, &plan::forward_steps(spec, &p, residual)?, &ptrs)
     }
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, CudaBuffer>) -> Result<()> {
@@ -499,9 +541,16 @@ impl Normalize for CudaBackend {
             |t, b| self.check_own(t, b).map(|()| b),
             |t, b| self.check_own(t, b).map(|()| b),
         )?;
-        check_variants(spec, false, a.saved.is_output(), a.dh.is_some())?;
-        let (x, mean) = (*a.saved.tensor(), a.mean.ok_or_else(|| kind_err(spec))?);
-        let (has_dg, has_db) = (a.dgamma.is_some(), a.dbeta.is_some());
+        let v = BackwardVariant {
+            from_y: a.saved.is_output(),
+            dh: a.dh.is_some(),
+            dgamma: a.dgamma.is_some(),
+            dbeta: a.dbeta.is_some(),
+        };
+        // From y: γ is checked (downloaded) before anything is written, even with no rows.
+        if v.from_y {
+            self.check_gamma(spec, a.gamma)?;
+        }
         if spec.rows == 0 {
             // No rows: the parameter gradients are empty sums.
             let s = &self.stream;
@@ -515,27 +564,27 @@ impl Normalize for CudaBackend {
             }
             return Ok(());
         }
-        // Scratch first (it must outlive the pointer guards): the residual means and the
-        // stage-1 partial sums, in the accumulation dtype. The chunking depends on the shape only.
+        // The plan depends on alignment, which every buffer of this backend has (whole
+        // allocations); the pointers checked below confirm it.
+        let plan_for = |aligned| plan::plan_backward(spec, &self.limits, aligned, &v);
+        // Scratch first (it must outlive the pointer guards), in the accumulation dtype: the
+        // residual means and the stage-1 partial sums. The chunking depends on the shape only.
         let mut scratch = Vec::new();
-        if has_dg || has_db {
-            let pp = plan::plan_params(spec.rows, spec.n, &self.limits)?;
-            let part = pp.chunks as usize * spec.n;
-            scratch.push((Tensor::ResidualMean, self.alloc_acc(spec.dtype, spec.rows)?));
-            if has_dg {
-                scratch.push((Tensor::PartialGamma, self.alloc_acc(spec.dtype, part)?));
-            }
-            if has_db {
-                scratch.push((Tensor::PartialBeta, self.alloc_acc(spec.dtype, part)?));
-            }
+        for (t, len) in plan::backward_scratch(spec, &plan_for(true)?, &v) {
+            scratch.push((t, self.scratch(scratch_name(t), spec.dtype, len)?));
         }
         let st = &*self.stream;
         let mut ptrs = Pointers::default();
-        ptrs.read(Tensor::X, x, st);
+        match a.saved {
+            Saved::X(x) => ptrs.read(Tensor::X, x, st),
+            Saved::Y(y) => ptrs.read(Tensor::Y, y, st),
+        }
         ptrs.read(Tensor::Dy, a.dy, st);
-        ptrs.read(Tensor::Mean, mean, st);
+        ptrs.read_opt(Tensor::Dh, a.dh, st);
+        ptrs.read_opt(Tensor::Mean, a.mean, st);
         ptrs.read(Tensor::Rstd, a.rstd, st);
         ptrs.read_opt(Tensor::Gamma, a.gamma, st);
+        ptrs.read_opt(Tensor::Beta, a.beta, st);
         ptrs.write(Tensor::Dx, a.dx, st);
         if let Some(d) = a.dgamma {
             ptrs.write(Tensor::DGamma, d, st);
@@ -546,15 +595,19 @@ impl Normalize for CudaBackend {
         for (t, b) in &mut scratch {
             ptrs.write(*t, b, st);
         }
-        let aligned = ptrs.aligned(&[Tensor::X, Tensor::Dy, Tensor::Gamma, Tensor::Dx]);
-        let p = plan::plan_backward(
-            spec.rows,
-            spec.n,
-            spec.dtype,
-            &self.limits,
-            aligned,
-            has_dg || has_db,
-        )?;
-        self.execute(spec.dtype, &plan::backward_steps(spec, &p, has_dg, has_db), &ptrs)
+        use Tensor::{Beta, Dh, Dx, Dy, Gamma, X, Y};
+        let aligned = ptrs.aligned(&[X, Y, Dy, Dh, Gamma, Beta, Dx]);
+        let p = plan_for(aligned)?;
+        self.execute(spec, &plan::backward_steps(spec, &p, &v), &ptrs)
+    }
+}
+
+/// The name of a scratch tensor in an out-of-memory error.
+fn scratch_name(t: Tensor) -> &'static str {
+    match t {
+        Tensor::ResidualMean => "residual means",
+        Tensor::PartialGamma => "dgamma partial sums",
+        Tensor::PartialBeta => "dbeta partial sums",
+        _ => "scratch",
     }
 }

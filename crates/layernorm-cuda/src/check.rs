@@ -1,5 +1,6 @@
-//! The compile check: every kernel × dtype × strategy through NVRTC for each architecture, then
-//! `ptxas -v` on the PTX, failing on any compile error, register spill or stack-frame use.
+//! The compile check: every kernel × dtype × kind × strategy through NVRTC for each
+//! architecture, then `ptxas -v` on the PTX, failing on any compile error, register spill or
+//! stack-frame use. The modules (architecture × dtype × kind) are checked in parallel.
 //!
 //! It needs no GPU: NVRTC and ptxas are plain programs (CI installs them from PyPI, see
 //! `docs/backends/cuda.md`). `cargo xtask cuda-check` prints the [`Report`].
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use layernorm_core::DType;
+use layernorm_core::{DType, NormKind};
 
 use crate::{kernels, plan};
 
@@ -28,6 +29,8 @@ pub enum CheckError {
     Compile {
         /// Storage dtype of the module.
         dtype: DType,
+        /// Kind of the module.
+        kind: NormKind,
         /// Architecture.
         arch: String,
         /// NVRTC's log.
@@ -37,6 +40,8 @@ pub enum CheckError {
     MissingKernel {
         /// Storage dtype of the module.
         dtype: DType,
+        /// Kind of the module.
+        kind: NormKind,
         /// The entry point.
         kernel: String,
     },
@@ -44,6 +49,8 @@ pub enum CheckError {
     Ptxas {
         /// Storage dtype of the module.
         dtype: DType,
+        /// Kind of the module.
+        kind: NormKind,
         /// Architecture.
         arch: String,
         /// What went wrong, with ptxas's output.
@@ -58,14 +65,14 @@ impl fmt::Display for CheckError {
         match self {
             CheckError::NvrtcMissing(why) => write!(f, "NVRTC is not available: {why}"),
             CheckError::BadArch(a) => write!(f, "architecture `{a}` is not of the form sm_XY"),
-            CheckError::Compile { dtype, arch, log } => {
-                write!(f, "NVRTC failed to compile the {dtype} module for {arch}:\n{log}")
+            CheckError::Compile { dtype, kind, arch, log } => {
+                write!(f, "NVRTC failed to compile the {kind} {dtype} module for {arch}:\n{log}")
             }
-            CheckError::MissingKernel { dtype, kernel } => {
-                write!(f, "kernel `{kernel}` is missing from the {dtype} module")
+            CheckError::MissingKernel { dtype, kind, kernel } => {
+                write!(f, "kernel `{kernel}` is missing from the {kind} {dtype} module")
             }
-            CheckError::Ptxas { dtype, arch, message } => {
-                write!(f, "ptxas failed on the {dtype} module for {arch}: {message}")
+            CheckError::Ptxas { dtype, kind, arch, message } => {
+                write!(f, "ptxas failed on the {kind} {dtype} module for {arch}: {message}")
             }
             CheckError::Spills(k) => {
                 writeln!(f, "{} kernel(s) spill registers or use a stack frame:", k.len())?;
@@ -85,6 +92,8 @@ impl std::error::Error for CheckError {}
 pub struct KernelInfo {
     /// Storage dtype of the module.
     pub dtype: DType,
+    /// Kind of the module.
+    pub kind: NormKind,
     /// Architecture (`sm_80`).
     pub arch: String,
     /// Entry point.
@@ -112,7 +121,9 @@ impl fmt::Display for KernelInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:<5} {:<6} {:<24} {:>4} regs {:>6} B smem {:>4} B stack {:>4}/{:<4} B spill st/ld",
+            "{:<10} {:<5} {:<6} {:<25} {:>4} regs {:>6} B smem {:>4} B stack {:>4}/{:<4} B spill \
+             st/ld",
+            self.kind.name(),
             self.dtype.name(),
             self.arch,
             self.kernel,
@@ -130,6 +141,8 @@ impl fmt::Display for KernelInfo {
 pub struct Compiled {
     /// Storage dtype.
     pub dtype: DType,
+    /// Kind.
+    pub kind: NormKind,
     /// Architecture.
     pub arch: String,
     /// Size of the PTX in bytes.
@@ -156,7 +169,8 @@ impl fmt::Display for Report {
         for c in &self.compiled {
             writeln!(
                 f,
-                "nvrtc {:<5} {:<6} {:>3} kernels, {:>7} B of PTX in {:.0} ms",
+                "nvrtc {:<10} {:<5} {:<6} {:>3} kernels, {:>7} B of PTX in {:.0} ms",
+                c.kind.name(),
                 c.dtype.name(),
                 c.arch,
                 c.kernels,
@@ -237,10 +251,11 @@ fn number_before(text: &str, unit: &str) -> Option<u32> {
 }
 
 /// Parses `ptxas -v` output into one [`KernelInfo`] per function.
-pub fn parse_ptxas(output: &str, dtype: DType, arch: &str) -> Vec<KernelInfo> {
+pub fn parse_ptxas(output: &str, dtype: DType, kind: NormKind, arch: &str) -> Vec<KernelInfo> {
     let mut out: Vec<KernelInfo> = Vec::new();
     let blank = |kernel: &str| KernelInfo {
         dtype,
+        kind,
         arch: arch.into(),
         kernel: kernel.into(),
         registers: 0,
@@ -275,10 +290,21 @@ pub fn parse_ptxas(output: &str, dtype: DType, arch: &str) -> Vec<KernelInfo> {
     out
 }
 
-fn run_ptxas(ptxas: &Path, ptx: &str, dtype: DType, arch: &str) -> Result<String, CheckError> {
-    let err = |message: String| CheckError::Ptxas { dtype, arch: arch.into(), message };
+fn run_ptxas(
+    ptxas: &Path,
+    ptx: &str,
+    dtype: DType,
+    kind: NormKind,
+    arch: &str,
+) -> Result<String, CheckError> {
+    let err = |message: String| CheckError::Ptxas { dtype, kind, arch: arch.into(), message };
     let dir = std::env::temp_dir();
-    let stem = format!("layernorm-cuda-check-{}-{}-{arch}", std::process::id(), dtype.name());
+    let stem = format!(
+        "layernorm-cuda-check-{}-{}-{}-{arch}",
+        std::process::id(),
+        kind.name(),
+        dtype.name()
+    );
     let ptx_path = dir.join(format!("{stem}.ptx"));
     let cubin_path = dir.join(format!("{stem}.cubin"));
     std::fs::write(&ptx_path, ptx)
@@ -304,53 +330,88 @@ fn run_ptxas(ptxas: &Path, ptx: &str, dtype: DType, arch: &str) -> Result<String
     Ok(text)
 }
 
-/// Compiles every kernel of every dtype for each architecture (`sm_80`, …) with NVRTC, checks that
-/// every entry point the planner can name exists, and, when ptxas is found ([`find_ptxas`]),
-/// assembles the PTX with `ptxas -v` and fails on any spill or stack frame.
+/// What one module's check found: its compilation and ptxas's report per kernel.
+type ModuleResult = Result<(Compiled, Vec<KernelInfo>), CheckError>;
+
+/// One module: NVRTC, the entry-point check, then ptxas when there is one.
+fn check_module(arch: &str, dtype: DType, kind: NormKind, ptxas: Option<&Path>) -> ModuleResult {
+    let varch = virtual_arch(arch)?;
+    let start = Instant::now();
+    let ptx = kernels::compile(dtype, kind, &varch)
+        .map_err(|log| CheckError::Compile { dtype, kind, arch: arch.into(), log })?
+        .to_src();
+    let millis = start.elapsed().as_secs_f64() * 1e3;
+    let entries = ptx_entries(&ptx);
+    for kernel in plan::kernel_names(dtype, kind) {
+        if !entries.contains(&kernel) {
+            return Err(CheckError::MissingKernel { dtype, kind, kernel });
+        }
+    }
+    let compiled = Compiled {
+        dtype,
+        kind,
+        arch: arch.into(),
+        ptx_bytes: ptx.len(),
+        kernels: entries.len(),
+        millis,
+    };
+    let Some(ptxas) = ptxas else { return Ok((compiled, Vec::new())) };
+    let text = run_ptxas(ptxas, &ptx, dtype, kind, arch)?;
+    let infos = parse_ptxas(&text, dtype, kind, arch);
+    if infos.len() < entries.len() {
+        return Err(CheckError::Ptxas {
+            dtype,
+            kind,
+            arch: arch.into(),
+            message: format!(
+                "reported {} functions for {} entry points:\n{text}",
+                infos.len(),
+                entries.len()
+            ),
+        });
+    }
+    Ok((compiled, infos))
+}
+
+/// Compiles every kernel of every dtype and kind for each architecture (`sm_80`, …) with NVRTC,
+/// checks that every entry point the planner can name exists, and, when ptxas is found
+/// ([`find_ptxas`]), assembles the PTX with `ptxas -v` and fails on any spill or stack frame.
+/// Modules are checked on as many threads as the machine has; the report lists them in a fixed
+/// order (architecture, dtype, kind).
 pub fn check_all(archs: &[&str]) -> Result<Report, CheckError> {
     if let Err(why) = crate::nvrtc_available() {
         return Err(CheckError::NvrtcMissing(why));
     }
+    for arch in archs {
+        virtual_arch(arch)?;
+    }
     let ptxas = find_ptxas();
-    let mut report = Report { compiled: Vec::new(), ptxas: ptxas.clone(), kernels: Vec::new() };
-    for &arch in archs {
-        let varch = virtual_arch(arch)?;
-        for dtype in DType::ALL {
-            let start = Instant::now();
-            let ptx = kernels::compile(dtype, &varch)
-                .map_err(|log| CheckError::Compile { dtype, arch: arch.into(), log })?
-                .to_src();
-            let millis = start.elapsed().as_secs_f64() * 1e3;
-            let entries = ptx_entries(&ptx);
-            for kernel in plan::kernel_names(dtype) {
-                if !entries.contains(&kernel) {
-                    return Err(CheckError::MissingKernel { dtype, kernel });
+    let jobs: Vec<(&str, DType, NormKind)> = archs
+        .iter()
+        .flat_map(|&a| DType::ALL.into_iter().map(move |d| (a, d)))
+        .flat_map(|(a, d)| NormKind::ALL.into_iter().map(move |k| (a, d, k)))
+        .collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<ModuleResult>> = (0..jobs.len()).map(|_| None).collect();
+    let slots = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(arch, dtype, kind)) = jobs.get(i) else { break };
+                    let r = check_module(arch, dtype, kind, ptxas.as_deref());
+                    slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 }
-            }
-            report.compiled.push(Compiled {
-                dtype,
-                arch: arch.into(),
-                ptx_bytes: ptx.len(),
-                kernels: entries.len(),
-                millis,
             });
-            if let Some(ptxas) = &ptxas {
-                let text = run_ptxas(ptxas, &ptx, dtype, arch)?;
-                let infos = parse_ptxas(&text, dtype, arch);
-                if infos.len() < entries.len() {
-                    return Err(CheckError::Ptxas {
-                        dtype,
-                        arch: arch.into(),
-                        message: format!(
-                            "reported {} functions for {} entry points:\n{text}",
-                            infos.len(),
-                            entries.len()
-                        ),
-                    });
-                }
-                report.kernels.extend(infos);
-            }
         }
+    });
+    let mut report = Report { compiled: Vec::new(), ptxas: ptxas.clone(), kernels: Vec::new() };
+    for r in results.into_iter().flatten() {
+        let (compiled, infos) = r?;
+        report.compiled.push(compiled);
+        report.kernels.extend(infos);
     }
     let dirty: Vec<KernelInfo> = report.kernels.iter().filter(|k| !k.is_clean()).cloned().collect();
     if !dirty.is_empty() {
@@ -366,8 +427,8 @@ mod tests {
     // Verbatim shape of ptxas 12.9 `-v` output.
     const SAMPLE: &str = "\
 ptxas info    : 0 bytes gmem
-ptxas info    : Compiling entry function 'ln_bwd_gb_final' for 'sm_90'
-ptxas info    : Function properties for ln_bwd_gb_final
+ptxas info    : Compiling entry function 'gb_final' for 'sm_90'
+ptxas info    : Function properties for gb_final
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 14 registers, used 0 barriers, 400 bytes cmem[0]
 ptxas info    : Compile time = 2.1 ms
@@ -379,9 +440,10 @@ ptxas info    : Used 32 registers, used 1 barriers, 8 bytes cumulative stack siz
 
     #[test]
     fn parses_ptxas_verbose_output() {
-        let k = parse_ptxas(SAMPLE, DType::F64, "sm_90");
+        let k = parse_ptxas(SAMPLE, DType::F64, NormKind::RmsNorm, "sm_90");
         assert_eq!(k.len(), 2);
-        assert_eq!((k[0].kernel.as_str(), k[0].registers, k[0].smem), ("ln_bwd_gb_final", 14, 0));
+        assert!(k.iter().all(|k| k.kind == NormKind::RmsNorm && k.dtype == DType::F64));
+        assert_eq!((k[0].kernel.as_str(), k[0].registers, k[0].smem), ("gb_final", 14, 0));
         assert!(k[0].is_clean());
         assert_eq!(k[1].kernel, "ln_bwd_block_v_smem");
         assert_eq!((k[1].registers, k[1].smem, k[1].stack), (32, 512, 8));

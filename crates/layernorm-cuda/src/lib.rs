@@ -1,5 +1,7 @@
-//! The CUDA backend of layernorm: LayerNorm forward and backward on NVIDIA GPUs through cudarc,
-//! with CUDA C kernels (`kernels/layernorm.cu`) compiled at run time by NVRTC.
+//! The CUDA backend of layernorm: the normalization family (LayerNorm and RMSNorm, with a γ
+//! offset, a fused residual add, and a backward from x or from y with the residual stream's dh)
+//! forward and backward on NVIDIA GPUs through cudarc, with CUDA C kernels
+//! (`kernels/layernorm.cu`) compiled at run time by NVRTC.
 //!
 //! # Should I use this?
 //!
@@ -16,15 +18,21 @@
 //! }
 //! ```
 //!
+//! The kernels compute in f32 for f32, f16 and bf16 data and in f64 for f64 data; an ε below
+//! `f32::MIN_POSITIVE` is therefore [`Error::Unsupported`] for the first three (the ε rule,
+//! [`plan::eps_args`]).
+//!
 //! # Design
 //!
-//! - [`plan`]: plain-Rust choice of strategy (sub-warp per row in registers, block per row in
-//!   shared memory, block per row re-reading global memory), grid, block and shared memory.
-//! - [`kernels`]: the source and NVRTC options; one module per dtype, cached per backend (device).
+//! - [`plan`]: plain-Rust choice of kernel (by kind and direction) and strategy (sub-warp per row
+//!   in registers, block per row in shared memory, block per row re-reading global memory), grid,
+//!   block, shared memory, and every launch's argument list.
+//! - [`kernels`]: the source and NVRTC options; one module per dtype and kind, cached per backend
+//!   (device).
 //! - [`check`]: NVRTC + `ptxas -v` over every kernel, for CI machines without a GPU.
 //!
 //! Without a GPU, `tests/emulated.rs` still runs the real kernels on the CPU (a C++ harness with
-//! one thread per CUDA thread) through the exact launches of [`plan::forward_steps`] and
+//! one fiber per CUDA thread) through the exact launches of [`plan::forward_steps`] and
 //! [`plan::backward_steps`]; `tests/gpu.rs` is the on-device suite. See `docs/backends/cuda.md`
 //! for the numerics, what each test proves, and how to run them on a GPU machine.
 

@@ -1,37 +1,53 @@
 // harness.cpp: runs kernels/layernorm.cu on the CPU for tests/emulated.rs.
 //
-// Every CUDA thread of a block is a std::thread; __syncthreads is a block-wide std::barrier and
-// each warp shuffle is an exchange through a per-warp slot array between two warp-wide barriers,
-// so threads really run concurrently and must meet at every barrier and shuffle, as on a GPU.
-// Blocks run one after the other, which makes function-level `static` storage behave as
-// `__shared__`. Buffers are exact-size heap allocations: built with -fsanitize=address, any
-// out-of-bounds access by a kernel aborts the run.
+// Every CUDA thread of a block is a fiber with its own stack, all on one OS thread (switched by
+// a few lines of assembly on x86-64, by ucontext elsewhere; announced to AddressSanitizer):
+// __syncthreads is a block-wide barrier and each warp shuffle an exchange through a per-warp slot
+// array between two warp-wide barriers. A fiber that reaches a barrier is parked until every
+// thread of its block (or warp) has arrived; the scheduler resumes the released fibers in
+// ascending order after one barrier and in descending order after the next, so a kernel that
+// reads shared data without the barrier that orders it sees stale values and fails its check.
+// A barrier some threads never reach is reported as a deadlock. Blocks run one after the other,
+// which makes function-level `static` storage behave as `__shared__`. Buffers are exact-size
+// heap allocations: built with -fsanitize=address, any out-of-bounds access by a kernel aborts
+// the run.
 //
 // What it does not model: NVRTC/ptxas code generation, the memory model beyond barriers, timing,
-// and the hardware rsqrt estimate (replaced by the exact value off by a deliberate 2^-22 relative
-// error, so the Newton step is exercised).
+// and the hardware rsqrt/rcp estimates (replaced by the exact value off by a deliberate 2^-22
+// relative error, so the Newton steps are exercised).
 //
-// Input (stdin), one command per line:
+// One process serves many runs. Input (stdin), one command per line:
 //   buffer <id> <bytes> <path|->        a buffer filled from a file, or zeros
 //   launch <kernel> <gx> <gy> <bx> <by> <smem> <args...>
 //          args: b<id> (buffer), n (null), u<dec> (u64), i<dec> (int), f<hex> (float bits),
 //                d<hex> (double bits)
 //   save <id> <path>
-// Argument kinds and nullability are checked against the kernel's signature.
+//   reset                               drop every buffer
+//   sync                                answer `ok` on stdout once everything above is done
+// Argument kinds and the nullability of every pointer are checked against the kernel's
+// signature and its kind (LayerNorm or RMSNorm, from x or from y). Any failure ends the process
+// with a message on stderr.
 
-#include <barrier>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 using std::fabs;
@@ -52,30 +68,207 @@ using std::sqrt;
 struct Dim3 {
     unsigned x, y, z;
 };
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 blockDim, gridDim;
+// The running fiber's indices: set by the scheduler before every switch into a fiber.
+Dim3 threadIdx, blockIdx, blockDim, gridDim;
 unsigned char* ln_emu_dyn_smem = nullptr;
 #define LN_DYNAMIC_SMEM(name) unsigned char* name = ln_emu_dyn_smem
 
-struct Warp {
-    std::barrier<> bar;
-    double slot[32];
-    explicit Warp(int lanes) : bar(lanes) {}
-};
-thread_local Warp* t_warp = nullptr;
-thread_local int t_lane = 0;
-std::barrier<>* g_block_bar = nullptr;
+[[noreturn]] static void fail(const std::string& why) {
+    std::fprintf(stderr, "harness: %s\n", why.c_str());
+    std::exit(2);
+}
 
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+// ---------------------------------- fibers and barriers ----------------------------------
+
+namespace emu {
+
+constexpr size_t STACK = 16 * 1024;
+
+// ---- one switch between stacks: x86-64 assembly (no system call), or ucontext ----
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack and its pointer in *from, then
+// continues on the stack `to` (saved the same way, or prepared by `prepare`).
+extern "C" void ln_emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl ln_emu_switch
+    .type ln_emu_switch, @function
+ln_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size ln_emu_switch, .-ln_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+struct Context {
+    void* sp = nullptr;
+};
+// A stack whose first switch enters `entry` (which never returns) as if called.
+void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
+    auto top = (uintptr_t)(stack + size) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;          // entry's return address: never used
+    *--sp = (void*)entry;     // popped by `ret`
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12–r15
+    c.sp = sp;
+}
+void jump(Context& from, Context& to) { ln_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
+    if (getcontext(&c.uc) != 0) fail("getcontext failed");
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+void jump(Context& from, Context& to) {
+    if (swapcontext(&from.uc, &to.uc) != 0) fail("swapcontext failed");
+}
+#endif
+
+struct Fiber {
+    Context ctx;
+    std::unique_ptr<char[]> stack;
+    Dim3 tid;
+    bool done = false;
+};
+
+std::vector<Fiber> fibers;  // grown on demand, stacks reused across blocks and launches
+Context scheduler;
+int current = -1;
+std::deque<int> ready;
+bool reverse_next = false;
+const char* kernel_name = "";
+
+// Tells AddressSanitizer which stack runs next (its bounds), as its fiber interface asks.
+#if defined(__SANITIZE_ADDRESS__)
+const void* sched_bottom = nullptr;
+size_t sched_size = 0;
+void to_fiber(Fiber& f) {
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack.get(), STACK);
+    jump(scheduler, f.ctx);
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+}
+void to_scheduler(bool exiting) {
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, sched_bottom, sched_size);
+    jump(fibers[current].ctx, scheduler);
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+}
+void entered_fiber() { __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size); }
+#else
+void to_fiber(Fiber& f) { jump(scheduler, f.ctx); }
+void to_scheduler(bool) { jump(fibers[current].ctx, scheduler); }
+void entered_fiber() {}
+#endif
+
+struct Barrier {
+    int count = 0, arrived = 0;
+    std::vector<int> waiting;
+};
+
+// Parks the running fiber at `b`; the last arrival releases everyone (itself included), in an
+// order that alternates between releases.
+void wait(Barrier& b) {
+    b.waiting.push_back(current);
+    if (++b.arrived == b.count) {
+        if (reverse_next) {
+            for (auto it = b.waiting.rbegin(); it != b.waiting.rend(); ++it) ready.push_back(*it);
+        } else {
+            for (int w : b.waiting) ready.push_back(w);
+        }
+        reverse_next = !reverse_next;
+        b.waiting.clear();
+        b.arrived = 0;
+    }
+    to_scheduler(false);
+}
+
+Barrier block_bar;
+struct Warp {
+    Barrier bar;
+    double slot[32];
+};
+std::vector<Warp> warps;
+
+void (*body)() = nullptr;
+
+// Every fiber's first frame: runs the kernel, then hands control back for good.
+void fiber_main() {
+    entered_fiber();
+    body();
+    fibers[current].done = true;
+    to_scheduler(true);
+    fail("a finished fiber was resumed");
+}
+
+// Runs one block of `nt` threads of `block` shape to completion.
+void run_block(Dim3 block, int nt) {
+    if ((int)fibers.size() < nt) fibers.resize(nt);
+    warps.assign(nt / 32, Warp{});
+    for (auto& w : warps) w.bar.count = 32;
+    block_bar = Barrier{};
+    block_bar.count = nt;
+    ready.clear();
+    for (int t = 0; t < nt; ++t) {
+        Fiber& f = fibers[t];
+        if (!f.stack) f.stack.reset(new char[STACK]);
+#if defined(__SANITIZE_ADDRESS__)
+        // The last run's frames never returned: their redzones are still poisoned.
+        ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), STACK);
+#endif
+        prepare(f.ctx, f.stack.get(), STACK, fiber_main);
+        f.tid = Dim3{(unsigned)t % block.x, (unsigned)t / block.x, 0};
+        f.done = false;
+        ready.push_back(t);
+    }
+    while (!ready.empty()) {
+        current = ready.front();
+        ready.pop_front();
+        threadIdx = fibers[current].tid;
+        to_fiber(fibers[current]);
+    }
+    for (int t = 0; t < nt; ++t) {
+        if (!fibers[t].done)
+            fail(std::string(kernel_name) + ": deadlock: thread " + std::to_string(t) +
+                 " waits at a barrier the rest of its block or warp never reaches");
+    }
+    current = -1;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::wait(emu::block_bar); }
 
 template <class V>
 V __shfl_xor_sync(unsigned, V v, int mask) {
-    t_warp->slot[t_lane] = (double)v;  // exact for float and double
-    t_warp->bar.arrive_and_wait();
-    const V r = (V)t_warp->slot[t_lane ^ mask];
-    t_warp->bar.arrive_and_wait();
+    emu::Warp& w = emu::warps[emu::current / 32];
+    const int lane = emu::current % 32;
+    w.slot[lane] = (double)v;  // exact for float and double
+    emu::wait(w.bar);
+    const V r = (V)w.slot[lane ^ mask];
+    emu::wait(w.bar);
     return r;
 }
+
+// ---------------------------------- CUDA intrinsics ----------------------------------
 
 inline unsigned __float_as_uint(float f) {
     unsigned u;
@@ -107,6 +300,17 @@ inline double rsqrt(double v) {
     double r = 1.0 / std::sqrt(v);
     return std::isfinite(r) ? r * (1.0 + 0x1p-22) : r;
 }
+// rcp.approx.ftz: subnormal inputs flush to zero, as on the GPU.
+inline float ln_emu_rcp(float v) {
+    if (std::fpclassify(v) == FP_SUBNORMAL) v = std::copysign(0.0f, v);
+    float r = 1.0f / v;
+    return std::isfinite(r) ? r * (1.0f + 0x1p-22f) : r;
+}
+inline double ln_emu_rcp(double v) {
+    if (std::fpclassify(v) == FP_SUBNORMAL) v = std::copysign(0.0, v);
+    double r = 1.0 / v;
+    return std::isfinite(r) ? r * (1.0 + 0x1p-22) : r;
+}
 template <class X>
 X min(X a, X b) {
     return b < a ? b : a;
@@ -127,26 +331,29 @@ inline unsigned short ln_emu_f32_to_f16(float f) {
     return h;
 }
 
+// ---------------------------------- kernel registry ----------------------------------
+
 enum Kind { FWD, BWD, GB_PARTIAL, GB_FINAL };
 struct Entry {
     Kind kind;
     void* fn;
+    bool rms, from_y;
 };
 static std::map<std::string, Entry>& registry() {
     static std::map<std::string, Entry> m;
     return m;
 }
 struct Reg {
-    Reg(const char* name, Kind k, void* fn) { registry()[name] = Entry{k, fn}; }
+    Reg(const char* name, Kind k, void* fn, bool rms, bool from_y) {
+        registry()[name] = Entry{k, fn, rms, from_y};
+    }
 };
-#define LN_REGISTER(kind, name) static Reg ln_reg_##name(#name, kind, (void*)&name);
+#define LN_REGISTER(kind, name, rms, from_y) \
+    static Reg ln_reg_##name(#name, kind, (void*)&name, rms, from_y);
 
 #include "layernorm.cu"
 
-[[noreturn]] static void fail(const std::string& why) {
-    std::fprintf(stderr, "harness: %s\n", why.c_str());
-    std::exit(2);
-}
+// ---------------------------------- the command loop ----------------------------------
 
 static std::map<int, std::vector<unsigned char>> buffers;
 
@@ -170,7 +377,8 @@ static Tok parse_tok(const std::string& s) {
     }
 }
 
-// Argument access with signature checks: 'p' pointer (nullable or not), 'u', 'i', 's' (scalar A).
+// Argument access with signature checks.
+enum Ptr { REQUIRED, OPTIONAL, ABSENT };
 struct Args {
     const std::vector<Tok>& t;
     std::string kernel;
@@ -179,72 +387,135 @@ struct Args {
             fail(kernel + ": expected " + std::to_string(n) + " arguments, got " +
                  std::to_string(t.size()));
     }
-    void* p(size_t i, bool nullable) const {
+    std::string at(size_t i) const { return kernel + ": argument " + std::to_string(i); }
+    bool is_null(size_t i) const { return t[i].kind == 'n'; }
+    void* p(size_t i, Ptr rule) const {
         if (t[i].kind == 'n') {
-            if (!nullable) fail(kernel + ": argument " + std::to_string(i) + " may not be null");
+            if (rule == REQUIRED) fail(at(i) + " may not be null");
             return nullptr;
         }
-        if (t[i].kind != 'b') fail(kernel + ": argument " + std::to_string(i) + " is no pointer");
+        if (rule == ABSENT) fail(at(i) + " must be null for this kernel");
+        if (t[i].kind != 'b') fail(at(i) + " is no pointer");
         auto it = buffers.find((int)t[i].bits);
-        if (it == buffers.end()) fail(kernel + ": unknown buffer");
+        if (it == buffers.end()) fail(at(i) + ": unknown buffer");
         return it->second.data();
     }
     uint64_t u(size_t i) const {
-        if (t[i].kind != 'u') fail(kernel + ": argument " + std::to_string(i) + " is no u64");
+        if (t[i].kind != 'u') fail(at(i) + " is no u64");
         return t[i].bits;
     }
     int i32(size_t i) const {
-        if (t[i].kind != 'i') fail(kernel + ": argument " + std::to_string(i) + " is no int");
+        if (t[i].kind != 'i') fail(at(i) + " is no int");
         return (int)(int64_t)t[i].bits;
     }
     A s(size_t i) const {
         const char want = sizeof(A) == 8 ? 'd' : 'f';
-        if (t[i].kind != want)
-            fail(kernel + ": argument " + std::to_string(i) + " is not of the accumulation type");
+        if (t[i].kind != want) fail(at(i) + " is not of the accumulation type");
         if (sizeof(A) == 8) return (A)__longlong_as_double((long long)t[i].bits);
         return (A)__uint_as_float((unsigned)t[i].bits);
     }
 };
 
-using FwdFn = void (*)(const T*, const T*, const T*, T*, A*, A*, u64, int, int, A, A);
-using BwdFn = void (*)(const T*, const T*, const A*, const A*, const T*, T*, A*, u64, int, int, A);
-using PartialFn = void (*)(const T*, const T*, const A*, const A*, const A*, A*, A*, u64, int, u64);
+static Ptr when(bool c) { return c ? REQUIRED : ABSENT; }
+static Ptr may(bool c) { return c ? OPTIONAL : ABSENT; }
+
+using FwdFn = void (*)(const T*, const T*, T*, const T*, const T*, T*, A*, A*, u64, int, int, A,
+                       int, A, A);
+using BwdFn = void (*)(const T*, const T*, const T*, const A*, const A*, const T*, const T*, T*,
+                       A*, u64, int, int, A, A);
+using PartialFn = void (*)(const T*, const T*, const A*, const A*, const A*, const T*, const T*,
+                           A*, A*, u64, int, u64, A);
 using FinalFn = void (*)(const A*, const A*, T*, T*, int, int);
 
-static void call(const Entry& e, const Args& a) {
+// Checks the arguments of one launch and binds them to a call of the kernel.
+static void (*bind(const Entry& e, const Args& a))() {
+    static std::vector<void*> p;
+    static std::vector<double> s;
+    static uint64_t rows;
+    static int ints[3];
+    static const Entry* entry;
+    entry = &e;
+    static const size_t counts[] = {15, 14, 13, 6};
+    a.check_count(counts[e.kind]);
+    const bool centre = !e.rms && !e.from_y;
+    p.clear();
+    s.clear();
     switch (e.kind) {
-        case FWD:
-            ((FwdFn)e.fn)((const T*)a.p(0, false), (const T*)a.p(1, true), (const T*)a.p(2, true),
-                          (T*)a.p(3, false), (A*)a.p(4, false), (A*)a.p(5, false), a.u(6),
-                          a.i32(7), a.i32(8), a.s(9), a.s(10));
-            break;
-        case BWD:
-            ((BwdFn)e.fn)((const T*)a.p(0, false), (const T*)a.p(1, false),
-                          (const A*)a.p(2, false), (const A*)a.p(3, false),
-                          (const T*)a.p(4, true), (T*)a.p(5, false), (A*)a.p(6, true), a.u(7),
-                          a.i32(8), a.i32(9), a.s(10));
-            break;
-        case GB_PARTIAL:
-            ((PartialFn)e.fn)((const T*)a.p(0, false), (const T*)a.p(1, false),
-                              (const A*)a.p(2, false), (const A*)a.p(3, false),
-                              (const A*)a.p(4, false), (A*)a.p(5, true), (A*)a.p(6, true), a.u(7),
-                              a.i32(8), a.u(9));
-            break;
-        case GB_FINAL:
-            ((FinalFn)e.fn)((const A*)a.p(0, true), (const A*)a.p(1, true), (T*)a.p(2, true),
-                            (T*)a.p(3, true), a.i32(4), a.i32(5));
-            break;
+        case FWD: {
+            const bool res = !a.is_null(1);
+            const Ptr rules[] = {REQUIRED, OPTIONAL,  when(res), OPTIONAL,
+                                 OPTIONAL, REQUIRED, when(!e.rms), REQUIRED};
+            for (size_t i = 0; i < 8; ++i) p.push_back(a.p(i, rules[i]));
+            rows = a.u(8);
+            ints[0] = a.i32(9);
+            ints[1] = a.i32(10);
+            s.push_back(a.s(11));
+            ints[2] = a.i32(12);
+            s.push_back(a.s(13));
+            s.push_back(a.s(14));
+            return [] {
+                ((FwdFn)entry->fn)((const T*)p[0], (const T*)p[1], (T*)p[2], (const T*)p[3],
+                                   (const T*)p[4], (T*)p[5], (A*)p[6], (A*)p[7], rows, ints[0],
+                                   ints[1], (A)s[0], ints[2], (A)s[1], (A)s[2]);
+            };
+        }
+        case BWD: {
+            const Ptr rules[] = {REQUIRED, REQUIRED, OPTIONAL,       when(centre), REQUIRED,
+                                 OPTIONAL, may(e.from_y), REQUIRED, may(centre)};
+            for (size_t i = 0; i < 9; ++i) p.push_back(a.p(i, rules[i]));
+            rows = a.u(9);
+            ints[0] = a.i32(10);
+            ints[1] = a.i32(11);
+            s.push_back(a.s(12));
+            s.push_back(a.s(13));
+            return [] {
+                ((BwdFn)entry->fn)((const T*)p[0], (const T*)p[1], (const T*)p[2],
+                                   (const A*)p[3], (const A*)p[4], (const T*)p[5],
+                                   (const T*)p[6], (T*)p[7], (A*)p[8], rows, ints[0], ints[1],
+                                   (A)s[0], (A)s[1]);
+            };
+        }
+        case GB_PARTIAL: {
+            const Ptr rules[] = {REQUIRED,      REQUIRED,       when(centre),
+                                 when(!e.from_y), when(centre), may(e.from_y),
+                                 may(e.from_y), OPTIONAL,       OPTIONAL};
+            for (size_t i = 0; i < 9; ++i) p.push_back(a.p(i, rules[i]));
+            if (!p[7] && !p[8]) fail(a.kernel + ": neither partial buffer is given");
+            rows = a.u(9);
+            ints[0] = a.i32(10);
+            static uint64_t rpc;
+            rpc = a.u(11);
+            s.push_back(a.s(12));
+            return [] {
+                ((PartialFn)entry->fn)((const T*)p[0], (const T*)p[1], (const A*)p[2],
+                                       (const A*)p[3], (const A*)p[4], (const T*)p[5],
+                                       (const T*)p[6], (A*)p[7], (A*)p[8], rows, ints[0], rpc,
+                                       (A)s[0]);
+            };
+        }
+        case GB_FINAL: {
+            const bool g = !a.is_null(0), b = !a.is_null(1);
+            if (!g && !b) fail(a.kernel + ": neither gradient is wanted");
+            const Ptr rules[] = {when(g), when(b), when(g), when(b)};
+            for (size_t i = 0; i < 4; ++i) p.push_back(a.p(i, rules[i]));
+            ints[0] = a.i32(4);
+            ints[1] = a.i32(5);
+            return [] {
+                ((FinalFn)entry->fn)((const A*)p[0], (const A*)p[1], (T*)p[2], (T*)p[3], ints[0],
+                                     ints[1]);
+            };
+        }
     }
+    fail("unknown kernel kind");
 }
 
 static void launch(const std::string& name, Dim3 grid, Dim3 block, unsigned smem,
                    const std::vector<Tok>& toks) {
     auto it = registry().find(name);
     if (it == registry().end()) fail("no kernel `" + name + "`");
-    const Entry e = it->second;
     const Args args{toks, name};
-    static const size_t counts[] = {11, 11, 10, 6};
-    args.check_count(counts[e.kind]);
+    emu::body = bind(it->second, args);
+    emu::kernel_name = it->first.c_str();
     const int nt = (int)(block.x * block.y);
     if (nt <= 0 || nt > 1024 || nt % 32 != 0) fail(name + ": bad block size");
     gridDim = grid;
@@ -253,22 +524,8 @@ static void launch(const std::string& name, Dim3 grid, Dim3 block, unsigned smem
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             std::vector<unsigned char> dyn(smem);
             ln_emu_dyn_smem = smem ? dyn.data() : nullptr;
-            std::barrier<> bar(nt);
-            g_block_bar = &bar;
-            std::vector<std::unique_ptr<Warp>> warps;
-            for (int w = 0; w < nt / 32; ++w) warps.push_back(std::make_unique<Warp>(32));
-            std::vector<std::thread> threads;
-            threads.reserve(nt);
-            for (int t = 0; t < nt; ++t) {
-                threads.emplace_back([&, t] {
-                    threadIdx = Dim3{(unsigned)t % block.x, (unsigned)t / block.x, 0};
-                    blockIdx = Dim3{bx, by, 0};
-                    t_warp = warps[t / 32].get();
-                    t_lane = t % 32;
-                    call(e, args);
-                });
-            }
-            for (auto& th : threads) th.join();
+            blockIdx = Dim3{bx, by, 0};
+            emu::run_block(block, nt);
         }
     }
 }
@@ -306,6 +563,11 @@ int main() {
             if (it == buffers.end()) fail("save: unknown buffer");
             std::ofstream f(path, std::ios::binary);
             f.write((const char*)it->second.data(), (std::streamsize)it->second.size());
+            if (!f) fail("cannot write " + path);
+        } else if (cmd == "reset") {
+            buffers.clear();
+        } else if (cmd == "sync") {
+            std::cout << "ok" << std::endl;
         } else {
             fail("unknown command `" + cmd + "`");
         }
