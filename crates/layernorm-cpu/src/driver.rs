@@ -408,6 +408,19 @@ mod tests {
     }
 
     #[test]
+    fn buffers_that_cannot_be_had_are_out_of_memory_errors() {
+        let oom = |r: Result<()>| assert_eq!(r.unwrap_err().class(), "out-of-memory");
+        oom(zeroed_on_line::<f32>(usize::MAX / 8).map(|_| ()));
+        oom(zeroed_on_line::<f64>(usize::MAX - 1).map(|_| ()));
+        oom(try_with_capacity::<u64>("x", usize::MAX / 16).map(|_| ()));
+        let mut scratch = Vec::new();
+        oom(mean_or_zeros::<f32>(None, usize::MAX / 8, &mut scratch).map(|_| ()));
+        let mut m = [1f32; 2];
+        assert_eq!(mean_or_zeros(Some(&mut m[..]), 2, &mut scratch).unwrap(), [1.0, 1.0]);
+        assert_eq!(mean_or_zeros::<f32>(None, 3, &mut scratch).unwrap(), [0.0; 3]);
+    }
+
+    #[test]
     fn the_streaming_threshold_is_half_the_reported_cache_within_measured_bounds() {
         assert_eq!(cache_size("32768K"), Some(32 << 20));
         assert_eq!(cache_size("491520K\n"), Some(480 << 20));

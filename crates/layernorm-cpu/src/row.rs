@@ -676,7 +676,7 @@ fn moments(kind: Kind, nf: f64, sd: f64, sdd: f64) -> (f64, f64) {
 
 /// The statistics [`finish`] returns, from the shift, the residual mean and the variance (or
 /// mean square) taken at scale `s`: rstd = s / √(var_s + ε·s²), exact in scaling, 1/√ε where
-/// ε·s² overflows (var is then below ε by more than `f64`'s precision). The centring point is
+/// the variance is 0 or ε·s² overflows (var is then below ε by more than `f64`'s precision). The centring point is
 /// kept as one value where m_hi + m_lo is exact in `A`: a constant row then normalizes to
 /// exactly 0 (x − m_hi = 0), where fma(x − m_hi, r, −(m_lo·r)) kept the rounding of m_lo·r.
 #[inline(always)]
@@ -684,7 +684,10 @@ fn stats_of<A: Real>(m_hi: A, m_lo: f64, var_s: f64, s: f64, eps: f64) -> RowSta
     // Clamp rounding below zero, but let NaN through (a NaN row stays NaN).
     let var_s = if var_s < 0.0 { 0.0 } else { var_s };
     let es = eps * s * s;
-    let rstd = if es.is_finite() { s / (var_s + es).sqrt() } else { 1.0 / eps.sqrt() };
+    // A zero variance is 1/√ε whatever the scale (ε·s² may have lost bits below `f64`'s range
+    // for a subnormal ε); ε·s² past `f64`'s range is var below ε by more than its precision.
+    let rstd =
+        if var_s != 0.0 && es.is_finite() { s / (var_s + es).sqrt() } else { 1.0 / eps.sqrt() };
     let mean = m_hi.into() + m_lo;
     let ml = A::of(m_lo);
     let t = m_hi + ml;
