@@ -792,30 +792,32 @@ LN_REGISTER(GB_FINAL, gb_final, false, false)
     LN_REGISTER(GB_PARTIAL, P##_bwd_gb_partial, RMS, false)                                    \
     LN_REGISTER(GB_PARTIAL, P##_bwdy_gb_partial, RMS, true)
 
-// Items per thread: the host's table in src/plan.rs (`warp_items`) lists the same sets.
-#if LN_DTYPE == 3
-#define LN_WARPS(P, K)         \
+// Items per thread: the host's table in src/plan.rs (`warp_items`) lists the same sets. Scalar
+// kernels hold 1–16 elements per thread in every dtype, 24 and 32 too below f64; the vector
+// kernels hold whole 128-bit packs.
+#define LN_WARPS_S16(P, K)     \
     LN_WARP(P, K, s, 1, 1)     \
     LN_WARP(P, K, s, 1, 2)     \
     LN_WARP(P, K, s, 1, 4)     \
     LN_WARP(P, K, s, 1, 8)     \
     LN_WARP(P, K, s, 1, 12)    \
-    LN_WARP(P, K, s, 1, 16)    \
+    LN_WARP(P, K, s, 1, 16)
+#if LN_DTYPE == 3
+#define LN_WARPS(P, K)         \
+    LN_WARPS_S16(P, K)         \
     LN_WARP(P, K, v, 2, 2)     \
     LN_WARP(P, K, v, 2, 4)     \
     LN_WARP(P, K, v, 2, 8)     \
     LN_WARP(P, K, v, 2, 12)    \
     LN_WARP(P, K, v, 2, 16)
-#elif LN_VEC == 4
-#define LN_WARPS(P, K)         \
-    LN_WARP(P, K, s, 1, 1)     \
-    LN_WARP(P, K, s, 1, 2)     \
-    LN_WARP(P, K, s, 1, 4)     \
-    LN_WARP(P, K, s, 1, 8)     \
-    LN_WARP(P, K, s, 1, 12)    \
-    LN_WARP(P, K, s, 1, 16)    \
+#else
+#define LN_WARPS_S32(P, K)     \
+    LN_WARPS_S16(P, K)         \
     LN_WARP(P, K, s, 1, 24)    \
-    LN_WARP(P, K, s, 1, 32)    \
+    LN_WARP(P, K, s, 1, 32)
+#if LN_VEC == 4
+#define LN_WARPS(P, K)         \
+    LN_WARPS_S32(P, K)         \
     LN_WARP(P, K, v, 4, 4)     \
     LN_WARP(P, K, v, 4, 8)     \
     LN_WARP(P, K, v, 4, 12)    \
@@ -824,18 +826,12 @@ LN_REGISTER(GB_FINAL, gb_final, false, false)
     LN_WARP(P, K, v, 4, 32)
 #else
 #define LN_WARPS(P, K)         \
-    LN_WARP(P, K, s, 1, 1)     \
-    LN_WARP(P, K, s, 1, 2)     \
-    LN_WARP(P, K, s, 1, 4)     \
-    LN_WARP(P, K, s, 1, 8)     \
-    LN_WARP(P, K, s, 1, 12)    \
-    LN_WARP(P, K, s, 1, 16)    \
-    LN_WARP(P, K, s, 1, 24)    \
-    LN_WARP(P, K, s, 1, 32)    \
+    LN_WARPS_S32(P, K)         \
     LN_WARP(P, K, v, 8, 8)     \
     LN_WARP(P, K, v, 8, 16)    \
     LN_WARP(P, K, v, 8, 24)    \
     LN_WARP(P, K, v, 8, 32)
+#endif
 #endif
 
 // Every entry point of one kind.

@@ -31,8 +31,11 @@ use layernorm_core::{
     DType, Error, HostVec, NormKind, NormSpec, Result, check_gamma_recoverable, reference,
 };
 use layernorm_cuda::plan::{self, Arg, BackwardVariant, DeviceLimits, Step, Tensor};
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+
+mod common;
+use common::random;
 
 const CRATE: &str = env!("CARGO_MANIFEST_DIR");
 const TMP: &str = env!("CARGO_TARGET_TMPDIR");
@@ -387,22 +390,8 @@ fn tol(dtype: DType) -> f64 {
     }
 }
 
-/// Every element within `tol(dtype)` of the largest reference magnitude (at least 1), or equal
-/// to the reference rounded to the dtype (an out-of-range value is ±inf there).
 fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64], ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{what} length, {ctx}");
-    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol(dtype) * scale || *g == dtype.round(*w),
-            "{what}[{i}] = {g}, reference {w} (err {err:e}), {ctx}"
-        );
-    }
-}
-
-fn random(rng: &mut SmallRng, len: usize, offset: f64, scale: f64) -> Vec<f64> {
-    (0..len).map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0)).collect()
+    common::assert_close(what, dtype, tol(dtype), got, want, ctx);
 }
 
 /// The residual of a variant.
@@ -689,12 +678,13 @@ fn shapes(dtype: DType) -> Vec<(usize, usize, DeviceLimits, bool)> {
             out.push((9, full, LOOPING, aligned));
             out.push((5, full - 3 * step, LOOPING, aligned));
         }
-        // Past the warp kernels: 128 threads, then 1024 (the most a block reduces over).
+        // Past the warp kernels: the block kernels in shared memory and re-reading global
+        // memory at their fewest threads (128; 512 for the scalar ones), then once at 1024 (the
+        // most a block reduces over).
         let max = 32 * *items.last().unwrap() as usize;
-        for n in [max + step, 4 * step * 512 + step] {
-            out.push((3, n, LOOPING, aligned));
-            out.push((3, n, NO_SMEM, aligned));
-        }
+        out.push((3, max + step, LOOPING, aligned));
+        out.push((3, max + step, NO_SMEM, aligned));
+        out.push((3, 4 * step * 512 + step, NO_SMEM, aligned));
     }
     out
 }
@@ -849,8 +839,11 @@ fn epsilon_range() {
         if !f32_math {
             epsilons.extend([1e-300, f64::from_bits(1), 1e307]);
         }
+        // A sub-warp kernel, and a vector block kernel at 128 threads.
+        let block_n = 32 * *plan::warp_items(dtype, true).last().unwrap() as usize;
+        let block_n = block_n + plan::vec_width(dtype);
         for kind in NormKind::ALL {
-            for (n, limits, aligned) in [(8, LOOPING, false), (1025, LOOPING, true)] {
+            for (n, limits, aligned) in [(8, LOOPING, false), (block_n, LOOPING, true)] {
                 for &eps in &epsilons {
                     let case = Case {
                         kind,

@@ -13,8 +13,11 @@ use layernorm_core::{
     Normalize, Residual, reference,
 };
 use layernorm_cuda::CudaBackend;
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+
+mod common;
+use common::random;
 
 fn backend() -> Option<CudaBackend> {
     match CudaBackend::new() {
@@ -46,15 +49,7 @@ fn tol(dtype: DType) -> f64 {
 }
 
 fn assert_close(what: &str, dtype: DType, got: &[f64], want: &[f64], ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{what} length, {ctx}");
-    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        assert!(
-            err <= tol(dtype) * scale,
-            "{what}[{i}] = {g}, reference {w} (err {err:e}, scale {scale}), {ctx}"
-        );
-    }
+    common::assert_close(what, dtype, tol(dtype), got, want, ctx);
 }
 
 /// Rounds f64 values to `dtype` and returns them widened again: what the device will see.
@@ -62,10 +57,6 @@ fn rounded(dtype: DType, v: &[f64]) -> (HostVec, Vec<f64>) {
     let h = HostVec::from_f64(dtype, v);
     let w = h.to_f64_vec();
     (h, w)
-}
-
-fn random(rng: &mut SmallRng, len: usize, offset: f64, scale: f64) -> Vec<f64> {
-    (0..len).map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0)).collect()
 }
 
 /// How a problem's residual is passed.
