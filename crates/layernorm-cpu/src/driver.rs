@@ -244,17 +244,19 @@ pub(crate) fn forward<T: CpuElement>(
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
     let mut zeros = Vec::new();
     let mean = mean_or_zeros(mean, rstd.len(), &mut zeros)?;
+    let task = |x: &[T], y: &mut [T], m: &mut [T::Acc], s: &mut [T::Acc]| {
+        simd::forward_rows(n, spec, x, gamma, beta, y, m, s, out);
+        forward_exact_rows(n, spec, x, (gamma, beta), y, s)
+    };
     if !is_parallel(x.len()) {
-        simd::forward_rows(n, spec, x, gamma, beta, y, mean, rstd, out);
-    } else {
-        let per = rows_per_task(n, mean.len());
-        y.par_chunks_mut(per * n)
-            .zip(x.par_chunks(per * n))
-            .zip(mean.par_chunks_mut(per))
-            .zip(rstd.par_chunks_mut(per))
-            .for_each(|(((y, x), m), s)| simd::forward_rows(n, spec, x, gamma, beta, y, m, s, out));
+        return task(x, y, mean, rstd);
     }
-    forward_exact_rows(n, spec, x, (gamma, beta), y, rstd)
+    let per = rows_per_task(n, mean.len());
+    y.par_chunks_mut(per * n)
+        .zip(x.par_chunks(per * n))
+        .zip(mean.par_chunks_mut(per))
+        .zip(rstd.par_chunks_mut(per))
+        .try_for_each(|(((y, x), m), s)| task(x, y, m, s))
 }
 
 /// The rows whose rstd overflowed the accumulation type (+inf: var + ε below ~8.6e-78 with `f32`
@@ -311,11 +313,12 @@ pub(crate) fn backward<T: CpuElement>(
         None => mean_or_zeros(None, rows, &mut zeros)?,
     };
     // Rows whose rstd the kernels' distributed second sweep cannot take (extreme ε, or a
-    // saved rstd of +inf): the whole call runs the row-wise composition, those rows exactly.
-    let exact = rstd.iter().any(|&r| row::needs_exact_row(r.into()));
+    // saved rstd of +inf): a group of blocks holding one runs the row-wise composition, those
+    // rows exactly (the other rows' bits are the kernels').
+    let exact = |rstd: &[T::Acc]| rstd.iter().any(|&r| row::needs_exact_row(r.into()));
     // Very long rows: in column chunks (`crate::columns`), where the type has that kernel.
-    if !exact
-        && crate::columns::by_columns(rows, n)
+    if crate::columns::by_columns(rows, n)
+        && !exact(rstd)
         && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
     {
         // The outputs have an accumulation-type view whenever x has (the same `T`).
@@ -346,7 +349,7 @@ pub(crate) fn backward<T: CpuElement>(
         let (x, dy) = (&x[elems.clone()], &dy[elems]);
         let (m, s) = (&mean[rows.clone()], &rstd[rows]);
         let want = (want_g, want_b);
-        if exact {
+        if exact(s) {
             return simd::backward_blocks_exact(kind, n, (x, dy, m, s), gamma, dx, part, want);
         }
         simd::backward_blocks(kind, n, x, dy, m, s, gamma, dx, part, want, stream);

@@ -202,7 +202,8 @@ pub(crate) fn backward_blocks<T: CpuElement>(
     }
 }
 
-/// [`backward_blocks`] for a call whose saved statistics hold a row that `row::needs_exact_row`:
+/// [`backward_blocks`] for a group of blocks whose saved statistics hold a row that
+/// `row::needs_exact_row`:
 /// every row through the row-wise composition (`row::back_row`: the kernels' bits for the
 /// ordinary rows, `f64` for the others), 16-bit rows widened into scratch rows and rounded back,
 /// adding into the blocks' partials in row order as the kernels do. [`Error::OutOfMemory`]

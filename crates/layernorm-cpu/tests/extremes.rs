@@ -123,6 +123,20 @@ fn extreme_eps_on_constant_rows_follows_the_reference_in_every_dtype() {
 }
 
 #[test]
+fn a_poisoned_row_stays_in_its_row_when_the_call_runs_in_parallel() {
+    // 2048 rows of 300 run in groups of blocks on two threads: an rstd of +inf sends its own
+    // group through the row-wise composition (in f64 for that row), the others through the
+    // kernels, and every clean row keeps the bits of a clean call.
+    let cpu = CpuBackend::with_pool(common::pool(2));
+    for kind in NormKind::ALL {
+        for (what, value) in [("rstd", f32::INFINITY), ("x", f32::NAN), ("dy", f32::INFINITY)] {
+            poisoned_in::<f32>(&cpu, (2048, 300), kind, what, value);
+            poisoned_in::<bf16>(&cpu, (2048, 300), kind, what, value);
+        }
+    }
+}
+
+#[test]
 fn extreme_eps_on_ordinary_rows_follows_the_reference_in_every_dtype() {
     fn each<T: CpuElement>() {
         let cpu = CpuBackend::new();
@@ -174,15 +188,24 @@ fn constant_rows_at_large_magnitude_normalize_to_exactly_zero() {
 /// backward, and compare with a clean run: row 1 non-finite everywhere in the outputs the poison
 /// reaches, every other row bitwise unchanged.
 fn poisoned<T: CpuElement>(kind: NormKind, n: usize, what: &str, value: f32) {
-    let cpu = CpuBackend::new();
-    let rows = 4;
+    poisoned_in::<T>(&CpuBackend::new(), (4, n), kind, what, value);
+}
+
+/// [`poisoned`] with `rows` rows of `n` on `cpu`.
+fn poisoned_in<T: CpuElement>(
+    cpu: &CpuBackend,
+    (rows, n): (usize, usize),
+    kind: NormKind,
+    what: &str,
+    value: f32,
+) {
     let x: Vec<T> = to(&normal(rows * n, 11));
     let dy: Vec<T> = to(&normal(rows * n, 12));
     let g: Vec<T> = to(&normal(n, 13));
     let spec = NormSpec::new(kind, rows, n, T::DTYPE).with_beta(true);
     let b: Vec<T> = to(&normal(n, 14));
-    let clean = forward(&cpu, &spec, &x, Some(&g), Some(&b)).unwrap();
-    let clean_b = backward(&cpu, &spec, (&x, &dy), (&clean.mean, &clean.rstd), Some(&g)).unwrap();
+    let clean = forward(cpu, &spec, &x, Some(&g), Some(&b)).unwrap();
+    let clean_b = backward(cpu, &spec, (&x, &dy), (&clean.mean, &clean.rstd), Some(&g)).unwrap();
     let (mut px, mut pdy) = (x.clone(), dy.clone());
     let (mut mean, mut rstd) = (clean.mean.clone(), clean.rstd.clone());
     let v = T::from_f64(f64::from(value));
@@ -193,22 +216,23 @@ fn poisoned<T: CpuElement>(kind: NormKind, n: usize, what: &str, value: f32) {
         _ => rstd[1] = T::Acc::from_f64(f64::from(value)),
     }
     let label = format!("{kind} {} n={n}: {what} = {value}", T::DTYPE);
-    let f = forward(&cpu, &spec, &px, Some(&g), Some(&b)).unwrap();
+    let f = forward(cpu, &spec, &px, Some(&g), Some(&b)).unwrap();
     if what == "x" {
         // The statistics come from x: they and the whole row of y are NaN.
         assert!(T::Acc::to_f64(f.rstd[1]).is_nan(), "{label}: rstd");
         assert!(f.y[n..2 * n].iter().all(|&v| T::to_f64(v).is_nan()), "{label}: y");
         (mean, rstd) = (f.mean.clone(), f.rstd.clone());
     }
-    for r in [0, 2, 3] {
+    let others = || (0..rows).filter(|&r| r != 1);
+    for r in others() {
         let s = r * n..(r + 1) * n;
         assert_eq!(bits(&f.y[s.clone()]), bits(&clean.y[s]), "{label}: y row {r}");
         assert_eq!((f.mean[r], f.rstd[r]), (clean.mean[r], clean.rstd[r]), "{label}: stats {r}");
     }
-    let gr = backward(&cpu, &spec, (&px, &pdy), (&mean, &rstd), Some(&g)).unwrap();
+    let gr = backward(cpu, &spec, (&px, &pdy), (&mean, &rstd), Some(&g)).unwrap();
     let dx = &gr.dx[n..2 * n];
     assert!(dx.iter().all(|&v| !T::to_f64(v).is_finite()), "{label}: dx row 1 {dx:?}");
-    for r in [0, 2, 3] {
+    for r in others() {
         let s = r * n..(r + 1) * n;
         assert_eq!(bits(&gr.dx[s.clone()]), bits(&clean_b.dx[s]), "{label}: dx row {r}");
     }
@@ -232,4 +256,30 @@ fn a_poisoned_row_stays_in_its_row_in_both_kinds_and_every_dtype() {
     each::<f64>();
     each::<bf16>();
     each::<f16>();
+}
+
+#[test]
+fn rows_past_the_rstd_range_are_exact_when_the_call_runs_in_parallel() {
+    // ε = 1e-300 over 2048 rows of 300 on two threads: the constant row's rstd is +inf in f32,
+    // its y is β and its dx ±inf or 0, in whichever task it falls; the other rows are ordinary.
+    fn each<T: CpuElement>() {
+        let cpu = CpuBackend::with_pool(common::pool(2));
+        let (rows, n) = (2048, 300);
+        let mut x = normal(rows * n, 41);
+        x[1500 * n..1501 * n].fill(-2.5);
+        let x: Vec<T> = to(&x);
+        let dy: Vec<T> = to(&normal(rows * n, 42));
+        let (g, b): (Vec<T>, Vec<T>) = (to(&normal(n, 43)), to(&normal(n, 44)));
+        let spec = NormSpec::layer_norm(rows, n, T::DTYPE).with_eps(1e-300);
+        let f = forward(&cpu, &spec, &x, Some(&g), Some(&b)).unwrap();
+        assert_eq!(T::Acc::to_f64(f.rstd[1500]), f64::INFINITY);
+        assert_eq!(bits(&f.y[1500 * n..1501 * n]), bits(&b), "{}: y = β", T::DTYPE);
+        let gr = backward(&cpu, &spec, (&x, &dy), (&f.mean, &f.rstd), Some(&g)).unwrap();
+        let row = &gr.dx[1500 * n..1501 * n];
+        assert!(row.iter().all(|&v| T::to_f64(v).is_infinite()), "{}: dx {row:?}", T::DTYPE);
+        assert!(gr.dx.iter().enumerate().all(|(i, &v)| i / n == 1500 || T::to_f64(v).is_finite()));
+        assert!(gr.dgamma.unwrap().iter().all(|&v| T::to_f64(v).is_finite()));
+    }
+    each::<f32>();
+    each::<bf16>();
 }

@@ -143,6 +143,12 @@ pub(crate) mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    /// A forward's (y, mean, rstd) bit for bit against another's.
+    fn same_forward(what: &str, got: [&[f32]; 3], want: [&[f32]; 3]) {
+        assert_eq!(bits(got[0]), bits(want[0]), "y, {what}");
+        assert_eq!((bits(got[1]), bits(got[2])), (bits(want[1]), bits(want[2])), "stats, {what}");
+    }
+
     /// The bitwise tests' inputs for `nrows` rows of `n`: x ([`mixed_rows`]), dy, γ and β.
     fn bitwise_inputs(nrows: usize, n: usize) -> [Vec<f32>; 4] {
         let x = mixed_rows(nrows, n);
@@ -181,11 +187,10 @@ pub(crate) mod tests {
                 for out in [Out::Cached, Out::Prefetched, Out::Streamed] {
                     rows(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
-                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}, {spec:?}");
-                    assert_eq!(
-                        (bits(&m1), bits(&r1)),
-                        (bits(&m0), bits(&r0)),
-                        "stats, n={n}, {spec:?}"
+                    same_forward(
+                        &format!("n={n}, {out:?}, {spec:?}"),
+                        [&y1, &m1, &r1],
+                        [&y0, &m0, &r0],
                     );
                 }
                 if !backward {
@@ -239,11 +244,10 @@ pub(crate) mod tests {
                         (vec![0f32; nrows * n], vec![0f32; nrows], vec![0f32; nrows]);
                     long(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1, out);
                     stream_fence();
-                    assert_eq!(bits(&y1), bits(&y0), "y, n={n}, {out:?}, {spec:?}");
-                    assert_eq!(
-                        (bits(&m1), bits(&r1)),
-                        (bits(&m0), bits(&r0)),
-                        "stats, n={n}, {spec:?}"
+                    same_forward(
+                        &format!("n={n}, {out:?}, {spec:?}"),
+                        [&y1, &m1, &r1],
+                        [&y0, &m0, &r0],
                     );
                 }
                 if !backward {
