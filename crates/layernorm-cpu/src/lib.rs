@@ -8,7 +8,9 @@
 //! - [`CpuBackend`] implements [`Normalize`], like every backend; its buffers are host vectors.
 //! - [`CpuBackend::forward_into`] / [`CpuBackend::backward_into`]: typed slices in, caller-owned
 //!   outputs: no output is allocated (each call allocates only small scratch: the dγ/dβ block
-//!   partials, and for 16-bit data γ/β widened to `f32`).
+//!   partials, γ/β in the accumulation type where the storage type differs or a γ offset is
+//!   added, and for RMSNorm a row of zeros where the kernels keep a mean). Every allocation is
+//!   fallible: [`Error::OutOfMemory`], never an abort.
 //! - The n-dimensional layer every backend has ([`layernorm_core::NormalizeNd`]:
 //!   `cpu.forward_nd(Norm::layer_norm(), &x).gamma(&g).run()`): ndarray views with any number of
 //!   leading dims, normalized over the trailing dims like PyTorch's `normalized_shape`;

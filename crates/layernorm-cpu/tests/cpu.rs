@@ -554,3 +554,23 @@ fn allocating_calls_reuse_their_outputs_memory() {
     assert_eq!(kept, copy);
     assert_eq!(kept.as_ptr(), nd_ptr, "into_array keeps the same memory");
 }
+
+#[test]
+fn the_variants_this_backend_lacks_are_typed_errors_that_touch_nothing() {
+    // The fused residual and the backward from y or with dh are not computed here yet: each is
+    // `Error::Unsupported`, raised after validation and before any output is written.
+    let cpu = CpuBackend::new();
+    let x = Array2::from_shape_vec((3, 8), normal(24, 50)).unwrap();
+    let mut residual = Array2::from_elem((3, 8), 0.5f32);
+    let norm = Norm::rms_norm();
+    let err = cpu.forward_nd(norm, &x).residual(&residual).run().unwrap_err();
+    assert_eq!(err.class(), "unsupported-feature");
+    let err = cpu.forward_nd(norm, &x).residual_in_place(residual.view_mut()).run().unwrap_err();
+    assert_eq!(err.class(), "unsupported-feature");
+    assert!(residual.iter().all(|&v| v == 0.5), "the residual is left as it was");
+    let f = cpu.forward_nd(norm, &x).run().unwrap();
+    let err = cpu.backward_nd_from_output(norm, &f.y, &x, f.stats()).run().unwrap_err();
+    assert_eq!(err.class(), "unsupported-feature");
+    let err = cpu.backward_nd(norm, &x, &x, f.stats()).dh(&x).run().unwrap_err();
+    assert_eq!(err.class(), "unsupported-feature");
+}
