@@ -1,10 +1,14 @@
 //! The cross-backend conformance suite of layernorm, as a library.
 //!
 //! - **Cases are data**: `cases.toml` ([`mod@cases`]), compiled in.
-//! - **One generic runner** ([`run_backend`]) applies every case, in every dtype the backend
-//!   supports, forward and backward, to any `dyn HostNormalize`, against the f64 reference.
-//! - **One comparison rule and one tolerance table** ([`metric`]), documented in
-//!   `docs/conformance.md`.
+//! - **One generic runner** ([`run_backend`]) applies every case, for both kinds (LayerNorm,
+//!   RMSNorm) and in every dtype the backend supports, forward and backward — with the variants
+//!   each case names: a γ offset, a fused residual (added or in place), the backward from x or
+//!   from y, dh, a poisoned tensor — to any `dyn HostNormalize`, against the f64 reference.
+//! - **One comparison rule, one tolerance table, and allowances derived from the inputs**
+//!   ([`metric`]), documented in `docs/conformance.md` and `docs/numerics.md`.
+//! - **A backend made of the reference** ([`Oracle`]): the suite's own check that its
+//!   tolerances accept a correctly rounded answer, and the base its fault-injection test breaks.
 //! - **One registry**: the backends are `layernorm::REGISTRY`; adding a backend there adds it
 //!   here. `cargo xtask conformance` and this crate's test both iterate it.
 //!
@@ -13,15 +17,19 @@
 
 pub mod cases;
 pub mod metric;
+mod oracle;
 mod runner;
 
-pub use cases::{Case, Dist, Inputs, cases, parse_cases};
+pub use cases::{
+    BackwardFrom, Case, Dist, Inputs, PoisonTensor, PoisonValue, ResidualMode, cases, parse_cases,
+};
+pub use oracle::Oracle;
 pub use runner::{
-    Measure, Outcome, Pass, Status, render_report, render_table, run_backend, run_case,
-    snapshot_name,
+    Measure, Outcome, Pass, Status, Summary, render_report, render_table, run_backend, run_case,
+    snapshot_name, summary_by_kind,
 };
 
-use layernorm::{BackendEntry, DType, Error, HostNormalize};
+use layernorm::{BackendEntry, DType, Error, HostNormalize, NormKind};
 
 /// One backend's turn in the suite.
 pub enum BackendRun {
@@ -43,7 +51,7 @@ pub enum BackendRun {
     },
 }
 
-/// Creates each registry entry and runs it on `cases` in every dtype.
+/// Creates each registry entry and runs it on `cases` for every kind in every dtype.
 pub fn run_entries(entries: &[BackendEntry], cases: &[Case]) -> Vec<BackendRun> {
     entries
         .iter()
@@ -52,7 +60,7 @@ pub fn run_entries(entries: &[BackendEntry], cases: &[Case]) -> Vec<BackendRun> 
             Ok(b) => {
                 let b: &dyn HostNormalize = b.as_ref();
                 let device = b.device().name;
-                let outcomes = run_backend(b, cases, &DType::ALL);
+                let outcomes = run_backend(b, cases, &NormKind::ALL, &DType::ALL);
                 BackendRun::Ran { name: e.name, device, outcomes }
             }
         })
