@@ -288,7 +288,8 @@ fn invalid_arguments_get_the_validators_typed_error_on_every_backend() {
 #[test]
 fn the_huge_problems_of_issue_23_are_refused_before_allocating() {
     // rows = 2^40 with an empty x (forward), rows = 0 with N = 2^40 (backward, with and without
-    // γ): the first must be a typed error, the last is a valid empty problem.
+    // γ): the first must be a typed error, the second is a valid empty problem, the third has a
+    // γ of the wrong length.
     for b in backends() {
         let b = b.as_ref();
         for dtype in DType::ALL {
@@ -341,6 +342,30 @@ fn the_huge_problems_of_issue_23_are_refused_before_allocating() {
             let err = b.backward_host(&spec, args).expect_err("γ of 3 for N = 2^40");
             assert_eq!(err.class(), "shape", "{}: {err}", b.name());
         }
+        // The n-d layer: [2^40, 0] has N = 0; [0, 2^40] is a valid empty problem, forward and
+        // backward (a typed refusal is an answer too, an abort is not).
+        let norm = Norm::layer_norm();
+        let x = ArrayD::<f32>::zeros(IxDyn(&[HUGE, 0]));
+        let err = b.forward_nd(norm, x.view()).run().expect_err("N = 0");
+        assert_eq!(err.class(), "empty", "{}: {err}", b.name());
+        let x = ArrayD::<f32>::zeros(IxDyn(&[0, HUGE]));
+        let stat = ArrayD::<f32>::zeros(IxDyn(&[0]));
+        let answered = |r: layernorm::Result<()>| match r {
+            Ok(()) => {}
+            Err(e) => assert!(
+                e.class().starts_with("unsupported") || e.class() == "out-of-memory",
+                "{}: an empty problem refused with {e}",
+                b.name()
+            ),
+        };
+        answered(b.forward_nd(norm, x.view()).run().map(|o| assert_eq!(o.y.shape(), x.shape())));
+        let stats = Stats::new(stat.view()).with_mean(stat.view());
+        answered(b.backward_nd(norm, x.view(), x.view(), stats).run().map(|_| ()));
+        answered(
+            b.backward_nd_from_output(norm, x.view(), x.view(), Stats::new(stat.view()))
+                .run()
+                .map(|_| ()),
+        );
     }
 }
 
