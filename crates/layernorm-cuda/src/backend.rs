@@ -564,11 +564,10 @@ impl Normalize for CudaBackend {
             }
             return Ok(());
         }
-        // The plan depends on alignment, which every buffer of this backend has (whole
-        // allocations); the pointers checked below confirm it.
         let plan_for = |aligned| plan::plan_backward(spec, &self.limits, aligned, &v);
         // Scratch first (it must outlive the pointer guards), in the accumulation dtype: the
-        // residual means and the stage-1 partial sums. The chunking depends on the shape only.
+        // residual means and the stage-1 partial sums. Their sizes depend on the shape only, not
+        // on the alignment the row kernel is chosen by below.
         let mut scratch = Vec::new();
         for (t, len) in plan::backward_scratch(spec, &plan_for(true)?, &v) {
             scratch.push((t, self.scratch(scratch_name(t), spec.dtype, len)?));
