@@ -417,6 +417,7 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> ForwardNd<'a, B, T
         if let Some(r) = &res_in_place {
             check_shape("residual", r.shape(), &shape)?;
         }
+        backend.accepts(&spec)?;
         let cache = backend.output_cache();
         let mut y = OutArray::<T, D>::new(&cache, "y", x.raw_dim())?;
         let lead = IxDyn(lead);
@@ -539,6 +540,7 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> BackwardNd<'a, B, 
         if read_mean && stats.mean.is_none() {
             return Err(Error::ParameterMismatch { tensor: "mean", passed: false });
         }
+        backend.accepts(&spec)?;
         let cache = backend.output_cache();
         let mut dx = OutArray::<T, D>::new(&cache, "dx", input.raw_dim())?;
         let pshape = IxDyn(normalized);

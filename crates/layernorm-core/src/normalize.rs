@@ -438,6 +438,15 @@ pub trait Backend: Send + Sync {
     /// [`Error::UnsupportedKind`] saying why.
     fn supports(&self, kind: NormKind, dtype: DType) -> Result<()>;
 
+    /// `Ok` if this backend computes `spec` as described: it [`Backend::supports`] the kind and
+    /// dtype, and its arithmetic can represent every value of the problem (a backend computing in
+    /// `f32` on a GPU refuses an ε below the smallest normal `f32` with [`Error::Unsupported`]
+    /// rather than computing with another ε). Called after validation and before anything is
+    /// allocated, by every entry point. The default checks [`Backend::supports`] only.
+    fn accepts(&self, spec: &NormSpec) -> Result<()> {
+        self.supports(spec.kind, spec.dtype)
+    }
+
     /// What this backend runs on. Used by run-time selection (`auto` prefers real GPUs) and in
     /// reports. The default describes the host CPU.
     fn device(&self) -> DeviceInfo {
@@ -510,14 +519,14 @@ pub trait Normalize: Backend {
     /// Validates, then runs the forward pass: y, the saved statistics, and h with a residual.
     fn forward(&self, spec: &NormSpec, args: Forward<'_, Self::Buffer>) -> Result<()> {
         validate_forward(spec, &args)?;
-        self.supports(spec.kind, spec.dtype)?;
+        self.accepts(spec)?;
         self.run_forward(spec, args)
     }
 
     /// Validates, then runs the backward pass: dx (plus dh), and dγ/dβ summed over rows.
     fn backward(&self, spec: &NormSpec, args: Backward<'_, Self::Buffer>) -> Result<()> {
         validate_backward(spec, &args)?;
-        self.supports(spec.kind, spec.dtype)?;
+        self.accepts(spec)?;
         self.run_backward(spec, args)
     }
 }
@@ -562,7 +571,7 @@ pub trait HostNormalize: Backend {
 impl<B: Normalize> HostNormalize for B {
     fn forward_host(&self, spec: &NormSpec, mut a: HostForward<'_>) -> Result<()> {
         validate_forward(spec, &a)?;
-        self.supports(spec.kind, spec.dtype)?;
+        self.accepts(spec)?;
         if let Some(done) = self.forward_on_host(spec, &mut a) {
             return done;
         }
@@ -602,7 +611,7 @@ impl<B: Normalize> HostNormalize for B {
 
     fn backward_host(&self, spec: &NormSpec, mut a: HostBackward<'_>) -> Result<()> {
         validate_backward(spec, &a)?;
-        self.supports(spec.kind, spec.dtype)?;
+        self.accepts(spec)?;
         if a.saved.is_output() {
             check_gamma_recoverable(spec, a.gamma)?;
         }

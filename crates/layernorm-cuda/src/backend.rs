@@ -9,9 +9,9 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use layernorm_core::{
-    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostForward, HostSlice,
-    HostSliceMut, HostVec, NormKind, NormSpec, Normalize, Residual, Result, Saved, Storage,
-    check_download, check_gamma_recoverable,
+    Backend, Backward, DType, DeviceInfo, DeviceKind, Error, Forward, HostSlice, HostSliceMut,
+    HostVec, NormKind, NormSpec, Normalize, Residual, Result, Saved, Storage, check_download,
+    check_gamma_recoverable,
 };
 
 use crate::plan::{self, Arg, BackwardVariant, DeviceLimits, Step, Tensor};
@@ -430,6 +430,13 @@ impl Backend for CudaBackend {
         }
     }
 
+    /// The kind and dtype, and the ε rule ([`plan::eps_args`]): an ε the kernels cannot
+    /// represent is [`Error::Unsupported`] before anything is uploaded or allocated.
+    fn accepts(&self, spec: &NormSpec) -> Result<()> {
+        self.supports(spec.kind, spec.dtype)?;
+        plan::eps_args(spec).map(|_| ())
+    }
+
     fn device(&self) -> DeviceInfo {
         let ordinal = self.ctx.ordinal();
         let name = self.ctx.name().unwrap_or_else(|_| "unnamed".into());
@@ -490,13 +497,6 @@ impl Normalize for CudaBackend {
         }
         .map_err(dev_err)?;
         s.synchronize().map_err(dev_err)
-    }
-
-    /// The ε rule ([`plan::eps_args`]) checked before the host layer uploads or allocates
-    /// anything: an ε the kernels cannot represent is [`Error::Unsupported`] straight away.
-    /// Every other problem goes on to the device (`None`).
-    fn forward_on_host(&self, spec: &NormSpec, _args: &mut HostForward<'_>) -> Option<Result<()>> {
-        plan::eps_args(spec).err().map(Err)
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, CudaBuffer>) -> Result<()> {
