@@ -343,11 +343,21 @@ fn check_shape(tensor: &'static str, got: &[usize], expected: &[usize]) -> Resul
 
 /// The elements in logical (row-major) order: borrowed when the view is in standard layout,
 /// else one copy.
-fn contiguous<'v, T: Clone, D: Dimension>(a: &'v ArrayView<'_, T, D>) -> Cow<'v, [T]> {
-    match a.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(a.iter().cloned().collect()),
+/// The copy is [`Error::OutOfMemory`] naming `tensor` when it cannot be allocated (a broadcast
+/// view can stand for far more elements than memory holds).
+fn contiguous<'v, T: Clone, D: Dimension>(
+    tensor: &'static str,
+    a: &'v ArrayView<'_, T, D>,
+) -> Result<Cow<'v, [T]>> {
+    if let Some(s) = a.as_slice() {
+        return Ok(Cow::Borrowed(s));
     }
+    let mut v = Vec::new();
+    if v.try_reserve_exact(a.len()).is_err() {
+        return Err(Error::OutOfMemory { tensor, bytes: a.len().saturating_mul(size_of::<T>()) });
+    }
+    v.extend(a.iter().cloned());
+    Ok(Cow::Owned(v))
 }
 
 /// The residual of a forward: read from a view, or read and overwritten in place.
@@ -430,13 +440,15 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> ForwardNd<'a, B, T
             Some(_) => Some(OutArray::<T, D>::new(&cache, "h", x.raw_dim())?),
             None => None,
         };
-        let xs = contiguous(&x);
-        let gs = gamma.as_ref().map(contiguous);
-        let bs = beta.as_ref().map(contiguous);
-        let res_in = res_add.as_ref().map(contiguous);
+        let xs = contiguous("x", &x)?;
+        let gs = gamma.as_ref().map(|g| contiguous("gamma", g)).transpose()?;
+        let bs = beta.as_ref().map(|b| contiguous("beta", b)).transpose()?;
+        let res_in = res_add.as_ref().map(|r| contiguous("residual", r)).transpose()?;
         // An in-place residual not in standard layout is computed on a copy and written back.
         let mut res_copy: Option<Vec<T>> = match &res_in_place {
-            Some(r) if r.as_slice().is_none() => Some(r.iter().copied().collect()),
+            Some(r) if r.as_slice().is_none() => {
+                Some(contiguous("residual", &r.view())?.into_owned())
+            }
             _ => None,
         };
         let res_slot: Option<&mut [T]> = match (res_in_place.as_mut(), res_copy.as_mut()) {
@@ -552,13 +564,14 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> BackwardNd<'a, B, 
             true => Some(OutArray::<T, IxDyn>::new(&cache, "dbeta", pshape)?),
             false => None,
         };
-        let xs = contiguous(&input);
-        let dys = contiguous(&dy);
-        let dhs = dh.as_ref().map(contiguous);
-        let ms = stats.mean.as_ref().filter(|_| read_mean).map(contiguous);
-        let rs = contiguous(&stats.rstd);
-        let gs = gamma.as_ref().map(contiguous);
-        let bs = beta.as_ref().map(contiguous);
+        let xs = contiguous(saved.name(), &input)?;
+        let dys = contiguous("dy", &dy)?;
+        let dhs = dh.as_ref().map(|d| contiguous("dh", d)).transpose()?;
+        let ms = stats.mean.as_ref().filter(|_| read_mean);
+        let ms = ms.map(|m| contiguous("mean", m)).transpose()?;
+        let rs = contiguous("rstd", &stats.rstd)?;
+        let gs = gamma.as_ref().map(|g| contiguous("gamma", g)).transpose()?;
+        let bs = beta.as_ref().map(|b| contiguous("beta", b)).transpose()?;
         let mut args = BackwardArgs::new(
             T::host(&xs),
             T::host(&dys),

@@ -71,11 +71,13 @@ fn pow2_scale(x: &[f64]) -> f64 {
 }
 
 /// 1/√(v + ε) from v·s² (`vs`) and the scale s of [`pow2_scale`]: s/√(v·s² + ε·s²), the same
-/// value, exact in scaling. Where ε·s² overflows (rows of tiny magnitude), v is below ε by more
-/// than `f64`'s precision, and 1/√ε is the correctly rounded answer.
+/// value, exact in scaling. A zero v (a constant row) is 1/√ε itself; where ε·s² overflows (rows
+/// of tiny magnitude) v is below ε by more than `f64`'s precision, and 1/√ε is again the
+/// correctly rounded answer. (Where ε·s² is subnormal and v is not zero, v ≥ 2⁻¹¹⁰ or so dwarfs
+/// it: the scaled values' nonzero deviations are at least an ulp of numbers near 1.)
 fn rstd_scaled(vs: f64, eps: f64, s: f64) -> f64 {
     let es = eps * s * s;
-    if es.is_finite() { s / (vs + es).sqrt() } else { 1.0 / eps.sqrt() }
+    if vs == 0.0 || !es.is_finite() { 1.0 / eps.sqrt() } else { s / (vs + es).sqrt() }
 }
 
 /// Statistics of one LayerNorm row: (μ, rstd), equations (1)–(3) of `docs/math.md`. Taken of
@@ -91,7 +93,11 @@ pub fn row_stats(x: &[f64], eps: f64) -> (f64, f64) {
         comp += if sum.abs() >= v.abs() { (sum - t) + v } else { (v - t) + sum };
         sum = t;
     }
-    let mean_s = (sum + comp) / n;
+    let mut mean_s = (sum + comp) / n;
+    // One refinement step, μ += mean(x − μ): the residuals are exact where it matters (|μ| ≫ σ,
+    // Sterbenz), so a μ whose division rounded (a constant row whose sum is not representable)
+    // becomes the row's value itself, and the variance of a constant row exactly 0.
+    mean_s += x.iter().map(|&v| v * s - mean_s).sum::<f64>() / n;
     let mut ss = 0.0;
     for &v in x {
         ss += (v * s - mean_s) * (v * s - mean_s);
@@ -360,6 +366,16 @@ mod tests {
         let (mb, rb) = row_stats(&big, 1e-300);
         assert_eq!((mb, rb), (m * 2f64.powi(996), r * 2f64.powi(-996)));
         assert!(row_stats(&[f64::MAX, -f64::MAX], 1e-5).1.is_finite());
+    }
+
+    #[test]
+    fn constant_rows_have_their_value_as_mean_and_no_variance() {
+        // Values whose sum of 7 copies is not representable: the mean must still be the value.
+        for v in [0.1, 1.0 / 3.0, -944328.625, 7.000000000000001, 1e-300] {
+            let (m, r) = row_stats(&[v; 7], 1e-300);
+            assert_eq!(m, v, "{v}");
+            assert_eq!(r, 1e150, "{v}");
+        }
     }
 
     #[test]
