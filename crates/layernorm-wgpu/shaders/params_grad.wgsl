@@ -21,12 +21,7 @@ struct Params {
 const CW: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<IN_T>;
-@group(0) @binding(2) var<storage, read> dy: array<IN_T>;
-@group(0) @binding(3) var<storage, read> gamma: array<IN_T>;
-@group(0) @binding(4) var<storage, read> beta: array<IN_T>;
-@group(0) @binding(5) var<storage, read> mean: array<f32>;
-@group(0) @binding(6) var<storage, read> rstd: array<f32>;
+// Bindings 1-6 (the saved tensor x or y, dy, gamma, beta, mean, rstd): xhat.wgsl.
 @group(0) @binding(7) var<storage, read> lo: array<f32>;
 @group(0) @binding(8) var<storage, read_write> part_g: array<f32>;
 @group(0) @binding(9) var<storage, read_write> part_b: array<f32>;

@@ -2,6 +2,15 @@
 // the forward's input, LayerNorm (x - mean) * rstd or RMSNorm x * rstd, or with F_FROM_Y its
 // output, (y - beta) / (offset + gamma).
 
+// The inputs both kernels read, bound alike (`saved_entries` in src/dispatch.rs): the saved
+// tensor (x, h or y), dy, gamma, beta (read from y only), mean (LayerNorm from x only), rstd.
+@group(0) @binding(1) var<storage, read> x: array<IN_T>;
+@group(0) @binding(2) var<storage, read> dy: array<IN_T>;
+@group(0) @binding(3) var<storage, read> gamma: array<IN_T>;
+@group(0) @binding(4) var<storage, read> beta: array<IN_T>;
+@group(0) @binding(5) var<storage, read> mean: array<f32>;
+@group(0) @binding(6) var<storage, read> rstd: array<f32>;
+
 // A row's saved statistics as the kernels use them: rstd = rm * 2^re, so that
 // e = ((x - mu) * 2^re) * rm is formed by exponent arithmetic and one product (a driver that
 // factors sums of e into (sum of (x - mu)) * rstd would overflow for |x| near f32 max; see sc4).

@@ -20,6 +20,8 @@ const CONSTS: &str = include_str!("../shaders/consts.wgsl");
 const COMMON: &str = include_str!("../shaders/common.wgsl");
 const REDUCE_PLAIN: &str = include_str!("../shaders/reduce_plain.wgsl");
 const REDUCE_SG: &str = include_str!("../shaders/reduce_sg.wgsl");
+const STREAM: &str = include_str!("../shaders/stream.wgsl");
+const STREAM_NONE: &str = include_str!("../shaders/stream_none.wgsl");
 const FORWARD: &str = include_str!("../shaders/forward.wgsl");
 const BACKWARD: &str = include_str!("../shaders/backward.wgsl");
 const XHAT: &str = include_str!("../shaders/xhat.wgsl");
@@ -151,9 +153,11 @@ impl Kernel {
     }
 
     /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
-    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels. The dγ/dβ kernels index one
+    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels, and `streamed` the driver of
+    /// rows streamed from memory (`shaders/stream.wgsl`, for shapes with K = 0; elsewhere a
+    /// stand-in, since the unrolled driver would only lengthen the compile). The dγ/dβ kernels index one
     /// element per item and exist over scalar io only (naga rejects them over vectors).
-    pub(crate) fn source(self, io: Io, subgroups: bool) -> String {
+    pub(crate) fn source(self, io: Io, subgroups: bool, streamed: bool) -> String {
         debug_assert!(
             !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish) || io.is_scalar(),
             "{self:?} over {io:?}: the dγ/dβ kernels take scalar io"
@@ -203,6 +207,7 @@ impl Kernel {
         if self.uses_overrides() {
             s.push_str(COMMON);
             s.push_str(if subgroups { REDUCE_SG } else { REDUCE_PLAIN });
+            s.push_str(if streamed { STREAM } else { STREAM_NONE });
         }
         if xhat {
             s.push_str(XHAT);
@@ -259,7 +264,7 @@ struct Key {
 /// Compiled pipelines of one device, created on first use and kept.
 #[derive(Default)]
 pub(crate) struct Cache {
-    modules: Mutex<HashMap<(Kernel, Io, bool), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Kernel, Io, bool, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<Key, wgpu::ComputePipeline>>,
 }
 
@@ -286,7 +291,8 @@ impl Cache {
         if let Some(p) = self.pipelines.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(device, kernel, io, subgroups)?;
+        let streamed = shape.is_some_and(|s| s.k == 0);
+        let module = self.module(device, kernel, io, subgroups, streamed)?;
         let constants: Vec<(&str, f64)> = match shape {
             Some(s) => vec![("TPR", f64::from(s.tpr)), ("K", f64::from(s.k))],
             None => Vec::new(),
@@ -316,12 +322,13 @@ impl Cache {
         kernel: Kernel,
         io: Io,
         subgroups: bool,
+        streamed: bool,
     ) -> Result<wgpu::ShaderModule, String> {
-        let key = (kernel, io, subgroups);
+        let key = (kernel, io, subgroups, streamed);
         if let Some(m) = self.modules.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(m.clone());
         }
-        let src = kernel.source(io, subgroups);
+        let src = kernel.source(io, subgroups, streamed);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("layernorm"),
@@ -352,7 +359,8 @@ mod tests {
     #[test]
     fn the_backward_binds_the_most_storage_buffers() {
         // `from_device` refuses a device with fewer than STORAGE_BUFFERS per shader stage.
-        let count = |k: Kernel| k.source(Io::F32, false).matches("var<storage").count() as u32;
+        let count =
+            |k: Kernel| k.source(Io::F32, false, true).matches("var<storage").count() as u32;
         assert_eq!(count(Kernel::Backward), crate::STORAGE_BUFFERS);
         for k in [Kernel::Forward, Kernel::ParamsGrad, Kernel::ParamsFinish, Kernel::Copy] {
             assert!(count(k) <= crate::STORAGE_BUFFERS, "{k:?}");
@@ -373,14 +381,16 @@ mod tests {
             };
             for &k in kernels {
                 for sg in [false, true] {
-                    let s = k.source(io, sg);
-                    assert!(!s.contains("NAME") && !s.contains("/*SG_"), "{k:?}/{io:?}");
-                    let module = wgpu::naga::front::wgsl::parse_str(&s).unwrap_or_else(|e| {
-                        panic!("{k:?}/{io:?}/sg={sg}: {}", e.emit_to_string(&s))
-                    });
-                    Validator::new(ValidationFlags::all(), Capabilities::all())
-                        .validate(&module)
-                        .unwrap_or_else(|e| panic!("{k:?}/{io:?}/sg={sg}: {e:?}"));
+                    for streamed in [false, true] {
+                        let s = k.source(io, sg, streamed);
+                        let what = format!("{k:?}/{io:?}/sg={sg}/streamed={streamed}");
+                        assert!(!s.contains("NAME") && !s.contains("/*SG_"), "{what}");
+                        let module = wgpu::naga::front::wgsl::parse_str(&s)
+                            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&s)));
+                        Validator::new(ValidationFlags::all(), Capabilities::all())
+                            .validate(&module)
+                            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                    }
                 }
             }
         }

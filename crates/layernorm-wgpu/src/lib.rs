@@ -230,7 +230,8 @@ impl WgpuBackend {
             let words = (bytes / 16) as usize;
             let spec = NormSpec::layer_norm(words, 1, DType::F32);
             let (gx, gy) = self.grid(words.div_ceil(256), &spec)?;
-            let params = self.uniform(&[words as u32, gx, 0, 0]);
+            // copy.wgsl's Params: words, groups_x and 24 bytes of padding.
+            let params = self.uniform(&[words as u32, gx, 0, 0, 0, 0, 0, 0]);
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("layernorm copy"),
                 layout: &pipeline.get_bind_group_layout(0),
@@ -456,13 +457,17 @@ impl Normalize for WgpuBackend {
         let b = self.create(data.dtype(), data.len())?;
         let bytes = data.as_bytes();
         if !bytes.is_empty() {
+            // Copies are in 4-byte units: the whole words, then the last 1–3 bytes padded
+            // (no host copy of the tensor).
+            let whole = bytes.len() / 4 * 4;
             self.scoped(|| {
-                if bytes.len().is_multiple_of(4) {
-                    self.queue.write_buffer(&b.buffer, 0, bytes);
-                } else {
-                    let mut padded = bytes.to_vec();
-                    padded.resize(bytes.len().div_ceil(4) * 4, 0);
-                    self.queue.write_buffer(&b.buffer, 0, &padded);
+                if whole > 0 {
+                    self.queue.write_buffer(&b.buffer, 0, &bytes[..whole]);
+                }
+                if whole < bytes.len() {
+                    let mut tail = [0u8; 4];
+                    tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+                    self.queue.write_buffer(&b.buffer, whole as u64, &tail);
                 }
                 Ok(())
             })?;

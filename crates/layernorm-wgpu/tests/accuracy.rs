@@ -115,10 +115,21 @@ fn the_default_backend_takes_the_subgroup_path_where_the_device_has_subgroups() 
     // Off on request, and never on without the feature.
     let off = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
     assert!(!off.uses_subgroups());
-    assert_eq!(off.with_subgroups(true).uses_subgroups(), has);
+    let on = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false).with_subgroups(true);
+    assert_eq!(on.uses_subgroups(), has);
     if !has {
         eprintln!("{name}: no SUBGROUP feature, the workgroup-memory reductions run");
+        return;
     }
+    // And they do run: the shaders check the subgroup layout at run time and fall back to
+    // workgroup memory where it is not the linear one, which would give the same bits as the
+    // fallback backend. The two orders of addition differ in the last bits on some of these
+    // rows (segments of 32 threads: subgroup butterflies, then subgroups in order, against
+    // runs of 16 slots).
+    let x = array(64, 1024, common::round::<f32>(&data(64, 1024, Dist::Normal, 1)));
+    let y_sg = b.forward_nd(Norm::layer_norm(), &x).run().unwrap().y;
+    let y_wg = off.forward_nd(Norm::layer_norm(), &x).run().unwrap().y;
+    assert!(y_sg.iter().zip(y_wg.iter()).any(|(a, w)| a != w), "{name}: subgroups fell back");
 }
 
 #[test]

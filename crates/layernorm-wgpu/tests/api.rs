@@ -502,3 +502,18 @@ fn poisoned_inputs_and_statistics_stay_in_their_row() {
         }
     }
 }
+
+#[test]
+fn the_copy_kernel_copies_and_checks_its_sizes() {
+    // The benches' bandwidth baseline.
+    let Some(b) = backend() else { return };
+    let v: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let src = b.upload(HostSlice::F32(&v)).unwrap();
+    let mut dst = b.alloc(DType::F32, 1000).unwrap();
+    b.copy_kernel(&src, &mut dst).unwrap();
+    let mut out = vec![0.0f32; 1000];
+    b.download(&dst, HostSliceMut::F32(&mut out)).unwrap();
+    assert_eq!(out, v);
+    let mut short = b.alloc(DType::F32, 996).unwrap();
+    assert_eq!(b.copy_kernel(&src, &mut short).unwrap_err().class(), "shape");
+}
