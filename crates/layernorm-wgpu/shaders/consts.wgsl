@@ -57,9 +57,9 @@ fn ldx(v: f32, e: i32) -> f32 { return ldexp(v, min(e, 127)); }
 
 // The row's 1/sqrt(var + eps) and that times 2^-se (the factor for values scaled by 2^se), from
 // the variance of the scaled values var_s = var * 2^(2 se) and eps = eps_m * 2^eps_e, eps_m in
-// [0.5, 1) (frexp's form). Both terms are brought to a common even exponent first, so neither var (which can
-// overflow f32 where |x| is near its maximum) nor eps (which may lie anywhere in f64's range) is
-// ever formed; an eps that dwarfs the variance gives rstd = 1/sqrt(eps) correctly rounded, or
+// [0.5, 1) (frexp's form). Both terms are brought to a common even exponent first, so neither
+// var (which can overflow f32 where |x| is near its maximum) nor eps (which may lie anywhere in
+// f64's range) is ever formed; an eps that dwarfs the variance gives rstd = 1/sqrt(eps) correctly rounded, or
 // 0 where that is below f32's range.
 fn rstd_pair(var_s: f32, se: i32, eps_m: f32, eps_e: i32) -> vec2<f32> {
     var e = eps_e;

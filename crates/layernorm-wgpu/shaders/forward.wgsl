@@ -1,7 +1,8 @@
 //! Forward of the family, one row per segment of TPR threads: LayerNorm
-// y = (x - mean) * rstd * (offset + gamma) + beta, or RMSNorm y = x * rstd * (offset + gamma) + beta
-// (flag F_RMS: no mean is subtracted or saved), of x or of h = x + residual (F_RES_ADD,
-// F_RES_IN_PLACE: h rounded once to the storage dtype, written out, and normalized).
+// y = (x - mean) * rstd * (offset + gamma) + beta, or RMSNorm
+// y = x * rstd * (offset + gamma) + beta (flag F_RMS: no mean is subtracted or saved), of x or of
+// h = x + residual (F_RES_ADD, F_RES_IN_PLACE: h rounded once to the storage dtype, written out,
+// and normalized).
 //
 // Statistics, per row, all in f32:
 //   1. m = max |x| (a non-finite element makes m = +inf), and s = 2^se with m*s in [0.5, 1),

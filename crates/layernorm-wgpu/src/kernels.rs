@@ -155,8 +155,8 @@ impl Kernel {
     /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
     /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels, and `streamed` the driver of
     /// rows streamed from memory (`shaders/stream.wgsl`, for shapes with K = 0; elsewhere a
-    /// stand-in, since the unrolled driver would only lengthen the compile). The dγ/dβ kernels index one
-    /// element per item and exist over scalar io only (naga rejects them over vectors).
+    /// stand-in, since the unrolled driver would only lengthen the compile). The dγ/dβ kernels
+    /// index one element per item and exist over scalar io only (naga rejects them over vectors).
     pub(crate) fn source(self, io: Io, subgroups: bool, streamed: bool) -> String {
         debug_assert!(
             !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish) || io.is_scalar(),

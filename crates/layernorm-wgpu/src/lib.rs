@@ -295,7 +295,9 @@ impl WgpuBackend {
 
     /// Wraps a `wgpu::Buffer` created on this backend's device as a tensor of `len` elements of
     /// `dtype`, owned by this backend. The buffer must come from [`WgpuBackend::device`]: wgpu
-    /// cannot tell devices of two instances apart, so this is the caller's promise. It needs [`REQUIRED_USAGES`] and `len × size` bytes rounded up to 4 (at least 16).
+    /// cannot tell devices of two instances apart, so this is the caller's promise. It needs
+    /// [`REQUIRED_USAGES`] and `len × size` bytes rounded up to 4 (at least 16); a smaller buffer
+    /// is [`Error::ShapeMismatch`] counted in elements.
     pub fn wrap(&self, buffer: wgpu::Buffer, dtype: DType, len: usize) -> Result<WgpuBuffer> {
         WgpuBuffer::new_checked(buffer, self.device.clone(), self.token.clone(), dtype, len)
     }
@@ -408,6 +410,13 @@ impl Backend for WgpuBackend {
         Self::NAME
     }
 
+    /// The kind and dtype, and the ε rule (`eps_parts` in `src/dispatch.rs`): an ε below the
+    /// smallest normal f32 is [`Error::Unsupported`] before anything is uploaded or allocated.
+    fn accepts(&self, spec: &NormSpec) -> Result<()> {
+        self.supports(spec.kind, spec.dtype)?;
+        Self::eps_parts(spec).map(|_| ())
+    }
+
     fn device(&self) -> DeviceInfo {
         let info = self.adapter_info();
         let kind = match info.device_type {
@@ -478,6 +487,17 @@ impl Normalize for WgpuBackend {
     fn download(&self, buffer: &WgpuBuffer, out: HostSliceMut<'_>) -> Result<()> {
         let _serial = self.serial();
         self.download_held(buffer, out)
+    }
+
+    /// Computes nothing on the host: only refuses, before the host layer uploads anything, a
+    /// backward from x that the saved f32 rstd cannot serve (`check_saved_rstd` in
+    /// `src/dispatch.rs`).
+    fn backward_on_host(
+        &self,
+        spec: &NormSpec,
+        args: &mut layernorm_core::HostBackward<'_>,
+    ) -> Option<Result<()>> {
+        Self::check_saved_rstd(spec, args.saved.is_output()).err().map(Err)
     }
 
     fn run_forward(&self, spec: &NormSpec, a: Forward<'_, WgpuBuffer>) -> Result<()> {
