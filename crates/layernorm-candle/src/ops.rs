@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use layernorm_core::{DType, Element, ForwardArgs, HostVec, NormKind, NormSpec};
-use layernorm_cpu::{CpuBackend, CpuElement};
+use layernorm_cpu::{CpuBackend, CpuElement, Stores};
 
 /// LayerNorm over the last dimension of `x` with scale `gamma` and shift `beta` (both of the last
 /// dimension's size, in x's dtype): y = (x − mean)·rstd·γ + β, rstd = 1/√(var + ε).
@@ -70,10 +70,14 @@ pub fn normalize(
     }
 }
 
-/// The backend every op runs on.
+/// The backend every op runs on, writing with ordinary stores: every output here (y, dx) is a
+/// fresh allocation that candle then owns, whose pages the OS zeroes on first touch just before
+/// the kernel writes them, so the lines are already in cache and streaming stores only evict
+/// them. Measured on the 32 and 64 MiB outputs of the bench: ordinary stores 20–30% faster in
+/// four paired runs; no difference on the smaller shapes, which do not stream anyway.
 fn cpu() -> &'static CpuBackend {
     static CPU: OnceLock<CpuBackend> = OnceLock::new();
-    CPU.get_or_init(CpuBackend::new)
+    CPU.get_or_init(|| CpuBackend::new().with_stores(Stores::Cached))
 }
 
 /// A layernorm error as a candle one, prefixed with the op's name.
