@@ -162,7 +162,8 @@ mod tests {
             let (gg, bb) = (Some(&g[..]), Some(&b[..]));
             let m = kind.centred().then_some(&mut mean[..]);
             let out = Out::Cached;
-            crate::driver::forward(n, (spec, 0.0), &x, gg, bb, &mut y, m, &mut rstd, out).unwrap();
+            crate::driver::forward(n, (spec, 0.0), &x, None, gg, bb, &mut y, m, &mut rstd, out)
+                .unwrap();
             for gamma in [Some(&g[..]), None] {
                 for want in [(true, true), (true, false), (false, true), (false, false)] {
                     let what =
@@ -172,8 +173,9 @@ mod tests {
                     let (dg, db) = (want.0.then_some(&mut dg0[..]), want.1.then_some(&mut db0[..]));
                     let m = kind.centred().then_some(&mean[..]);
                     let (k, xs) = ((kind, 0.0), (&x[..], &dy[..]));
+                    let saved = crate::driver::Saved::X(xs.0);
                     crate::driver::backward(
-                        n, k, xs.0, xs.1, m, &rstd, gamma, &mut dx0, dg, db, false,
+                        n, k, saved, xs.1, None, m, &rstd, gamma, &mut dx0, dg, db, false,
                     )
                     .unwrap();
                     let (mut dx1, mut dg1, mut db1) =

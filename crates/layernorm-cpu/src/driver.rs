@@ -9,12 +9,12 @@
 //! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
 
 use layernorm_core::{Error, Result, try_zeroed_vec};
-use num_traits::Zero;
+use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::element::{CpuElement, load_param};
 use crate::row::{self, Kind, Real, Spec};
-use crate::simd;
+use crate::{simd, stage};
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
 pub const ROW_BLOCK: usize = 32;
@@ -225,13 +225,44 @@ fn mean_or_zeros<'a, A: Real>(
     }
 }
 
-/// Forward over contiguous rows (`spec.rows` of `spec.n`; `mean` for the kinds that save one).
-/// Lengths are validated by the caller.
+/// Where a fused residual forward reads its residual and writes h (`docs/math.md` (14)).
+pub(crate) enum Residual<'a, T> {
+    /// The residual read from one buffer, h written to another.
+    Add { residual: &'a [T], h: &'a mut [T] },
+    /// One buffer holding the residual on entry and h on return.
+    InPlace(&'a mut [T]),
+}
+
+/// Bytes of a staged chunk of rows (per staged stream: the forward's h, the backward's x̂, dy
+/// and dx): whole rows that stay in L1/L2 between the staging sweep and the kernels' sweeps.
+pub(crate) const STAGE_BYTES: usize = 32 << 10;
+
+/// Rows per staged chunk of the forward (rows of `n` elements of `size` bytes): about
+/// [`STAGE_BYTES`], at least one row.
+fn stage_rows(n: usize, size: usize) -> usize {
+    (STAGE_BYTES / (n * size).max(1)).max(1)
+}
+
+/// Rows per staged chunk of the backward, in the accumulation type `A`: about [`STAGE_BYTES`],
+/// and either whole blocks of [`ROW_BLOCK`] rows or a power of two below it, so that no chunk
+/// holds part of a block beside rows of another (each block's partials then gain their rows'
+/// terms in row order, as unstaged).
+fn stage_back_rows<A>(n: usize) -> usize {
+    let rows = stage_rows(n, size_of::<A>());
+    if rows >= ROW_BLOCK { rows / ROW_BLOCK * ROW_BLOCK } else { 1 << rows.ilog2() }
+}
+
+/// Forward over contiguous rows (`spec.rows` of `spec.n`; `mean` for the kinds that save one),
+/// of x or, with `residual`, of h = x + residual (`docs/math.md` (14)): h is formed a chunk of
+/// rows at a time ([`residual_rows`]) and the kernels run on it unchanged, so y and the
+/// statistics are bitwise those of a forward of the stored h. Lengths are validated by the
+/// caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: CpuElement>(
     n: usize,
     (spec, gamma_offset): (Spec, f64),
     x: &[T],
+    residual: Option<Residual<'_, T>>,
     gamma: Option<&[T]>,
     beta: Option<&[T]>,
     y: &mut [T],
@@ -244,19 +275,88 @@ pub(crate) fn forward<T: CpuElement>(
     let (gamma, beta) = (gamma.as_deref(), beta.as_deref());
     let mut zeros = Vec::new();
     let mean = mean_or_zeros(mean, rstd.len(), &mut zeros)?;
-    let task = |x: &[T], y: &mut [T], m: &mut [T::Acc], s: &mut [T::Acc]| {
+    let plain = |x: &[T], y: &mut [T], m: &mut [T::Acc], s: &mut [T::Acc]| {
         simd::forward_rows(n, spec, x, gamma, beta, y, m, s, out);
         forward_exact_rows(n, spec, x, (gamma, beta), y, s)
     };
+    let (res, h) = match residual {
+        None => (None, None),
+        Some(Residual::Add { residual, h }) => (Some(residual), Some(h)),
+        Some(Residual::InPlace(h)) => (None, Some(h)),
+    };
+    // h is streamed with y, where it goes to a buffer of its own (in place, its lines were just
+    // read with the residual, and are written back from cache).
+    let stream_h = out.stream() && res.is_some();
+    let task = |row: usize, y: &mut [T], h: Option<&mut [T]>, m: &mut [T::Acc], s| {
+        let e = row * n..(row + m.len()) * n;
+        match h {
+            None => plain(&x[e], y, m, s),
+            Some(h) => {
+                let r = res.map(|r| &r[e.clone()]);
+                residual_rows(n, (&x[e], r, h), y, m, s, stream_h, &plain)
+            }
+        }
+    };
     if !is_parallel(x.len()) {
-        return task(x, y, mean, rstd);
+        return task(0, y, h, mean, rstd);
     }
     let per = rows_per_task(n, mean.len());
+    let tasks = mean.len().div_ceil(per);
+    let hs = match h {
+        Some(h) => rayon::iter::Either::Left(h.par_chunks_mut(per * n).map(Some)),
+        None => rayon::iter::Either::Right((0..tasks).into_par_iter().map(|_| None)),
+    };
     y.par_chunks_mut(per * n)
-        .zip(x.par_chunks(per * n))
+        .zip(hs)
         .zip(mean.par_chunks_mut(per))
         .zip(rstd.par_chunks_mut(per))
-        .try_for_each(|(((y, x), m), s)| task(x, y, m, s))
+        .enumerate()
+        .try_for_each(|(t, (((y, h), m), s))| task(t * per, y, h, m, s))
+}
+
+/// One forward task's rows with a residual: h = x + residual (`residual` absent: `h` holds it)
+/// rounded once (`stage::add`), a chunk of whole rows at a time that stays in cache
+/// ([`stage_rows`]), each chunk then normalized by `plain` from the h it holds. h goes straight
+/// into its output (ordinary stores: in place, over the lines of the residual the sweep has just
+/// read), or with `stream_h` into a scratch chunk that the kernels read and that is then streamed
+/// out (`stage::copy_same`). DRAM traffic stays: read x and the residual, write h and y.
+#[allow(clippy::type_complexity)]
+fn residual_rows<T: CpuElement>(
+    n: usize,
+    (x, residual, h): (&[T], Option<&[T]>, &mut [T]),
+    y: &mut [T],
+    mean: &mut [T::Acc],
+    rstd: &mut [T::Acc],
+    stream_h: bool,
+    plain: &impl Fn(&[T], &mut [T], &mut [T::Acc], &mut [T::Acc]) -> Result<()>,
+) -> Result<()> {
+    let rows = mean.len().min(rstd.len());
+    let per = stage_rows(n, size_of::<T>());
+    let stream_h = stream_h && residual.is_some();
+    let mut scratch: Vec<T> = if stream_h {
+        try_zeroed_vec("h (a staged chunk)", per.min(rows) * n)?
+    } else {
+        Vec::new()
+    };
+    for start in (0..rows).step_by(per) {
+        let r = start..(start + per).min(rows);
+        let e = r.start * n..r.end * n;
+        let (yc, m, s) = (&mut y[e.clone()], &mut mean[r.clone()], &mut rstd[r]);
+        let (xc, rc, hc) = (&x[e.clone()], residual.map(|v| &v[e.clone()]), &mut h[e.clone()]);
+        if stream_h {
+            let buf = &mut scratch[..e.len()];
+            stage::add(xc, rc, buf);
+            plain(buf, yc, m, s)?;
+            stage::copy_same(buf, hc, true);
+        } else {
+            stage::add(xc, rc, hc);
+            plain(hc, yc, m, s)?;
+        }
+    }
+    if stream_h {
+        crate::reduce::stream_fence();
+    }
+    Ok(())
 }
 
 /// The rows whose rstd overflowed the accumulation type (+inf: var + ε below ~8.6e-78 with `f32`
@@ -288,14 +388,32 @@ fn forward_exact_rows<T: CpuElement>(
     Ok(())
 }
 
-/// Backward over contiguous rows (`mean` for the kinds that save one). Lengths are validated
-/// by the caller.
+/// What a backward recovers x̂ from (`docs/math.md` (16)).
+#[derive(Clone, Copy)]
+pub(crate) enum Saved<'a, T> {
+    /// The forward's input (or h), with its saved statistics.
+    X(&'a [T]),
+    /// The forward's output, with β (where the problem has one) and the saved rstd.
+    Y { y: &'a [T], beta: Option<&'a [T]> },
+}
+
+/// Backward over contiguous rows (`mean` for the kinds that save one, from x), from x or y,
+/// with dh added to dx where given. Lengths are validated by the caller, and from y every
+/// column's γ_eff is nonzero (`check_gamma_recoverable`).
+///
+/// From x without dh the kernels read the rows where they lie. Otherwise each task's rows are
+/// staged around the same kernels ([`staged_blocks`]), a chunk at a time that stays in cache:
+/// x̂ recovered from y (`stage::recover`), the kernels run on it with a saved mean of 0 and an
+/// rstd of 1 (so they compute dx/rstd, and dγ, dβ, with x̂ as recovered), and dx = rstd·dx' + dh
+/// formed in one rounding (`stage::finish`); from x with dh, the kernels' dx' is dx itself.
+/// The very long rows the column chunks serve from x (`crate::columns`) run row-wise here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: CpuElement>(
     n: usize,
     (kind, gamma_offset): (Kind, f64),
-    x: &[T],
+    saved: Saved<'_, T>,
     dy: &[T],
+    dh: Option<&[T]>,
     mean: Option<&[T::Acc]>,
     rstd: &[T::Acc],
     gamma: Option<&[T]>,
@@ -308,16 +426,41 @@ pub(crate) fn backward<T: CpuElement>(
     let gamma = load_param("gamma", gamma, T::Acc::of(gamma_offset))?;
     let gamma = gamma.as_deref();
     let mut zeros = Vec::new();
-    let mean: &[T::Acc] = match mean {
-        Some(m) => m,
-        None => mean_or_zeros(None, rows, &mut zeros)?,
+    let (x, from_y) = match saved {
+        Saved::X(x) => (x, None),
+        Saved::Y { y, beta } => (y, Some(beta)),
     };
+    let mean: &[T::Acc] = match mean {
+        Some(m) if from_y.is_none() => m,
+        _ => mean_or_zeros(None, rows, &mut zeros)?,
+    };
+    // From y: β in the accumulation type, γ_eff's reciprocals, and the rstd of 1 the kernels
+    // are given.
+    let beta = from_y.map(|b| load_param("beta", b, T::Acc::zero())).transpose()?.flatten();
+    let mut inverse = Vec::new();
+    let recover = match (from_y, gamma) {
+        (Some(_), Some(g)) => Some(stage::gamma_of(g, &mut inverse)?),
+        _ => None,
+    };
+    let ones = match from_y {
+        Some(_) => {
+            let mut v = try_zeroed_vec("rstd (ones)", rows)?;
+            v.fill(T::Acc::one());
+            v
+        }
+        None => Vec::new(),
+    };
+    let staged = (from_y.is_some() || dh.is_some()).then(|| Staging {
+        from_y: from_y.map(|_| (beta.as_deref(), recover)),
+        kind: if from_y.is_some() { kind.of_output() } else { kind },
+    });
     // Rows whose rstd the kernels' distributed second sweep cannot take (extreme ε, or a
     // saved rstd of +inf): a group of blocks holding one runs the row-wise composition, those
-    // rows exactly (the other rows' bits are the kernels').
+    // rows exactly (the other rows' bits are the kernels'; `simd::blocks`).
     let exact = |rstd: &[T::Acc]| rstd.iter().any(|&r| row::needs_exact_row(r.into()));
     // Very long rows: in column chunks (`crate::columns`), where the type has that kernel.
-    if crate::columns::by_columns(rows, n)
+    if staged.is_none()
+        && crate::columns::by_columns(rows, n)
         && !exact(rstd)
         && let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx))
     {
@@ -346,14 +489,18 @@ pub(crate) fn backward<T: CpuElement>(
     let group = |g: usize, dx: &mut [T], part: Option<&mut [T::Acc]>| -> Result<()> {
         let rows = g * group_blocks * ROW_BLOCK..((g + 1) * group_blocks * ROW_BLOCK).min(rows);
         let elems = rows.start * n..rows.end * n;
-        let (x, dy) = (&x[elems.clone()], &dy[elems]);
-        let (m, s) = (&mean[rows.clone()], &rstd[rows]);
+        let (x, dy) = (&x[elems.clone()], &dy[elems.clone()]);
+        let (m, s) = (&mean[rows.clone()], &rstd[rows.clone()]);
         let want = (want_g, want_b);
-        if exact(s) {
-            return simd::backward_blocks_exact(kind, n, (x, dy, m, s), gamma, dx, part, want);
+        match &staged {
+            None => simd::blocks(kind, n, (x, dy, m, s), gamma, dx, part, want, stream),
+            Some(st) => {
+                // From y the kernels are given an rstd of 1, and s scales their dx.
+                let given = if st.from_y.is_some() { &ones[rows] } else { s };
+                let dh = dh.map(|h| &h[elems]);
+                staged_blocks(st, n, (x, dy, dh), (m, given, s), gamma, dx, part, want, stream)
+            }
         }
-        simd::backward_blocks(kind, n, x, dy, m, s, gamma, dx, part, want, stream);
-        Ok(())
     };
     let (gchunk, gwidth) = (group_blocks * chunk, group_blocks * width);
     if !is_parallel(x.len()) {
@@ -390,6 +537,82 @@ pub(crate) fn backward<T: CpuElement>(
     }
     if let Some(db) = dbeta {
         reduce(n, db);
+    }
+    Ok(())
+}
+
+/// What a backward from y recovers x̂ with: β and γ_eff (as `stage::recover` takes them).
+type FromY<'a, A> = (Option<&'a [A]>, Option<stage::Gamma<'a, A>>);
+
+/// How a task's rows are staged for the kernels (see [`backward`]).
+struct Staging<'a, A: Real> {
+    /// From y: β and γ_eff (as `stage::recover` takes them).
+    from_y: Option<FromY<'a, A>>,
+    /// The kind the kernels compute (`Kind::of_output` of the problem's, from y).
+    kind: Kind,
+}
+
+/// The backward of one group of blocks ([`backward`]'s task) staged around the kernels: a
+/// chunk of rows at a time ([`stage_back_rows`]: whole blocks, or part of one), x̂ recovered from
+/// y or x (and 16-bit dy) widened into scratch in the accumulation type, the kernels of that
+/// type run on them (`Real::staged_blocks`: the same kernels, the same block partials in row
+/// order) into a scratch dx', and dx = s·dx' + dh rounded once (`stage::finish`, s the saved
+/// rstd from y, else 1). `stats` are the saved mean and the rstd the kernels are given, and the
+/// saved rstd.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn staged_blocks<T: CpuElement>(
+    st: &Staging<'_, T::Acc>,
+    n: usize,
+    (x, dy, dh): (&[T], &[T], Option<&[T]>),
+    (mean, given, rstd): (&[T::Acc], &[T::Acc], &[T::Acc]),
+    gamma: Option<&[T::Acc]>,
+    dx: &mut [T],
+    mut partials: Option<&mut [T::Acc]>,
+    want: (bool, bool),
+    stream: bool,
+) -> Result<()> {
+    let rows = rstd.len();
+    let per = stage_back_rows::<T::Acc>(n);
+    let len = per.min(rows) * n;
+    let wide = T::as_acc(dy).is_none();
+    let scratch = |what, used: bool| if used { try_zeroed_vec(what, len) } else { Ok(Vec::new()) };
+    let mut xs: Vec<T::Acc> = scratch("x (a staged chunk)", st.from_y.is_some() || wide)?;
+    let mut ds: Vec<T::Acc> = scratch("dy (a staged chunk)", wide)?;
+    let mut dxs: Vec<T::Acc> = scratch("dx (a staged chunk)", true)?;
+    for start in (0..rows).step_by(per) {
+        let r = start..(start + per).min(rows);
+        let e = r.start * n..r.end * n;
+        let k = e.len();
+        let xa: &[T::Acc] = match (st.from_y, T::as_acc(&x[e.clone()])) {
+            (Some((beta, g)), _) => {
+                stage::recover(n, &x[e.clone()], beta, g, &mut xs[..k]);
+                &xs[..k]
+            }
+            (None, Some(xa)) => xa,
+            (None, None) => {
+                T::widen(&x[e.clone()], &mut xs[..k]);
+                &xs[..k]
+            }
+        };
+        let da: &[T::Acc] = match T::as_acc(&dy[e.clone()]) {
+            Some(da) => da,
+            None => {
+                T::widen(&dy[e.clone()], &mut ds[..k]);
+                &ds[..k]
+            }
+        };
+        // The chunk's blocks' partials (its rows are whole blocks, or within one).
+        let part = partials
+            .as_deref_mut()
+            .map(|p| &mut p[2 * n * (r.start / ROW_BLOCK)..2 * n * r.end.div_ceil(ROW_BLOCK)]);
+        let stats = (&mean[r.clone()], &given[r.clone()]);
+        let rows = (xa, da, stats.0, stats.1);
+        <T::Acc as Real>::staged_blocks(st.kind, n, rows, gamma, &mut dxs[..k], part, want)?;
+        let scale = st.from_y.is_some().then(|| &rstd[r]);
+        stage::finish(n, &mut dxs[..k], scale, dh.map(|h| &h[e.clone()]), &mut dx[e], stream);
+    }
+    if stream {
+        crate::reduce::stream_fence();
     }
     Ok(())
 }

@@ -39,14 +39,15 @@ mod element;
 mod reduce;
 mod row;
 mod simd;
+mod stage;
 
 use std::sync::Arc;
 
 use layernorm_core::{
     Backend, Backward, BackwardArgs, DType, Element, Error, Forward, ForwardArgs, HostBackward,
     HostForward, HostSlice, HostSliceMut, HostVec, NormKind, NormSpec, Normalize, OutputCache,
-    Result, Storage, bf16, check_download, check_gamma_recoverable, f16, validate_backward,
-    validate_forward,
+    Residual, Result, Storage, bf16, check_download, check_gamma_recoverable, f16,
+    validate_backward, validate_forward,
 };
 
 pub use driver::ROW_BLOCK;
@@ -200,18 +201,29 @@ impl CpuBackend {
         validate_forward(spec, &a)?;
         let kind = check_kind(spec.kind)?;
         check_dtype::<T>(spec)?;
-        if a.residual.is_some() {
-            return Err(Error::unsupported(Self::NAME, "add a residual yet"));
-        }
         let x = host::<T>("x", a.x)?;
+        let residual = match a.residual {
+            None => None,
+            Some(Residual::Add { residual, h }) => Some(driver::Residual::Add {
+                residual: host::<T>("residual", residual)?,
+                h: host_mut::<T>("h", h)?,
+            }),
+            Some(Residual::InPlace(r)) => {
+                Some(driver::Residual::InPlace(host_mut::<T>("residual", r)?))
+            }
+        };
         let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
         let beta = a.beta.map(|b| host::<T>("beta", b)).transpose()?;
         let y = host_mut::<T>("y", a.y)?;
         let mean = a.mean.map(|m| host_mut::<T::Acc>("mean", m)).transpose()?;
         let rstd = host_mut::<T::Acc>("rstd", a.rstd)?;
-        let out = driver::Out::new(self.stores.stream(size_of_val(y)), size_of_val(y));
+        // With a residual, h is output too.
+        let out_bytes = size_of_val(y) * if residual.is_some() { 2 } else { 1 };
+        let out = driver::Out::new(self.stores.stream(out_bytes), size_of_val(y));
         let stats = (row::Spec { kind, eps: spec.eps }, spec.gamma_offset_acc());
-        self.run(x.len(), || driver::forward(spec.n, stats, x, gamma, beta, y, mean, rstd, out))
+        self.run(x.len(), || {
+            driver::forward(spec.n, stats, x, residual, gamma, beta, y, mean, rstd, out)
+        })
     }
 
     /// Any backward over host slices of `T`: validates, then computes.
@@ -223,12 +235,22 @@ impl CpuBackend {
         validate_backward(spec, &a)?;
         let kind = check_kind(spec.kind)?;
         check_dtype::<T>(spec)?;
-        if a.saved.is_output() || a.dh.is_some() {
-            return Err(Error::unsupported(Self::NAME, "run the backward from y or with dh yet"));
+        let from_y = a.saved.is_output();
+        if from_y {
+            check_gamma_recoverable(spec, a.gamma)?;
         }
-        let x = host::<T>("x", *a.saved.tensor())?;
+        let saved = host::<T>(a.saved.name(), *a.saved.tensor())?;
+        let saved = match from_y {
+            true => {
+                let beta = a.beta.map(|b| host::<T>("beta", b)).transpose()?;
+                driver::Saved::Y { y: saved, beta }
+            }
+            false => driver::Saved::X(saved),
+        };
         let dy = host::<T>("dy", a.dy)?;
-        let mean = a.mean.map(|m| host::<T::Acc>("mean", m)).transpose()?;
+        let dh = a.dh.map(|d| host::<T>("dh", d)).transpose()?;
+        // From y the mean is not read.
+        let mean = a.mean.filter(|_| !from_y).map(|m| host::<T::Acc>("mean", m)).transpose()?;
         let rstd = host::<T::Acc>("rstd", a.rstd)?;
         let gamma = a.gamma.map(|g| host::<T>("gamma", g)).transpose()?;
         let dx = host_mut::<T>("dx", a.dx)?;
@@ -236,8 +258,10 @@ impl CpuBackend {
         let dbeta = a.dbeta.map(|b| host_mut::<T>("dbeta", b)).transpose()?;
         let stream = self.stores.stream(size_of_val(dx));
         let kind = (kind, spec.gamma_offset_acc());
-        self.run(x.len(), || {
-            driver::backward(spec.n, kind, x, dy, mean, rstd, gamma, dx, dgamma, dbeta, stream)
+        self.run(dy.len(), || {
+            driver::backward(
+                spec.n, kind, saved, dy, dh, mean, rstd, gamma, dx, dgamma, dbeta, stream,
+            )
         })
     }
 
@@ -352,9 +376,7 @@ impl Normalize for CpuBackend {
 
     fn run_backward(&self, spec: &NormSpec, a: Backward<'_, CpuBuffer>) -> Result<()> {
         let args = a.try_map(|_, b| Ok(slice(b)), |_, b| Ok(slice_mut(b)))?;
-        if args.saved.is_output() {
-            check_gamma_recoverable(spec, args.gamma)?;
-        }
+        // A backward from y checks γ_eff before any output is written (`backward_typed`).
         self.backward_dispatch(spec, args)
     }
 }

@@ -194,6 +194,20 @@ pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
         Ok(false)
     }
 
+    /// The backward of consecutive blocks of rows already in this type, adding into the
+    /// blocks' partials (laid out as for [`Real::back_blocks`]): `crate::simd::blocks` of this
+    /// type, for rows the driver staged in it (the backward from y, and with dh).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn staged_blocks(
+        kind: Kind,
+        n: usize,
+        rows: (&[Self], &[Self], &[Self], &[Self]),
+        gamma: Option<&[Self]>,
+        dx: &mut [Self],
+        partials: Option<&mut [Self]>,
+        want: (bool, bool),
+    ) -> layernorm_core::Result<()>;
+
     /// (Σe, Σe²) with e = (x − m)·s − ml.
     fn centered(x: &[Self], m: Self, s: Self, ml: Self) -> [f64; 2] {
         residual_sums(x, m, s, ml)
@@ -243,11 +257,29 @@ pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
     }
 }
 
+/// [`Real::staged_blocks`]: the same call for both accumulation types.
+macro_rules! staged_blocks {
+    () => {
+        fn staged_blocks(
+            kind: Kind,
+            n: usize,
+            rows: (&[Self], &[Self], &[Self], &[Self]),
+            gamma: Option<&[Self]>,
+            dx: &mut [Self],
+            partials: Option<&mut [Self]>,
+            want: (bool, bool),
+        ) -> layernorm_core::Result<()> {
+            crate::simd::blocks::<Self>(kind, n, rows, gamma, dx, partials, want, false)
+        }
+    };
+}
+
 impl Real for f32 {
     #[inline(always)]
     fn of(v: f64) -> f32 {
         v as f32
     }
+    staged_blocks!();
     fn long_min_n() -> usize {
         F32_LONG_MIN_N
     }
@@ -370,6 +402,7 @@ impl Real for f64 {
     fn of(v: f64) -> f64 {
         v
     }
+    staged_blocks!();
 }
 
 /// The short-row forward composed row by row from [`shift`], [`finish`] and [`normalize`]: the
@@ -535,7 +568,7 @@ fn rstd_scale(rstd: f64) -> f64 {
 }
 
 /// The member of the family the per-row steps compute: whether rows are centred on their mean
-/// (LayerNorm) or not (RMSNorm, mean and shift 0). The SIMD sweeps are the same for both; only
+/// (LayerNorm) or not (RMSNorm, mean and shift 0). The SIMD sweeps are the same for all; only
 /// the scalar steps around them ([`shift`], [`finish`], [`back_params`]) look at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -543,13 +576,36 @@ pub enum Kind {
     LayerNorm,
     /// `docs/math.md` (10)–(12).
     RmsNorm,
+    /// The backward of a LayerNorm whose rows are x̂ itself, recovered from the output
+    /// (`docs/math.md` (16), with a saved mean of 0 and an rstd of 1): c2 = mean(g) is
+    /// subtracted as for [`Kind::LayerNorm`], but no mean is recovered from the rows — x̂ is
+    /// used as recovered, which is what the from-y bound of `docs/numerics.md` assumes (a
+    /// recovered x̂ centred again would move every element by the mean of the others' errors).
+    /// Backward only.
+    LayerNormFromY,
 }
 
 impl Kind {
-    /// Whether the rows are centred on their mean.
+    /// Whether the rows are centred on their mean: the forward's shift and statistics, and the
+    /// backward's recovery of the exact mean from the rows and the saved one.
     #[inline(always)]
     pub(crate) fn centred(self) -> bool {
         self == Kind::LayerNorm
+    }
+
+    /// Whether the backward subtracts c2 = mean(g) (the gradient of the mean, `docs/math.md`
+    /// (9)): the LayerNorm kinds.
+    #[inline(always)]
+    pub(crate) fn subtracts_mean(self) -> bool {
+        self != Kind::RmsNorm
+    }
+
+    /// The kind of a backward from the output of this one (its rows are x̂ recovered from y).
+    pub(crate) fn of_output(self) -> Kind {
+        match self {
+            Kind::RmsNorm => Kind::RmsNorm,
+            Kind::LayerNorm | Kind::LayerNormFromY => Kind::LayerNormFromY,
+        }
     }
 }
 
@@ -881,7 +937,8 @@ pub(crate) fn back_shift<A: Real>(mean_saved: f64, rstd: f64) -> (A, f64) {
 }
 
 /// The constants of the second sweep from the first sweep's sums (equations (8)–(9), (12)):
-/// for RMSNorm the saved "mean" is 0 and neither a residual mean nor c2 is formed.
+/// for RMSNorm the saved "mean" is 0 and neither a residual mean nor c2 is formed; from y
+/// ([`Kind::LayerNormFromY`]) c2 is formed and no residual mean.
 #[inline(always)]
 pub(crate) fn back_params<A: Real>(
     kind: Kind,
@@ -893,11 +950,10 @@ pub(crate) fn back_params<A: Real>(
     let nf = n as f64;
     let (m, s) = back_shift::<A>(mean_saved, rstd);
     let [sd, sg, sgd] = sums;
-    let centred = kind.centred();
     // The exact mean's distance from the saved one, scaled like d.
-    let m_lo = if centred { sd / nf } else { 0.0 };
+    let m_lo = if kind.centred() { sd / nf } else { 0.0 };
     let r = rstd / s;
-    let c2 = if centred { sg / nf } else { 0.0 };
+    let c2 = if kind.subtracts_mean() { sg / nf } else { 0.0 };
     let c1 = (sgd - m_lo * sg) / nf * r;
     // dx = rstd·g − rstd·c2 − x̂·(rstd·c1), x̂ = (x − m)·rstd − m_lo·r (m_lo·r is the exact
     // mean's distance from m times rstd: m_lo is in the scaled units of d, r = rstd / s).
@@ -994,13 +1050,12 @@ pub(crate) fn back_exact_row<A: Real>(
     let n = x.len();
     let nf = n as f64;
     let (dy, dx) = (&dy[..n], &mut dx[..n]);
-    let centred = kind.centred();
     let d = |j: usize| x[j].into() - mean;
-    let m_lo = if centred { (0..n).map(d).sum::<f64>() / nf } else { 0.0 };
+    let m_lo = if kind.centred() { (0..n).map(d).sum::<f64>() / nf } else { 0.0 };
     let xhat = |j: usize| times(d(j) - m_lo, rstd);
     let g = |j: usize| dy[j].into() * gamma.map_or(1.0, |g| g[j].into());
     let c1 = (0..n).map(|j| g(j) * xhat(j)).sum::<f64>() / nf;
-    let c2 = if centred { (0..n).map(g).sum::<f64>() / nf } else { 0.0 };
+    let c2 = if kind.subtracts_mean() { (0..n).map(g).sum::<f64>() / nf } else { 0.0 };
     for j in 0..n {
         dx[j] = A::of(times(g(j) - c2 - xhat(j) * c1, rstd));
     }
@@ -1028,9 +1083,9 @@ pub(crate) fn forward_exact_row<A: Real>(
     mut y: impl FnMut(usize, f64),
 ) {
     use layernorm_core::reference::{rms_row_rstd, row_stats};
-    let (mean, rstd) = match spec.kind {
-        Kind::LayerNorm => row_stats(x, spec.eps),
-        Kind::RmsNorm => (0.0, rms_row_rstd(x, spec.eps)),
+    let (mean, rstd) = match spec.kind.centred() {
+        true => row_stats(x, spec.eps),
+        false => (0.0, rms_row_rstd(x, spec.eps)),
     };
     for (j, &v) in x.iter().enumerate() {
         let xhat = times(v - mean, rstd);

@@ -159,6 +159,30 @@ fn forward_long<T: CpuElement>(
     }
 }
 
+/// The backward of consecutive blocks of `ROW_BLOCK` rows (the first row starts a block; or
+/// rows within one block), whatever their saved statistics: [`backward_blocks`], or
+/// [`backward_blocks_exact`] where a row's rstd `row::needs_exact_row`. [`Error::OutOfMemory`]
+/// where the latter's scratch rows cannot be had.
+///
+/// [`Error::OutOfMemory`]: layernorm_core::Error::OutOfMemory
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) fn blocks<T: CpuElement>(
+    kind: row::Kind,
+    n: usize,
+    (x, dy, mean, rstd): (&[T], &[T], &[T::Acc], &[T::Acc]),
+    gamma: Option<&[T::Acc]>,
+    dx: &mut [T],
+    partials: Option<&mut [T::Acc]>,
+    want: (bool, bool),
+    stream: bool,
+) -> layernorm_core::Result<()> {
+    if rstd.iter().any(|&r| row::needs_exact_row(r.into())) {
+        return backward_blocks_exact(kind, n, (x, dy, mean, rstd), gamma, dx, partials, want);
+    }
+    backward_blocks(kind, n, x, dy, mean, rstd, gamma, dx, partials, want, stream);
+    Ok(())
+}
+
 /// Backward over consecutive blocks of `ROW_BLOCK` rows (the first row starts a block), with
 /// their dγ/dβ partials laid out per block as `[dγ (n) | dβ (n)]` for the gradients `want`ed.
 /// Long rows in the accumulation type go to its pair kernel in one call, pipelined across the

@@ -1,6 +1,7 @@
 //! CPU-backend behaviour beyond the conformance suite: bitwise determinism across thread counts,
 //! the ndarray layer (leading dims, several normalized dims, non-contiguous views, caller-owned
-//! outputs), typed errors for bad input, and non-finite rows staying in their row.
+//! outputs, the pre-norm variants), typed errors for bad input, and non-finite rows staying in
+//! their row.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use common::{backward, bits, forward, normal, pool};
 use layernorm_core::ndarray::{Array, Array2, Array3, ArrayD, IxDyn, s};
 use layernorm_core::{
-    DType, Error, Norm, NormKind, NormSpec, NormalizeNd, Stats, bf16, f16, reference,
+    DType, Element, Error, Norm, NormKind, NormSpec, NormalizeNd, Stats, bf16, f16, reference,
 };
 use layernorm_cpu::{CpuBackend, ROW_BLOCK, Stores};
 
@@ -556,21 +557,58 @@ fn allocating_calls_reuse_their_outputs_memory() {
 }
 
 #[test]
-fn the_variants_this_backend_lacks_are_typed_errors_that_touch_nothing() {
-    // The fused residual and the backward from y or with dh are not computed here yet: each is
-    // `Error::Unsupported`, raised after validation and before any output is written.
+fn the_n_d_layer_runs_every_variant_like_the_flat_calls() {
+    // The fused residual (into h, and in place), the backward from y and with dh, through the
+    // n-d layer: the same bits as the flat calls (`tests/variants.rs` holds those to the
+    // reference).
     let cpu = CpuBackend::new();
-    let x = Array2::from_shape_vec((3, 8), normal(24, 50)).unwrap();
-    let mut residual = Array2::from_elem((3, 8), 0.5f32);
-    let norm = Norm::rms_norm();
-    let err = cpu.forward_nd(norm, &x).residual(&residual).run().unwrap_err();
-    assert_eq!(err.class(), "unsupported-feature");
-    let err = cpu.forward_nd(norm, &x).residual_in_place(residual.view_mut()).run().unwrap_err();
-    assert_eq!(err.class(), "unsupported-feature");
-    assert!(residual.iter().all(|&v| v == 0.5), "the residual is left as it was");
-    let f = cpu.forward_nd(norm, &x).run().unwrap();
-    let err = cpu.backward_nd_from_output(norm, &f.y, &x, f.stats()).run().unwrap_err();
-    assert_eq!(err.class(), "unsupported-feature");
-    let err = cpu.backward_nd(norm, &x, &x, f.stats()).dh(&x).run().unwrap_err();
-    assert_eq!(err.class(), "unsupported-feature");
+    let (rows, n) = (3, 8);
+    let x = Array2::from_shape_vec((rows, n), normal(rows * n, 50)).unwrap();
+    let r = Array2::from_shape_vec((rows, n), normal(rows * n, 51)).unwrap();
+    let dy = Array2::from_shape_vec((rows, n), normal(rows * n, 52)).unwrap();
+    let dh = Array2::from_shape_vec((rows, n), normal(rows * n, 53)).unwrap();
+    let g = normal(n, 54);
+    for norm in [Norm::rms_norm(), Norm::layer_norm()] {
+        let spec = NormSpec::new(norm.kind(), rows, n, DType::F32).with_beta(false);
+        let out = cpu.forward_nd(norm, &x).gamma(&g[..]).residual(&r).run().unwrap();
+        let h = out.h.as_ref().unwrap();
+        let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+        assert_eq!(h.as_slice().unwrap(), &sum[..], "{norm:?}: h");
+        let f = forward(&cpu, &spec, &sum, Some(&g), None).unwrap();
+        assert_eq!(out.y.as_slice().unwrap(), &f.y[..], "{norm:?}: y");
+        let mut stream = r.clone();
+        let inplace = cpu.forward_nd(norm, &x).gamma(&g[..]).residual_in_place(stream.view_mut());
+        let inplace = inplace.run().unwrap();
+        assert_eq!(stream, **h, "{norm:?}: the residual's buffer holds h");
+        assert_eq!(*inplace.y, *out.y, "{norm:?}: y in place");
+        // From y with dh: the flat call's bits.
+        let grads = cpu.backward_nd_from_output(norm, &*out.y, &dy, out.stats());
+        let grads = grads.gamma(&g[..]).dh(&dh).run().unwrap();
+        let mut dx = vec![0f32; rows * n];
+        let mut dg = vec![0f32; n];
+        let args = layernorm_core::BackwardArgs::new(
+            f32::host(&sum),
+            f32::host(dy.as_slice().unwrap()),
+            None,
+            f32::host(&f.rstd),
+            Some(f32::host(&g)),
+            f32::host_mut(&mut dx),
+            Some(f32::host_mut(&mut dg)),
+            None,
+        )
+        .from_output(f32::host(&f.y), None)
+        .with_dh(f32::host(dh.as_slice().unwrap()));
+        cpu.backward_typed::<f32>(&spec, args).unwrap();
+        assert_eq!(grads.dx.as_slice().unwrap(), &dx[..], "{norm:?}: dx from y");
+        assert_eq!(grads.dgamma.unwrap().as_slice().unwrap(), &dg[..], "{norm:?}: dgamma");
+        // From h with dh: the plain backward's dγ, dx plus dh.
+        let grads = cpu.backward_nd(norm, &**h, &dy, out.stats()).gamma(&g[..]).dh(&dh);
+        let grads = grads.run().unwrap();
+        let plain =
+            backward(&cpu, &spec, (&sum, dy.as_slice().unwrap()), (&f.mean, &f.rstd), Some(&g));
+        let plain = plain.unwrap();
+        let want: Vec<f32> = plain.dx.iter().zip(&dh).map(|(a, b)| a + b).collect();
+        assert_eq!(grads.dx.as_slice().unwrap(), &want[..], "{norm:?}: dx with dh");
+        assert_eq!(grads.dgamma.unwrap().as_slice().unwrap(), &plain.dgamma.unwrap()[..]);
+    }
 }

@@ -64,7 +64,7 @@ pub(crate) use backward::{
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::{backward_16, forward_16};
-pub(crate) use store::stream_fence;
+pub(crate) use store::{stream_copy, stream_fence};
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -92,7 +92,7 @@ pub(crate) mod tests {
         dtype: layernorm_core::DType,
     ) -> layernorm_core::NormSpec {
         let kind = match spec.kind {
-            Kind::LayerNorm => layernorm_core::NormKind::LayerNorm,
+            Kind::LayerNorm | Kind::LayerNormFromY => layernorm_core::NormKind::LayerNorm,
             Kind::RmsNorm => layernorm_core::NormKind::RmsNorm,
         };
         layernorm_core::NormSpec::new(kind, rows, n, dtype).with_eps(spec.eps)

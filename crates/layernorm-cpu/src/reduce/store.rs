@@ -150,6 +150,24 @@ pub(crate) fn stream_fence() {
     }
 }
 
+/// `dst = src` (same length), the whole cache lines of `dst` written with streaming stores and
+/// its ends with ordinary ones ([`Flush`]): how a staged chunk of output that is larger than the
+/// caches in all (a fused residual forward's h, a staged backward's dx) reaches memory without
+/// each line being read in first. The caller fences ([`stream_fence`]) before its task ends.
+pub(crate) fn stream_copy(src: &[f32], dst: &mut [f32]) {
+    struct Copy<'a>(&'a [f32], &'a mut [f32]);
+    impl pulp::WithSimd for Copy<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let Copy(src, dst) = self;
+            let len = src.len().min(dst.len());
+            Flush::new::<S>(dst, 0..len).finish(simd, src, dst);
+        }
+    }
+    pulp::Arch::new().dispatch(Copy(src, dst))
+}
+
 /// A staging buffer for `len` elements of output, and the offset of its first 64-byte-aligned
 /// element, where the staged span starts.
 pub(super) fn staging(len: usize) -> (Vec<f32>, usize) {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use layernorm_core::{Element, NormSpec, Result, reference};
+use layernorm_core::{BackwardArgs, Element, ForwardArgs, NormSpec, Residual, Result, reference};
 use layernorm_cpu::{CpuBackend, CpuElement};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -206,4 +206,91 @@ pub fn check_against_reference<T: CpuElement>(
         }
     }
     (f, gr)
+}
+
+/// How a fused residual forward takes its residual.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Res {
+    /// Into a separate h.
+    Add,
+    /// Over the residual's buffer.
+    InPlace,
+}
+
+/// A fused residual forward through `forward_typed` into fresh outputs: (h, the forward of h).
+/// In place, the returned h is the residual's buffer after the call.
+pub fn forward_residual<T: CpuElement>(
+    cpu: &CpuBackend,
+    spec: &NormSpec,
+    (x, residual): (&[T], &[T]),
+    (g, b): (Option<&[T]>, Option<&[T]>),
+    how: Res,
+) -> Result<(Vec<T>, Fwd<T>)> {
+    let zero = T::Acc::from_f64(0.0);
+    let (mut y, mut mean, mut rstd) = (x.to_vec(), vec![zero; spec.rows], vec![zero; spec.rows]);
+    let mut h = match how {
+        Res::Add => vec![T::from_f64(0.0); x.len()],
+        Res::InPlace => residual.to_vec(),
+    };
+    let m = spec.has_mean().then_some(&mut mean[..]);
+    let args = ForwardArgs::new(
+        T::host(x),
+        g.map(T::host),
+        b.map(T::host),
+        T::host_mut(&mut y),
+        m.map(T::Acc::host_mut),
+        T::Acc::host_mut(&mut rstd),
+    );
+    let args = args.with_residual(match how {
+        Res::Add => Residual::Add { residual: T::host(residual), h: T::host_mut(&mut h) },
+        Res::InPlace => Residual::InPlace(T::host_mut(&mut h)),
+    });
+    cpu.forward_typed::<T>(spec, args)?;
+    Ok((h, Fwd { y, mean, rstd }))
+}
+
+/// What a backward reads x̂ from, for [`backward_variant`].
+#[derive(Clone, Copy, Debug)]
+pub enum From<'a, T> {
+    /// x (or h) with the saved mean where the kind has one.
+    X(&'a [T]),
+    /// y with β where the problem has one.
+    Y(&'a [T]),
+}
+
+/// A backward through `backward_typed` from x or y, with dh where given, into fresh outputs
+/// (every gradient the problem has).
+pub fn backward_variant<T: CpuElement>(
+    cpu: &CpuBackend,
+    spec: &NormSpec,
+    (saved, dy, dh): (From<'_, T>, &[T], Option<&[T]>),
+    (mean, rstd): (&[T::Acc], &[T::Acc]),
+    (g, b): (Option<&[T]>, Option<&[T]>),
+) -> Result<Grads<T>> {
+    let zero = T::from_f64(0.0);
+    let mut dx = vec![zero; dy.len()];
+    let (mut dg, mut db) = (vec![zero; spec.n], vec![zero; spec.n]);
+    let (dgo, dbo) = (spec.gamma.then_some(&mut dg[..]), spec.beta.then_some(&mut db[..]));
+    let x = match saved {
+        From::X(x) | From::Y(x) => x,
+    };
+    let m = (spec.has_mean() && matches!(saved, From::X(_))).then_some(mean);
+    let mut args = BackwardArgs::new(
+        T::host(x),
+        T::host(dy),
+        m.map(T::Acc::host),
+        T::Acc::host(rstd),
+        g.map(T::host),
+        T::host_mut(&mut dx),
+        dgo.map(T::host_mut),
+        dbo.map(T::host_mut),
+    );
+    if let From::Y(y) = saved {
+        args = args.from_output(T::host(y), b.map(T::host));
+    }
+    if let Some(dh) = dh {
+        args = args.with_dh(T::host(dh));
+    }
+    cpu.backward_typed::<T>(spec, args)?;
+    Ok(Grads { dx, dgamma: spec.gamma.then_some(dg), dbeta: spec.beta.then_some(db) })
 }
