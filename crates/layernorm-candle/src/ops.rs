@@ -1,7 +1,7 @@
 //! The candle custom ops: LayerNorm and RMSNorm whose forward and backward run layernorm's CPU
 //! kernels, recorded for autograd with `apply_op2` / `apply_op3`.
 //!
-//! One op type, [`NormOp`], serves both kinds and both parameter sets: γ alone
+//! One op type, `NormOp`, serves both kinds and both parameter sets: γ alone
 //! ([`candle_core::CustomOp2`] over x and γ) or γ and β ([`candle_core::CustomOp3`]). Each call
 //! makes a fresh instance; its forward keeps the per-row statistics it computed (mean and rstd,
 //! a few bytes a row) in the instance, which candle's graph holds until the backward reads them.
