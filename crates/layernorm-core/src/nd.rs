@@ -341,6 +341,20 @@ fn check_shape(tensor: &'static str, got: &[usize], expected: &[usize]) -> Resul
     }
 }
 
+/// γ and β, where given, have the normalized shape.
+fn check_affine<T>(
+    gamma: &Option<ArrayViewD<'_, T>>,
+    beta: &Option<ArrayViewD<'_, T>>,
+    normalized: &[usize],
+) -> Result<()> {
+    for (name, p) in [("gamma", gamma), ("beta", beta)] {
+        if let Some(p) = p {
+            check_shape(name, p.shape(), normalized)?;
+        }
+    }
+    Ok(())
+}
+
 /// The elements in logical (row-major) order: borrowed when the view is in standard layout,
 /// else one copy.
 /// The copy is [`Error::OutOfMemory`] naming `tensor` when it cannot be allocated (a broadcast
@@ -416,11 +430,7 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> ForwardNd<'a, B, T
         let shape = x.shape().to_vec();
         let spec = norm.spec::<T>(&shape, gamma.is_some(), beta.is_some())?;
         let (lead, normalized) = norm.split(&shape)?;
-        for (name, p) in [("gamma", &gamma), ("beta", &beta)] {
-            if let Some(p) = p {
-                check_shape(name, p.shape(), normalized)?;
-            }
-        }
+        check_affine(&gamma, &beta, normalized)?;
         if let Some(r) = &res_add {
             check_shape("residual", r.shape(), &shape)?;
         }
@@ -542,11 +552,7 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> BackwardNd<'a, B, 
             check_shape("mean", m.shape(), lead)?;
         }
         check_shape("rstd", stats.rstd.shape(), lead)?;
-        for (name, p) in [("gamma", &gamma), ("beta", &beta)] {
-            if let Some(p) = p {
-                check_shape(name, p.shape(), normalized)?;
-            }
-        }
+        check_affine(&gamma, &beta, normalized)?;
         // A mean is only read by a LayerNorm backward from x; anything else ignores one passed.
         let read_mean = spec.has_mean() && !saved.is_output();
         if read_mean && stats.mean.is_none() {
