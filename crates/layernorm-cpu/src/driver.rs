@@ -13,7 +13,7 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::element::{CpuElement, load_param};
-use crate::row::{self, Kind, Real, Spec};
+use crate::row::{self, Epilogue, Kind, Real, Spec};
 use crate::{simd, stage};
 
 /// Rows per block of the dγ/dβ partial sums. Fixed: it defines the summation order.
@@ -235,7 +235,7 @@ pub(crate) enum Residual<'a, T> {
 
 /// Bytes of a staged chunk of rows (per staged stream: the forward's h, the backward's x̂, dy
 /// and dx): whole rows that stay in L1/L2 between the staging sweep and the kernels' sweeps.
-pub(crate) const STAGE_BYTES: usize = 32 << 10;
+pub(crate) const STAGE_BYTES: usize = 256 << 10;
 
 /// Rows per staged chunk of the forward (rows of `n` elements of `size` bytes): about
 /// [`STAGE_BYTES`], at least one row.
@@ -493,7 +493,10 @@ pub(crate) fn backward<T: CpuElement>(
         let (m, s) = (&mean[rows.clone()], &rstd[rows.clone()]);
         let want = (want_g, want_b);
         match &staged {
-            None => simd::blocks(kind, n, (x, dy, m, s), gamma, dx, part, want, stream),
+            None => {
+                let out = (stream, Epilogue::default());
+                simd::blocks(kind, n, (x, dy, m, s), gamma, dx, part, want, out)
+            }
             Some(st) => {
                 // From y the kernels are given an rstd of 1, and s scales their dx.
                 let given = if st.from_y.is_some() { &ones[rows] } else { s };
@@ -552,13 +555,16 @@ struct Staging<'a, A: Real> {
     kind: Kind,
 }
 
-/// The backward of one group of blocks ([`backward`]'s task) staged around the kernels: a
-/// chunk of rows at a time ([`stage_back_rows`]: whole blocks, or part of one), x̂ recovered from
-/// y or x (and 16-bit dy) widened into scratch in the accumulation type, the kernels of that
-/// type run on them (`Real::staged_blocks`: the same kernels, the same block partials in row
-/// order) into a scratch dx', and dx = s·dx' + dh rounded once (`stage::finish`, s the saved
-/// rstd from y, else 1). `stats` are the saved mean and the rstd the kernels are given, and the
-/// saved rstd.
+/// The backward of one group of blocks ([`backward`]'s task) staged around the kernels, a
+/// chunk of rows at a time ([`stage_back_rows`]: whole blocks, or part of one): x̂ recovered
+/// from y (`stage::recover`), or x and dy widened, into scratch in the accumulation type; the
+/// kernels of that type run on them (`Real::staged_blocks`: the same kernels, the same block
+/// partials in row order); and dx = s·dx' + dh rounded once (s the saved rstd from y, else 1).
+/// The kernels that take an epilogue (`Real::EPILOGUE`: `f32`) form that dx themselves as they
+/// store it — from x with dh nothing is staged at all — and the others' dx' goes through a
+/// scratch chunk and `stage::finish` (the same operations). Rows whose rstd needs the exact
+/// path, or whose saved rstd from y is not finite, take the latter too. `stats` are the saved
+/// mean and the rstd the kernels are given, and the saved rstd.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn staged_blocks<T: CpuElement>(
     st: &Staging<'_, T::Acc>,
@@ -572,13 +578,22 @@ fn staged_blocks<T: CpuElement>(
     stream: bool,
 ) -> Result<()> {
     let rows = rstd.len();
-    let per = stage_back_rows::<T::Acc>(n);
+    let from_y = st.from_y.is_some();
+    let in_kernels = <T::Acc as Real>::EPILOGUE
+        && T::as_acc(dy).is_some()
+        && !given.iter().any(|&r| row::needs_exact_row(r.into()))
+        && (!from_y || rstd.iter().all(|&r| num_traits::Float::is_finite(r)));
+    let per = if in_kernels && !from_y { rows.max(1) } else { stage_back_rows::<T::Acc>(n) };
     let len = per.min(rows) * n;
     let wide = T::as_acc(dy).is_none();
     let scratch = |what, used: bool| if used { try_zeroed_vec(what, len) } else { Ok(Vec::new()) };
-    let mut xs: Vec<T::Acc> = scratch("x (a staged chunk)", st.from_y.is_some() || wide)?;
+    let mut xs: Vec<T::Acc> = scratch("x (a staged chunk)", from_y || wide)?;
     let mut ds: Vec<T::Acc> = scratch("dy (a staged chunk)", wide)?;
-    let mut dxs: Vec<T::Acc> = scratch("dx (a staged chunk)", true)?;
+    let mut dxs: Vec<T::Acc> = scratch("dx (a staged chunk)", !in_kernels)?;
+    let zeros: Vec<T::Acc> = match in_kernels && dh.is_none() {
+        true => try_zeroed_vec("dh (zeros)", n)?,
+        false => Vec::new(),
+    };
     for start in (0..rows).step_by(per) {
         let r = start..(start + per).min(rows);
         let e = r.start * n..r.end * n;
@@ -605,13 +620,32 @@ fn staged_blocks<T: CpuElement>(
         let part = partials
             .as_deref_mut()
             .map(|p| &mut p[2 * n * (r.start / ROW_BLOCK)..2 * n * r.end.div_ceil(ROW_BLOCK)]);
-        let stats = (&mean[r.clone()], &given[r.clone()]);
-        let rows = (xa, da, stats.0, stats.1);
-        <T::Acc as Real>::staged_blocks(st.kind, n, rows, gamma, &mut dxs[..k], part, want)?;
-        let scale = st.from_y.is_some().then(|| &rstd[r]);
-        stage::finish(n, &mut dxs[..k], scale, dh.map(|h| &h[e.clone()]), &mut dx[e], stream);
+        let rows = (xa, da, &mean[r.clone()], &given[r.clone()]);
+        let scale = from_y.then(|| &rstd[r.clone()]);
+        let dhc = dh.map(|h| &h[e.clone()]);
+        match T::as_acc_mut(&mut dx[e.clone()]) {
+            Some(dxa) if in_kernels => {
+                let dh = dhc.and_then(T::as_acc);
+                let epi = Epilogue { scale, dh, zeros: &zeros };
+                <T::Acc as Real>::staged_blocks(
+                    st.kind,
+                    n,
+                    rows,
+                    gamma,
+                    dxa,
+                    part,
+                    want,
+                    (stream, epi),
+                )?;
+            }
+            _ => {
+                let (dxk, out) = (&mut dxs[..k], (false, Epilogue::default()));
+                <T::Acc as Real>::staged_blocks(st.kind, n, rows, gamma, dxk, part, want, out)?;
+                stage::finish(n, dxk, scale, dhc, &mut dx[e], stream);
+            }
+        }
     }
-    if stream {
+    if stream && !in_kernels {
         crate::reduce::stream_fence();
     }
     Ok(())

@@ -153,11 +153,16 @@ pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
         false
     }
 
+    /// Whether [`Real::back_blocks`] applies an [`Epilogue`] (`f32`); other types' staged rows
+    /// are finished by the driver (`stage::finish`).
+    const EPILOGUE: bool = false;
+
     /// Backward of consecutive blocks of `ROW_BLOCK` rows in place, in one dispatch, adding into
     /// each block's dγ/dβ partials (`partials`: block b's `[dγ (n) | dβ (n)]` at `2·n·b`, for the
     /// gradients `want`ed) in row order; `false` where the type has no such kernel (the caller
     /// then runs the generic loop block by block, with the same results). `stream` asks for
-    /// non-temporal stores of dx (a hint).
+    /// non-temporal stores of dx (a hint). `epi` is applied to dx before it is stored (only
+    /// where [`Real::EPILOGUE`]).
     #[allow(clippy::too_many_arguments)]
     fn back_blocks(
         _kind: Kind,
@@ -171,6 +176,7 @@ pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
         _partials: Option<&mut [Self]>,
         _want: (bool, bool),
         _stream: bool,
+        _epi: Epilogue<'_, Self>,
     ) -> bool {
         false
     }
@@ -206,6 +212,7 @@ pub trait Real: Float + Into<f64> + bytemuck::Pod + Send + Sync + 'static {
         dx: &mut [Self],
         partials: Option<&mut [Self]>,
         want: (bool, bool),
+        out: (bool, Epilogue<'_, Self>),
     ) -> layernorm_core::Result<()>;
 
     /// (Σe, Σe²) with e = (x − m)·s − ml.
@@ -268,8 +275,9 @@ macro_rules! staged_blocks {
             dx: &mut [Self],
             partials: Option<&mut [Self]>,
             want: (bool, bool),
+            out: (bool, Epilogue<'_, Self>),
         ) -> layernorm_core::Result<()> {
-            crate::simd::blocks::<Self>(kind, n, rows, gamma, dx, partials, want, false)
+            crate::simd::blocks::<Self>(kind, n, rows, gamma, dx, partials, want, out)
         }
     };
 }
@@ -328,6 +336,7 @@ impl Real for f32 {
         crate::reduce::long(n, spec, x, gamma, beta, y, mean, rstd, out);
         true
     }
+    const EPILOGUE: bool = true;
     fn back_blocks(
         kind: Kind,
         n: usize,
@@ -340,13 +349,14 @@ impl Real for f32 {
         partials: Option<&mut [f32]>,
         want: (bool, bool),
         stream: bool,
+        epi: Epilogue<'_, f32>,
     ) -> bool {
         let partials = crate::reduce::Partials { buf: partials, want };
+        let rows = (x, dy, mean, rstd);
         if n < F32_BACK_LONG_MIN_N {
-            let rows = (x, dy, mean, rstd);
-            crate::reduce::back_short_blocks(kind, n, rows, gamma, dx, partials, stream);
+            crate::reduce::back_short_blocks(kind, n, rows, gamma, dx, partials, stream, epi);
         } else {
-            crate::reduce::back_long(kind, n, x, dy, mean, rstd, gamma, dx, partials, stream);
+            crate::reduce::back_long(kind, n, rows, gamma, dx, partials, stream, epi);
         }
         true
     }
@@ -902,6 +912,59 @@ fn backward_lanes<A: Real>(
     tot[0] += fold(sd).into();
     tot[1] += fold(sg).into();
     tot[2] += fold(sgd).into();
+}
+
+/// What the backward kernels do to a row's dx before they store it, for the staged variants
+/// (`crate::driver`): dx = s·dx + h in one fused multiply-add, s the row's `scale` (1 where
+/// absent: the saved rstd of a backward from y, whose kernels are given an rstd of 1) and h the
+/// row's dh (`zeros` where absent). Off (the plain backward) when neither is given.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a, A> {
+    /// Per row: s.
+    pub scale: Option<&'a [A]>,
+    /// Rows of n: dh.
+    pub dh: Option<&'a [A]>,
+    /// A row of n zeros: h where there is no dh.
+    pub zeros: &'a [A],
+}
+
+impl<A> Default for Epilogue<'_, A> {
+    /// Off.
+    fn default() -> Self {
+        Epilogue { scale: None, dh: None, zeros: &[] }
+    }
+}
+
+impl<'a, A: Real> Epilogue<'a, A> {
+    /// Whether dx is changed at all.
+    #[inline(always)]
+    pub(crate) fn on(&self) -> bool {
+        self.scale.is_some() || self.dh.is_some()
+    }
+
+    /// Row `r`'s (s, h) of rows of `n`, where the epilogue is on.
+    #[inline(always)]
+    pub(crate) fn row(&self, r: usize, n: usize) -> Option<(A, &'a [A])> {
+        if !self.on() {
+            return None;
+        }
+        let s = self.scale.map_or(A::one(), |s| s[r]);
+        let h = match self.dh {
+            Some(h) => &h[r * n..(r + 1) * n],
+            None => &self.zeros[..n],
+        };
+        Some((s, h))
+    }
+
+    /// The epilogue of rows `rows` (of `n`) on their own.
+    #[inline(always)]
+    pub(crate) fn rows(&self, rows: core::ops::Range<usize>, n: usize) -> Epilogue<'a, A> {
+        Epilogue {
+            scale: self.scale.map(|s| &s[rows.clone()]),
+            dh: self.dh.map(|h| &h[rows.start * n..rows.end * n]),
+            zeros: self.zeros,
+        }
+    }
 }
 
 /// The per-row constants of the backward's second sweep: x̂ = (x − m)·a + nml and

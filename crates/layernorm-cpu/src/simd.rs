@@ -174,37 +174,36 @@ pub(crate) fn blocks<T: CpuElement>(
     dx: &mut [T],
     partials: Option<&mut [T::Acc]>,
     want: (bool, bool),
-    stream: bool,
+    (stream, epi): (bool, row::Epilogue<'_, T::Acc>),
 ) -> layernorm_core::Result<()> {
     if rstd.iter().any(|&r| row::needs_exact_row(r.into())) {
+        debug_assert!(!epi.on(), "the exact rows have no epilogue");
         return backward_blocks_exact(kind, n, (x, dy, mean, rstd), gamma, dx, partials, want);
     }
-    backward_blocks(kind, n, x, dy, mean, rstd, gamma, dx, partials, want, stream);
+    backward_blocks(kind, n, (x, dy, mean, rstd), gamma, dx, partials, want, (stream, epi));
     Ok(())
 }
 
 /// Backward over consecutive blocks of `ROW_BLOCK` rows (the first row starts a block), with
 /// their dγ/dβ partials laid out per block as `[dγ (n) | dβ (n)]` for the gradients `want`ed.
 /// Long rows in the accumulation type go to its pair kernel in one call, pipelined across the
-/// block boundaries; everything else runs block by block through [`backward_rows`].
-#[allow(clippy::too_many_arguments)]
+/// block boundaries; everything else runs block by block through [`backward_rows`]. `epi` only
+/// where the type's kernels take one (`Real::EPILOGUE`).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(crate) fn backward_blocks<T: CpuElement>(
     kind: row::Kind,
     n: usize,
-    x: &[T],
-    dy: &[T],
-    mean: &[T::Acc],
-    rstd: &[T::Acc],
+    (x, dy, mean, rstd): (&[T], &[T], &[T::Acc], &[T::Acc]),
     gamma: Option<&[T::Acc]>,
     dx: &mut [T],
     mut partials: Option<&mut [T::Acc]>,
     want: (bool, bool),
-    stream: bool,
+    (stream, epi): (bool, row::Epilogue<'_, T::Acc>),
 ) {
     if let (Some(xa), Some(da), Some(dxa)) = (T::as_acc(x), T::as_acc(dy), T::as_acc_mut(dx)) {
         let parts = partials.as_deref_mut();
         if <T::Acc as Real>::back_blocks(
-            kind, n, xa, da, mean, rstd, gamma, dxa, parts, want, stream,
+            kind, n, xa, da, mean, rstd, gamma, dxa, parts, want, stream, epi,
         ) {
             if stream {
                 crate::reduce::stream_fence();
@@ -212,6 +211,7 @@ pub(crate) fn backward_blocks<T: CpuElement>(
             return;
         }
     }
+    debug_assert!(!epi.on(), "only the kernels with an epilogue are given one");
     if T::backward_converted(kind, n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want) {
         return;
     }

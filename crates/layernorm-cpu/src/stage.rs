@@ -19,7 +19,7 @@
 //! set here (`multiversion`), like `simd.rs`.
 
 use multiversion::multiversion;
-use num_traits::{Float, One, Zero};
+use num_traits::{One, Zero};
 
 use crate::element::CpuElement;
 use crate::row::Real;
@@ -147,11 +147,12 @@ fn xhat<A: Real, const B: bool, const G: bool, const D: bool>(row: &mut [A], b: 
     }
 }
 
-/// dx of rows of `n` from the kernels' `dxk` (in the accumulation type, overwritten): per row r,
+/// dx of rows of `n` from the kernels' `dxk` (in the accumulation type): per row r,
 /// s·dxk + dh in one fused multiply-add, s = `scale[r]` (1 where absent), dh = 0 where absent,
-/// rounded once to `T` and written to `dx` ([`copy_out`], streamed with `stream`). Where s is
-/// infinite (rstd of a row whose variance and ε both vanish in the accumulation type) an exact
-/// 0 of dxk stays 0, as in the kernels' exact rows.
+/// rounded once to `T`, written to `dx` in the same pass (or, with `stream` where the type
+/// streams, formed in `dxk` and streamed out: [`copy_out`]). Where s is infinite (the rstd of a
+/// row whose variance and ε both vanish in the accumulation type) an exact 0 of dxk stays 0, as
+/// in the kernels' exact rows.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
     "x86_64+avx2+fma+f16c",
@@ -170,54 +171,78 @@ pub(crate) fn finish<T: CpuElement>(
     }
     let rows = dxk.len() / n;
     let one = T::Acc::one();
-    let mut piece = [T::Acc::zero(); PIECE];
+    let direct = T::as_acc_mut(dx).is_some();
+    let (mut piece, mut out) = ([T::Acc::zero(); PIECE], [T::Acc::zero(); PIECE]);
     for r in 0..rows {
         let s = scale.map_or(one, |s| s[r]);
-        let d = &mut dxk[r * n..(r + 1) * n];
-        let exact = !s.is_finite();
-        match dh.map(|h| &h[r * n..(r + 1) * n]) {
-            Some(h) => match T::as_acc(h) {
-                Some(h) => scaled_add(d, h, s, exact),
-                None => {
-                    for (d, h) in d.chunks_mut(PIECE).zip(h.chunks(PIECE)) {
-                        let p = &mut piece[..h.len()];
-                        T::widen(h, p);
-                        scaled_add(d, p, s, exact);
-                    }
+        let span = r * n..(r + 1) * n;
+        let d = &mut dxk[span.clone()];
+        let h = dh.map(|h| &h[span.clone()]);
+        match T::as_acc_mut(&mut dx[span.clone()]) {
+            Some(o) if !stream => epilogue(d, h.and_then(T::as_acc), s, o),
+            Some(_) => {
+                // Formed in place, streamed out below.
+                for (d, h) in d.chunks_mut(PIECE).zip(pieces(h.and_then(T::as_acc), PIECE)) {
+                    let o = &mut out[..d.len()];
+                    epilogue(d, h, s, o);
+                    d.copy_from_slice(o);
                 }
-            },
-            None if scale.is_some() => scaled(d, s, exact),
-            None => {}
+            }
+            None => {
+                // 16-bit: dh widened and dx rounded a piece at a time.
+                let dxr = &mut dx[span];
+                for (k, d) in d.chunks(PIECE).enumerate() {
+                    let at = k * PIECE..k * PIECE + d.len();
+                    let hp = h.map(|h| {
+                        T::widen(&h[at.clone()], &mut piece[..d.len()]);
+                        &piece[..d.len()]
+                    });
+                    epilogue(d, hp, s, &mut out[..d.len()]);
+                    T::narrow(&out[..d.len()], &mut dxr[at]);
+                }
+            }
         }
     }
-    copy_out(dxk, dx, stream);
-}
-
-/// d = s·d + h (one fused multiply-add), an exact 0 of d kept 0 where `exact` (s infinite).
-#[inline(always)]
-fn scaled_add<A: Real>(d: &mut [A], h: &[A], s: A, exact: bool) {
-    let h = &h[..d.len()];
-    if exact {
-        for (d, &h) in d.iter_mut().zip(h) {
-            *d = if d.is_zero() { h } else { s.mul_add(*d, h) };
-        }
-    } else {
-        for (d, &h) in d.iter_mut().zip(h) {
-            *d = s.mul_add(*d, h);
-        }
+    if direct && stream {
+        copy_out(dxk, dx, true);
     }
 }
 
-/// d = s·d, an exact 0 of d kept 0 where `exact` (s infinite).
+/// `h` in pieces of `len` (or `None`s, as many as needed).
 #[inline(always)]
-fn scaled<A: Real>(d: &mut [A], s: A, exact: bool) {
-    if exact {
-        for d in d.iter_mut() {
-            *d = if d.is_zero() { *d } else { s * *d };
+fn pieces<A>(h: Option<&[A]>, len: usize) -> impl Iterator<Item = Option<&[A]>> {
+    let chunks = h.map(|h| h.chunks(len));
+    let mut chunks = chunks.into_iter().flatten();
+    let some = h.is_some();
+    std::iter::from_fn(move || if some { chunks.next().map(Some) } else { Some(None) })
+}
+
+/// out = s·d + h (one fused multiply-add; s·d without h), an exact 0 of d kept 0 (then h)
+/// where s is infinite.
+#[inline(always)]
+fn epilogue<A: Real>(d: &[A], h: Option<&[A]>, s: A, out: &mut [A]) {
+    let n = out.len();
+    let d = &d[..n];
+    match (h.map(|h| &h[..n]), s.is_finite()) {
+        (Some(h), true) => {
+            for j in 0..n {
+                out[j] = s.mul_add(d[j], h[j]);
+            }
         }
-    } else {
-        for d in d.iter_mut() {
-            *d = s * *d;
+        (Some(h), false) => {
+            for j in 0..n {
+                out[j] = if d[j].is_zero() { h[j] } else { s.mul_add(d[j], h[j]) };
+            }
+        }
+        (None, true) => {
+            for j in 0..n {
+                out[j] = s * d[j];
+            }
+        }
+        (None, false) => {
+            for j in 0..n {
+                out[j] = if d[j].is_zero() { d[j] } else { s * d[j] };
+            }
         }
     }
 }

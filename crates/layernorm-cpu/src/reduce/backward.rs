@@ -5,7 +5,7 @@ use pulp::{Arch, Simd, WithSimd};
 
 use super::steps::*;
 use super::store::*;
-use crate::row::{self, BackParams, Kind};
+use crate::row::{self, BackParams, Epilogue, Kind};
 
 struct Backward<'a> {
     x: &'a [f32],
@@ -78,7 +78,7 @@ impl WithSimd for FusedBackward<'_> {
         let gt = self.gamma.map(|g| &g[base..n]);
         backward_tail((nxt, ndt, gt), (nm, ns), &mut total);
         let (dgt, dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
-        apply_tail((xt, dt, self.gamma), &self.p, base, dxt, dgt, dbt);
+        apply_tail((xt, dt, self.gamma), &self.p, base, dxt, dgt, dbt, None);
         total
     }
 }
@@ -99,6 +99,8 @@ struct BackRows<'a> {
     dx: &'a mut [f32],
     dgamma: Option<&'a mut [f32]>,
     dbeta: Option<&'a mut [f32]>,
+    /// Applied to each row's dx before it is stored.
+    epi: Epilogue<'a, f32>,
 }
 
 impl WithSimd for BackRows<'_> {
@@ -171,11 +173,14 @@ impl WithSimd for BackRows<'_> {
                 prefetch(&pd[ahead]);
                 let (dg, db) = (self.dgamma.as_deref_mut(), self.dbeta.as_deref_mut());
                 let out = &mut out[i * n..(i + k) * n];
+                let epi = |q: usize| self.epi.row(start + q, n);
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
-                    apply_k::<S, 2>(simd, rows2, gamma, &[params[i], params[i + 1]], out, (dg, db));
+                    let (p, e) = ([params[i], params[i + 1]], [epi(i), epi(i + 1)]);
+                    apply_k::<S, 2>(simd, rows2, gamma, (&p, e), out, (dg, db));
                 } else {
-                    apply_k::<S, 1>(simd, [(xr(i), dr(i))], gamma, &[params[i]], out, (dg, db));
+                    let (p, e) = ([params[i]], [epi(i)]);
+                    apply_k::<S, 1>(simd, [(xr(i), dr(i))], gamma, (&p, e), out, (dg, db));
                 }
                 i += k;
             }
@@ -202,6 +207,7 @@ struct ShortBlocks<'a> {
     gamma: Option<&'a [f32]>,
     dx: &'a mut [f32],
     partials: Partials<'a>,
+    epi: Epilogue<'a, f32>,
 }
 
 impl WithSimd for ShortBlocks<'_> {
@@ -214,19 +220,35 @@ impl WithSimd for ShortBlocks<'_> {
             let r = start..(start + block).min(rows);
             let e = r.start * n..r.end * n;
             let (dgamma, dbeta) = self.partials.of_row(start, n);
+            let epi = self.epi.rows(r.clone(), n);
             let (mean, rstd) = (&self.mean[r.clone()], &self.rstd[r]);
             let after = (&self.x[e.end..], &self.dy[e.end..]);
             let (x, dy, dx) = (&self.x[e.clone()], &self.dy[e.clone()], &mut self.dx[e]);
             let (kind, stream, gamma) = (self.kind, self.stream, self.gamma);
-            let op =
-                BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
+            let (dg, db) = (dgamma, dbeta);
+            let op = BackRows {
+                kind,
+                stream,
+                n,
+                x,
+                dy,
+                after,
+                mean,
+                rstd,
+                gamma,
+                dx,
+                dgamma: dg,
+                dbeta: db,
+                epi,
+            };
             op.with_simd(simd);
         }
     }
 }
 
-/// Backward of consecutive blocks of short rows (see [`ShortBlocks`]).
-#[allow(clippy::too_many_arguments)]
+/// Backward of consecutive blocks of short rows (see [`ShortBlocks`]), each row's dx through
+/// `epi` before it is stored.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(crate) fn back_short_blocks(
     kind: Kind,
     n: usize,
@@ -235,8 +257,9 @@ pub(crate) fn back_short_blocks(
     dx: &mut [f32],
     partials: Partials<'_>,
     stream: bool,
+    epi: Epilogue<'_, f32>,
 ) {
-    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials };
+    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi };
     Arch::new().dispatch(op)
 }
 
@@ -288,7 +311,8 @@ impl WithSimd for ColumnChunk<'_, '_> {
                 let span = r * n + cols.start..r * n + cols.start + c;
                 let (dg, db) = (want_g.then_some(&mut *pg), want_b.then_some(&mut *pb));
                 let (x, dy) = (&self.x[span.clone()], &self.dy[span]);
-                apply_in(simd, (x, dy, gamma), &self.params[r], &mut self.dx[r][..c], dg, db);
+                let dxr = &mut self.dx[r][..c];
+                apply_in(simd, (x, dy, gamma), &self.params[r], dxr, (dg, db), None);
             }
             for (s, &p) in sg.iter_mut().zip(&*pg) {
                 *s += f64::from(p);
@@ -389,7 +413,7 @@ fn apply_k<S: Simd, const K: usize>(
     simd: S,
     rows: [(&[f32], &[f32]); K],
     gamma: Option<&[f32]>,
-    p: &[BackParams<f32>; K],
+    (p, epi): (&[BackParams<f32>; K], [Epi<'_>; K]),
     out: &mut [f32],
     (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
 ) {
@@ -408,6 +432,7 @@ fn apply_k<S: Simd, const K: usize>(
     let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
     let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
     let (mut dgv, mut dbv) = (dgamma, dbeta);
+    let ev = epi_vecs(simd, n, nv, epi);
     {
         let empty_g: &mut [S::f32s] = &mut [];
         let empty_b: &mut [S::f32s] = &mut [];
@@ -415,11 +440,11 @@ fn apply_k<S: Simd, const K: usize>(
             dgv.as_deref_mut().map_or(empty_g, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
         let dbh =
             dbv.as_deref_mut().map_or(empty_b, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
-        specialize!(apply_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
+        specialize!(apply_k_vecs::<S, K>(gamma.is_some(), want_g, want_b, ev.is_some())(
             simd,
             (&xs, &ds),
             gh,
-            &pv,
+            (&pv, &ev.unwrap_or([(zero, &[][..]); K])),
             out,
             (dgh, dbh)
         ));
@@ -430,18 +455,45 @@ fn apply_k<S: Simd, const K: usize>(
             dgv.as_deref_mut().map(|d| &mut d[base..n]),
             dbv.as_deref_mut().map(|d| &mut d[base..n]),
         );
-        apply_tail((&rows[r].0[base..], &rows[r].1[base..n], gamma), &p[r], base, dxr, dg, db);
+        let et = epi[r].map(|(s, h)| (s, &h[base..n]));
+        apply_tail((&rows[r].0[base..], &rows[r].1[base..n], gamma), &p[r], base, dxr, dg, db, et);
     }
+}
+
+/// The rows' epilogues (`Epi`) as vectors: (s splatted, h's whole vectors), where every row has
+/// one (the rows of one call have one or none alike).
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn epi_vecs<'a, S: Simd, const K: usize>(
+    simd: S,
+    n: usize,
+    nv: usize,
+    epi: [Epi<'a>; K],
+) -> Option<[(S::f32s, &'a [S::f32s]); K]> {
+    if epi.iter().any(Option::is_none) {
+        return None;
+    }
+    Some(core::array::from_fn(|k| match epi[k] {
+        Some((s, h)) => (simd.splat_f32s(s), &S::as_simd_f32s(&h[..n]).0[..nv]),
+        None => (simd.splat_f32s(1.0), &[][..]),
+    }))
 }
 
 /// The vector body of [`apply_k`].
 #[inline(always)]
 #[allow(clippy::needless_range_loop, clippy::type_complexity)] // gh is empty without γ
-fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
+fn apply_k_vecs<
+    S: Simd,
+    const K: usize,
+    const G: bool,
+    const DG: bool,
+    const DB: bool,
+    const E: bool,
+>(
     simd: S,
     (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
     gh: &[S::f32s],
-    pv: &[BackVecs<S::f32s>; K],
+    (pv, ev): (&[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     out: &mut [f32],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) {
@@ -455,6 +507,7 @@ fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB
     let gh = if G { &gh[..nv] } else { gh };
     let dgh = if DG { &mut dgh[..nv] } else { dgh };
     let dbh = if DB { &mut dbh[..nv] } else { dbh };
+    let ev = &ev.map(|(s, h)| (s, if E { &h[..nv] } else { h }));
     let mut chunks = out.chunks_exact_mut(n);
     let mut outs: [&mut [S::f32s]; K] = core::array::from_fn(|_| {
         let row = chunks.next().unwrap_or_default();
@@ -462,7 +515,7 @@ fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB
     });
     for j in 0..nv {
         let g = if G { Some(gh[j]) } else { None };
-        apply_column::<S, K, DG, DB>(simd, (xs, ds), g, pv, j, &mut outs, (dgh, dbh));
+        apply_column::<S, K, DG, DB, E>(simd, (xs, ds), g, (pv, ev), j, &mut outs, (dgh, dbh));
     }
 }
 
@@ -472,11 +525,11 @@ fn apply_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB
 /// pipelined long-row sweep.
 #[inline(always)]
 #[allow(clippy::needless_range_loop, clippy::type_complexity)]
-fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool>(
+fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool, const E: bool>(
     simd: S,
     (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
     g: Option<S::f32s>,
-    pv: &[BackVecs<S::f32s>; K],
+    (pv, ev): (&[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     j: usize,
     dx: &mut [&mut [S::f32s]; K],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
@@ -486,7 +539,7 @@ fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool>(
     for r in 0..K {
         let dyv = ds[r][j];
         let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
-        dx[r][j] = d;
+        dx[r][j] = if E { epilogue_step(simd, d, (ev[r].0, ev[r].1[j])) } else { d };
         if DG {
             dgv = simd.mul_add_f32s(dyv, xhat, dgv);
         }
@@ -518,7 +571,8 @@ pub(crate) fn back_rows(
     stream: bool,
 ) {
     let after = (&[][..], &[][..]);
-    let op = BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta };
+    let epi = Epilogue::default();
+    let op = BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi };
     Arch::new().dispatch(op)
 }
 
@@ -556,6 +610,8 @@ struct BackLong<'a> {
     dx: &'a mut [f32],
     partials: Partials<'a>,
     stream: bool,
+    /// Applied to each row's dx before it is stored.
+    epi: Epilogue<'a, f32>,
 }
 
 /// The dγ/dβ partials of consecutive blocks of `ROW_BLOCK` rows: block b's are
@@ -624,9 +680,11 @@ impl BackLong<'_> {
                 let (mu, rs) = (f64::from(self.mean[r + i]), f64::from(self.rstd[r + i]));
                 row::back_params::<f32>(self.kind, n, mu, rs, sums[i])
             };
+            let epi = self.epi;
             if r + 2 * K <= rows {
                 // The pipelined case: these K rows' dx, the next K rows' sums.
                 let p: [BackParams<f32>; K] = core::array::from_fn(params);
+                let e: [Epi<'_>; K] = core::array::from_fn(|i| epi.row(r + i, n));
                 let next: [(usize, f32, f32); K] = core::array::from_fn(|i| {
                     let q = r + K + i;
                     let (m, s) = row::back_shift_f32(self.mean[q], self.rstd[q]);
@@ -644,7 +702,7 @@ impl BackLong<'_> {
                             simd,
                             n,
                             (x, dy, gamma),
-                            (r, p),
+                            (r, p, e),
                             next,
                             staged,
                             parts,
@@ -654,23 +712,17 @@ impl BackLong<'_> {
                     }
                     None => {
                         let out = &mut self.dx[r * n..(r + K) * n];
-                        sums =
-                            back_k::<S, K>(simd, n, (x, dy, gamma), (r, p), next, out, parts, None);
+                        let (src, cur) = ((x, dy, gamma), (r, p, e));
+                        sums = back_k::<S, K>(simd, n, src, cur, next, out, parts, None);
                     }
                 }
                 r += K;
             } else {
                 // The last rows: one at a time, each summing the row K after it.
                 let p = params(0);
-                let (dg, db) = self.partials.of_row(r, n);
-                apply_in(
-                    simd,
-                    (&x[span(r)], &dy[span(r)], gamma),
-                    &p,
-                    &mut self.dx[span(r)],
-                    dg,
-                    db,
-                );
+                let parts = self.partials.of_row(r, n);
+                let src = (&x[span(r)], &dy[span(r)], gamma);
+                apply_in(simd, src, &p, &mut self.dx[span(r)], parts, epi.row(r, n));
                 sums.copy_within(1.., 0);
                 if r + K < rows {
                     let q = r + K;
@@ -711,7 +763,7 @@ fn back_k<S: Simd, const K: usize>(
     simd: S,
     n: usize,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
-    (r, p): (usize, [BackParams<f32>; K]),
+    (r, p, epi): (usize, [BackParams<f32>; K], [Epi<'_>; K]),
     next: [(usize, f32, f32); K],
     dx: &mut [f32],
     (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
@@ -748,15 +800,18 @@ fn back_k<S: Simd, const K: usize>(
             &mut head[..nv]
         })
     };
-    let mut total = specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b)(
-        simd,
-        (nxt, nk),
-        (&cur, &pv),
-        gh,
-        dxh,
-        (dgh, dbh),
-        pending
-    ));
+    let ev = epi_vecs(simd, n, nv, epi);
+    let zero = simd.splat_f32s(0.0);
+    let mut total =
+        specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b, ev.is_some())(
+            simd,
+            (nxt, nk),
+            (&cur, &pv, &ev.unwrap_or([(zero, &[][..]); K])),
+            gh,
+            dxh,
+            (dgh, dbh),
+            pending
+        ));
     // Scalar tails: the next rows' sums, then these rows' dx and dγ/dβ terms in row order.
     let gt = gamma.map(|g| &g[base..n]);
     for k in 0..K {
@@ -765,7 +820,8 @@ fn back_k<S: Simd, const K: usize>(
     let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
     for (k, dxr) in dxt.into_iter().enumerate() {
         let (dg, db) = (dgt.as_deref_mut(), dbt.as_deref_mut());
-        apply_tail((cx[k].1, cd[k].1, gamma), &p[k], base, dxr, dg, db);
+        let et = epi[k].map(|(s, h)| (s, &h[base..n]));
+        apply_tail((cx[k].1, cd[k].1, gamma), &p[k], base, dxr, dg, db, et);
     }
     total
 }
@@ -773,10 +829,17 @@ fn back_k<S: Simd, const K: usize>(
 /// The vector body of [`back_k`]; `G`: γ present, `DG`/`DB`: dγ/dβ wanted.
 #[inline(always)]
 #[allow(clippy::type_complexity, clippy::needless_range_loop)]
-fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB: bool>(
+fn back_k_vecs<
+    S: Simd,
+    const K: usize,
+    const G: bool,
+    const DG: bool,
+    const DB: bool,
+    const E: bool,
+>(
     simd: S,
     (nxt, nk): ([(&[S::f32s], &[S::f32s]); K], [(S::f32s, S::f32s); K]),
-    (cur, pv): (&[[&[S::f32s]; K]; 2], &[BackVecs<S::f32s>; K]),
+    (cur, pv, ev): (&[[&[S::f32s]; K]; 2], &[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     gh: &[S::f32s],
     dxh: [&mut [S::f32s]; K],
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
@@ -820,7 +883,7 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
                 backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
             }
             let (xs, ds) = (&cur[0], &cur[1]);
-            apply_column::<S, K, DG, DB>(simd, (xs, ds), g, pv, j, &mut dxh, (dgh, dbh));
+            apply_column::<S, K, DG, DB, E>(simd, (xs, ds), g, (pv, ev), j, &mut dxh, (dgh, dbh));
         }
         if let Some((f, src, y)) = pending.as_mut() {
             let upto = f.body * end / nv;
@@ -835,21 +898,20 @@ fn back_k_vecs<S: Simd, const K: usize, const G: bool, const DG: bool, const DB:
 }
 
 /// Backward of consecutive blocks of long rows in place (see [`BackLong`]), pipelined across the
-/// blocks' boundaries.
-#[allow(clippy::too_many_arguments)]
+/// blocks' boundaries, each row's dx through `epi` before it is stored.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(crate) fn back_long(
     kind: Kind,
     n: usize,
-    x: &[f32],
-    dy: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    (x, dy, mean, rstd): (&[f32], &[f32], &[f32], &[f32]),
     gamma: Option<&[f32]>,
     dx: &mut [f32],
     partials: Partials<'_>,
     stream: bool,
+    epi: Epilogue<'_, f32>,
 ) {
-    Arch::new().dispatch(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream })
+    let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi };
+    Arch::new().dispatch(op)
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
@@ -917,7 +979,8 @@ mod tests {
                     let mut parts = vec![0f32; blocks * 2 * n];
                     let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                     let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
-                    let long = BackLong { kind, n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream };
+                    let epi = Epilogue::default();
+                    let long = BackLong { kind, n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream, epi };
                     if k == 1 {
                         pulp::Simd::vectorize(simd, RowsPerSweep::<1>(long));
                     } else {
@@ -990,7 +1053,8 @@ mod tests {
                         let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
                         let mut parts = vec![0f32; blocks * 2 * n];
                         let partials = Partials { buf: Some(&mut parts), want: (true, true) };
-                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream });
+                        let epi = Epilogue::default();
+                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi });
                         if let (Some(g), Some(b)) = (dgamma, dbeta) {
                             for j in 0..n {
                                 let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
@@ -999,7 +1063,8 @@ mod tests {
                         }
                     } else {
                         let after = (&[][..], &[][..]);
-                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta });
+                        let epi = Epilogue::default();
+                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi });
                     }
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, long={long}, stream={stream}, {kind:?}");

@@ -721,7 +721,7 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                     let mut out = [0f32; 16];
                     let out = &mut out[..n - base];
                     let t = (&tx[..n - base], &td[..n - base], gamma);
-                    apply_tail(t, &p, base, out, dgs, dbs);
+                    apply_tail(t, &p, base, out, dgs, dbs, None);
                     T::narrow(out, &mut dxr[base..]);
                 }
                 sums = total;
@@ -757,7 +757,7 @@ fn apply_16<S: Simd, T: Half>(
         let g = gamma.map(|g| &g[e.clone()]);
         let dg = dgamma.as_deref_mut().map(|d| &mut d[e.clone()]);
         let db = dbeta.as_deref_mut().map(|d| &mut d[e.clone()]);
-        apply_in(simd, (tx, td, g), p, out, dg, db);
+        apply_in(simd, (tx, td, g), p, out, (dg, db), None);
         T::narrow(out, &mut dx[e]);
     }
 }

@@ -11,18 +11,28 @@
 //! Numerics match `row.rs`: per-lane sums inside blocks of `BLOCK` elements, each block's lanes
 //! folded pairwise in a fixed order and added into an `f64`.
 
-/// Calls `$f::<S, [K,] G, B, ST>(args)` with the three flags turned into const generics.
+/// Calls `$f::<S, [K,] G, B, ST[, E]>(args)` with the three (or four) flags turned into const
+/// generics.
 macro_rules! specialize {
-    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+    (@go $f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)[$($e:tt)?]($($arg:expr),*)) => {
         match ($g, $b, $st) {
-            (false, false, false) => $f::<$s, $($k,)? false, false, false>($($arg),*),
-            (false, false, true) => $f::<$s, $($k,)? false, false, true>($($arg),*),
-            (false, true, false) => $f::<$s, $($k,)? false, true, false>($($arg),*),
-            (false, true, true) => $f::<$s, $($k,)? false, true, true>($($arg),*),
-            (true, false, false) => $f::<$s, $($k,)? true, false, false>($($arg),*),
-            (true, false, true) => $f::<$s, $($k,)? true, false, true>($($arg),*),
-            (true, true, false) => $f::<$s, $($k,)? true, true, false>($($arg),*),
-            (true, true, true) => $f::<$s, $($k,)? true, true, true>($($arg),*),
+            (false, false, false) => $f::<$s, $($k,)? false, false, false $(, $e)?>($($arg),*),
+            (false, false, true) => $f::<$s, $($k,)? false, false, true $(, $e)?>($($arg),*),
+            (false, true, false) => $f::<$s, $($k,)? false, true, false $(, $e)?>($($arg),*),
+            (false, true, true) => $f::<$s, $($k,)? false, true, true $(, $e)?>($($arg),*),
+            (true, false, false) => $f::<$s, $($k,)? true, false, false $(, $e)?>($($arg),*),
+            (true, false, true) => $f::<$s, $($k,)? true, false, true $(, $e)?>($($arg),*),
+            (true, true, false) => $f::<$s, $($k,)? true, true, false $(, $e)?>($($arg),*),
+            (true, true, true) => $f::<$s, $($k,)? true, true, true $(, $e)?>($($arg),*),
+        }
+    };
+    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+        specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[]($($arg),*))
+    };
+    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr, $e:expr)($($arg:expr),* $(,)?)) => {
+        match $e {
+            false => specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[false]($($arg),*)),
+            true => specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[true]($($arg),*)),
         }
     };
 }
@@ -271,7 +281,8 @@ pub(crate) mod tests {
                     let mut dx1 = vec![0f32; nrows * n];
                     let mut parts1 = vec![0f32; blocks * 2 * n];
                     let partials = Partials { buf: Some(&mut parts1), want: (true, true) };
-                    back_long(kind, n, &x, &dy, &m0, &r0, gamma, &mut dx1, partials, stream);
+                    let (rows, epi) = ((&x[..], &dy[..], &m0[..], &r0[..]), Default::default());
+                    back_long(kind, n, rows, gamma, &mut dx1, partials, stream, epi);
                     stream_fence();
                     assert_eq!(bits(&dx1), bits(&dx0), "dx, n={n}, stream={stream}, {kind:?}");
                     assert_eq!(bits(&parts1), bits(&parts0), "dγ/dβ partials, n={n}, {kind:?}");

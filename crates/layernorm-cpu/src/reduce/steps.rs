@@ -334,7 +334,18 @@ pub(super) fn apply_step<S: Simd>(
     (dx, xhat)
 }
 
-/// The scalar tail of the backward's second sweep; `base` is the tail's offset in the row.
+/// A row's epilogue as the kernels take it (`row::Epilogue::row`): (s, h) with dx = fma(s, dx,
+/// h) before the store, h the row's dh (or zeros); `None`: dx as computed.
+pub(crate) type Epi<'a> = Option<(f32, &'a [f32])>;
+
+/// One vector of the epilogue (`row::Epilogue`): fma(s, dx, h).
+#[inline(always)]
+pub(super) fn epilogue_step<S: Simd>(simd: S, dx: S::f32s, (s, h): (S::f32s, S::f32s)) -> S::f32s {
+    simd.mul_add_f32s(s, dx, h)
+}
+
+/// The scalar tail of the backward's second sweep; `base` is the tail's offset in the row, and
+/// `epi`'s h holds the tail's values only.
 #[inline(always)]
 pub(super) fn apply_tail(
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
@@ -343,11 +354,15 @@ pub(super) fn apply_tail(
     dx: &mut [f32],
     mut dgamma: Option<&mut [f32]>,
     mut dbeta: Option<&mut [f32]>,
+    epi: Epi<'_>,
 ) {
     for (j, ((dxv, &xv), &dv)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
         let xhat = (xv - p.m).mul_add(p.a, p.nml);
         let gc = gamma.map_or(dv, |g| dv * g[base + j]);
         *dxv = p.a.mul_add(gc, xhat.mul_add(p.c, p.b));
+        if let Some((s, h)) = epi {
+            *dxv = s.mul_add(*dxv, h[j]);
+        }
         if let Some(dg) = dgamma.as_deref_mut() {
             dg[j] = dv.mul_add(xhat, dg[j]);
         }
@@ -357,15 +372,16 @@ pub(super) fn apply_tail(
     }
 }
 
-/// The backward's second sweep over one row (dx, and the row's dγ/dβ terms added in).
+/// The backward's second sweep over one row (dx, and the row's dγ/dβ terms added in), with the
+/// row's epilogue where given.
 #[inline(always)]
 pub(super) fn apply_in<S: Simd>(
     simd: S,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
     p: &BackParams<f32>,
     dx: &mut [f32],
-    dgamma: Option<&mut [f32]>,
-    dbeta: Option<&mut [f32]>,
+    (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
+    epi: Epi<'_>,
 ) {
     let n = x.len();
     let (xh, xt) = S::as_simd_f32s(x);
@@ -375,9 +391,13 @@ pub(super) fn apply_in<S: Simd>(
     let mut dgs = dgamma.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
     let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
     let pv = BackVecs::new(simd, p);
+    let ev = epi.map(|(s, h)| (simd.splat_f32s(s), S::as_simd_f32s(&h[..n])));
     for k in 0..xh.len() {
         let (d, xhat) = apply_step(simd, (xh[k], dh[k], gh.map(|g| g[k])), &pv);
-        dxh[k] = d;
+        dxh[k] = match ev {
+            Some((s, (h, _))) => epilogue_step(simd, d, (s, h[k])),
+            None => d,
+        };
         if let Some((dg, _)) = dgs.as_mut() {
             dg[k] = simd.mul_add_f32s(dh[k], xhat, dg[k]);
         }
@@ -386,7 +406,8 @@ pub(super) fn apply_in<S: Simd>(
         }
     }
     let base = n - xt.len();
-    apply_tail((xt, dt, gamma), p, base, dxt, dgs.map(|d| d.1), dbs.map(|d| d.1));
+    let et = epi.map(|(s, h)| (s, &h[base..n]));
+    apply_tail((xt, dt, gamma), p, base, dxt, dgs.map(|d| d.1), dbs.map(|d| d.1), et);
 }
 
 /// Most rows per group of the short-row kernels.
