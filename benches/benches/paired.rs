@@ -6,8 +6,9 @@
 //! their fractions moved by ±0.2 from run to run.)
 //!
 //! Not a criterion bench: criterion measures one function at a time. Arguments are substring
-//! filters on `cpu/<pass>/<dtype>/<threads>t/<shape>` (pass `fwd`, `bwd`, `rms-fwd`,
-//! `rms-bwd`); each row prints as one line
+//! filters on `cpu/<pass>/<dtype>/<threads>t/<shape>` (pass `fwd`, `bwd`, and the pre-norm
+//! rows `res-fwd`, `res-unfused`, `res-bwd`, `res-ybwd` of [`bench_residual`]; RMSNorm's with
+//! the prefix `rms-`); each row prints as one line
 //! `pair <group> <shape> <bytes> <kernel s>,<bar s> …` (seconds per call, one pair each), which
 //! `cargo xtask bench --paired` reads. `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21).
 
@@ -16,9 +17,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::{bf16, f16};
-use layernorm_benches::cpu::{Inputs, combine, combine_stream, copy, copy_loop, copy_stream};
-use layernorm_benches::{SHAPES, pass, problem, quick};
-use layernorm_core::{Element, NormKind};
+use layernorm_benches::cpu::{
+    Inputs, add, combine, combine_stream, combine_two, combine_two_stream, combine3,
+    combine3_stream, copy, copy_loop, copy_stream,
+};
+use layernorm_benches::{SHAPES, data, pass, problem, quick};
+use layernorm_core::{BackwardArgs, Element, ForwardArgs, NormKind, Residual};
 use layernorm_cpu::{CpuBackend, CpuElement};
 
 /// Seconds per call of `f`, timed over `calls` calls after one untimed call: the first call
@@ -151,6 +155,132 @@ fn bench_dtype<T: CpuElement>(
     }
 }
 
+/// The pre-norm rows (issue 25) for `T`: the fused residual forward (`res-fwd`: read x and the
+/// residual, write h and y) against [`combine_two`]'s bars; the same call against `add` then
+/// `norm` as two calls (`res-unfused`: its "bar" is the two calls, so its fraction is how many
+/// times faster the fused call runs); the backward from h with dh (`res-bwd`) and from y with
+/// dh (`res-ybwd`), each reading three tensors and writing dx, against [`combine3`]'s bars.
+fn bench_residual<T: CpuElement>(
+    kind: NormKind,
+    threads: usize,
+    filters: &[String],
+    pairs: usize,
+    target: f64,
+) {
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+    let cpu = CpuBackend::with_pool(pool.clone());
+    let dt = T::DTYPE;
+    let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
+    for (rows, n) in SHAPES {
+        let shape = format!("{rows}x{n}");
+        let groups = ["res-fwd", "res-unfused", "res-bwd", "res-ybwd"]
+            .map(|p| format!("cpu/{}/{}/{threads}t", pass(kind, p), dt.name()));
+        let want = groups.clone().map(|g| wanted(&format!("{g}/{shape}")));
+        if !want.iter().any(|&w| w) {
+            continue;
+        }
+        let numel = rows * n;
+        let bytes = 4 * numel * dt.size();
+        let spec = problem(kind, rows, n, dt);
+        let Inputs { x, dy, gamma: g, beta: b } = Inputs::<T>::new(rows, n);
+        let conv =
+            |v: Vec<f32>| -> Vec<T> { v.into_iter().map(|f| T::from_f64(f as f64)).collect() };
+        let (r, dh) = (conv(data(numel, 5)), conv(data(numel, 6)));
+        let b = spec.beta.then_some(&b[..]);
+        // h and y as the fused forward leaves them (the backward rows read them); dx apart.
+        let (h, y, dx) =
+            (RefCell::new(x.clone()), RefCell::new(x.clone()), RefCell::new(x.clone()));
+        let (mut dg, mut db) = (g.clone(), g.clone());
+        let zero = T::Acc::from_f64(0.0);
+        let (mean, rstd) = (RefCell::new(vec![zero; rows]), RefCell::new(vec![zero; rows]));
+        let fused = || {
+            let (mut h, mut y) = (h.borrow_mut(), y.borrow_mut());
+            let (mut mean, mut rstd) = (mean.borrow_mut(), rstd.borrow_mut());
+            let m = spec.has_mean().then_some(T::Acc::host_mut(&mut mean[..]));
+            let args = ForwardArgs::new(
+                T::host(&x),
+                Some(T::host(&g)),
+                b.map(T::host),
+                T::host_mut(&mut y[..]),
+                m,
+                T::Acc::host_mut(&mut rstd[..]),
+            )
+            .with_residual(Residual::Add { residual: T::host(&r), h: T::host_mut(&mut h[..]) });
+            cpu.forward_typed::<T>(&spec, args).unwrap()
+        };
+        fused();
+        if want[0] {
+            let mut plain = || {
+                let (mut h, mut y) = (h.borrow_mut(), y.borrow_mut());
+                let (h, y) = (&mut h[..], &mut y[..]);
+                pool.install(|| combine_two(&x, &r, h, y))
+            };
+            let mut streamed = || {
+                let (mut h, mut y) = (h.borrow_mut(), y.borrow_mut());
+                let (h, y) = (&mut h[..], &mut y[..]);
+                pool.install(|| combine_two_stream(&x, &r, h, y))
+            };
+            let mut kernel = fused;
+            let p = measure(&mut kernel, &mut [&mut plain, &mut streamed], pairs, target);
+            report(&groups[0], &shape, bytes, &p);
+        }
+        if want[1] {
+            let mut two_calls = || {
+                let (mut h, mut y) = (h.borrow_mut(), y.borrow_mut());
+                let hs = &mut h[..];
+                pool.install(|| add(&x, &r, hs));
+                let (mut mean, mut rstd) = (mean.borrow_mut(), rstd.borrow_mut());
+                let m = spec.has_mean().then_some(&mut mean[..]);
+                cpu.forward_into(&spec, &h, Some(&g), b, &mut y, m, &mut rstd).unwrap()
+            };
+            let mut kernel = fused;
+            let p = measure(&mut kernel, &mut [&mut two_calls], pairs, target);
+            report(&groups[1], &shape, bytes, &p);
+        }
+        fused();
+        for (from_y, group, wanted) in [(false, &groups[2], want[2]), (true, &groups[3], want[3])] {
+            if !wanted {
+                continue;
+            }
+            let (mean, rstd) = (mean.borrow(), rstd.borrow());
+            let (h, y) = (h.borrow(), y.borrow());
+            let saved: &[T] = if from_y { &y } else { &h };
+            let mut kernel = || {
+                let mut dx = dx.borrow_mut();
+                let db = spec.beta.then_some(T::host_mut(&mut db[..]));
+                let m = (spec.has_mean() && !from_y).then_some(T::Acc::host(&mean[..]));
+                let mut args = BackwardArgs::new(
+                    T::host(&h),
+                    T::host(&dy),
+                    m,
+                    T::Acc::host(&rstd[..]),
+                    Some(T::host(&g)),
+                    T::host_mut(&mut dx[..]),
+                    Some(T::host_mut(&mut dg[..])),
+                    db,
+                )
+                .with_dh(T::host(&dh));
+                if from_y {
+                    args = args.from_output(T::host(&y), b.map(T::host));
+                }
+                cpu.backward_typed::<T>(&spec, args).unwrap()
+            };
+            let mut plain = || {
+                let mut dx = dx.borrow_mut();
+                let dx = &mut dx[..];
+                pool.install(|| combine3(saved, &dy, &dh, dx))
+            };
+            let mut streamed = || {
+                let mut dx = dx.borrow_mut();
+                let dx = &mut dx[..];
+                pool.install(|| combine3_stream(saved, &dy, &dh, dx))
+            };
+            let p = measure(&mut kernel, &mut [&mut plain, &mut streamed], pairs, target);
+            report(group, &shape, bytes, &p);
+        }
+    }
+}
+
 fn main() {
     // cargo bench passes `--bench`; everything else not starting with `-` is a filter.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -167,6 +297,8 @@ fn main() {
             bench_dtype::<f32>(kind, threads, &filters, pairs, target);
             bench_dtype::<bf16>(kind, threads, &filters, pairs, target);
             bench_dtype::<f16>(kind, threads, &filters, pairs, target);
+            bench_residual::<f32>(kind, threads, &filters, pairs, target);
+            bench_residual::<bf16>(kind, threads, &filters, pairs, target);
         }
     }
 }

@@ -94,12 +94,12 @@ pub mod cpu {
     /// buffers lie) from inflating the fractions.
     pub fn copy_loop<T: CpuElement>(x: &[T], y: &mut [T]) {
         let k = std::hint::black_box(0u8);
-        bytewise(y, x, None, |y, x, _| xor_with(y, x, k));
+        bytewise(y, x, &[], |y, x, _| xor_with(y, x, k));
     }
 
     /// Backward baseline: read 2N, write N, no math (a bytewise XOR of two inputs).
     pub fn combine<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
-        bytewise(out, x, Some(z), |o, x, z| xor_into(o, x, z.unwrap_or_default()));
+        bytewise(out, x, &[z], plain);
     }
 
     /// The forward's third baseline: read N, write N with non-temporal (streaming) stores, as
@@ -109,63 +109,118 @@ pub mod cpu {
     /// be measured against a copy that reads every output line in first. (x86-64; elsewhere the
     /// copy loop, as the kernels stream only on x86-64.)
     pub fn copy_stream<T: CpuElement>(x: &[T], y: &mut [T]) {
-        bytewise(y, x, None, stream::write);
+        bytewise(y, x, &[], stream::write);
     }
 
     /// The backward's second baseline: [`combine`] with non-temporal stores (see
     /// [`copy_stream`]).
     pub fn combine_stream<T: CpuElement>(x: &[T], z: &[T], out: &mut [T]) {
-        bytewise(out, x, z.into(), stream::write);
+        bytewise(out, x, &[z], stream::write);
     }
 
-    /// `f(out, x, z)` over matching 128 KiB byte chunks of the three, in parallel on the current
-    /// pool (`z` only for the backward's baselines).
+    /// The fused residual forward's baseline: read 2N (x, the residual), write 2N (h, y), no
+    /// math: h and y each the bytewise XOR of the two inputs, a chunk at a time (the second
+    /// output reads the chunk's inputs again from cache, as the kernels read h again).
+    pub fn combine_two<T: CpuElement>(x: &[T], r: &[T], h: &mut [T], y: &mut [T]) {
+        bytewise_two(h, y, x, r, plain);
+    }
+
+    /// [`combine_two`] with non-temporal stores (see [`copy_stream`]).
+    pub fn combine_two_stream<T: CpuElement>(x: &[T], r: &[T], h: &mut [T], y: &mut [T]) {
+        bytewise_two(h, y, x, r, stream::write);
+    }
+
+    /// The residual backward's baseline: read 3N (x or y, dy, dh), write N, no math (a
+    /// bytewise XOR of three inputs).
+    pub fn combine3<T: CpuElement>(x: &[T], z: &[T], w: &[T], out: &mut [T]) {
+        bytewise(out, x, &[z, w], plain);
+    }
+
+    /// [`combine3`] with non-temporal stores (see [`copy_stream`]).
+    pub fn combine3_stream<T: CpuElement>(x: &[T], z: &[T], w: &[T], out: &mut [T]) {
+        bytewise(out, x, &[z, w], stream::write);
+    }
+
+    /// The unfused pre-norm forward's first call, as a framework's elementwise add runs: h =
+    /// x + r rounded once to `T` (the fused kernel's h, bit for bit), in parallel chunks on the
+    /// current pool, compiled for the machine's widest vectors.
+    pub fn add<T: CpuElement>(x: &[T], r: &[T], h: &mut [T]) {
+        h.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))
+            .for_each(|(h, (x, r))| add_chunk(x, r, h));
+    }
+
+    /// `f(out, x, zs)` over matching 128 KiB byte chunks, in parallel on the current pool (`zs`:
+    /// the backward's other inputs).
     fn bytewise<T: CpuElement>(
         out: &mut [T],
         x: &[T],
-        z: Option<&[T]>,
-        f: impl Fn(&mut [u8], &[u8], Option<&[u8]>) + Sync,
+        zs: &[&[T]],
+        f: impl Fn(&mut [u8], &[u8], &[&[u8]]) + Sync,
     ) {
         let (out, x): (&mut [u8], &[u8]) = (bytemuck::cast_slice_mut(out), bytemuck::cast_slice(x));
         let c = CHUNK * 4;
-        match z {
-            None => out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(o, x)| f(o, x, None)),
-            Some(z) => out
-                .par_chunks_mut(c)
-                .zip(x.par_chunks(c).zip(bytemuck::cast_slice(z).par_chunks(c)))
-                .for_each(|(o, (x, z))| f(o, x, Some(z))),
+        let at = |i: usize| -> Vec<&[u8]> {
+            let end = |z: &[u8]| ((i + 1) * c).min(z.len());
+            zs.iter().map(|z| bytemuck::cast_slice::<T, u8>(z)).map(|z| &z[i * c..end(z)]).collect()
+        };
+        out.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(i, (o, x))| {
+            f(o, x, &at(i));
+        });
+    }
+
+    /// `f(h, x, [r])` and `f(y, x, [r])` over matching 128 KiB byte chunks, in parallel on the
+    /// current pool.
+    fn bytewise_two<T: CpuElement>(
+        h: &mut [T],
+        y: &mut [T],
+        x: &[T],
+        r: &[T],
+        f: impl Fn(&mut [u8], &[u8], &[&[u8]]) + Sync,
+    ) {
+        let (h, y): (&mut [u8], &mut [u8]) =
+            (bytemuck::cast_slice_mut(h), bytemuck::cast_slice_mut(y));
+        let (x, r): (&[u8], &[u8]) = (bytemuck::cast_slice(x), bytemuck::cast_slice(r));
+        let c = CHUNK * 4;
+        h.par_chunks_mut(c)
+            .zip(y.par_chunks_mut(c))
+            .zip(x.par_chunks(c).zip(r.par_chunks(c)))
+            .for_each(|((h, y), (x, r))| {
+                f(h, x, &[r]);
+                f(y, x, &[r]);
+            });
+    }
+
+    /// The ordinary-store loops: `out = x`, `x ^ z` or `x ^ z ^ w`.
+    fn plain(out: &mut [u8], x: &[u8], zs: &[&[u8]]) {
+        match zs {
+            [] => xor_with(out, x, 0),
+            [z] => xor_into(out, x, z),
+            [z, w, ..] => xor3_into(out, x, z, w),
         }
     }
 
-    /// Streaming-store loops: `out = x` or `out = x ^ z`, the aligned middle with 32-byte
+    /// Streaming-store loops: `out = x`, `x ^ z` or `x ^ z ^ w`, the aligned middle with 32-byte
     /// non-temporal stores (16-byte without AVX), the ends with ordinary ones.
     mod stream {
-        /// `out = x`, or `out = x ^ z` with `z`, then a store fence.
-        pub(super) fn write(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
+        /// `out = x ^ zs…`, then a store fence.
+        pub(super) fn write(out: &mut [u8], x: &[u8], zs: &[&[u8]]) {
             #[cfg(target_arch = "x86_64")]
             {
                 // SAFETY: AVX is checked here at run time; SSE is part of x86-64.
                 if std::arch::is_x86_feature_detected!("avx") {
-                    unsafe { x86::write_avx(out, x, z) }
+                    unsafe { x86::write_avx(out, x, zs) }
                 } else {
-                    unsafe { x86::write_sse(out, x, z) }
+                    unsafe { x86::write_sse(out, x, zs) }
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            plain(out, x, z);
-        }
-
-        /// The ordinary-store loops: a streamed span's ends (the whole span off x86-64).
-        fn plain(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
-            match z {
-                None => super::xor_with(out, x, 0),
-                Some(z) => super::xor_into(out, x, z),
-            }
+            super::plain(out, x, zs);
         }
 
         #[cfg(target_arch = "x86_64")]
         mod x86 {
-            use super::plain;
+            use super::super::plain;
             use core::arch::x86_64::*;
 
             /// One loop per vector width: unaligned loads, aligned non-temporal stores.
@@ -174,18 +229,21 @@ pub mod cpu {
                     /// # Safety
                     /// The CPU must have the named feature.
                     #[target_feature(enable = $feature)]
-                    pub(super) unsafe fn $name(out: &mut [u8], x: &[u8], z: Option<&[u8]>) {
-                        let n = out.len().min(x.len()).min(z.map_or(usize::MAX, |z| z.len()));
+                    pub(super) unsafe fn $name(out: &mut [u8], x: &[u8], zs: &[&[u8]]) {
+                        let n = zs.iter().fold(out.len().min(x.len()), |n, z| n.min(z.len()));
                         let head = out.as_ptr().align_offset($w).min(n);
                         let body = (n - head) / $w * $w;
                         let (o, x) = (&mut out[..n], &x[..n]);
-                        plain(&mut o[..head], &x[..head], z.map(|z| &z[..head]));
+                        let part = |r: core::ops::Range<usize>| -> Vec<&[u8]> {
+                            zs.iter().map(|z| &z[r.clone()]).collect()
+                        };
+                        plain(&mut o[..head], &x[..head], &part(0..head));
                         let mut i = head;
                         while i < head + body {
                             // SAFETY: i + $w <= n for every slice; `o + i` is $w-aligned.
                             unsafe {
                                 let mut v = $load(x.as_ptr().add(i).cast());
-                                if let Some(z) = z {
+                                for z in zs {
                                     v = $xor(v, $load(z.as_ptr().add(i).cast()));
                                 }
                                 $store(o.as_mut_ptr().add(i).cast(), v);
@@ -193,7 +251,7 @@ pub mod cpu {
                             i += $w;
                         }
                         let t = head + body;
-                        plain(&mut o[t..], &x[t..], z.map(|z| &z[t..n]));
+                        plain(&mut o[t..], &x[t..], &part(t..n));
                         _mm_sfence();
                     }
                 };
@@ -230,11 +288,39 @@ pub mod cpu {
             *o = x ^ z;
         }
     }
+
+    /// `out = x ^ z ^ w`, bytewise.
+    #[multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx2",
+        "x86_64+avx2",
+        "aarch64+neon"
+    ))]
+    fn xor3_into(out: &mut [u8], x: &[u8], z: &[u8], w: &[u8]) {
+        for (((o, &x), &z), &w) in out.iter_mut().zip(x).zip(z).zip(w) {
+            *o = x ^ z ^ w;
+        }
+    }
+
+    /// `h = x + r` rounded once to `T`, elementwise (in the accumulation type; for 16-bit `T`
+    /// the sum of two widened values in `f32` rounds to the correctly rounded sum).
+    #[multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
+        "x86_64+avx2+fma+f16c",
+        "aarch64+neon"
+    ))]
+    fn add_chunk<T: CpuElement>(x: &[T], r: &[T], h: &mut [T]) {
+        for ((h, &x), &r) in h.iter_mut().zip(x).zip(r) {
+            *h = T::from_acc(T::to_acc(x) + T::to_acc(r));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::cpu::{combine, combine_stream, copy, copy_loop, copy_stream};
+    use super::cpu::{
+        add, combine, combine_stream, combine_two, combine_two_stream, combine3, combine3_stream,
+        copy, copy_loop, copy_stream,
+    };
 
     #[test]
     fn the_baselines_move_the_bytes_they_claim() {
@@ -266,6 +352,33 @@ mod tests {
                     f(&x, &z, out);
                     assert_eq!(bits(out), xor, "{name}, len {len}, phase {phase}");
                 }
+                let w: Vec<f32> = super::data(len + phase, 7)[phase..].to_vec();
+                let xor3: Vec<u32> = xor.iter().zip(&w).map(|(a, b)| a ^ b.to_bits()).collect();
+                for (name, f) in [
+                    ("combine3", combine3::<f32> as fn(&[f32], &[f32], &[f32], &mut [f32])),
+                    ("combine3_stream", combine3_stream::<f32>),
+                ] {
+                    out.fill(0.5);
+                    f(&x, &z, &w, out);
+                    assert_eq!(bits(out), xor3, "{name}, len {len}, phase {phase}");
+                }
+                let mut second = vec![0.5f32; len];
+                for (name, f) in [
+                    (
+                        "combine_two",
+                        combine_two::<f32> as fn(&[f32], &[f32], &mut [f32], &mut [f32]),
+                    ),
+                    ("combine_two_stream", combine_two_stream::<f32>),
+                ] {
+                    out.fill(0.5);
+                    second.fill(0.5);
+                    f(&x, &z, out, &mut second);
+                    assert_eq!(bits(out), xor, "{name} h, len {len}, phase {phase}");
+                    assert_eq!(bits(&second), xor, "{name} y, len {len}, phase {phase}");
+                }
+                let sum: Vec<u32> = x.iter().zip(&z).map(|(a, b)| (a + b).to_bits()).collect();
+                add(&x, &z, out);
+                assert_eq!(bits(out), sum, "add, len {len}, phase {phase}");
             }
         }
     }

@@ -3,17 +3,21 @@
 //! Each bench group is `<backend>/<pass>/<dtype>/<threads>t` with a kernel (`layernorm` or
 //! `rmsnorm`) and one or more `baseline…` functions per shape (see `benches/benches/*.rs`; the
 //! fastest baseline is the bar); a pass prefixed `rms-` is RMSNorm's, and the table and JSON show
-//! the kind in a column of its own. The table gives the kernel's effective bandwidth (bytes read
-//! + written once / time) and its fraction of the baseline's, measured in the same run. `--rounds K` runs the bench K times
-//! and reports the median of the rounds' fractions (each against its own round's baseline, so a
-//! machine whose speed drifts between rounds moves both sides of a fraction alike), with every
-//! round's fraction beside it. `--json PATH` writes the same rows as JSON.
+//! the kind in a column of its own. The table gives the kernel's effective bandwidth (the bytes
+//! read and written once, over the time) and its fraction of the baseline's, measured in the
+//! same run. `--rounds K` runs the bench K times and reports the median of the rounds'
+//! fractions (each against its own round's baseline, so a machine whose speed drifts between
+//! rounds moves both sides of a fraction alike), with every round's fraction beside it.
+//! `--json PATH` writes the same rows as JSON.
 //!
-//! `--paired` runs `benches/benches/paired.rs` instead: LayerNorm and its CPU baselines timed
-//! alternately, ~10 ms a side, many times over, each pair a "round" here (so the table's
+//! `--paired` runs `benches/benches/paired.rs` instead: the kernels and their CPU baselines
+//! timed alternately, ~10 ms a side, many times over, each pair a "round" here (so the table's
 //! fraction is the median over pairs, and the JSON's `fraction_per_round` is per pair). Both
 //! sides of a pair see the machine in the same state, which criterion's one-function-at-a-time
-//! runs cannot give.
+//! runs cannot give. Its pre-norm rows (issue 25) are the passes `res-fwd` (the fused residual
+//! forward), `res-bwd` and `res-ybwd` (its backward with dh, from h and from y), each against a
+//! baseline moving the same bytes, and `res-unfused`: the fused forward against `add` then the
+//! norm as two calls, whose "fraction" is therefore how many times faster the fused call is.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,6 +162,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     Ok(true)
 }
 
+/// The paired bench's pass whose bar is the unfused pre-norm forward (two calls), not a
+/// same-bytes baseline.
+const UNFUSED: &str = "res-unfused";
+
 /// The kind a bench group's pass names (`rms-fwd`: RMSNorm's forward) and the pass itself.
 fn split_kind(pass: &str) -> (&'static str, &str) {
     match pass.strip_prefix("rms-") {
@@ -282,6 +290,12 @@ fn print_table(rows: &[Summary]) {
         "fraction",
         if many { "  rounds' fractions" } else { "" }
     );
+    if rows.iter().any(|r| split_kind(&r.key[1]).1 == UNFUSED) {
+        println!(
+            "({UNFUSED}: the fused residual forward against add + norm as two calls; its \
+             \"baseline\" is the two calls, its fraction the fused call's speed-up)"
+        );
+    }
     for r in rows {
         let (base, frac) = match (r.base_gbs(), r.fraction()) {
             (Some(b), Some(f)) => (format!("{b:.1}"), format!("{f:.2}")),
@@ -362,6 +376,7 @@ mod tests {
     fn an_rms_prefix_names_the_kind() {
         assert_eq!(split_kind("rms-fwd"), ("rms_norm", "fwd"));
         assert_eq!(split_kind("bwd"), ("layer_norm", "bwd"));
+        assert_eq!(split_kind("rms-res-unfused"), ("rms_norm", UNFUSED));
         let rows = parse_pairs("pair cpu/rms-bwd/f32/1t 4x8 300 1e-7,5e-8\n");
         assert_eq!(rows[0].key[1], "rms-bwd");
     }
