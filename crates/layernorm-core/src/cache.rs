@@ -50,7 +50,7 @@ impl OutputCache {
 
     /// A vector of `len` elements for an output that will be overwritten entirely: a recycled one
     /// (its elements hold stale values, never uninitialized memory) or a new zeroed one;
-    /// [`Error::OutOfMemory`] naming `tensor` when neither can be had.
+    /// [`Error::OutOfMemory`](crate::Error::OutOfMemory) naming `tensor` when neither can be had.
     pub fn try_vec<T: Element>(
         self: &Arc<Self>,
         tensor: &'static str,
@@ -84,7 +84,7 @@ impl OutputCache {
         free.remove(best).downcast::<Vec<T>>().ok().map(|v| *v)
     }
 
-    /// Gives a vector back for reuse (one that came from [`OutputCache::vec`] and was taken out
+    /// Gives a vector back for reuse (one that came from [`OutputCache::try_vec`] and was taken out
     /// with [`Out::into_vec`], or any other): what [`Out`]'s drop does.
     pub fn vec_returned<T: Element>(&self, v: Vec<T>) {
         self.put(v)

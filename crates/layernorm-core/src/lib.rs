@@ -37,7 +37,7 @@ pub use normalize::{
 };
 pub use spec::{NormKind, NormSpec};
 
-/// The `half` crate, whose [`f16`] and [`bf16`] are the 16-bit element types.
+/// The `half` crate, whose [`struct@f16`] and [`bf16`] are the 16-bit element types.
 pub use half;
 pub use half::{bf16, f16};
 /// The `ndarray` crate (the version the n-dimensional API takes views of).

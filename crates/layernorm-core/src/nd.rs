@@ -601,7 +601,7 @@ impl<'a, B: HostNormalize + ?Sized, T: Element, D: Dimension> BackwardNd<'a, B, 
 }
 
 /// The n-dimensional, typed layer over any backend — trait objects included — built on the host
-/// layer ([`HostNormalize`]). See the [module docs](self).
+/// layer ([`HostNormalize`]). See the module docs of `layernorm_core::nd`.
 pub trait NormalizeNd: HostNormalize {
     /// A forward of `norm` over `x` (any number of leading dims; an `&Array`, a view or a
     /// slice). Add [`ForwardNd::gamma`], [`ForwardNd::beta`], a residual, then

@@ -81,7 +81,7 @@ fn rstd_scaled(vs: f64, eps: f64, s: f64) -> f64 {
 }
 
 /// Statistics of one LayerNorm row: (μ, rstd), equations (1)–(3) of `docs/math.md`. Taken of
-/// x·s ([`pow2_scale`]) so that no sum or square overflows, even for `f64` rows near `f64::MAX`.
+/// x·s (a power-of-two scale) so that no sum or square overflows, even for `f64` rows near `f64::MAX`.
 pub fn row_stats(x: &[f64], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
     let s = pow2_scale(x);
@@ -106,7 +106,7 @@ pub fn row_stats(x: &[f64], eps: f64) -> (f64, f64) {
 }
 
 /// The rstd of one RMSNorm row, r = 1/√(mean(x²) + ε), equation (10) of `docs/math.md`, taken
-/// of x·s ([`pow2_scale`]): no square overflows even for `f64` inputs near `f64::MAX`.
+/// of x·s (a power-of-two scale): no square overflows even for `f64` inputs near `f64::MAX`.
 pub fn rms_row_rstd(x: &[f64], eps: f64) -> f64 {
     // A NaN or infinite element makes the row NaN, as it does the LayerNorm statistics.
     if x.iter().any(|v| !v.is_finite()) {

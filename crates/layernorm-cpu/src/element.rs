@@ -11,7 +11,7 @@ use crate::row::{Kind, Real, Spec};
 /// A storage type the CPU backend computes on: `f32`, `f64`, `f16`, `bf16`.
 ///
 /// Sealed, and with no methods of its own: the conversions the kernels need live in a trait
-/// private to this crate ([`Convert`]), so they never reach a user's method namespace.
+/// private to this crate (`Convert`), so they never reach a user's method namespace.
 pub trait CpuElement: Convert {}
 
 impl<T: Convert> CpuElement for T {}
