@@ -9,6 +9,14 @@
 //! (`zeros_like` + `add`, two more passes over dx's size). The `kernel` lines time the same
 //! forward and backward called on layernorm-cpu directly, into preallocated slices, to show what
 //! of each figure is the kernel and what is candle's bookkeeping around it.
+//!
+//! The pre-norm rows: this crate's fused residual forward (`layer_norm_residual`,
+//! `rms_norm_residual`: h = x + r and y = norm(h) in one pass) against candle's `x + r` followed
+//! by its fused norm (two ops, the same outputs), moving x and r in, y and h out
+//! (4 · rows · N · 4 bytes); and the backward of a graph whose root is y + h (so that both
+//! outputs carry a gradient) through this crate's op against the same graph through `x + r` and
+//! `layer_norm_slow`, moving h, dy, dh in and dx out (4 · rows · N · 4).
+//!
 //! `LAYERNORM_BENCH_QUICK=1` shortens every measurement.
 //!
 //! ```text
@@ -19,7 +27,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use layernorm_core::NormSpec;
+use layernorm_core::{BackwardArgs, Element, ForwardArgs, NormSpec, Residual};
 use layernorm_cpu::CpuBackend;
 
 /// The shapes of `benches/src/lib.rs` (`SHAPES`), rows × N.
@@ -42,6 +50,7 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
 
 struct Inputs {
     x: Tensor,
+    residual: Tensor,
     gamma: Tensor,
     beta: Tensor,
 }
@@ -49,13 +58,19 @@ struct Inputs {
 impl Inputs {
     fn new(rows: usize, n: usize) -> candle_core::Result<Inputs> {
         let t = |len, seed, shape: &[usize]| Tensor::from_vec(data(len, seed), shape, &Device::Cpu);
-        Ok(Inputs { x: t(rows * n, 1, &[rows, n])?, gamma: t(n, 3, &[n])?, beta: t(n, 4, &[n])? })
+        Ok(Inputs {
+            x: t(rows * n, 1, &[rows, n])?,
+            residual: t(rows * n, 2, &[rows, n])?,
+            gamma: t(n, 3, &[n])?,
+            beta: t(n, 4, &[n])?,
+        })
     }
 
     /// The inputs as variables, so that a forward builds a graph.
-    fn vars(&self) -> candle_core::Result<[Var; 3]> {
+    fn vars(&self) -> candle_core::Result<[Var; 4]> {
         Ok([
             Var::from_tensor(&self.x)?,
+            Var::from_tensor(&self.residual)?,
             Var::from_tensor(&self.gamma)?,
             Var::from_tensor(&self.beta)?,
         ])
@@ -82,7 +97,7 @@ fn benches(c: &mut Criterion) {
         let numel = rows * n;
         let size = DType::F32.size_in_bytes();
         let inp = Inputs::new(rows, n).expect("inputs");
-        let (x, g, b) = (&inp.x, &inp.gamma, &inp.beta);
+        let (x, r, g, b) = (&inp.x, &inp.residual, &inp.gamma, &inp.beta);
 
         let mut fwd = group(c, &format!("candle/layer_norm_forward/{shape}"), 2 * numel * size);
         fwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
@@ -123,7 +138,7 @@ fn benches(c: &mut Criterion) {
 
         let mut bwd = group(c, &format!("candle/layer_norm_backward/{shape}"), 3 * numel * size);
         let vars = inp.vars().expect("vars");
-        let [xv, gv, bv] = &vars;
+        let [xv, rv, gv, bv] = &vars;
         bwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
             bench.iter_batched(
                 || layernorm_candle::ops::layer_norm(xv, gv, bv, EPS).expect("ours"),
@@ -154,6 +169,94 @@ fn benches(c: &mut Criterion) {
                     Some(&mut db),
                 )
                 .expect("kernel")
+            })
+        });
+        bwd.finish();
+
+        let name = format!("candle/layer_norm_residual_forward/{shape}");
+        let mut fwd = group(c, &name, 4 * numel * size);
+        fwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench
+                .iter(|| layernorm_candle::ops::layer_norm_residual(x, r, g, b, EPS).expect("ours"))
+        });
+        fwd.bench_function(BenchmarkId::from_parameter("candle-add-fused"), |bench| {
+            bench.iter(|| {
+                let h = (x + r).expect("add");
+                (candle_nn::ops::layer_norm(&h, g, b, EPS).expect("candle"), h)
+            })
+        });
+        let rh = host(r);
+        let mut h = vec![0f32; numel];
+        fwd.bench_function(BenchmarkId::from_parameter("kernel"), |bench| {
+            bench.iter(|| {
+                let args = ForwardArgs::new(
+                    f32::host(&xh),
+                    Some(f32::host(&gh)),
+                    Some(f32::host(&bh)),
+                    f32::host_mut(&mut y),
+                    Some(f32::host_mut(&mut mean)),
+                    f32::host_mut(&mut rstd),
+                )
+                .with_residual(Residual::Add {
+                    residual: f32::host(&rh),
+                    h: f32::host_mut(&mut h),
+                });
+                cpu.forward_typed::<f32>(&spec, args).expect("kernel")
+            })
+        });
+        fwd.finish();
+
+        let name = format!("candle/rms_norm_residual_forward/{shape}");
+        let mut rms = group(c, &name, 4 * numel * size);
+        rms.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench.iter(|| layernorm_candle::ops::rms_norm_residual(x, r, g, EPS).expect("ours"))
+        });
+        rms.bench_function(BenchmarkId::from_parameter("candle-add-fused"), |bench| {
+            bench.iter(|| {
+                let h = (x + r).expect("add");
+                (candle_nn::ops::rms_norm(&h, g, EPS).expect("candle"), h)
+            })
+        });
+        rms.finish();
+
+        let name = format!("candle/layer_norm_residual_backward/{shape}");
+        let mut bwd = group(c, &name, 4 * numel * size);
+        let ours = || {
+            let (y, h) = layernorm_candle::ops::layer_norm_residual(xv, rv, gv, bv, EPS)?;
+            y + h
+        };
+        bwd.bench_function(BenchmarkId::from_parameter("ours"), |bench| {
+            bench.iter_batched(
+                || ours().expect("ours"),
+                |root| root.backward().expect("backward"),
+                BatchSize::PerIteration,
+            )
+        });
+        let composed = || {
+            let h = (xv.as_tensor() + rv.as_tensor())?;
+            candle_nn::ops::layer_norm_slow(&h, gv, bv, EPS)? + h
+        };
+        bwd.bench_function(BenchmarkId::from_parameter("candle-add-slow"), |bench| {
+            bench.iter_batched(
+                || composed().expect("composed"),
+                |root| root.backward().expect("backward"),
+                BatchSize::PerIteration,
+            )
+        });
+        bwd.bench_function(BenchmarkId::from_parameter("kernel"), |bench| {
+            bench.iter(|| {
+                let args = BackwardArgs::new(
+                    f32::host(&h),
+                    f32::host(&dy),
+                    Some(f32::host(&mean)),
+                    f32::host(&rstd),
+                    Some(f32::host(&gh)),
+                    f32::host_mut(&mut dx),
+                    Some(f32::host_mut(&mut dg)),
+                    Some(f32::host_mut(&mut db)),
+                )
+                .with_dh(f32::host(&dy));
+                cpu.backward_typed::<f32>(&spec, args).expect("kernel")
             })
         });
         bwd.finish();

@@ -18,6 +18,9 @@
 //! | `candle_nn::rms_norm(size, eps, vb)` | [`rms_norm`]`(size, eps, vb)` → [`RmsNorm`] |
 //! | `candle_nn::ops::layer_norm(x, w, b, eps)` | [`ops::layer_norm`]`(x, w, b, eps)` |
 //! | `candle_nn::ops::rms_norm(x, w, eps)` | [`ops::rms_norm`]`(x, w, eps)` |
+//! | `h = (x + r)?` then `candle_nn::ops::layer_norm(&h, w, b, eps)` | [`ops::layer_norm_residual`]`(x, r, w, b, eps)` → `(y, h)` |
+//! | `h = (x + r)?` then `candle_nn::ops::rms_norm(&h, w, eps)` | [`ops::rms_norm_residual`]`(x, r, w, eps)` → `(y, h)` |
+//! | `h = (x + r)?` then `norm.forward(&h)` | [`LayerNorm::forward_residual`] / [`RmsNorm::forward_residual`]`(x, r)` → `(y, h)` |
 //!
 //! The modules read the same weight names as candle's (`weight`, or `gamma`; `bias`, or `beta`),
 //! so swapping one into a candle-transformers model is a change of import. `From` converts an
@@ -54,6 +57,13 @@
 //! dy (plus the per-column sums), each in the tensor's own dtype. dγ and dβ are skipped when γ
 //! or β does not track gradients (a frozen norm); dγ/dβ are bitwise reproducible run to run.
 //!
+//! The residual variants are a pre-norm block's add and norm in one pass (`docs/math.md`
+//! (14)–(15)): h = x + residual, rounded once to the dtype (the bits of candle's own `x + r`),
+//! and y = norm(h); both are returned. Their backward is one fused pass too: gradients arriving
+//! on y (dy) and on h (dh, the residual stream's) give dx = norm's backward of dy, plus dh —
+//! the gradient of x and of the residual alike — and dγ, dβ. How one candle op yields two
+//! differentiable outputs is described at [`ops::normalize_residual`].
+//!
 //! # Design: what the backward reads
 //!
 //! The forward computes each row's mean (LayerNorm) and rstd anyway; it **keeps them in the op
@@ -70,6 +80,8 @@
 //!   backward reads its operands too) have the same rule: do not mutate before `backward`.
 //! - The gradients are plain tensors, not recorded in the graph: like candle's own backward
 //!   (which detaches), no second-order derivatives.
+//! - The residual variants' backward reads h from the op's own output (the \[y; h\] buffer the
+//!   graph holds anyway), so it keeps nothing more than the plain ops.
 //!
 //! # Devices
 //!

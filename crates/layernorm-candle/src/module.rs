@@ -58,6 +58,20 @@ impl LayerNorm {
     pub fn kind(&self) -> NormKind {
         if self.remove_mean { NormKind::LayerNorm } else { NormKind::RmsNorm }
     }
+
+    /// The pre-norm block's fused residual add and this norm: `(y, h)` with h = x + residual
+    /// (rounded once to the dtype) and y = norm(h), both differentiable through one fused
+    /// backward ([`ops::normalize_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        ops::normalize_residual(
+            self.kind(),
+            x,
+            residual,
+            &self.weight,
+            self.bias.as_ref(),
+            self.eps,
+        )
+    }
 }
 
 impl Module for LayerNorm {
@@ -101,6 +115,12 @@ impl RmsNorm {
     /// ε.
     pub fn eps(&self) -> f64 {
         self.0.eps()
+    }
+
+    /// The pre-norm block's fused residual add and RMSNorm: `(y, h)` with h = x + residual
+    /// (rounded once to the dtype) and y = RMSNorm(h) ([`ops::rms_norm_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.forward_residual(x, residual)
     }
 }
 

@@ -1,17 +1,19 @@
 //! The candle custom ops: LayerNorm and RMSNorm whose forward and backward run layernorm's CPU
 //! kernels, recorded for autograd with `apply_op2` / `apply_op3`.
 //!
-//! One op type, `NormOp`, serves both kinds and both parameter sets: γ alone
-//! ([`candle_core::CustomOp2`] over x and γ) or γ and β ([`candle_core::CustomOp3`]). Each call
-//! makes a fresh instance; its forward keeps the per-row statistics it computed (mean and rstd,
-//! a few bytes a row) in the instance, which candle's graph holds until the backward reads them.
+//! One op type, `NormOp`, serves both kinds, both parameter sets and both variants: γ alone
+//! ([`candle_core::CustomOp2`] over x and γ), γ and β ([`candle_core::CustomOp3`]), and the
+//! fused residual add (a `CustomOp3` over x, the residual and the parameters, whose one output
+//! holds y and h: see [`normalize_residual`]). Each call makes a fresh instance; its forward
+//! keeps the per-row statistics it computed (mean and rstd, a few bytes a row) in the instance,
+//! which candle's graph holds until the backward reads them.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use layernorm_core::{DType, Element, ForwardArgs, HostVec, NormKind, NormSpec};
+use layernorm_core::{BackwardArgs, DType, ForwardArgs, HostVec, NormKind, NormSpec, Residual};
 use layernorm_cpu::{CpuBackend, CpuElement, Stores};
 
 /// LayerNorm over the last dimension of `x` with scale `gamma` and shift `beta` (both of the last
@@ -63,11 +65,95 @@ pub fn normalize(
     beta: Option<&Tensor>,
     eps: impl Into<f64>,
 ) -> Result<Tensor> {
-    let op = NormOp::new(kind, x, gamma, beta, eps.into())?;
+    let op = NormOp::new(kind, Inputs { x, residual: None, gamma, beta }, eps.into())?;
     match beta {
         Some(beta) => x.apply_op3(gamma, beta, op),
         None => x.apply_op2(gamma, op),
     }
+}
+
+/// The pre-norm block's fused residual add and LayerNorm: h = x + residual, rounded once to the
+/// dtype, and y = LayerNorm(h) with scale `gamma` and shift `beta` (`docs/math.md` (14)).
+/// Returns `(y, h)`: y feeds the sublayer, h is the residual stream the next block adds to.
+///
+/// Both outputs are differentiable, and one fused backward serves them: gradients arriving on
+/// y and on h reach x, `residual` (the same gradient, dx), γ and β (`docs/math.md` (15)).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.], [4., 4., 7.]], &dev)?)?;
+/// let stream = Var::from_tensor(&Tensor::new(&[[0.5f32, 0., -1.], [1., 2., 3.]], &dev)?)?;
+/// let gamma = Tensor::new(&[1f32, 1., 1.], &dev)?;
+/// let beta = Tensor::new(&[0f32, 0., 0.], &dev)?;
+/// let (y, h) = layernorm_candle::ops::layer_norm_residual(&x, &stream, &gamma, &beta, 1e-5)?;
+/// assert_eq!(h.to_vec2::<f32>()?, [[1.5, 2., 2.], [5., 6., 10.]]);
+/// // Both outputs feed the loss; x and the residual receive the same gradient.
+/// let grads = (y.sqr()?.sum_all()? + h.sum_all()?)?.backward()?;
+/// let (dx, dr) = (grads.get(&x).unwrap(), grads.get(&stream).unwrap());
+/// assert_eq!(dx.to_vec2::<f32>()?, dr.to_vec2::<f32>()?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn layer_norm_residual(
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: impl Into<f64>,
+) -> Result<(Tensor, Tensor)> {
+    normalize_residual(NormKind::LayerNorm, x, residual, gamma, Some(beta), eps)
+}
+
+/// The pre-norm block's fused residual add and RMSNorm (Llama's, Mistral's): h = x + residual,
+/// rounded once to the dtype, and y = RMSNorm(h) with scale `gamma`. Returns `(y, h)`, both
+/// differentiable through one fused backward, as [`layer_norm_residual`].
+pub fn rms_norm_residual(
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    eps: impl Into<f64>,
+) -> Result<(Tensor, Tensor)> {
+    normalize_residual(NormKind::RmsNorm, x, residual, gamma, None, eps)
+}
+
+/// The fused residual add and either kind, with an optional shift: `(y, h)` with
+/// h = x + residual rounded to the dtype, y = norm(h). The checks of [`normalize`], and
+/// `residual` of x's shape, dtype and device.
+///
+/// # How the two outputs share one backward
+///
+/// A candle op has one output, and its backward receives that output's gradient. So the op
+/// writes y and h into **one** buffer of shape `[2, ..x.dims()]` — y in the first half, h in the
+/// second, both from the one fused forward call — and this function returns its two halves,
+/// `out.get(0)` and `out.get(1)` (views, no copy). candle's autograd turns each half's gradient
+/// back into one of the buffer's shape (zeros in the other half: an output that feeds nothing
+/// gets a zero gradient) and sums them: the op's backward receives \[dy; dh\], exactly the
+/// fused backward's `dy` and `dh`, and reads h from the op's output. Its dx is the gradient of
+/// x and of `residual` both.
+///
+/// The op takes three tensors (candle's largest custom op); with a shift, γ and β travel as
+/// one `[2, N]` tensor, stacked by a differentiable candle op before the call — a copy of 2·N
+/// elements, and a split of the \[dγ; dβ\] gradient back to each.
+///
+/// The price of the single output is in candle's bookkeeping, not in the kernel: each half's
+/// gradient is padded with zeros to the buffer's shape and added into it (a few passes over
+/// 2·rows·N elements before the fused backward starts; the crate README's table measures it).
+pub fn normalize_residual(
+    kind: NormKind,
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: impl Into<f64>,
+) -> Result<(Tensor, Tensor)> {
+    let op = NormOp::new(kind, Inputs { x, residual: Some(residual), gamma, beta }, eps.into())?;
+    let params = match beta {
+        Some(beta) => Cow::Owned(Tensor::stack(&[gamma, beta], 0)?),
+        None => Cow::Borrowed(gamma),
+    };
+    let out = x.apply_op3(residual, &params, op)?;
+    Ok((out.get(0)?, out.get(1)?))
 }
 
 /// The backend every op runs on, writing with ordinary stores: every output here (y, dx) is a
@@ -140,26 +226,55 @@ struct Grads {
     dbeta: Option<Tensor>,
 }
 
-/// One normalization call: the problem, checked against the tensors when made, and the
-/// statistics its forward saved.
+/// The tensors of one call, as the user passed them.
+struct Inputs<'a> {
+    x: &'a Tensor,
+    residual: Option<&'a Tensor>,
+    gamma: &'a Tensor,
+    beta: Option<&'a Tensor>,
+}
+
+/// One op input on the CPU: its storage and layout.
+type In<'a> = (&'a CpuStorage, &'a Layout);
+
+/// One normalization call: the problem, checked against the tensors when made, whether it is
+/// the fused residual variant, and the statistics its forward saved.
+///
+/// The variant decides how the op's inputs and output are laid out:
+///
+/// | variant | op | inputs | output |
+/// |---|---|---|---|
+/// | plain, γ | `CustomOp2` | x, γ | y |
+/// | plain, γ and β | `CustomOp3` | x, γ, β | y |
+/// | residual | `CustomOp3` | x, residual, params | \[y; h\] (`[2, ..x.dims()]`) |
+///
+/// where params is γ (`[N]`), or γ and β stacked (`[2, N]`) when the problem has β.
 #[derive(Debug)]
 struct NormOp {
     spec: NormSpec,
+    residual: bool,
     stats: OnceLock<Stats>,
+}
+
+/// The op's name in candle's graph and in error messages.
+fn op_name(kind: NormKind, residual: bool) -> &'static str {
+    match (kind, residual) {
+        (NormKind::RmsNorm, false) => "rms_norm",
+        (NormKind::RmsNorm, true) => "rms_norm_residual",
+        (_, false) => "layer_norm",
+        (_, true) => "layer_norm_residual",
+    }
 }
 
 impl NormOp {
     /// Checks the tensors and builds the problem they describe.
-    fn new(
-        kind: NormKind,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: Option<&Tensor>,
-        eps: f64,
-    ) -> Result<NormOp> {
-        let name = kind.name();
-        let named = [("x", Some(x)), ("gamma", Some(gamma)), ("beta", beta)];
-        for (arg, t) in named.iter().filter_map(|(a, t)| t.map(|t| (*a, t))) {
+    fn new(kind: NormKind, t: Inputs<'_>, eps: f64) -> Result<NormOp> {
+        let Inputs { x, residual, gamma, beta } = t;
+        let name = op_name(kind, residual.is_some());
+        let named =
+            [("x", Some(x)), ("residual", residual), ("gamma", Some(gamma)), ("beta", beta)];
+        let named = || named.iter().filter_map(|(a, t)| t.map(|t| (*a, t)));
+        for (arg, t) in named() {
             if !t.device().is_cpu() {
                 candle_core::bail!(
                     "layernorm-candle {name}: `{arg}` is on {:?}; these ops compute on the CPU \
@@ -180,12 +295,12 @@ impl NormOp {
             let e = layernorm_core::Error::TooManyNormalizedDims { normalized_dims: 1, ndim: 0 };
             return Err(norm_err(name, e));
         };
-        for (arg, t) in [("gamma", Some(gamma)), ("beta", beta)] {
-            let Some(t) = t else { continue };
-            if t.dims() != [n] {
+        for (arg, t) in named().skip(1) {
+            let expected = if arg == "residual" { dims } else { &[n][..] };
+            if t.dims() != expected {
                 let e = layernorm_core::Error::DimsMismatch {
                     tensor: arg,
-                    expected: vec![n],
+                    expected: expected.to_vec(),
                     got: t.dims().to_vec(),
                 };
                 return Err(norm_err(name, e));
@@ -203,55 +318,85 @@ impl NormOp {
             .with_eps(eps)
             .with_beta(beta.is_some());
         spec.validate().map_err(|e| norm_err(name, e))?;
-        Ok(NormOp { spec, stats: OnceLock::new() })
+        Ok(NormOp { spec, residual: residual.is_some(), stats: OnceLock::new() })
     }
 
     fn name(&self) -> &'static str {
-        match self.spec.kind {
-            NormKind::RmsNorm => "rms_norm",
-            _ => "layer_norm",
-        }
+        op_name(self.spec.kind, self.residual)
     }
 
     fn err(&self, e: layernorm_core::Error) -> candle_core::Error {
         norm_err(self.name(), e)
     }
 
-    /// The forward on CPU storage: y, and the statistics kept for the backward.
+    /// γ and β from the op's parameter inputs: `params` is γ, or — for the residual variant
+    /// with β — γ and β stacked; a separate `beta` is the plain variant's third input.
+    fn split_params<'a, T>(
+        &self,
+        params: &'a [T],
+        beta: Option<&'a [T]>,
+    ) -> Result<(&'a [T], Option<&'a [T]>)> {
+        if beta.is_some() || !(self.residual && self.spec.beta) {
+            return Ok((params, beta));
+        }
+        let Some((gamma, beta)) = params.split_at_checked(self.spec.n) else {
+            let (tensor, expected, got) = ("gamma", 2 * self.spec.n, params.len());
+            return Err(self.err(layernorm_core::Error::ShapeMismatch { tensor, expected, got }));
+        };
+        Ok((gamma, Some(beta)))
+    }
+
+    /// The forward on CPU storage: y (or \[y; h\]), and the statistics kept for the backward.
     fn cpu_forward(
         &self,
-        x: (&CpuStorage, &Layout),
-        gamma: (&CpuStorage, &Layout),
-        beta: Option<(&CpuStorage, &Layout)>,
+        x: In<'_>,
+        residual: Option<In<'_>>,
+        params: In<'_>,
+        beta: Option<In<'_>>,
     ) -> Result<(CpuStorage, Shape)> {
-        let storage = with_element!(self, |T| self.forward_typed::<T>(x, gamma, beta))?;
-        Ok((storage, x.1.shape().clone()))
+        let storage = with_element!(self, |T| self.forward_typed::<T>(x, residual, params, beta))?;
+        let dims = x.1.shape().dims();
+        let shape = match self.residual {
+            true => Shape::from([&[2], dims].concat()),
+            false => Shape::from(dims),
+        };
+        Ok((storage, shape))
     }
 
     fn forward_typed<T: CpuElement + candle_core::WithDType>(
         &self,
-        x: (&CpuStorage, &Layout),
-        gamma: (&CpuStorage, &Layout),
-        beta: Option<(&CpuStorage, &Layout)>,
+        x: In<'_>,
+        residual: Option<In<'_>>,
+        params: In<'_>,
+        beta: Option<In<'_>>,
     ) -> Result<CpuStorage> {
         let spec = &self.spec;
         let x = contiguous::<T>(x)?;
-        let gamma = contiguous::<T>(gamma)?;
+        let residual = residual.map(contiguous::<T>).transpose()?;
+        let params = contiguous::<T>(params)?;
         let beta = beta.map(contiguous::<T>).transpose()?;
-        let mut y = zeroed::<T>("y", spec.numel()).map_err(|e| self.err(e))?;
+        let (gamma, beta) = self.split_params(&params, beta.as_deref())?;
+        let outputs = if residual.is_some() { 2 } else { 1 };
+        let len = spec.numel().saturating_mul(outputs);
+        let mut out = zeroed::<T>("y", len).map_err(|e| self.err(e))?;
+        let (y, h) = out.split_at_mut(spec.numel());
         let stats_vec = |tensor| {
             HostVec::try_zeros(tensor, spec.stats_dtype(), spec.rows).map_err(|e| self.err(e))
         };
         let mut mean = if spec.has_mean() { Some(stats_vec("mean")?) } else { None };
         let mut rstd = stats_vec("rstd")?;
-        let args = ForwardArgs::new(
+        let mut args = ForwardArgs::new(
             T::host(&x),
-            Some(T::host(&gamma)),
-            beta.as_deref().map(T::host),
-            T::host_mut(&mut y),
+            Some(T::host(gamma)),
+            beta.map(T::host),
+            T::host_mut(y),
             mean.as_mut().map(HostVec::as_mut_slice),
             rstd.as_mut_slice(),
         );
+        if let Some(residual) = &residual {
+            let add = Residual::Add { residual: T::host(residual), h: T::host_mut(h) };
+            args = args.with_residual(add);
+        }
         cpu().forward_typed::<T>(spec, args).map_err(|e| self.err(e))?;
         let stats = Stats { mean, rstd };
         if self.stats.set(stats).is_err() {
@@ -260,81 +405,111 @@ impl NormOp {
                 self.name()
             );
         }
-        Ok(T::to_cpu_storage_owned(y))
+        Ok(T::to_cpu_storage_owned(out))
     }
 
-    /// The backward: dx, and dγ / dβ where wanted, from x, dy, γ and the saved statistics.
+    /// The backward: dx, and dγ / dβ where wanted. `saved` is x (plain) or the op's output
+    /// \[y; h\] (residual, whose h is read); `grad` is dy (plain) or \[dy; dh\]; `params` is
+    /// the op's γ input (for the residual variant with β, γ and β stacked).
     fn backward(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        dy: &Tensor,
-        want_dgamma: bool,
-        want_dbeta: bool,
+        saved: &Tensor,
+        params: &Tensor,
+        grad: &Tensor,
+        (want_dgamma, want_dbeta): (bool, bool),
     ) -> Result<Grads> {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("layernorm-candle {}: backward before the forward", self.name());
         };
-        if !dy.device().is_cpu() {
+        if !grad.device().is_cpu() {
             candle_core::bail!(
                 "layernorm-candle {}: the output gradient is on {:?}, not the CPU",
                 self.name(),
-                dy.device().location()
+                grad.device().location()
             );
         }
-        let (x, dy, gamma) = (x.contiguous()?, dy.contiguous()?, gamma.contiguous()?);
-        let ins = [&x, &dy, &gamma];
-        let want = (want_dgamma, want_dbeta);
+        let (saved, grad, params) = (saved.contiguous()?, grad.contiguous()?, params.contiguous()?);
+        let ins = [&saved, &grad, &params];
+        let want = (want_dgamma, want_dbeta && self.spec.beta);
         with_element!(self, |T| self.backward_typed::<T>(ins, stats, want))
     }
 
     fn backward_typed<T: CpuElement + candle_core::WithDType>(
         &self,
-        [x, dy, gamma]: [&Tensor; 3],
+        [saved, grad, params]: [&Tensor; 3],
         stats: &Stats,
         (want_dgamma, want_dbeta): (bool, bool),
     ) -> Result<Grads> {
-        let spec = &self.spec;
-        let (x_shape, g_shape, dev) = (x.shape(), gamma.shape(), x.device());
-        let (xs, xl) = x.storage_and_layout();
-        let (dys, dyl) = dy.storage_and_layout();
-        let (gs, gl) = gamma.storage_and_layout();
-        let x = cpu_slice::<T>("x", &xs, xl)?;
-        let dy = cpu_slice::<T>("dy", &dys, dyl)?;
-        let gamma = cpu_slice::<T>("gamma", &gs, gl)?;
-        let acc = |tensor: &'static str, v: &HostVec| {
-            let (expected, got) = (spec.stats_dtype(), v.dtype());
-            self.err(layernorm_core::Error::DTypeMismatch { tensor, expected, got })
+        let (spec, dev) = (&self.spec, saved.device());
+        let x_dims = if self.residual { &saved.dims()[1..] } else { saved.dims() };
+        let (ss, sl) = saved.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (ps, pl) = params.storage_and_layout();
+        let saved = cpu_slice::<T>("x", &ss, sl)?;
+        let grad = cpu_slice::<T>("dy", &gs, gl)?;
+        let (gamma, _) = self.split_params(cpu_slice::<T>("gamma", &ps, pl)?, None)?;
+        let (saved, dy, dh) = match self.residual {
+            false => (saved, grad, None),
+            true => {
+                let [_y, h] = self.halves("h", saved)?;
+                let [dy, dh] = self.halves("dy", grad)?;
+                (h, dy, Some(dh))
+            }
         };
-        let mean = match &stats.mean {
-            Some(m) => Some(T::Acc::from_host(m.as_slice()).ok_or_else(|| acc("mean", m))?),
-            None => None,
-        };
-        let rstd =
-            T::Acc::from_host(stats.rstd.as_slice()).ok_or_else(|| acc("rstd", &stats.rstd))?;
         let alloc = |tensor, len| zeroed::<T>(tensor, len).map_err(|e| self.err(e));
         let mut dx = alloc("dx", spec.numel())?;
         let mut dgamma = want_dgamma.then(|| alloc("dgamma", spec.n)).transpose()?;
-        let mut dbeta = (want_dbeta && spec.beta).then(|| alloc("dbeta", spec.n)).transpose()?;
-        cpu()
-            .backward_into::<T>(
-                spec,
-                x,
-                dy,
-                mean,
-                rstd,
-                Some(gamma),
-                &mut dx,
-                dgamma.as_deref_mut(),
-                dbeta.as_deref_mut(),
-            )
-            .map_err(|e| self.err(e))?;
-        let param = |g: Option<Vec<T>>| g.map(|g| Tensor::from_vec(g, g_shape, dev)).transpose();
+        let mut dbeta = want_dbeta.then(|| alloc("dbeta", spec.n)).transpose()?;
+        let mut args = BackwardArgs::new(
+            T::host(saved),
+            T::host(dy),
+            stats.mean.as_ref().map(HostVec::as_slice),
+            stats.rstd.as_slice(),
+            Some(T::host(gamma)),
+            T::host_mut(&mut dx),
+            dgamma.as_deref_mut().map(T::host_mut),
+            dbeta.as_deref_mut().map(T::host_mut),
+        );
+        if let Some(dh) = dh {
+            args = args.with_dh(T::host(dh));
+        }
+        cpu().backward_typed::<T>(spec, args).map_err(|e| self.err(e))?;
+        let param = |g: Option<Vec<T>>| g.map(|g| Tensor::from_vec(g, spec.n, dev)).transpose();
         Ok(Grads {
-            dx: Tensor::from_vec(dx, x_shape, dev)?,
+            dx: Tensor::from_vec(dx, x_dims, dev)?,
             dgamma: param(dgamma)?,
             dbeta: param(dbeta)?,
         })
+    }
+
+    /// The two halves of a residual op's output (or of its gradient), `rows × N` each.
+    fn halves<'a, T>(&self, tensor: &'static str, s: &'a [T]) -> Result<[&'a [T]; 2]> {
+        let numel = self.spec.numel();
+        match s.split_at_checked(numel) {
+            Some((a, b)) if b.len() == numel => Ok([a, b]),
+            _ => {
+                let (expected, got) = (2 * numel, s.len());
+                Err(self.err(layernorm_core::Error::ShapeMismatch { tensor, expected, got }))
+            }
+        }
+    }
+
+    /// The residual op's gradients as candle wants them: dx for both x and the residual (for
+    /// those that track gradients), and \[dγ; dβ\] stacked like the parameter input.
+    fn residual_grads(
+        &self,
+        [x, residual, params]: [&Tensor; 3],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want = params.track_op();
+        let g = self.backward(out, params, grad, (want, want))?;
+        let dparams = match (g.dgamma, g.dbeta) {
+            (Some(dgamma), Some(dbeta)) => Some(Tensor::stack(&[dgamma, dbeta], 0)?),
+            (dgamma, _) => dgamma,
+        };
+        let dx = |t: &Tensor| t.track_op().then(|| g.dx.clone());
+        Ok((dx(x), dx(residual), dparams))
     }
 }
 
@@ -397,7 +572,7 @@ impl CustomOp2 for NormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((s1, l1), (s2, l2), None)
+        self.cpu_forward((s1, l1), None, (s2, l2), None)
     }
 
     fn bwd(
@@ -407,7 +582,7 @@ impl CustomOp2 for NormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.backward(x, gamma, dy, gamma.track_op(), false)?;
+        let g = self.backward(x, gamma, dy, (gamma.track_op(), false))?;
         Ok((Some(g.dx), g.dgamma))
     }
 }
@@ -426,18 +601,25 @@ impl CustomOp3 for NormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((s1, l1), (s2, l2), Some((s3, l3)))
+        match self.residual {
+            true => self.cpu_forward((s1, l1), Some((s2, l2)), (s3, l3), None),
+            false => self.cpu_forward((s1, l1), None, (s2, l2), Some((s3, l3))),
+        }
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.backward(x, gamma, dy, gamma.track_op(), beta.track_op())?;
+        if self.residual {
+            return self.residual_grads([a1, a2, a3], out, grad);
+        }
+        let (x, gamma, beta) = (a1, a2, a3);
+        let g = self.backward(x, gamma, grad, (gamma.track_op(), beta.track_op()))?;
         Ok((Some(g.dx), g.dgamma, g.dbeta))
     }
 }

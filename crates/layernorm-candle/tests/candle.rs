@@ -56,9 +56,11 @@ enum Impl {
     Composed,
 }
 
-/// The variables of Linear → norm → Linear, with the input as a variable too.
+/// The variables of Linear → norm → Linear, with the input as a variable too, and the residual
+/// stream a pre-norm block adds the first Linear's output to.
 struct Mlp {
     x: Var,
+    stream: Var,
     w1: Var,
     b1: Var,
     gamma: Var,
@@ -74,6 +76,7 @@ impl Mlp {
         let (d_in, d, d_out) = (10, 64, 5);
         Ok(Mlp {
             x: var(&[2, 6, d_in], 1, 1.0, 0.0, dtype)?,
+            stream: var(&[2, 6, d], 9, 0.8, 0.1, dtype)?,
             w1: var(&[d, d_in], 2, 0.4, 0.0, dtype)?,
             b1: var(&[d], 3, 0.2, 0.3, dtype)?,
             gamma: var(&[d], 4, 0.3, 1.0, dtype)?,
@@ -85,33 +88,53 @@ impl Mlp {
         })
     }
 
-    fn vars(&self) -> Vec<(&'static str, &Var)> {
+    /// The variables the loss depends on (the stream only with a residual).
+    fn vars(&self, residual: bool) -> Vec<(&'static str, &Var)> {
         let mut v =
             vec![("x", &self.x), ("w1", &self.w1), ("b1", &self.b1), ("gamma", &self.gamma)];
+        v.extend(residual.then_some(("stream", &self.stream)));
         v.extend(self.beta.as_ref().map(|b| ("beta", b)));
         v.extend([("w2", &self.w2), ("b2", &self.b2)]);
         v
     }
 
-    fn loss(&self, kind: NormKind, which: Impl) -> Result<Tensor> {
+    /// The loss of Linear → norm → Linear. With `residual`, the norm is a pre-norm block's:
+    /// h = Linear₁(x) + stream, y = norm(h), and h feeds the loss too (as the residual stream
+    /// feeds the next block), so that both outputs carry a gradient.
+    fn loss(&self, kind: NormKind, which: Impl, residual: bool) -> Result<Tensor> {
         let lin1 = Linear::new(self.w1.as_tensor().clone(), Some(self.b1.as_tensor().clone()));
         let lin2 = Linear::new(self.w2.as_tensor().clone(), Some(self.b2.as_tensor().clone()));
-        let h = lin1.forward(&self.x)?;
+        let a = lin1.forward(&self.x)?;
+        let stream = self.stream.as_tensor();
         let g = self.gamma.as_tensor().clone();
         let b = self.beta.as_ref().map(|b| b.as_tensor().clone());
-        let z = match (which, kind, b) {
-            (Impl::Ours, NormKind::LayerNorm, Some(b)) => {
-                LayerNorm::new(g, b, EPS as f64).forward(&h)?
+        let module = match (kind, b) {
+            (NormKind::LayerNorm, Some(b)) => LayerNorm::new(g.clone(), b, EPS as f64),
+            _ => RmsNorm::new(g.clone(), EPS as f64).into_inner(),
+        };
+        let (z, h) = match (which, residual) {
+            (Impl::Ours, false) => (module.forward(&a)?, None),
+            (Impl::Ours, true) => {
+                let (y, h) = module.forward_residual(&a, stream)?;
+                (y, Some(h))
             }
-            (Impl::Ours, _, _) => RmsNorm::new(g, EPS as f64).forward(&h)?,
-            (Impl::Composed, NormKind::LayerNorm, Some(b)) => {
-                candle_nn::ops::layer_norm_slow(&h, &g, &b, EPS)?
+            (Impl::Composed, residual) => {
+                let h = if residual { (&a + stream)? } else { a };
+                let y = match module.bias() {
+                    Some(b) => candle_nn::ops::layer_norm_slow(&h, &g, b, EPS)?,
+                    None => candle_nn::ops::rms_norm_slow(&h, &g, EPS)?,
+                };
+                (y, residual.then_some(h))
             }
-            (Impl::Composed, _, _) => candle_nn::ops::rms_norm_slow(&h, &g, EPS)?,
         };
         let out = lin2.forward(&z)?;
         let target = tensor(out.dims(), 8, 1.0, 0.0, out.dtype())?;
-        (out - target)?.sqr()?.mean_all()
+        let loss = (out - target)?.sqr()?.mean_all()?;
+        match h {
+            // A nonlinear function of h, so that dh varies along the stream.
+            Some(h) => loss + (h.sqr()?.mean_all()? * 0.25)?,
+            None => Ok(loss),
+        }
     }
 }
 
@@ -124,18 +147,27 @@ impl Mlp {
 /// the sum of two implementations' errors, not ours alone; the data is of one scale (|x̂| ~ 1 in
 /// every row), where the per-tensor scale and the suite's per-row scales agree, and the Linear
 /// weights' gradients sum over only 12 rows.
-fn gradients_match_the_composed_norm(kind: NormKind, dtype: DType, tol: f64) -> Result {
+///
+/// With `residual`, the composed block is candle's `x + stream` followed by the composed norm;
+/// h is then the same bits on both sides (one rounding of the same sum), the norm's gradient
+/// has the same error budget as above, and dh adds one rounding of a sum.
+fn gradients_match_the_composed_norm(
+    kind: NormKind,
+    dtype: DType,
+    residual: bool,
+    tol: f64,
+) -> Result {
     let mlp = Mlp::new(kind, dtype)?;
-    let ours = mlp.loss(kind, Impl::Ours)?.backward()?;
-    let composed = mlp.loss(kind, Impl::Composed)?.backward()?;
-    for (name, v) in mlp.vars() {
+    let ours = mlp.loss(kind, Impl::Ours, residual)?.backward()?;
+    let composed = mlp.loss(kind, Impl::Composed, residual)?.backward()?;
+    for (name, v) in mlp.vars(residual) {
         let g = f64s(
             ours.get(v).unwrap_or_else(|| panic!("{kind} {dtype:?}: no gradient for {name}")),
         )?;
         let c = f64s(composed.get(v).expect("the composed norm has a backward"))?;
         assert!(max_abs(&g) > 0.0, "{kind} {dtype:?}: the gradient of {name} is zero");
         let err = rel_max(&g, &c);
-        println!("{kind} {dtype:?} d{name}: {err:.2e}");
+        println!("{kind} {dtype:?} residual {residual}: d{name} {err:.2e}");
         assert!(err <= tol, "{kind} {dtype:?}: d{name} differs by {err:e} (tolerance {tol:e})");
     }
     Ok(())
@@ -143,14 +175,26 @@ fn gradients_match_the_composed_norm(kind: NormKind, dtype: DType, tol: f64) -> 
 
 #[test]
 fn layer_norm_gradients_match_layer_norm_slow() -> Result {
-    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F32, 1e-6)?;
-    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F64, 1e-12)
+    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F32, false, 1e-6)?;
+    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F64, false, 1e-12)
 }
 
 #[test]
 fn rms_norm_gradients_match_the_composed_formula() -> Result {
-    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F32, 1e-6)?;
-    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F64, 1e-12)
+    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F32, false, 1e-6)?;
+    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F64, false, 1e-12)
+}
+
+#[test]
+fn residual_layer_norm_gradients_match_add_then_layer_norm_slow() -> Result {
+    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F32, true, 1e-6)?;
+    gradients_match_the_composed_norm(NormKind::LayerNorm, DType::F64, true, 1e-12)
+}
+
+#[test]
+fn residual_rms_norm_gradients_match_add_then_the_composed_formula() -> Result {
+    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F32, true, 1e-6)?;
+    gradients_match_the_composed_norm(NormKind::RmsNorm, DType::F64, true, 1e-12)
 }
 
 /// A short regression run with AdamW: the loss falls, and the norm's own parameters move.
@@ -212,6 +256,8 @@ struct Check {
     gamma: Vec<f64>,
     beta: Option<Vec<f64>>,
     dy: Vec<f64>,
+    /// The residual and the gradient arriving on h, for the fused residual variant.
+    residual: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 /// The conformance tolerances (`crates/layernorm-conformance/src/metric.rs`): y and dx, and the
@@ -228,15 +274,35 @@ fn tolerance(dtype: DType) -> (f64, f64) {
 impl Check {
     /// Runs the op on candle tensors of `dtype` and compares y, dx, dγ and dβ with the f64
     /// reference on the same (rounded) inputs. Returns the worst errors (y, dx, dγ, dβ).
-    fn run(kind: NormKind, dtype: DType, rows: usize, n: usize, offset: f64) -> Result<[f64; 4]> {
+    ///
+    /// With `residual`, the fused residual variant: h must be candle's own `x + residual` and
+    /// the reference's h, bit for bit; the gradient reaching the residual must be dx's bits.
+    fn run(
+        kind: NormKind,
+        dtype: DType,
+        (rows, n, offset): (usize, usize, f64),
+        residual: bool,
+    ) -> Result<[f64; 4]> {
         let x = var(&[rows, n], 21, 1.0, offset, dtype)?;
         let g = var(&[n], 22, 0.5, 1.0, dtype)?;
         let b =
             (kind == NormKind::LayerNorm).then(|| var(&[n], 23, 0.5, 0.0, dtype)).transpose()?;
         let dy = tensor(&[rows, n], 24, 1.0, 0.0, dtype)?;
-        let y = ops::normalize(kind, &x, &g, b.as_ref().map(|b| b.as_tensor()), EPS)?;
-        // d(Σ y·dy)/dy = dy exactly, in every dtype.
-        let grads = (&y * &dy)?.sum_all()?.backward()?;
+        let r_var = var(&[rows, n], 25, 2.0, -0.5, dtype)?;
+        let (r, r_t) = (&r_var, r_var.as_tensor());
+        let dh = tensor(&[rows, n], 26, 0.5, 0.0, dtype)?;
+        let b_t = b.as_ref().map(|b| b.as_tensor());
+        let (y, h, loss) = if residual {
+            let (y, h) = ops::normalize_residual(kind, &x, r, &g, b_t, EPS)?;
+            // d(Σ y·dy + Σ h·dh) = (dy, dh) exactly, in every dtype.
+            let loss = ((&y * &dy)?.sum_all()? + (&h * &dh)?.sum_all()?)?;
+            (y, Some(h), loss)
+        } else {
+            let y = ops::normalize(kind, &x, &g, b_t, EPS)?;
+            let loss = (&y * &dy)?.sum_all()?;
+            (y, None, loss)
+        };
+        let grads = loss.backward()?;
         let our_dtype = match dtype {
             DType::F16 => layernorm_core::DType::F16,
             DType::BF16 => layernorm_core::DType::BF16,
@@ -251,27 +317,41 @@ impl Check {
             gamma: f64s(&g)?,
             beta: b.as_ref().map(|b| f64s(b)).transpose()?,
             dy: f64s(&dy)?,
+            residual: if residual { Some((f64s(r)?, f64s(&dh)?)) } else { None },
         };
         let get = |v: &Var| -> Result<Vec<f64>> { f64s(grads.get(v).expect("a gradient")) };
         let db = b.as_ref().map(get).transpose()?;
-        Ok(c.errors(&f64s(&y)?, &get(&x)?, &get(&g)?, db.as_deref()))
+        let dx = get(&x)?;
+        if let (Some(h), Some((r, _))) = (&h, &c.residual) {
+            let what = format!("{kind} {dtype:?} {rows}x{n}");
+            assert!(bits_eq(h, &(x.as_tensor() + r_t)?)?, "{what}: h is not candle's x + r");
+            let (want, _) =
+                reference::forward_residual(&c.spec, &c.x, r, Some(&c.gamma), c.beta.as_deref())
+                    .unwrap();
+            let h = f64s(h)?;
+            assert!(h.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: h");
+            let dr = get(&r_var)?;
+            assert!(dx.iter().zip(&dr).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: dr");
+        }
+        Ok(c.errors(&f64s(&y)?, &dx, &get(&g)?, db.as_deref()))
     }
 
     fn errors(&self, y: &[f64], dx: &[f64], dg: &[f64], db: Option<&[f64]>) -> [f64; 4] {
         let (s, n) = (&self.spec, self.spec.n);
-        let beta = self.beta.as_deref();
-        let fwd = reference::forward(s, &self.x, Some(&self.gamma), beta).unwrap();
-        let bwd = reference::backward(
-            s,
-            &self.x,
-            &self.dy,
-            fwd.mean.as_deref(),
-            &fwd.rstd,
-            Some(&self.gamma),
-        )
-        .unwrap();
+        let (gamma, beta) = (Some(&self.gamma[..]), self.beta.as_deref());
+        // The normalized input: x, or the reference's h (rounded to the dtype, (14)).
+        let (x, fwd) = match &self.residual {
+            Some((r, _)) => reference::forward_residual(s, &self.x, r, gamma, beta).unwrap(),
+            None => (self.x.clone(), reference::forward(s, &self.x, gamma, beta).unwrap()),
+        };
+        let mut bwd =
+            reference::backward(s, &x, &self.dy, fwd.mean.as_deref(), &fwd.rstd, gamma).unwrap();
+        let dh = |i: usize| self.residual.as_ref().map_or(0.0, |(_, dh)| dh[i]);
+        if let Some((_, dh)) = &self.residual {
+            bwd = reference::add_dh(bwd, dh).unwrap();
+        }
         let mean = |r: usize| fwd.mean.as_ref().map_or(0.0, |m| m[r]);
-        let xhat = |r: usize, j: usize| (self.x[r * n + j] - mean(r)) * fwd.rstd[r];
+        let xhat = |r: usize, j: usize| (x[r * n + j] - mean(r)) * fwd.rstd[r];
         let (mut ey, mut edx) = (0.0f64, 0.0f64);
         for r in 0..s.rows {
             let row = r * n..(r + 1) * n;
@@ -279,14 +359,16 @@ impl Check {
                 .map(|j| (xhat(r, j) * self.gamma[j]).abs() + beta.map_or(0.0, |b| b[j].abs()))
                 .fold(0.0, f64::max);
             ey = ey.max(rel_max_scaled(&y[row.clone()], &fwd.y[row.clone()], y_scale));
-            // dx's terms: g = dy·γ, c1 = mean(g·x̂), c2 = mean(g) (LayerNorm) or 0.
+            // dx's terms: g = dy·γ, c1 = mean(g·x̂), c2 = mean(g) (LayerNorm) or 0, and dh.
             let gj = |j: usize| self.dy[r * n + j] * self.gamma[j];
             let c1 = (0..n).map(|j| gj(j) * xhat(r, j)).sum::<f64>() / n as f64;
             let c2 = if s.has_mean() { (0..n).map(gj).sum::<f64>() / n as f64 } else { 0.0 };
-            let dx_scale = fwd.rstd[r]
-                * (0..n)
-                    .map(|j| gj(j).abs() + c2.abs() + (xhat(r, j) * c1).abs())
-                    .fold(0.0, f64::max);
+            let dx_scale = (0..n)
+                .map(|j| {
+                    fwd.rstd[r] * (gj(j).abs() + c2.abs() + (xhat(r, j) * c1).abs())
+                        + dh(r * n + j).abs()
+                })
+                .fold(0.0, f64::max);
             edx = edx.max(rel_max_scaled(&dx[row.clone()], &bwd.dx[row], dx_scale));
         }
         let col = |j: usize, with_xhat: bool| {
@@ -317,12 +399,14 @@ fn every_dtype_matches_the_f64_reference() -> Result {
     for kind in NormKind::ALL {
         for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
             let (tol, tol_param) = tolerance(dtype);
-            for (rows, n, offset) in [(37, 200, 0.0), (3, 1027, 0.0), (64, 768, 30.0)] {
-                let [ey, edx, edg, edb] = Check::run(kind, dtype, rows, n, offset)?;
-                println!(
-                    "{kind} {dtype:?} {rows}x{n}+{offset}: y {ey:.2e} dx {edx:.2e} dγ {edg:.2e} dβ {edb:.2e}"
-                );
-                let what = format!("{kind} {dtype:?} {rows}x{n} offset {offset}");
+            for ((rows, n, offset), residual) in [(37, 200, 0.0), (3, 1027, 0.0), (64, 768, 30.0)]
+                .into_iter()
+                .flat_map(|shape| [(shape, false), (shape, true)])
+            {
+                let [ey, edx, edg, edb] = Check::run(kind, dtype, (rows, n, offset), residual)?;
+                let what =
+                    format!("{kind} {dtype:?} {rows}x{n} offset {offset} residual {residual}");
+                println!("{what}: y {ey:.2e} dx {edx:.2e} dγ {edg:.2e} dβ {edb:.2e}");
                 assert!(ey <= tol, "{what}: y error {ey:e} > {tol:e}");
                 assert!(edx <= tol, "{what}: dx error {edx:e} > {tol:e}");
                 assert!(edg <= tol_param, "{what}: dγ error {edg:e} > {tol_param:e}");
@@ -554,5 +638,191 @@ fn zero_rows() -> Result {
     )?;
     let row_means = f64s(&(y.broadcast_div(&g.as_tensor().narrow(0, 0, 5)?)?).mean(D::Minus1)?)?;
     assert!(max_abs(&row_means) < 1e-6);
+    Ok(())
+}
+
+/// The fused residual variant over `x` and `residual`, y and h: with β for LayerNorm.
+fn residual_op(
+    kind: NormKind,
+    x: &Tensor,
+    residual: &Tensor,
+    g: &Tensor,
+    b: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let beta = (kind == NormKind::LayerNorm).then_some(b);
+    ops::normalize_residual(kind, x, residual, g, beta, 1e-5)
+}
+
+/// The residual variant over `[2, 3, 4, N]` tensors and over the same data as `[24, N]` rows:
+/// y, h and every gradient are the same bits, in the input's shape.
+#[test]
+fn residual_leading_dims_are_rows() -> Result {
+    let n = 40;
+    for kind in NormKind::ALL {
+        let x = var(&[2, 3, 4, n], 35, 1.0, 0.5, DType::F32)?;
+        let r = var(&[2, 3, 4, n], 36, 1.0, -0.2, DType::F32)?;
+        let flat = |v: &Var| Var::from_tensor(&v.as_tensor().reshape((24, n))?);
+        let (xf, rf) = (flat(&x)?, flat(&r)?);
+        let g = var(&[n], 37, 0.5, 1.0, DType::F32)?;
+        let b = var(&[n], 38, 0.5, 0.0, DType::F32)?;
+        let dy = tensor(&[24, n], 39, 1.0, 0.0, DType::F32)?;
+        let dh = tensor(&[24, n], 40, 1.0, 0.0, DType::F32)?;
+        let run = |x: &Tensor, r: &Tensor| -> Result<_> {
+            let (y, h) = residual_op(kind, x, r, &g, &b)?;
+            let (yf, hf) = (y.reshape((24, n))?, h.reshape((24, n))?);
+            let grads = ((yf * &dy)?.sum_all()? + (hf * &dh)?.sum_all()?)?.backward()?;
+            Ok((y, h, grads))
+        };
+        let (y4, h4, g4) = run(&x, &r)?;
+        let (y2, h2, g2) = run(&xf, &rf)?;
+        assert_eq!((y4.dims(), h4.dims()), (&[2, 3, 4, n][..], &[2, 3, 4, n][..]));
+        assert!(bits_eq(&y4, &y2)? && bits_eq(&h4, &h2)?, "{kind}: y, h");
+        for (v4, v2) in [(&x, &xf), (&r, &rf)] {
+            let d4 = g4.get(v4).unwrap();
+            assert_eq!(d4.dims(), &[2, 3, 4, n]);
+            assert!(bits_eq(d4, g2.get(v2).unwrap())?, "{kind}: dx / dr");
+        }
+        for v in [&g, &b].into_iter().take(if kind == NormKind::LayerNorm { 2 } else { 1 }) {
+            assert!(bits_eq(g4.get(v).unwrap(), g2.get(v).unwrap())?, "{kind}: dγ / dβ");
+        }
+    }
+    Ok(())
+}
+
+/// A transposed x and a narrowed residual give the bits of their contiguous copies, forward and
+/// backward, and the gradients reach the tensors they are views of.
+#[test]
+fn residual_strided_inputs_match_their_contiguous_copies() -> Result {
+    let (rows, n) = (20, 33);
+    for kind in NormKind::ALL {
+        let base = var(&[n, rows], 45, 1.0, 0.2, DType::F32)?;
+        let xt = base.as_tensor().t()?;
+        let wide = var(&[rows, n + 7], 46, 1.0, -0.3, DType::F32)?;
+        let rn = wide.as_tensor().narrow(1, 3, n)?;
+        assert!(!xt.is_contiguous() && !rn.is_contiguous());
+        let g = var(&[n], 47, 0.5, 1.0, DType::F32)?;
+        let b = var(&[n], 48, 0.5, 0.0, DType::F32)?;
+        let dy = tensor(&[rows, n], 49, 1.0, 0.0, DType::F32)?;
+        let dh = tensor(&[rows, n], 50, 1.0, 0.0, DType::F32)?;
+        let loss = |(y, h): &(Tensor, Tensor)| (y * &dy)?.sum_all()? + (h * &dh)?.sum_all()?;
+
+        let out = residual_op(kind, &xt, &rn, &g, &b)?;
+        let grads = loss(&out)?.backward()?;
+        let xc = Var::from_tensor(&xt.contiguous()?)?;
+        let rc = Var::from_tensor(&rn.contiguous()?)?;
+        let out_c = residual_op(kind, &xc, &rc, &g, &b)?;
+        let grads_c = loss(&out_c)?.backward()?;
+        assert!(bits_eq(&out.0, &out_c.0)? && bits_eq(&out.1, &out_c.1)?, "{kind}: y, h");
+        let dx = grads_c.get(&xc).unwrap();
+        assert!(bits_eq(dx, grads_c.get(&rc).unwrap())?, "{kind}: dx = dr");
+        let dbase = grads.get(&base).expect("the gradient reaches the transposed tensor");
+        assert!(bits_eq(&dbase.t()?, dx)?, "{kind}: dx of the transposed x");
+        let dwide = grads.get(&wide).expect("the gradient reaches the narrowed tensor");
+        assert!(bits_eq(&dwide.narrow(1, 3, n)?, dx)?, "{kind}: dr of the narrowed residual");
+        assert_eq!(max_abs(&f64s(&dwide.narrow(1, 0, 3)?)?), 0.0);
+    }
+    Ok(())
+}
+
+/// An output that feeds nothing has a zero gradient: with h alone in the loss, dx and dr are
+/// dh's bits and dγ, dβ are zero; with y alone, the gradients are the plain op's on the same h.
+/// A second backward of the same graph gives the same bits, and frozen parameters get none.
+#[test]
+fn residual_outputs_used_alone() -> Result {
+    let (rows, n) = (9, 64);
+    for kind in NormKind::ALL {
+        let x = var(&[rows, n], 55, 1.0, 0.0, DType::F32)?;
+        let r = var(&[rows, n], 56, 1.0, 0.4, DType::F32)?;
+        let g = var(&[n], 57, 0.5, 1.0, DType::F32)?;
+        let b = var(&[n], 58, 0.5, 0.0, DType::F32)?;
+        let dy = tensor(&[rows, n], 59, 1.0, 0.0, DType::F32)?;
+        let dh = tensor(&[rows, n], 60, 1.0, 0.0, DType::F32)?;
+        let params = if kind == NormKind::LayerNorm { vec![&g, &b] } else { vec![&g] };
+
+        let (_, h) = residual_op(kind, &x, &r, &g, &b)?;
+        let grads = (&h * &dh)?.sum_all()?.backward()?;
+        for v in [&x, &r] {
+            assert!(bits_eq(grads.get(v).unwrap(), &dh)?, "{kind}: h alone: dx = dh");
+        }
+        for v in &params {
+            assert_eq!(max_abs(&f64s(grads.get(v).unwrap())?), 0.0, "{kind}: h alone: dγ, dβ");
+        }
+
+        let (y, h) = residual_op(kind, &x, &r, &g, &b)?;
+        let loss = (&y * &dy)?.sum_all()?;
+        let grads = loss.backward()?;
+        let hv = Var::from_tensor(&h.detach())?;
+        let beta = (kind == NormKind::LayerNorm).then_some(b.as_tensor());
+        let plain = ops::normalize(kind, &hv, &g, beta, 1e-5)?;
+        assert!(bits_eq(&y, &plain)?, "{kind}: y alone: y");
+        let plain_grads = (&plain * &dy)?.sum_all()?.backward()?;
+        let dx = grads.get(&x).unwrap();
+        let scale = max_abs(&f64s(dx)?);
+        // The fused backward with dh = 0 and the plain backward are different kernels: the
+        // same operations, except that the fused one adds dh (here 0) before its single
+        // rounding. f32's dx tolerance (1e-6) on the gradient's own scale.
+        let err = rel_max(&f64s(dx)?, &f64s(plain_grads.get(&hv).unwrap())?);
+        assert!(err <= 1e-6 && scale > 0.0, "{kind}: y alone: dx {err:e}");
+        assert!(bits_eq(dx, grads.get(&r).unwrap())?, "{kind}: y alone: dr = dx");
+        for v in &params {
+            let (ours, want) = (grads.get(v).unwrap(), plain_grads.get(v).unwrap());
+            assert!(bits_eq(ours, want)?, "{kind}: y alone: dγ, dβ");
+        }
+        let again = loss.backward()?;
+        for v in [&x, &r].into_iter().chain(params.iter().copied()) {
+            assert!(bits_eq(grads.get(v).unwrap(), again.get(v).unwrap())?, "{kind}: again");
+        }
+
+        // Frozen γ and β: gradients for x and the residual only.
+        let (gf, bf) = (g.as_tensor().detach(), b.as_tensor().detach());
+        let (y, _) = residual_op(kind, &x, &r, &gf, &bf)?;
+        let grads = (&y * &dy)?.sum_all()?.backward()?;
+        assert!(bits_eq(grads.get(&x).unwrap(), dx)?, "{kind}: frozen: dx");
+        assert!(grads.get(&g).is_none() && grads.get(&b).is_none(), "{kind}: frozen");
+    }
+    Ok(())
+}
+
+#[test]
+fn residual_bad_input_is_an_error_that_says_what() -> Result {
+    let x = tensor(&[4, 8], 75, 1.0, 0.0, DType::F32)?;
+    let r = tensor(&[4, 8], 76, 1.0, 0.0, DType::F32)?;
+    let g = tensor(&[8], 77, 1.0, 0.0, DType::F32)?;
+    let b = tensor(&[8], 78, 1.0, 0.0, DType::F32)?;
+    let y = |r: Result<(Tensor, Tensor)>| message(r.map(|(y, _)| y));
+    let cases = [
+        (
+            y(ops::layer_norm_residual(&x, &r.narrow(1, 0, 7)?, &g, &b, 1e-5)),
+            "layernorm-candle layer_norm_residual: shape mismatch for `residual`: expected shape \
+             [4, 8], got [4, 7]",
+        ),
+        (
+            // Not broadcast: a residual stream has x's shape.
+            y(ops::rms_norm_residual(&x, &g, &g, 1e-6)),
+            "layernorm-candle rms_norm_residual: shape mismatch for `residual`: expected shape \
+             [4, 8], got [8]",
+        ),
+        (
+            y(ops::rms_norm_residual(&x, &r.to_dtype(DType::F64)?, &g, 1e-6)),
+            "dtype mismatch for `residual`: expected F32 (x's), got F64",
+        ),
+        (
+            y(ops::layer_norm_residual(&x, &r, &g, &b.to_dtype(DType::F16)?, 1e-5)),
+            "dtype mismatch for `beta`",
+        ),
+        (
+            y(ops::layer_norm_residual(&x, &r, &g, &b.narrow(0, 0, 7)?, 1e-5)),
+            "`beta`: expected shape [8], got [7]",
+        ),
+        (y(ops::layer_norm_residual(&x, &r, &g, &b, -1.0)), "eps must be finite and > 0, got -1"),
+        (
+            y(ops::rms_norm_residual(&x.to_dtype(DType::U8)?, &r.to_dtype(DType::U8)?, &g, 1e-6)),
+            "has dtype U8",
+        ),
+    ];
+    for (msg, want) in cases {
+        assert!(msg.starts_with("layernorm-candle "), "{msg}");
+        assert!(msg.contains(want), "{msg:?} does not say {want:?}");
+    }
     Ok(())
 }
