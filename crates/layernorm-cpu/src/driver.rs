@@ -423,6 +423,14 @@ pub(crate) fn backward<T: CpuElement>(
     stream: bool,
 ) -> Result<()> {
     let rows = rstd.len();
+    if rows == 0 {
+        // No rows: dx is empty and dγ/dβ are sums over nothing (and n, with no γ or β, can be
+        // any size: no row-sized products below may be formed).
+        for d in [dgamma, dbeta].into_iter().flatten() {
+            d.fill(T::from_f64(0.0));
+        }
+        return Ok(());
+    }
     let gamma = load_param("gamma", gamma, T::Acc::of(gamma_offset))?;
     let gamma = gamma.as_deref();
     let mut zeros = Vec::new();

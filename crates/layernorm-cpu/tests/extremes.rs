@@ -23,6 +23,11 @@ fn huge_problems_are_typed_errors_before_any_allocation() {
     let mut dx = [bf16::ZERO; 0];
     let ok = cpu.backward_into::<bf16>(&spec, &[], &[], Some(&[]), &[], None, &mut dx, None, None);
     assert_eq!(ok, Ok(()));
+    // No rows of 2^62 elements: no row-sized product (blocks of rows × n) may be formed.
+    let spec = NormSpec::rms_norm(0, 1 << 62, DType::F32).with_affine(false);
+    let mut dx = [0f32; 0];
+    let ok = cpu.backward_into::<f32>(&spec, &[], &[], None, &[], None, &mut dx, None, None);
+    assert_eq!(ok, Ok(()));
     // The n-d layer: a zero-size dim beside a huge one.
     let empty_rows = Array2::<f32>::zeros((0, 1 << 40));
     let out = cpu.forward_nd(Norm::rms_norm(), &empty_rows).run().unwrap();
