@@ -21,7 +21,8 @@
 //! from y the error that recovering x̂ from a y rounded to the storage dtype cannot avoid
 //! ([`xhat_from_y_bound`], derived in `docs/numerics.md`). Where the reference is not finite,
 //! the backend must not be finite either (error 0 if so, ∞ if not); where it is finite, the
-//! backend must be finite. A zero scale demands an exact zero.
+//! backend must be finite. A zero scale demands an exact zero; a nonzero one counts as at least
+//! the dtype's smallest normal number, below which its spacing no longer shrinks.
 
 use layernorm::DType;
 
@@ -67,7 +68,9 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
 /// non-finite result; the correctly rounded reference (`dtype.round(want)`) is always right —
 /// so a reference that overflows the storage dtype demands that same infinity, and one below
 /// its smallest subnormal accepts the zero it rounds to; otherwise the result must be finite. A
-/// zero scale demands an exact match.
+/// zero scale demands an exact match. A nonzero scale counts as at least the dtype's smallest
+/// normal number (`DType::min_positive_normal`): below it the dtype's spacing is absolute (a subnormal
+/// step), and a tolerance relative to a smaller scale would ask for less than one step.
 pub fn rel_err(dtype: DType, got: f64, want: f64, scale: f64, allow: f64) -> f64 {
     if !want.is_finite() {
         return if got.is_finite() { f64::INFINITY } else { 0.0 };
@@ -89,7 +92,7 @@ pub fn rel_err(dtype: DType, got: f64, want: f64, scale: f64, allow: f64) -> f64
     if d == 0.0 {
         0.0
     } else if scale > 0.0 && scale.is_finite() {
-        d / scale
+        d / scale.max(dtype.min_positive_normal())
     } else {
         f64::INFINITY
     }
@@ -133,6 +136,17 @@ pub fn xhat_from_y_bound(dtype: DType, xhat: f64, beta: f64, gamma_eff: f64) -> 
 /// dγ_j receives Σ_rows |dy|·Δ (summed by the caller).
 pub fn dx_allowance_from_y(rstd: f64, c1: f64, big_c: f64, xhat: f64, delta: f64) -> f64 {
     rstd.abs() * (c1.abs() * delta + (xhat.abs() + delta) * big_c)
+}
+
+/// The relative error that storing `rstd` in `stats` (the statistics' dtype) adds beyond that
+/// dtype's unit roundoff: 0 for every normal rstd, and up to 2⁻¹⁴⁹/rstd for an `f32` rstd in the
+/// subnormal range (ε ≳ 10⁷⁶). A backward is fed the stored rstd, and dx inherits this error.
+pub fn stored_rstd_excess(stats: DType, rstd: f64) -> f64 {
+    if !rstd.is_finite() || rstd == 0.0 {
+        return 0.0;
+    }
+    let stored = stats.round(rstd);
+    ((stored - rstd).abs() / rstd - unit_roundoff(stats)).max(0.0)
 }
 
 /// Exactness of one tensor: 0 when every element equals the reference bit for bit as a value
@@ -210,6 +224,11 @@ mod tests {
         assert_eq!(rel_err(f, 0.0, 0.0, 0.0, 0.0), 0.0);
         assert_eq!(rel_err(f, 1e-300, 0.0, 0.0, 0.0), f64::INFINITY);
         assert_eq!(rel_err(f, 1.5, 1.0, 2.0, 0.0), 0.25);
+        // A scale in the subnormal range counts as the smallest normal: a one-step difference
+        // of subnormal f32 values is 2^-23 of it, not 1/3.
+        let step = 2f64.powi(-149);
+        assert_eq!(rel_err(f, 4.0 * step, 3.0 * step, 3.0 * step, 0.0), 2f64.powi(-23));
+        assert_eq!(f.min_positive_normal() * f.epsilon(), step);
         // 1e6 is past the f16 range: the correctly rounded answer is +inf.
         assert_eq!(rel_err(DType::F16, f64::INFINITY, 1e6, 1e6, 0.0), 0.0);
         assert_eq!(rel_err(DType::F16, 65504.0, 1e6, 1e6, 0.0), f64::INFINITY);
@@ -221,7 +240,9 @@ mod tests {
         // 1e-150 is below the smallest f32 subnormal: 0 is its correct rounding, even where the
         // scale is 1e-150 itself.
         assert_eq!(rel_err(DType::F32, 0.0, 1e-150, 1e-150, 0.0), 0.0);
-        assert_eq!(rel_err(DType::F32, 1e-45, 1e-150, 1e-150, 0.0), 1e-45 / 1e-150);
+        // One subnormal step off it is one step of the smallest normal's binade.
+        let f32_min = DType::F32.min_positive_normal();
+        assert_eq!(rel_err(DType::F32, 1e-45, 1e-150, 1e-150, 0.0), 1e-45 / f32_min);
         assert_eq!(rel_err(DType::F64, 0.0, 1e-150, 1e-150, 0.0), 1.0);
         assert_eq!(rel_err(DType::BF16, 1.0, 1.0 + 1e-3, 1e-9, 0.0), 0.0);
     }
@@ -271,6 +292,12 @@ mod tests {
         assert_eq!(tolerance(DType::BF16).dx, 2f64.powi(-7));
         assert_eq!(tolerance(DType::BF16).stats, 1e-6);
         assert_eq!(unit_roundoff(DType::BF16), 2f64.powi(-8));
+        // A normal rstd: nothing beyond the unit roundoff; a subnormal f32 one: its spacing.
+        assert_eq!(stored_rstd_excess(DType::F32, 1.0 / 3.0), 0.0);
+        assert_eq!(stored_rstd_excess(DType::F64, 1e-300 / 3.0), 0.0);
+        let tiny = 7.7e-41;
+        let excess = stored_rstd_excess(DType::F32, tiny);
+        assert!(excess > 0.0 && excess <= 2f64.powi(-150) / tiny, "{excess:e}");
     }
 
     #[test]

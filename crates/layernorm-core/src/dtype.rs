@@ -71,6 +71,16 @@ impl DType {
         }
     }
 
+    /// The smallest positive normal value of the storage type, as `f64`; the subnormals below
+    /// it are spaced by `min_positive_normal() · epsilon()`.
+    pub const fn min_positive_normal(self) -> f64 {
+        match self {
+            DType::F16 => 6.103515625e-5,                       // 2^-14
+            DType::BF16 | DType::F32 => 1.1754943508222875e-38, // 2^-126
+            DType::F64 => f64::MIN_POSITIVE,
+        }
+    }
+
     /// Rounds `v` to this dtype and widens it back (to nearest even).
     pub fn round(self, v: f64) -> f64 {
         match self {
@@ -440,6 +450,10 @@ mod tests {
         assert_eq!(DType::F64.epsilon(), f64::EPSILON);
         assert_eq!(DType::F16.epsilon(), f16::EPSILON.to_f64());
         assert_eq!(DType::BF16.epsilon(), bf16::EPSILON.to_f64());
+        assert_eq!(DType::F32.min_positive_normal(), f32::MIN_POSITIVE as f64);
+        assert_eq!(DType::F64.min_positive_normal(), f64::MIN_POSITIVE);
+        assert_eq!(DType::F16.min_positive_normal(), f16::MIN_POSITIVE.to_f64());
+        assert_eq!(DType::BF16.min_positive_normal(), bf16::MIN_POSITIVE.to_f64());
     }
 
     #[test]
