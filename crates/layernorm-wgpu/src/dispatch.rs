@@ -123,6 +123,31 @@ impl WgpuBackend {
         Ok(if m == 1.0 { (0.5, e + 1) } else { (m, e) })
     }
 
+    /// Whether this adapter's driver flushes f32 subnormals to zero: taken to be so on wgpu's GL
+    /// backend (Mesa's GL driver does; GLSL allows it), not on the others (lavapipe keeps them).
+    pub(crate) fn flushes_subnormals(&self) -> bool {
+        self.adapter_info().backend == wgpu::Backend::Gl
+    }
+
+    /// From ε = 2^252 to 2^300 every row's rstd = 1/√(var + ε) is an f32 subnormal (above 2^300
+    /// it rounds to 0, as the reference does in f32). An adapter that flushes subnormals would
+    /// save 0 for it, a wrong value, and scale a backward from y by it: [`Error::Unsupported`]
+    /// there, for every pass.
+    pub(crate) fn check_subnormal_rstd(&self, spec: &NormSpec) -> Result<()> {
+        let (lo, hi) = (2f64.powi(252), 2f64.powi(300));
+        if !self.flushes_subnormals() || spec.eps < lo || spec.eps >= hi {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            Self::NAME,
+            format!(
+                "use eps = {:e} on this adapter: from eps = 2^252 ({lo:e}) to 2^300 ({hi:e}) \
+                 rstd = 1/sqrt(var + eps) is an f32 subnormal, which its driver flushes to zero",
+                spec.eps
+            ),
+        ))
+    }
+
     /// A backward from x forms x̂ = (x − mean)·rstd from the rstd the forward saved in f32.
     /// rstd = 1/√(var + ε) ≤ 1/√ε: from ε = 2^252 it lies below f32's normal range for every
     /// row, where GPUs flush it and x̂ cannot be recovered: [`Error::Unsupported`], naming the

@@ -410,11 +410,14 @@ impl Backend for WgpuBackend {
         Self::NAME
     }
 
-    /// The kind and dtype, and the ε rule (`eps_parts` in `src/dispatch.rs`): an ε below the
-    /// smallest normal f32 is [`Error::Unsupported`] before anything is uploaded or allocated.
+    /// The kind and dtype, and the ε rule (`eps_parts` and `check_subnormal_rstd` in
+    /// `src/dispatch.rs`): an ε below the smallest normal f32, or on an adapter that flushes
+    /// subnormals one whose rstd is an f32 subnormal, is [`Error::Unsupported`] before anything
+    /// is uploaded or allocated.
     fn accepts(&self, spec: &NormSpec) -> Result<()> {
         self.supports(spec.kind, spec.dtype)?;
-        Self::eps_parts(spec).map(|_| ())
+        Self::eps_parts(spec)?;
+        self.check_subnormal_rstd(spec)
     }
 
     fn device(&self) -> DeviceInfo {
