@@ -240,7 +240,7 @@ pub(crate) const STAGE_BYTES: usize = 256 << 10;
 /// Rows per staged chunk of the forward (rows of `n` elements of `size` bytes): about
 /// [`STAGE_BYTES`], at least one row.
 fn stage_rows(n: usize, size: usize) -> usize {
-    (STAGE_BYTES / (n * size).max(1)).max(1)
+    (STAGE_BYTES / n.saturating_mul(size).max(1)).max(1)
 }
 
 /// Rows per staged chunk of the backward, in the accumulation type `A`: about [`STAGE_BYTES`],
@@ -361,7 +361,9 @@ fn residual_rows<T: CpuElement>(
 
 /// The rows whose rstd overflowed the accumulation type (+inf: var + ε below ~8.6e-78 with `f32`
 /// accumulation, so ε below that on a constant row), where the kernels' x̂ = (x − μ)·rstd would
-/// make 0·∞: normalized again in `f64` (`row::forward_exact_row`).
+/// make 0·∞, or lies below `f32`'s smallest normal (var + ε above 2^252), where that product
+/// keeps only some of rstd's bits: normalized again in `f64` (`row::forward_exact_row`). The
+/// saved statistics stay the kernels'.
 fn forward_exact_rows<T: CpuElement>(
     n: usize,
     spec: Spec,
@@ -373,7 +375,10 @@ fn forward_exact_rows<T: CpuElement>(
     let (gamma, beta) = params;
     let mut wide: Vec<f64> = Vec::new();
     for (r, &rs) in rstd.iter().enumerate() {
-        if rs.into() != f64::INFINITY {
+        let rs: f64 = rs.into();
+        // A NaN rstd (a poisoned row) is neither: the kernels carried it.
+        let exact = rs == f64::INFINITY || rs < f64::from(f32::MIN_POSITIVE);
+        if !exact {
             continue;
         }
         if wide.is_empty() {

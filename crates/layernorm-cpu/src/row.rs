@@ -1082,10 +1082,12 @@ pub(crate) fn back_apply<A: Real>(
 /// Whether a backward row's saved rstd is beyond what the distributed form of the second sweep
 /// (dx = rstd·g − rstd·c2 − x̂·rstd·c1) can evaluate in the accumulation type: above 2^63 its
 /// products overflow from |g| ≈ 2^65 on (`f32`), and +inf (ε below ~1e-77 on a constant row)
-/// would make 0·∞. Such rows are computed by [`back_exact_row`] instead.
+/// would make 0·∞; below `f32`'s smallest normal (ε or var + ε above 2^252) every product with
+/// it is a subnormal that keeps only some of its bits. Such rows are computed by
+/// [`back_exact_row`] instead. (A NaN rstd is neither: the kernels carry it.)
 #[inline(always)]
 pub(crate) fn needs_exact_row(rstd: f64) -> bool {
-    rstd > 9_223_372_036_854_775_808.0
+    rstd > 9_223_372_036_854_775_808.0 || rstd < f64::from(f32::MIN_POSITIVE)
 }
 
 /// x̂ = d·rstd with the convention of the f64 formula at a finite rstd: an exact 0 stays 0 (a

@@ -28,6 +28,10 @@ fn huge_problems_are_typed_errors_before_any_allocation() {
     let mut dx = [0f32; 0];
     let ok = cpu.backward_into::<f32>(&spec, &[], &[], None, &[], None, &mut dx, None, None);
     assert_eq!(ok, Ok(()));
+    // The same through the fused residual forward, which stages rows of n elements.
+    let none = Array2::<f32>::zeros((0, 1 << 62));
+    let out = cpu.forward_nd(Norm::rms_norm(), &none).residual(&none).run().unwrap();
+    assert_eq!(out.h.as_ref().map(|h| h.shape()), Some(&[0, 1 << 62][..]));
     // The n-d layer: a zero-size dim beside a huge one.
     let empty_rows = Array2::<f32>::zeros((0, 1 << 40));
     let out = cpu.forward_nd(Norm::rms_norm(), &empty_rows).run().unwrap();
@@ -287,4 +291,28 @@ fn rows_past_the_rstd_range_are_exact_when_the_call_runs_in_parallel() {
     }
     each::<f32>();
     each::<bf16>();
+}
+
+#[test]
+fn an_rstd_below_f32s_normal_range_keeps_every_bit_of_y() {
+    // var + ε above 2^252: rstd ≈ 2e-40 is an f32 subnormal, which keeps only some of its bits,
+    // while with |x| ≈ 1e30 every y ≈ 2e-10 is a normal number. Those rows are normalized in
+    // f64: every y within one f32 ulp of the reference's (a product with the subnormal rstd in
+    // f32 was off by up to ~1e-5).
+    let cpu = CpuBackend::new();
+    for kind in NormKind::ALL {
+        for n in [1usize, 3, 300] {
+            let x: Vec<f32> = normal(4 * n, 5).iter().map(|v| v * 1e30).collect();
+            let g = normal(n, 7);
+            let spec = NormSpec::new(kind, 4, n, DType::F32).with_eps(2e79).with_beta(false);
+            let f = forward(&cpu, &spec, &x, Some(&g), None).unwrap();
+            let r = reference::forward(&spec, &wide(&x), Some(&wide(&g)), None).unwrap();
+            assert!(f.rstd.iter().all(|&s| s > 0.0 && s < f32::MIN_POSITIVE), "{:?}", f.rstd);
+            for (j, (&got, &want)) in f.y.iter().zip(&r.y).enumerate() {
+                let ulp = f64::from(f32::EPSILON) * want.abs();
+                let d = (f64::from(got) - want).abs();
+                assert!(d <= ulp, "{kind} n={n} y[{j}]: {got:e} vs {want:e}");
+            }
+        }
+    }
 }
