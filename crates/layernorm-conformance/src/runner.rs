@@ -288,6 +288,21 @@ fn backward_measures(
     m
 }
 
+/// The reference's normalization dx as a backend can give it from the statistics it stored: in
+/// a row whose rstd the statistics' dtype cannot hold (a constant row at ε < 2⁻²⁵⁶ for `f32`
+/// statistics, rstd = 1/√ε), the backward is fed +inf, and every nonzero term of that row is
+/// ±inf (a non-finite reference, which demands a non-finite result); zeros stay exact. Applied
+/// before dh is added.
+fn stored_rstd_overflow(spec: &layernorm::NormSpec, rstd: &[f64], dx: &mut [f64]) {
+    let (stats, n) = (spec.stats_dtype(), spec.n);
+    let over = |r: f64| r.is_finite() && stats.round(r).is_infinite();
+    for (row, _) in rstd.iter().enumerate().filter(|&(_, &r)| over(r)) {
+        for v in dx.iter_mut().skip(row * n).take(n).filter(|v| **v != 0.0) {
+            *v = f64::INFINITY.copysign(*v);
+        }
+    }
+}
+
 /// [`elementwise`] of a backend's output against the reference, widened a block at a time
 /// rather than copied whole (rows of 2^24 elements are in the suite).
 fn compare(
@@ -551,6 +566,10 @@ impl Reference {
         } else {
             reference::backward(spec, xin, dy, mean.as_deref(), &rstd, g)
         };
+        let bwd = bwd.map(|mut r| {
+            stored_rstd_overflow(spec, &fwd.rstd, &mut r.dx);
+            r
+        });
         let bwd = match &dh {
             Some(dh) => bwd.and_then(|r| reference::add_dh(r, dh)),
             None => bwd,
