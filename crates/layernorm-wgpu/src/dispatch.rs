@@ -288,8 +288,9 @@ impl WgpuBackend {
     ) -> Result<()> {
         let (rows, n) = (spec.rows, spec.n);
         let es = spec.dtype.size() as u64;
-        let row_bytes = n as u64 * es;
-        let param_bytes = (row_bytes.div_ceil(4) * 4).max(16);
+        // Saturating: with no rows, n can be any size (no γ or β then).
+        let row_bytes = (n as u64).saturating_mul(es);
+        let param_bytes = row_bytes.div_ceil(4).saturating_mul(4).max(16);
         let mut enc = self.device.create_command_encoder(&Default::default());
         if rows == 0 {
             for b in [a.dgamma.as_deref(), a.dbeta.as_deref()].into_iter().flatten() {
