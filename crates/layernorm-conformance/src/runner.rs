@@ -241,7 +241,7 @@ fn forward_measures(
         m.push(Measure { output: "mean", error, tol: tol.stats });
     }
     let want = &rf.fwd.rstd;
-    let error = elementwise(acc, &fwd.rstd.to_f64_vec(), want, |r| want[r], |_| 0.0);
+    let error = elementwise(acc, &fwd.rstd.to_f64_vec(), want, |r| want[r], |r| rf.rstd_allow[r]);
     m.push(Measure { output: "rstd", error, tol: tol.stats });
     if let Some(clean) = clean {
         let (skip, n) = (case.poison_row(), case.n);
@@ -510,6 +510,8 @@ struct Reference {
     bwd: layernorm::Result<reference::RefBackward>,
     y_scale: Vec<f64>,
     y_allow: Vec<f64>,
+    /// Per row: the reference's own uncertainty carried into rstd.
+    rstd_allow: Vec<f64>,
     dx_scale: Vec<f64>,
     /// The reference's own uncertainty in dx, per row.
     dx_allow_row: Vec<f64>,
@@ -580,6 +582,7 @@ impl Reference {
         let beta_at = |j: usize| b.map_or(0.0, |b| b[j]);
         let mut y_scale = vec![0.0; rows];
         let mut y_allow = vec![0.0; rows];
+        let mut rstd_allow = vec![0.0; rows];
         let mut dx_scale = vec![0.0; rows];
         let mut dx_allow_row = vec![0.0; rows];
         let mut dx_allow_elem = from_y.then(|| vec![0.0; rows * n]);
@@ -619,6 +622,8 @@ impl Reference {
             // into each output: y through γ_e, dx through c1 and the largest |g|, dγ through dy.
             let delta_ref = ref_uncertainty(mu, rs, hi - lo);
             y_allow[r] = gamma_max * delta_ref;
+            // Centred values off by a common b add b² to the variance: rstd off by rstd·(b·rstd)²/2.
+            rstd_allow[r] = rs * delta_ref * delta_ref;
             dx_allow_row[r] = 2.0 * rs * delta_ref * (c1.abs() + gmax);
             // The backward is fed the stored rstd, whose rounding can exceed the dtype's unit
             // roundoff (subnormal): dx is scaled by it, and from x each x̂ too (so x̂·c1 twice).
@@ -651,6 +656,7 @@ impl Reference {
             bwd,
             y_scale,
             y_allow,
+            rstd_allow,
             dx_scale,
             dx_allow_row,
             dx_allow_elem,
