@@ -123,6 +123,7 @@ fn benches(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
+    println!("instruction set: {}", layernorm_cpu::instruction_set());
     let c = Criterion::default().configure_from_args();
     if quick() {
         c.warm_up_time(Duration::from_millis(300))

@@ -10,7 +10,9 @@
 //! rows `res-fwd`, `res-unfused`, `res-bwd`, `res-ybwd` of [`bench_residual`]; RMSNorm's with
 //! the prefix `rms-`); each row prints as one line
 //! `pair <group> <shape> <bytes> <kernel s>,<bar s> …` (seconds per call, one pair each), which
-//! `cargo xtask bench --paired` reads. `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21).
+//! `cargo xtask bench --paired` reads, after a line `isa <instruction set>`.
+//! `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21); the feature `max-avx2` runs the
+//! kernels and bars at AVX2 at most.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -292,6 +294,8 @@ fn main() {
     // Seconds per side of a pair: long enough to time, short enough that the machine holds
     // still across the pair.
     let target = if quick() { 0.01 } else { 0.05 };
+    // The instruction set the kernels and bars run (`cargo xtask bench --paired` prints it).
+    println!("isa {}", layernorm_cpu::instruction_set());
     for kind in NormKind::ALL {
         for threads in [1, 2] {
             bench_dtype::<f32>(kind, threads, &filters, pairs, target);

@@ -261,56 +261,53 @@ pub mod cpu {
         }
     }
 
-    // The baselines' loops are compiled for the widest vectors the machine has, as the kernels
-    // are (`multiversion`, dispatched at run time): built for the default x86-64 target they
-    // were 16-byte SSE loops, a bar the kernels' 32- and 64-byte vectors did not face.
-
-    /// `y = x ^ k`, bytewise.
-    #[multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2",
-        "x86_64+avx2",
-        "aarch64+neon"
-    ))]
-    fn xor_with(y: &mut [u8], x: &[u8], k: u8) {
-        for (o, &i) in y.iter_mut().zip(x) {
-            *o = i ^ k;
-        }
+    // The baselines' loops are compiled for the widest vectors the kernels run at (`multiversion`,
+    // dispatched at run time; AVX2 at most with the `max-avx2` feature, like the kernels): built
+    // for the default x86-64 target they were 16-byte SSE loops, a bar the kernels' 32- and
+    // 64-byte vectors did not face.
+    macro_rules! bar_loop {
+        ($($item:item)*) => {$(
+            #[cfg_attr(not(feature = "max-avx2"), multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
+                "x86_64+avx2+fma+f16c",
+                "aarch64+neon"
+            )))]
+            #[cfg_attr(feature = "max-avx2", multiversion(targets(
+                "x86_64+avx2+fma+f16c",
+                "aarch64+neon"
+            )))]
+            $item
+        )*};
     }
 
-    /// `out = x ^ z`, bytewise.
-    #[multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2",
-        "x86_64+avx2",
-        "aarch64+neon"
-    ))]
-    fn xor_into(out: &mut [u8], x: &[u8], z: &[u8]) {
-        for ((o, &x), &z) in out.iter_mut().zip(x).zip(z) {
-            *o = x ^ z;
+    bar_loop! {
+        /// `y = x ^ k`, bytewise.
+        fn xor_with(y: &mut [u8], x: &[u8], k: u8) {
+            for (o, &i) in y.iter_mut().zip(x) {
+                *o = i ^ k;
+            }
         }
-    }
 
-    /// `out = x ^ z ^ w`, bytewise.
-    #[multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx2",
-        "x86_64+avx2",
-        "aarch64+neon"
-    ))]
-    fn xor3_into(out: &mut [u8], x: &[u8], z: &[u8], w: &[u8]) {
-        for (((o, &x), &z), &w) in out.iter_mut().zip(x).zip(z).zip(w) {
-            *o = x ^ z ^ w;
+        /// `out = x ^ z`, bytewise.
+        fn xor_into(out: &mut [u8], x: &[u8], z: &[u8]) {
+            for ((o, &x), &z) in out.iter_mut().zip(x).zip(z) {
+                *o = x ^ z;
+            }
         }
-    }
 
-    /// `h = x + r` rounded once to `T`, elementwise (in the accumulation type; for 16-bit `T`
-    /// the sum of two widened values in `f32` rounds to the correctly rounded sum).
-    #[multiversion(targets(
-        "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-        "x86_64+avx2+fma+f16c",
-        "aarch64+neon"
-    ))]
-    fn add_chunk<T: CpuElement>(x: &[T], r: &[T], h: &mut [T]) {
-        for ((h, &x), &r) in h.iter_mut().zip(x).zip(r) {
-            *h = T::from_acc(T::to_acc(x) + T::to_acc(r));
+        /// `out = x ^ z ^ w`, bytewise.
+        fn xor3_into(out: &mut [u8], x: &[u8], z: &[u8], w: &[u8]) {
+            for (((o, &x), &z), &w) in out.iter_mut().zip(x).zip(z).zip(w) {
+                *o = x ^ z ^ w;
+            }
+        }
+
+        /// `h = x + r` rounded once to `T`, elementwise (in the accumulation type; for 16-bit
+        /// `T` the sum of two widened values in `f32` rounds to the correctly rounded sum).
+        fn add_chunk<T: CpuElement>(x: &[T], r: &[T], h: &mut [T]) {
+            for ((h, &x), &r) in h.iter_mut().zip(x).zip(r) {
+                *h = T::from_acc(T::to_acc(x) + T::to_acc(r));
+            }
         }
     }
 }

@@ -18,6 +18,10 @@
 //! forward), `res-bwd` and `res-ybwd` (its backward with dh, from h and from y), each against a
 //! baseline moving the same bytes, and `res-unfused`: the fused forward against `add` then the
 //! norm as two calls, whose "fraction" is therefore how many times faster the fused call is.
+//!
+//! `--avx2` (CPU) builds the bench with the feature `max-avx2`: the kernels and the bars run at
+//! AVX2 at most, so the AVX2 path is measured on an AVX-512 machine. The table names the
+//! instruction set the kernels ran.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,12 +85,13 @@ fn summarize(rounds: Vec<Vec<Summary>>) -> Vec<Summary> {
 pub fn run(args: &[String]) -> Result<bool, String> {
     let (mut bench, mut json_out, mut filter, mut rounds) =
         ("cpu".to_string(), None, Vec::new(), 1usize);
-    let mut paired = false;
+    let (mut paired, mut avx2) = (false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bench" => bench = it.next().ok_or("--bench needs a name")?.clone(),
             "--paired" => paired = true,
+            "--avx2" => avx2 = true,
             "--json" => json_out = Some(PathBuf::from(it.next().ok_or("--json needs a path")?)),
             "--rounds" => {
                 let k = it.next().ok_or("--rounds needs a count")?;
@@ -98,6 +103,10 @@ pub fn run(args: &[String]) -> Result<bool, String> {
     if paired && bench != "cpu" {
         return Err("--paired measures the CPU backend only".into());
     }
+    if avx2 && bench != "cpu" {
+        return Err("--avx2 applies to the CPU backend only".into());
+    }
+    let mut isa = None;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
     let mut results = Vec::new();
@@ -111,7 +120,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         cargo
             .current_dir(root)
             .env("LAYERNORM_BENCH_QUICK", "1")
-            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", name, "--"])
+            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", name])
+            .args(if avx2 { &["--features", "max-avx2"][..] } else { &[] })
+            .arg("--")
             .args(&filter);
         if paired {
             // The paired bench prints its measurements; criterion's go to target/criterion.
@@ -122,7 +133,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
             if !out.status.success() {
                 return Ok(false);
             }
-            let rows = parse_pairs(&String::from_utf8_lossy(&out.stdout));
+            let text = String::from_utf8_lossy(&out.stdout);
+            isa = text.lines().find_map(|l| l.strip_prefix("isa ")).map(str::to_string);
+            let rows = parse_pairs(&text);
             if rows.is_empty() {
                 return Err("the paired bench measured nothing (check the filter)".into());
             }
@@ -136,6 +149,9 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         results.push(collect(&target.join("criterion"), start)?);
     }
     let rows = summarize(results);
+    if let Some(isa) = &isa {
+        println!("instruction set: {isa}{}", if avx2 { " (--avx2)" } else { "" });
+    }
     print_table(&rows);
     if let Some(p) = json_out {
         let v: Vec<Value> = rows
@@ -144,6 +160,7 @@ pub fn run(args: &[String]) -> Result<bool, String> {
                 let [backend, pass, dtype, threads, shape] = &r.key;
                 let (kind, pass) = split_kind(pass);
                 json!({
+                    "isa": isa,
                     "backend": backend, "kind": kind, "pass": pass, "dtype": dtype,
                     "threads": threads,
                     "shape": shape, "bytes": r.bytes, "rounds": r.rounds.len(),

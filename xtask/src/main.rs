@@ -1,7 +1,7 @@
 //! `cargo xtask <command>`: the project's automation, as plain Rust.
 //!
 //! - `conformance [--backend NAME]… [--require NAME]…` — run the cross-backend suite.
-//! - `bench [--bench cpu|wgpu|cuda] [--paired] [--rounds K] [--json PATH] [FILTER]` — quick
+//! - `bench [--bench cpu|wgpu|cuda] [--paired] [--avx2] [--rounds K] [--json PATH] [FILTER]` — quick
 //!   criterion run (or the CPU's paired measurement), GB/s table.
 //! - `cuda-check [--arch sm_XX]… [--require-ptxas]` — NVRTC + ptxas check of every CUDA kernel.
 //! - `tidy` — check the codebase itself (runs as a test).
@@ -52,11 +52,13 @@ commands:
       Compile every CUDA kernel x dtype x strategy with NVRTC (sm_80 and sm_90 by default),
       assemble with ptxas -v and print registers, shared memory, stack and spills per kernel.
       Fails on a compile error, any spill or stack use. Needs NVRTC (and ptxas) installed.
-  bench [--bench cpu|wgpu|cuda] [--paired] [--rounds K] [--json PATH] [FILTER]
+  bench [--bench cpu|wgpu|cuda] [--paired] [--avx2] [--rounds K] [--json PATH] [FILTER]
       Run a criterion bench with short measurement times and print, per shape, pass, dtype and
       thread count, LayerNorm's GB/s and its fraction of a same-bytes baseline from the same run.
       With --rounds K the bench runs K times; each round's fraction is against that round's own
       baseline, and the table gives the median (and every round's fraction).
       With --paired (CPU) LayerNorm and its baselines are instead timed alternately, ~10 ms
       each, in 21 pairs (LAYERNORM_BENCH_PAIRS); the table gives the median of the pairs'
-      fractions and their middle half: the estimate to trust on a machine whose speed drifts.";
+      fractions and their middle half: the estimate to trust on a machine whose speed drifts.
+      With --avx2 (CPU) the kernels and baselines run at AVX2 at most (feature max-avx2), so
+      the AVX2 path is measured on an AVX-512 machine; the table names the instruction set.";

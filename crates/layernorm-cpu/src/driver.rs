@@ -537,7 +537,7 @@ pub(crate) fn backward<T: CpuElement>(
         acc.fill(0.0);
         // Compiled for the machine's instruction set (the loop converts and adds across
         // columns, so every column still sums its blocks in block order).
-        pulp::Arch::new().dispatch(|| {
+        crate::isa::dispatch(|| {
             for p in partials.chunks_exact(width) {
                 for (a, &v) in acc.iter_mut().zip(&p[offset..offset + n]) {
                     *a += v.into();

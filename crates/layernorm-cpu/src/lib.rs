@@ -36,6 +36,7 @@
 mod columns;
 mod driver;
 mod element;
+mod isa;
 mod reduce;
 mod row;
 mod simd;
@@ -52,6 +53,7 @@ use layernorm_core::{
 
 pub use driver::ROW_BLOCK;
 pub use element::CpuElement;
+pub use isa::instruction_set;
 
 /// The CPU backend. Cheap to create and to clone.
 #[derive(Clone, Debug, Default)]

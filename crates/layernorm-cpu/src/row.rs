@@ -40,7 +40,7 @@
 // Index loops over lanes are the shape the vectorizer wants here.
 #![allow(clippy::needless_range_loop)]
 
-use multiversion::multiversion;
+use crate::isa::multiversioned;
 use num_traits::Float;
 
 use crate::driver::Out;
@@ -495,19 +495,7 @@ fn fold<A: Real>(mut v: [A; LANES]) -> A {
     v[0]
 }
 
-/// The multiversion targets of the reduction sweeps (the same as `simd.rs`).
-macro_rules! reduction {
-    ($item:item) => {
-        #[multiversion(targets(
-            "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-            "x86_64+avx2+fma+f16c",
-            "aarch64+neon"
-        ))]
-        $item
-    };
-}
-
-reduction! {
+multiversioned! {
 /// (Σe, Σe²) with e = (x − m)·s − ml: the residual sweep of the forward, portable version (used
 /// for `f64`; `f32` uses the explicit SIMD of `reduce/`). A function of its own, multiversioned,
 /// so that it is compiled with the target features rather than inlined into the large row code.
@@ -843,7 +831,7 @@ pub(crate) fn normalize<A: Real>(
     }
 }
 
-reduction! {
+multiversioned! {
 /// The backward's reduction sweep: (Σd, Σg, Σg·d) with d = (x − m)·s, g = dy·γ. Multiversioned
 /// on its own, like [`residual_sums`].
 fn backward_sums<A: Real>(x: &[A], dy: &[A], gamma: Option<&[A]>, m: A, sa: A) -> [f64; 3] {

@@ -5,13 +5,14 @@
 //! NEON and a baseline, choosing one at run time from the CPU's features (detected once and
 //! cached). Nothing else in the crate mentions an instruction set.
 
-use multiversion::multiversion;
+use crate::isa::multiversioned;
 use num_traits::{One, Zero};
 
 use crate::driver::Out;
 use crate::element::CpuElement;
 use crate::row::{self, Real};
 
+multiversioned! {
 /// Forward over consecutive rows: `x`/`y` hold `mean.len()` rows of `n`.
 ///
 /// Rows are software-pipelined: where the accumulation type has a fused kernel (`f32`, N ≥
@@ -19,11 +20,6 @@ use crate::row::{self, Real};
 /// 16-bit rows go to their register-converting kernels (`Convert::forward_converted`); the
 /// scratch path below (rows widened one at a time into two rotating scratch rows) serves a 16-bit
 /// type without them, and the tests, as the reference those kernels match bit for bit.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-    "x86_64+avx2+fma+f16c",
-    "aarch64+neon"
-))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_rows<T: CpuElement>(
     n: usize,
@@ -60,6 +56,7 @@ pub(crate) fn forward_rows<T: CpuElement>(
     if stream {
         crate::reduce::stream_fence();
     }
+}
 }
 
 /// [`forward_rows`] for long rows already in the accumulation type, by the type's one-dispatch
@@ -367,15 +364,11 @@ fn widen_into<T: CpuElement>(row: &[T], scratch: &mut Vec<T::Acc>) {
     }
 }
 
+multiversioned! {
 /// Backward over one block of consecutive rows, adding into the block's dγ/dβ partials.
 ///
 /// Pipelined like [`forward_rows`]: row r's dx sweep runs fused with row r+1's reduction sweep
 /// where the type has the kernel; 16-bit rows of x and dy are widened into rotating scratch rows.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-    "x86_64+avx2+fma+f16c",
-    "aarch64+neon"
-))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_rows<T: CpuElement>(
     kind: row::Kind,
@@ -469,6 +462,7 @@ pub(crate) fn backward_rows<T: CpuElement>(
             T::narrow(&dxb, &mut dx[span(r)]);
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! Written once, generically, in loops the compiler vectorizes, and compiled per instruction
 //! set here (`multiversion`), like `simd.rs`.
 
-use multiversion::multiversion;
+use crate::isa::multiversioned;
 use num_traits::{One, Zero};
 
 use crate::element::CpuElement;
@@ -27,13 +27,9 @@ use crate::row::Real;
 /// Elements per piece of a 16-bit row widened on the stack.
 const PIECE: usize = 256;
 
+multiversioned! {
 /// h = x + residual, rounded once to `T` (see the module docs); with `residual` absent, `h`
 /// holds the residual on entry (in place).
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-    "x86_64+avx2+fma+f16c",
-    "aarch64+neon"
-))]
 pub(crate) fn add<T: CpuElement>(x: &[T], residual: Option<&[T]>, h: &mut [T]) {
     let len = x.len().min(h.len());
     let (x, h) = (&x[..len], &mut h[..len]);
@@ -69,6 +65,7 @@ pub(crate) fn add<T: CpuElement>(x: &[T], residual: Option<&[T]>, h: &mut [T]) {
         T::narrow(a, &mut h[start..end]);
     }
 }
+}
 
 /// How [`recover`] divides by γ_eff: by multiplying with its reciprocal (`inverse` holds
 /// 1/γ_eff), or, where some column's γ_eff or reciprocal is outside the accumulation type's
@@ -97,13 +94,9 @@ pub(crate) fn gamma_of<'a, A: Real>(
     Ok(Gamma { values: gamma, divide: true })
 }
 
+multiversioned! {
 /// x̂ of `y`'s rows of `n` into `out` (same length), in the accumulation type: (y − β)·(1/γ_eff)
 /// (β = 0 where absent; γ_eff = 1 where there is no γ). See [`Gamma`].
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-    "x86_64+avx2+fma+f16c",
-    "aarch64+neon"
-))]
 pub(crate) fn recover<T: CpuElement>(
     n: usize,
     y: &[T],
@@ -129,6 +122,7 @@ pub(crate) fn recover<T: CpuElement>(
         }
     }
 }
+}
 
 /// One row of [`recover`], in place: `B` β present, `G` γ present, `D` divide by γ.
 #[inline(always)]
@@ -147,17 +141,13 @@ fn xhat<A: Real, const B: bool, const G: bool, const D: bool>(row: &mut [A], b: 
     }
 }
 
+multiversioned! {
 /// dx of rows of `n` from the kernels' `dxk` (in the accumulation type): per row r,
 /// s·dxk + dh in one fused multiply-add, s = `scale[r]` (1 where absent), dh = 0 where absent,
 /// rounded once to `T`, written to `dx` in the same pass (or, with `stream` where the type
 /// streams, formed in `dxk` and streamed out: [`copy_out`]). Where s is infinite (the rstd of a
 /// row whose variance and ε both vanish in the accumulation type) an exact 0 of dxk stays 0, as
 /// in the kernels' exact rows.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma+f16c",
-    "x86_64+avx2+fma+f16c",
-    "aarch64+neon"
-))]
 pub(crate) fn finish<T: CpuElement>(
     n: usize,
     dxk: &mut [T::Acc],
@@ -206,6 +196,7 @@ pub(crate) fn finish<T: CpuElement>(
     if direct && stream {
         copy_out(dxk, dx, true);
     }
+}
 }
 
 /// `h` in pieces of `len` (or `None`s, as many as needed).

@@ -1,7 +1,7 @@
 //! The backward kernels: the reduction sweep, the pipelined long-row sweeps (one row, and pairs of
 //! rows), the short-row groups.
 
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 
 use super::steps::*;
 use super::store::*;
@@ -260,7 +260,7 @@ pub(crate) fn back_short_blocks(
     epi: Epilogue<'_, f32>,
 ) {
     let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi };
-    Arch::new().dispatch(op)
+    crate::isa::dispatch(op)
 }
 
 /// One column chunk of the column-chunked backward (`crate::columns`): for every 32-row block,
@@ -354,7 +354,7 @@ pub(crate) fn back_column_chunk<'b>(
     (dgamma, dbeta): (Option<&'b mut [f32]>, Option<&'b mut [f32]>),
 ) {
     let op = ColumnChunk { scratch, n, cols, x, dy, gamma, params, dx, dgamma, dbeta };
-    Arch::new().dispatch(op)
+    crate::isa::dispatch(op)
 }
 
 /// The backward sums of K rows side by side: per row exactly [`backward_in`] (same operations,
@@ -573,7 +573,7 @@ pub(crate) fn back_rows(
     let after = (&[][..], &[][..]);
     let epi = Epilogue::default();
     let op = BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi };
-    Arch::new().dispatch(op)
+    crate::isa::dispatch(op)
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -589,7 +589,7 @@ pub(crate) fn fused_backward(
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
 ) -> [f64; 3] {
-    Arch::new().dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
+    crate::isa::dispatch(FusedBackward { next, x, dy, gamma, p: *p, dx, dgamma, dbeta })
 }
 
 /// Backward of consecutive blocks of long rows (`f32`, in place), K rows per sweep (one; see
@@ -911,7 +911,7 @@ pub(crate) fn back_long(
     epi: Epilogue<'_, f32>,
 ) {
     let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi };
-    Arch::new().dispatch(op)
+    crate::isa::dispatch(op)
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
@@ -922,7 +922,7 @@ pub(crate) fn backward_sums(
     m: f32,
     s: f32,
 ) -> [f64; 3] {
-    Arch::new().dispatch(Backward { x, dy, gamma, m, s })
+    crate::isa::dispatch(Backward { x, dy, gamma, m, s })
 }
 
 #[cfg(test)]

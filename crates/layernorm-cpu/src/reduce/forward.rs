@@ -1,6 +1,6 @@
 //! The forward kernels: the residual sums, the pipelined long-row sweep, the short-row groups.
 
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 
 use super::steps::*;
 use super::store::*;
@@ -326,7 +326,7 @@ pub(crate) fn long(
     rstd: &mut [f32],
     out: Out,
 ) {
-    Arch::new().dispatch(Long { n, spec, x, gamma, beta, y, mean, rstd, out })
+    crate::isa::dispatch(Long { n, spec, x, gamma, beta, y, mean, rstd, out })
 }
 
 /// Normalizes `cur` into `y` with the statistics (m_hi, m_lo, r) while summing `next`'s residuals
@@ -342,7 +342,7 @@ pub(crate) fn fused(
     y: &mut [f32],
     stream: bool,
 ) -> [f64; 2] {
-    Arch::new().dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream })
+    crate::isa::dispatch(Fused { next, m_next, cur, m_hi, m_lo, r, gamma, beta, y, stream })
 }
 
 struct Shift<'a>(&'a [f32]);
@@ -357,12 +357,12 @@ impl WithSimd for Shift<'_> {
 
 /// The forward's shift of one row (see [`shift_in`]).
 pub(crate) fn shift(x: &[f32]) -> f32 {
-    Arch::new().dispatch(Shift(x))
+    crate::isa::dispatch(Shift(x))
 }
 
 /// (Σe, Σe²) with e = (x − m)·s − ml, in `f32` lanes, blocks in `f64`.
 pub(crate) fn centered(x: &[f32], m: f32, s: f32, ml: f32) -> [f64; 2] {
-    Arch::new().dispatch(Centered { x, m, s, ml })
+    crate::isa::dispatch(Centered { x, m, s, ml })
 }
 
 /// Forward of consecutive short rows in one dispatch, in groups of up to [`GROUP_ROWS`] rows: the
@@ -545,7 +545,7 @@ pub(crate) fn rows(
     rstd: &mut [f32],
     out: Out,
 ) {
-    Arch::new().dispatch(Rows { n, spec, x, gamma, beta, y, mean, rstd, out })
+    crate::isa::dispatch(Rows { n, spec, x, gamma, beta, y, mean, rstd, out })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! zero, where `half` rounds them.
 
 use layernorm_core::{bf16, f16};
-use pulp::{Arch, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 
 use super::backward::Partials;
 use super::forward::Group;
@@ -126,7 +126,7 @@ impl Half for bf16 {
         store_bf16(simd, dst, v)
     }
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
-        Arch::new().dispatch(op)
+        crate::isa::dispatch(op)
     }
 }
 
@@ -201,8 +201,9 @@ impl Half for f16 {
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
         #[cfg(target_arch = "x86_64")]
         {
-            use pulp::x86::{V3, V4};
-            if let Some(simd) = V4::try_new() {
+            use pulp::x86::V3;
+            #[cfg(not(feature = "max-avx2"))]
+            if let Some(simd) = pulp::x86::V4::try_new() {
                 return Simd::vectorize(simd, op);
             }
             if let Some(simd) = V3::try_new()
@@ -219,7 +220,7 @@ impl Half for f16 {
             Simd::vectorize(pulp::Scalar::new(), op)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Arch::new().dispatch(op)
+        crate::isa::dispatch(op)
     }
 }
 

@@ -165,7 +165,7 @@ pub(crate) fn stream_copy(src: &[f32], dst: &mut [f32]) {
             Flush::new::<S>(dst, 0..len).finish(simd, src, dst);
         }
     }
-    pulp::Arch::new().dispatch(Copy(src, dst))
+    crate::isa::dispatch(Copy(src, dst))
 }
 
 /// A staging buffer for `len` elements of output, and the offset of its first 64-byte-aligned
