@@ -1,10 +1,11 @@
 //! The cross-backend conformance suite of layernorm, as a library.
 //!
 //! - **Cases are data**: `cases.toml` ([`mod@cases`]), compiled in.
-//! - **One generic runner** ([`run_backend`]) applies every case, for both kinds (LayerNorm,
+//! - **One generic runner** ([`run_backends`]) applies every case, for both kinds (LayerNorm,
 //!   RMSNorm) and in every dtype the backend supports, forward and backward — with the variants
 //!   each case names: a γ offset, a fused residual (added or in place), the backward from x or
-//!   from y, dh, a poisoned tensor — to any `dyn HostNormalize`, against the f64 reference.
+//!   from y, dh, a poisoned tensor — to any `dyn HostNormalize`, against the f64 reference,
+//!   made once per case for all the backends it runs.
 //! - **One comparison rule, one tolerance table, and allowances derived from the inputs**
 //!   ([`metric`]), documented in `docs/conformance.md` and `docs/numerics.md`.
 //! - **A backend made of the reference** ([`Oracle`]): the suite's own check that its
@@ -25,8 +26,8 @@ pub use cases::{
 };
 pub use oracle::Oracle;
 pub use runner::{
-    Measure, Outcome, Pass, Status, Summary, render_report, render_table, run_backend, run_case,
-    snapshot_name, summary_by_kind,
+    Measure, Outcome, Pass, Status, Summary, render_report, render_table, run_backend,
+    run_backends, run_case, snapshot_name, summary_by_kind,
 };
 
 use layernorm::{BackendEntry, DType, Error, HostNormalize, NormKind};
@@ -51,18 +52,27 @@ pub enum BackendRun {
     },
 }
 
-/// Creates each registry entry and runs it on `cases` for every kind in every dtype.
+/// Creates each registry entry and runs the available ones on `cases` for every kind in every
+/// dtype, together ([`run_backends`]: each case's inputs and reference made once).
 pub fn run_entries(entries: &[BackendEntry], cases: &[Case]) -> Vec<BackendRun> {
-    entries
-        .iter()
-        .map(|e| match e.create() {
-            Err(error) => BackendRun::Unavailable { name: e.name, error },
-            Ok(b) => {
-                let b: &dyn HostNormalize = b.as_ref();
-                let device = b.device().name;
-                let outcomes = run_backend(b, cases, &NormKind::ALL, &DType::ALL);
-                BackendRun::Ran { name: e.name, device, outcomes }
-            }
+    let created: Vec<_> = entries.iter().map(|e| (e.name, e.create())).collect();
+    let ran: Vec<&dyn HostNormalize> =
+        created.iter().filter_map(|(_, b)| b.as_ref().ok()).map(|b| b.as_ref()).collect();
+    let mut outcomes = if ran.is_empty() {
+        Vec::new()
+    } else {
+        run_backends(&ran, cases, &NormKind::ALL, &DType::ALL)
+    }
+    .into_iter();
+    created
+        .into_iter()
+        .map(|(name, b)| match b {
+            Err(error) => BackendRun::Unavailable { name, error },
+            Ok(b) => BackendRun::Ran {
+                name,
+                device: b.device().name,
+                outcomes: outcomes.next().expect("one list of outcomes per backend run"),
+            },
         })
         .collect()
 }

@@ -130,18 +130,48 @@ fn status_of(e: &Error) -> Status {
     }
 }
 
-/// Runs every case for every kind in every dtype (that the case applies to) on one backend.
+/// Runs every case for each of `kinds` in each of `dtypes` on `backend` (see [`run_backends`]).
 pub fn run_backend(
     backend: &dyn HostNormalize,
     cases: &[Case],
     kinds: &[NormKind],
     dtypes: &[DType],
 ) -> Vec<Outcome> {
-    let mut out = Vec::new();
+    run_backends(&[backend], cases, kinds, dtypes).remove(0)
+}
+
+/// Runs every case for each of `kinds` in each of `dtypes` on every backend of `backends`: the
+/// outcomes of each backend, in case order. Each case's inputs and reference are computed once
+/// and judged against every backend, the backends on threads of their own (a device backend's
+/// time is mostly its driver's).
+pub fn run_backends(
+    backends: &[&dyn HostNormalize],
+    cases: &[Case],
+    kinds: &[NormKind],
+    dtypes: &[DType],
+) -> Vec<Vec<Outcome>> {
+    let mut out = vec![Vec::new(); backends.len()];
     for &kind in kinds {
         for &dtype in dtypes {
             for case in cases.iter().filter(|c| c.applies_to(dtype) && c.applies_to_kind(kind)) {
-                out.extend(run_case(backend, case, kind, dtype));
+                let fixture = Fixture::new(case, kind, dtype);
+                let judged: Vec<[Outcome; 2]> = std::thread::scope(|s| {
+                    let (first, rest) = backends.split_first().expect("at least one backend");
+                    let others: Vec<_> = rest
+                        .iter()
+                        .map(|&b| {
+                            let fixture = &fixture;
+                            s.spawn(move || fixture.judge(b))
+                        })
+                        .collect();
+                    let mut judged = vec![fixture.judge(*first)];
+                    judged
+                        .extend(others.into_iter().map(|h| h.join().expect("a backend panicked")));
+                    judged
+                });
+                for (o, j) in out.iter_mut().zip(judged) {
+                    o.extend(j);
+                }
             }
         }
     }
@@ -159,64 +189,101 @@ pub fn run_case(
     kind: NormKind,
     dtype: DType,
 ) -> [Outcome; 2] {
-    let outcome = |pass, status, measures| Outcome {
-        backend: backend.name().to_string(),
-        kind,
-        dtype,
-        case: case.name.clone(),
-        pass,
-        status,
-        measures,
-    };
-    if let Err(e) = backend.supports(kind, dtype) {
-        return [
-            outcome(Pass::Forward, status_of(&e), vec![]),
-            outcome(Pass::Backward, status_of(&e), vec![]),
-        ];
+    Fixture::new(case, kind, dtype).judge(backend)
+}
+
+/// One case in one kind and dtype, made once for every backend that runs it: the inputs and the
+/// reference, and for a poisoned case the same without its poison. Made lazily, so that a case no
+/// backend supports costs nothing.
+struct Fixture<'c> {
+    case: &'c Case,
+    kind: NormKind,
+    dtype: DType,
+    made: std::sync::OnceLock<Made>,
+}
+
+struct Made {
+    inp: Inputs,
+    rf: Reference,
+    clean: Option<(Case, Inputs, Reference)>,
+}
+
+impl<'c> Fixture<'c> {
+    fn new(case: &'c Case, kind: NormKind, dtype: DType) -> Self {
+        Fixture { case, kind, dtype, made: std::sync::OnceLock::new() }
     }
-    let inp = case.inputs(kind, dtype);
-    let rf = Reference::new(case, &inp);
-    let run = Run::go(backend, case, &inp, &rf);
-    let clean = case.poison.is_some().then(|| {
-        let c = case.without_poison();
-        let i = c.inputs(kind, dtype);
-        Run::go(backend, &c, &i, &Reference::new(&c, &i))
-    });
-    let clean = clean.as_ref();
-    let f = match &run.fwd {
-        Err(e) => outcome(Pass::Forward, status_of(e), vec![]),
-        Ok(fwd) => {
-            let m =
-                forward_measures(case, dtype, fwd, &rf, clean.and_then(|c| c.fwd.as_ref().ok()));
-            outcome(Pass::Forward, verdict(&m), m)
+
+    fn made(&self) -> &Made {
+        self.made.get_or_init(|| {
+            let (case, kind, dtype) = (self.case, self.kind, self.dtype);
+            let inp = case.inputs(kind, dtype);
+            let rf = Reference::new(case, &inp);
+            let clean = case.poison.is_some().then(|| {
+                let c = case.without_poison();
+                let i = c.inputs(kind, dtype);
+                let r = Reference::new(&c, &i);
+                (c, i, r)
+            });
+            Made { inp, rf, clean }
+        })
+    }
+
+    fn judge(&self, backend: &dyn HostNormalize) -> [Outcome; 2] {
+        let (case, kind, dtype) = (self.case, self.kind, self.dtype);
+        let outcome = |pass, status, measures| Outcome {
+            backend: backend.name().to_string(),
+            kind,
+            dtype,
+            case: case.name.clone(),
+            pass,
+            status,
+            measures,
+        };
+        if let Err(e) = backend.supports(kind, dtype) {
+            return [
+                outcome(Pass::Forward, status_of(&e), vec![]),
+                outcome(Pass::Backward, status_of(&e), vec![]),
+            ];
         }
-    };
-    let b = match (&run.bwd, &rf.bwd) {
-        (None, _) => outcome(Pass::Backward, Status::Skipped("forward failed".into()), vec![]),
-        (Some(Err(e)), _) if unsupported(e) => outcome(Pass::Backward, status_of(e), vec![]),
-        (Some(got), Err(want)) => {
-            // The reference refuses (a singular γ): so must the backend, before writing.
-            let refused = matches!(got, Err(e) if e.class() == want.class());
-            let check = |output, ok: bool| Measure {
-                output,
-                error: if ok { 0.0 } else { f64::INFINITY },
-                tol: 0.0,
-            };
-            let m = vec![check("refused", refused), check("untouched", run.bwd_untouched)];
-            let status = match refused && run.bwd_untouched {
-                true => Status::Refused(want.class()),
-                false => Status::Fail,
-            };
-            outcome(Pass::Backward, status, m)
-        }
-        (Some(Err(e)), Ok(_)) => outcome(Pass::Backward, status_of(e), vec![]),
-        (Some(Ok(got)), Ok(want)) => {
-            let clean = clean.and_then(|c| c.bwd.as_ref()).and_then(|b| b.as_ref().ok());
-            let m = backward_measures(case, dtype, got, want, &rf, clean);
-            outcome(Pass::Backward, verdict(&m), m)
-        }
-    };
-    [f, b]
+        let Made { inp, rf, clean } = self.made();
+        let run = Run::go(backend, case, inp, rf);
+        let clean = clean.as_ref().map(|(c, i, r)| Run::go(backend, c, i, r));
+        let clean = clean.as_ref();
+        let f = match &run.fwd {
+            Err(e) => outcome(Pass::Forward, status_of(e), vec![]),
+            Ok(fwd) => {
+                let c = clean.and_then(|c| c.fwd.as_ref().ok());
+                let m = forward_measures(case, dtype, fwd, rf, c);
+                outcome(Pass::Forward, verdict(&m), m)
+            }
+        };
+        let b = match (&run.bwd, &rf.bwd) {
+            (None, _) => outcome(Pass::Backward, Status::Skipped("forward failed".into()), vec![]),
+            (Some(Err(e)), _) if unsupported(e) => outcome(Pass::Backward, status_of(e), vec![]),
+            (Some(got), Err(want)) => {
+                // The reference refuses (a singular γ): so must the backend, before writing.
+                let refused = matches!(got, Err(e) if e.class() == want.class());
+                let check = |output, ok: bool| Measure {
+                    output,
+                    error: if ok { 0.0 } else { f64::INFINITY },
+                    tol: 0.0,
+                };
+                let m = vec![check("refused", refused), check("untouched", run.bwd_untouched)];
+                let status = match refused && run.bwd_untouched {
+                    true => Status::Refused(want.class()),
+                    false => Status::Fail,
+                };
+                outcome(Pass::Backward, status, m)
+            }
+            (Some(Err(e)), Ok(_)) => outcome(Pass::Backward, status_of(e), vec![]),
+            (Some(Ok(got)), Ok(want)) => {
+                let clean = clean.and_then(|c| c.bwd.as_ref()).and_then(|b| b.as_ref().ok());
+                let m = backward_measures(case, dtype, got, want, rf, clean);
+                outcome(Pass::Backward, verdict(&m), m)
+            }
+        };
+        [f, b]
+    }
 }
 
 /// The forward's measures: h (exact), y, mean, rstd, and the containment of a poison (`clean`:
