@@ -11,7 +11,8 @@
 //! the prefix `rms-`); each row prints as one line
 //! `pair <group> <shape> <bytes> <kernel s>,<bar s> …` (seconds per call, one pair each), which
 //! `cargo xtask bench --paired` reads, after a line `isa <instruction set>`.
-//! `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21); the feature `max-avx2` runs the
+//! `LAYERNORM_BENCH_PAIRS` sets the pair count (default 21), `LAYERNORM_BENCH_STORES` the
+//! kernels' store kind (`auto`, `cached`, `streaming`); the feature `max-avx2` runs the
 //! kernels and bars at AVX2 at most.
 
 use std::cell::RefCell;
@@ -25,7 +26,7 @@ use layernorm_benches::cpu::{
 };
 use layernorm_benches::{SHAPES, data, pass, problem, quick};
 use layernorm_core::{BackwardArgs, Element, ForwardArgs, NormKind, Residual};
-use layernorm_cpu::{CpuBackend, CpuElement};
+use layernorm_cpu::{CpuBackend, CpuElement, Stores};
 
 /// Seconds per call of `f`, timed over `calls` calls after one untimed call: the first call
 /// after the other side of a pair pays for the caches that side left (dirty lines of the shared
@@ -81,6 +82,18 @@ fn report(group: &str, shape: &str, bytes: usize, pairs: &[(f64, f64)]) {
     println!("pair {group} {shape} {bytes} {}", p.join(" "));
 }
 
+/// The CPU backend on `pool`, with the store kind `LAYERNORM_BENCH_STORES` names (`auto`, the
+/// default; `cached`; `streaming`): a measurement knob for the `Stores` threshold.
+fn backend(pool: &Arc<rayon::ThreadPool>) -> CpuBackend {
+    let stores = match std::env::var("LAYERNORM_BENCH_STORES").as_deref() {
+        Ok("cached") => Stores::Cached,
+        Ok("streaming") => Stores::Streaming,
+        Ok("auto") | Err(_) => Stores::Auto,
+        Ok(other) => panic!("LAYERNORM_BENCH_STORES: `{other}` is not auto, cached or streaming"),
+    };
+    CpuBackend::with_pool(pool.clone()).with_stores(stores)
+}
+
 fn bench_dtype<T: CpuElement>(
     kind: NormKind,
     threads: usize,
@@ -89,7 +102,7 @@ fn bench_dtype<T: CpuElement>(
     target: f64,
 ) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
-    let cpu = CpuBackend::with_pool(pool.clone());
+    let cpu = backend(&pool);
     let dt = T::DTYPE;
     let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
     for (rows, n) in SHAPES {
@@ -170,7 +183,7 @@ fn bench_residual<T: CpuElement>(
     target: f64,
 ) {
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
-    let cpu = CpuBackend::with_pool(pool.clone());
+    let cpu = backend(&pool);
     let dt = T::DTYPE;
     let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
     for (rows, n) in SHAPES {
