@@ -8,6 +8,8 @@
 //!   boundaries do not depend on the thread count, so dγ/dβ are bitwise identical for any pool.
 //! - Problems smaller than [`PARALLEL_MIN_ELEMS`] run on the calling thread, without rayon.
 
+use std::any::TypeId;
+
 use layernorm_core::{Error, Result, try_zeroed_vec};
 use num_traits::{One, Zero};
 use rayon::prelude::*;
@@ -406,11 +408,13 @@ pub(crate) enum Saved<'a, T> {
 /// with dh added to dx where given. Lengths are validated by the caller, and from y every
 /// column's γ_eff is nonzero (`check_gamma_recoverable`).
 ///
-/// From x without dh the kernels read the rows where they lie. Otherwise each task's rows are
-/// staged around the same kernels ([`staged_blocks`]), a chunk at a time that stays in cache:
-/// x̂ recovered from y (`stage::recover`), the kernels run on it with a saved mean of 0 and an
-/// rstd of 1 (so they compute dx/rstd, and dγ, dβ, with x̂ as recovered), and dx = rstd·dx' + dh
-/// formed in one rounding (`stage::finish`); from x with dh, the kernels' dx' is dx itself.
+/// From x without dh the kernels read the rows where they lie. From y the kernels run with a
+/// saved mean of 0 and an rstd of 1 on x̂ = (y − β)·(1/γ_eff) (so they compute dx/rstd, and dγ,
+/// dβ, with x̂ as recovered), and dx = rstd·dx' + dh is formed in one rounding: the `f32` kernels
+/// recover x̂ in registers as they read y and form dx as they store it ([`staged_blocks`]).
+/// Otherwise each task's rows are staged around the same kernels, a chunk at a time that stays in
+/// cache: x̂ recovered (`stage::recover`), and dx finished by `stage::finish`; from x with dh,
+/// the kernels' dx' is dx itself.
 /// The very long rows the column chunks serve from x (`crate::columns`) run row-wise here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: CpuElement>(
@@ -576,8 +580,14 @@ struct Staging<'a, A: Real> {
 /// The kernels that take an epilogue (`Real::EPILOGUE`: `f32`) form that dx themselves as they
 /// store it — from x with dh nothing is staged at all — and the others' dx' goes through a
 /// scratch chunk and `stage::finish` (the same operations). Rows whose rstd needs the exact
-/// path, or whose saved rstd from y is not finite, take the latter too. `stats` are the saved
-/// mean and the rstd the kernels are given, and the saved rstd.
+/// path, or whose saved rstd from y is not finite, take the latter too.
+///
+/// From y in `f32` with the kernels' epilogue nothing is staged either: the kernels read y and
+/// recover x̂ in registers ([`from_y_in_registers`]), the same operations as `stage::recover`'s,
+/// so the same bits. Where some column's γ_eff or 1/γ_eff lies outside the normal range,
+/// `stage::recover` divides by γ_eff instead of multiplying by its reciprocal, and such a call
+/// is staged as above (the kernels multiply only). `stats` are the saved mean and the rstd the
+/// kernels are given, and the saved rstd.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn staged_blocks<T: CpuElement>(
     st: &Staging<'_, T::Acc>,
@@ -596,6 +606,31 @@ fn staged_blocks<T: CpuElement>(
         && T::as_acc(dy).is_some()
         && !given.iter().any(|&r| row::needs_exact_row(r.into()))
         && (!from_y || rstd.iter().all(|&r| num_traits::Float::is_finite(r)));
+    if in_kernels
+        && let Some((beta, g)) = st.from_y
+        && !g.is_some_and(|g| g.divide)
+        && let (Some(ya), Some(da)) = (T::as_acc(x), T::as_acc(dy))
+    {
+        let dh = dh.map(|h| T::as_acc(h).ok_or(())).transpose();
+        if let (Ok(dh), Some(dxa)) = (dh, T::as_acc_mut(dx)) {
+            let inverse = g.map(|g| g.values);
+            let rows = (ya, da, mean, given);
+            let out = (stream, rstd, dh);
+            if from_y_in_registers(
+                st.kind,
+                n,
+                rows,
+                (beta, inverse),
+                gamma,
+                dxa,
+                partials.as_deref_mut(),
+                want,
+                out,
+            )? {
+                return Ok(());
+            }
+        }
+    }
     let per = if in_kernels && !from_y { rows.max(1) } else { stage_back_rows::<T::Acc>(n) };
     let len = per.min(rows) * n;
     let wide = T::as_acc(dy).is_none();
@@ -664,9 +699,151 @@ fn staged_blocks<T: CpuElement>(
     Ok(())
 }
 
+/// `v` as `f32`s, where `A` is `f32`.
+fn as_f32<A: Real>(v: &[A]) -> Option<&[f32]> {
+    (TypeId::of::<A>() == TypeId::of::<f32>()).then(|| bytemuck::cast_slice(v))
+}
+
+/// `v` as `f32`s, where `A` is `f32`.
+fn as_f32_mut<A: Real>(v: &mut [A]) -> Option<&mut [f32]> {
+    (TypeId::of::<A>() == TypeId::of::<f32>()).then(|| bytemuck::cast_slice_mut(v))
+}
+
+/// The backward from y of a group of blocks by the `f32` kernels reading y and recovering x̂
+/// in registers (`crate::reduce::Recover`: (y − β)·(1/γ_eff), β and `inverse` = 1/γ_eff where
+/// the problem has them), given the mean of 0 and the rstd of 1 in `rows` (after y and dy), each
+/// row's dx formed as they store it, fma(s, dx', dh) with s its saved rstd (`out`: stream, saved
+/// rstd, dh). `Ok(false)` where the accumulation type is not `f32` (nothing done).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn from_y_in_registers<A: Real>(
+    kind: Kind,
+    n: usize,
+    (y, dy, mean, given): (&[A], &[A], &[A], &[A]),
+    (beta, inverse): (Option<&[A]>, Option<&[A]>),
+    gamma: Option<&[A]>,
+    dx: &mut [A],
+    partials: Option<&mut [A]>,
+    want: (bool, bool),
+    (stream, rstd, dh): (bool, &[A], Option<&[A]>),
+) -> Result<bool> {
+    fn f<A: Real>(v: &[A]) -> &[f32] {
+        as_f32(v).unwrap_or_default()
+    }
+    let (Some(dx), Some(y)) = (as_f32_mut(dx), as_f32(y)) else {
+        return Ok(false);
+    };
+    let buf = partials.and_then(as_f32_mut);
+    let partials = crate::reduce::Partials { buf, want };
+    let zeros: Vec<f32> = if dh.is_none() { try_zeroed_vec("dh (zeros)", n)? } else { Vec::new() };
+    let epi = Epilogue { scale: Some(f(rstd)), dh: dh.map(f), zeros: &zeros };
+    let rec = crate::reduce::Recover { beta: beta.map_or(&[], f), inverse: inverse.map_or(&[], f) };
+    let rows = (y, f(dy), f(mean), f(given));
+    let (params, out) = ((gamma.map(f), rec), (dx, partials));
+    crate::reduce::back_blocks_recovered((kind, n), rows, params, out, (stream, epi));
+    if stream {
+        crate::reduce::stream_fence();
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Varied finite values in [-1.5, 1.5) from a seed (xorshift).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                3.0 * (s as f32 / u32::MAX as f32 - 0.5)
+            })
+            .collect()
+    }
+
+    /// dx, dγ, dβ of a backward from y of `rows` × `n`, as bits: `staged`, by the composition
+    /// the staged path runs (x̂ by `stage::recover`, the backward of x̂ with a mean of 0 and an
+    /// rstd of 1 giving dx', then dx = fma(rstd, dx', dh) by `stage::finish`); else by
+    /// [`backward`] itself.
+    #[allow(clippy::type_complexity)]
+    fn from_y(
+        staged: bool,
+        (kind, offset): (Kind, f64),
+        (rows, n): (usize, usize),
+        (y, dy, dh, rstd): (&[f32], &[f32], Option<&[f32]>, &[f32]),
+        (gamma, beta): (Option<&[f32]>, Option<&[f32]>),
+    ) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let (mut dx, mut dg, mut db) = (vec![0f32; rows * n], vec![0f32; n], vec![0f32; n]);
+        let (dgamma, dbeta) = (gamma.map(|_| &mut dg[..]), beta.map(|_| &mut db[..]));
+        if staged {
+            let ge = load_param::<f32>("gamma", gamma, f32::of(offset)).unwrap();
+            let mut inverse = Vec::new();
+            let g = ge.as_deref().map(|g| stage::gamma_of(g, &mut inverse).unwrap());
+            let mut xhat = vec![0f32; rows * n];
+            stage::recover::<f32>(n, y, beta, g, &mut xhat);
+            let (ones, mut dxk) = (vec![1f32; rows], vec![0f32; rows * n]);
+            let (k, saved) = ((kind.of_output(), offset), Saved::X(&xhat[..]));
+            backward(n, k, saved, dy, None, None, &ones, gamma, &mut dxk, dgamma, dbeta, false)
+                .unwrap();
+            stage::finish::<f32>(n, &mut dxk, Some(rstd), dh, &mut dx, false);
+        } else {
+            let saved = Saved::Y { y, beta };
+            let k = (kind, offset);
+            backward(n, k, saved, dy, dh, None, rstd, gamma, &mut dx, dgamma, dbeta, false)
+                .unwrap();
+        }
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect();
+        (bits(&dx), bits(&dg), bits(&db))
+    }
+
+    #[test]
+    fn the_backward_from_y_has_the_bits_of_the_staged_composition_at_any_thread_count() {
+        // In f32 the kernels recover x̂ from y in registers; a γ_eff with a subnormal entry
+        // (whose reciprocal `stage::recover` does not form: it divides) is staged. Short rows,
+        // rows about the long-row kernel's threshold (64), and rows enough for parallel tasks.
+        let shapes =
+            [(5, 1), (37, 3), (70, 63), (70, 64), (70, 65), (33, 256), (1100, 256), (9, 1030)];
+        let pools = [1, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap());
+        for (rows, n) in shapes {
+            let (y, dy, dh) = (values(rows * n, 3), values(rows * n, 5), values(rows * n, 7));
+            let rstd: Vec<f32> = values(rows, 11).iter().map(|v| 1.0 + v / 2.0).collect();
+            let g: Vec<f32> =
+                values(n, 13).iter().map(|v| if v.abs() < 0.05 { 0.5 } else { *v }).collect();
+            let mut tiny = g.clone();
+            tiny[n / 2] = 1e-39;
+            let b = values(n, 17);
+            for kind in [Kind::LayerNorm, Kind::RmsNorm] {
+                let gammas =
+                    [(None, 0.0), (Some(&g[..]), 0.0), (Some(&g[..]), 1.0), (Some(&tiny[..]), 0.0)];
+                let (bs, dhs) = ([None, Some(&b[..])], [None, Some(&dh[..])]);
+                let cases = gammas
+                    .iter()
+                    .flat_map(|&gm| bs.iter().flat_map(move |&bt| dhs.map(|h| (gm, bt, h))));
+                for ((gamma, offset), beta, dh) in cases {
+                    let what = format!(
+                        "{rows}x{n} {kind:?} γ {:?}+{offset} β {} dh {}",
+                        gamma.map(|g| g[n / 2]),
+                        beta.is_some(),
+                        dh.is_some()
+                    );
+                    let data = (&y[..], &dy[..], dh, &rstd[..]);
+                    let run =
+                        |staged| from_y(staged, (kind, offset), (rows, n), data, (gamma, beta));
+                    let want = pools[0].install(|| run(true));
+                    for (threads, pool) in [1, 2].into_iter().zip(&pools) {
+                        let got = pool.install(|| run(false));
+                        assert!(got.0 == want.0, "dx, {what}, {threads} threads");
+                        assert!(got.1 == want.1, "dγ, {what}, {threads} threads");
+                        assert!(got.2 == want.2, "dβ, {what}, {threads} threads");
+                        let again = pool.install(|| run(true));
+                        assert!(again == want, "the staged composition, {what}, {threads} threads");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_partials_start_on_a_cache_line() {

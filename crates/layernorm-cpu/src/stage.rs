@@ -9,7 +9,9 @@
 //!   (the double rounding is innocuous for an addition), as the reference's exact sum rounded
 //!   once.
 //! - [`recover`]: x̂ = (y − β)·(1/γ_eff) in the accumulation type (`docs/math.md` (16)); a
-//!   division where a column's reciprocal would leave the normal range.
+//!   division where a column's reciprocal would leave the normal range. The `f32` kernels
+//!   recover x̂ in registers as they read y, with the same operations (`crate::reduce::Recover`);
+//!   rows are staged here for the other types, and for a call where some column divides.
 //! - [`finish`]: dx = s·dx' + dh as one fused multiply-add in the accumulation type, rounded
 //!   once to the storage type (`docs/math.md` (15); s is the row's rstd from y, where the
 //!   kernels computed dx' = dx/rstd, else 1).

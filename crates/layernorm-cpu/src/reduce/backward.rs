@@ -7,6 +7,25 @@ use super::steps::*;
 use super::store::*;
 use crate::row::{self, BackParams, Epilogue, Kind};
 
+/// Runs `$run` with `$b`, `$g` (the kernels' `YB`, `YG`) the compile-time form of the
+/// [`Recover`] `$rec`: β subtracted where it has one, 1/γ_eff multiplied where it has one.
+macro_rules! by_source {
+    ($rec:expr, |$b:ident, $g:ident| $run:expr) => {{
+        let rec: Recover<'_> = $rec;
+        let on = (!rec.beta.is_empty(), !rec.inverse.is_empty());
+        by_source!(@match on, $b, $g, $run, (false, false), (false, true), (true, false), (true, true))
+    }};
+    (@match $on:expr, $b:ident, $g:ident, $run:expr, $(($vb:literal, $vg:literal)),*) => {
+        match $on {
+            $(($vb, $vg) => {
+                const $b: bool = $vb;
+                const $g: bool = $vg;
+                $run
+            })*
+        }
+    };
+}
+
 struct Backward<'a> {
     x: &'a [f32],
     dy: &'a [f32],
@@ -101,13 +120,24 @@ struct BackRows<'a> {
     dbeta: Option<&'a mut [f32]>,
     /// Applied to each row's dx before it is stored.
     epi: Epilogue<'a, f32>,
+    /// How x is read (the rows as given, or x̂ recovered from y).
+    rec: Recover<'a>,
 }
 
 impl WithSimd for BackRows<'_> {
     type Output = ();
     #[inline(always)]
-    fn with_simd<S: Simd>(mut self, simd: S) {
+    fn with_simd<S: Simd>(self, simd: S) {
+        by_source!(self.rec, |YB, YG| self.run::<S, YB, YG>(simd))
+    }
+}
+
+impl BackRows<'_> {
+    /// The rows with x read through `self.rec` (`YB`, `YG`: see [`Recover`]).
+    #[inline(always)]
+    fn run<S: Simd, const YB: bool, const YG: bool>(mut self, simd: S) {
         let n = self.n;
+        let rec = self.rec;
         let rows = self.mean.len().min(self.rstd.len());
         let per = group_rows(n);
         let gamma = self.gamma;
@@ -131,13 +161,13 @@ impl WithSimd for BackRows<'_> {
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
                     let ms = [(params[i].m, params[i].sa), (params[i + 1].m, params[i + 1].sa)];
-                    let got = back_sums_k::<S, 2>(simd, rows2, gamma, ms);
+                    let got = back_sums_k::<S, 2, YB, YG>(simd, rows2, (gamma, rec), ms);
                     sums[i..i + 2].copy_from_slice(&got);
                 } else {
-                    let got = back_sums_k::<S, 1>(
+                    let got = back_sums_k::<S, 1, YB, YG>(
                         simd,
                         [(xr(i), dr(i))],
-                        gamma,
+                        (gamma, rec),
                         [(params[i].m, params[i].sa)],
                     );
                     sums[i] = got[0];
@@ -177,10 +207,11 @@ impl WithSimd for BackRows<'_> {
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
                     let (p, e) = ([params[i], params[i + 1]], [epi(i), epi(i + 1)]);
-                    apply_k::<S, 2>(simd, rows2, gamma, (&p, e), out, (dg, db));
+                    apply_k::<S, 2, YB, YG>(simd, rows2, (gamma, rec), (&p, e), out, (dg, db));
                 } else {
                     let (p, e) = ([params[i]], [epi(i)]);
-                    apply_k::<S, 1>(simd, [(xr(i), dr(i))], gamma, (&p, e), out, (dg, db));
+                    let row = [(xr(i), dr(i))];
+                    apply_k::<S, 1, YB, YG>(simd, row, (gamma, rec), (&p, e), out, (dg, db));
                 }
                 i += k;
             }
@@ -208,6 +239,7 @@ struct ShortBlocks<'a> {
     dx: &'a mut [f32],
     partials: Partials<'a>,
     epi: Epilogue<'a, f32>,
+    rec: Recover<'a>,
 }
 
 impl WithSimd for ShortBlocks<'_> {
@@ -224,7 +256,7 @@ impl WithSimd for ShortBlocks<'_> {
             let (mean, rstd) = (&self.mean[r.clone()], &self.rstd[r]);
             let after = (&self.x[e.end..], &self.dy[e.end..]);
             let (x, dy, dx) = (&self.x[e.clone()], &self.dy[e.clone()], &mut self.dx[e]);
-            let (kind, stream, gamma) = (self.kind, self.stream, self.gamma);
+            let (kind, stream, gamma, rec) = (self.kind, self.stream, self.gamma, self.rec);
             let (dg, db) = (dgamma, dbeta);
             let op = BackRows {
                 kind,
@@ -240,6 +272,7 @@ impl WithSimd for ShortBlocks<'_> {
                 dgamma: dg,
                 dbeta: db,
                 epi,
+                rec,
             };
             op.with_simd(simd);
         }
@@ -259,7 +292,8 @@ pub(crate) fn back_short_blocks(
     stream: bool,
     epi: Epilogue<'_, f32>,
 ) {
-    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi };
+    let rec = Recover::default();
+    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
     crate::isa::dispatch(op)
 }
 
@@ -361,10 +395,10 @@ pub(crate) fn back_column_chunk<'b>(
 /// same order), interleaved so that the rows' dependency chains overlap.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn back_sums_k<S: Simd, const K: usize>(
+fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     simd: S,
     rows: [(&[f32], &[f32]); K],
-    gamma: Option<&[f32]>,
+    (gamma, rec): (Option<&[f32]>, Recover<'_>),
     shifts: [(f32, f32); K],
 ) -> [[f64; 3]; K] {
     let n = rows[0].0.len();
@@ -379,6 +413,7 @@ fn back_sums_k<S: Simd, const K: usize>(
         ks[r] = (simd.splat_f32s(shifts[r].0), simd.splat_f32s(shifts[r].1));
     }
     let gh = gamma.map(|g| &S::as_simd_f32s(&g[..n]).0[..nv]);
+    let rv = rec.vecs::<S, YB, YG>(n, nv);
     let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();
     let mut i = 0;
@@ -388,7 +423,8 @@ fn back_sums_k<S: Simd, const K: usize>(
         for j in i..end {
             let g = gh.map(|g| g[j]);
             for r in 0..K {
-                backward_step(simd, (xs[r][j], ds[r][j], g), ks[r], &mut acc[r]);
+                let xv = rv.at::<S, YB, YG>(simd, xs[r][j], j);
+                backward_step(simd, (xv, ds[r][j], g), ks[r], &mut acc[r]);
             }
         }
         for r in 0..K {
@@ -399,7 +435,8 @@ fn back_sums_k<S: Simd, const K: usize>(
     let base = nv * (size_of::<S::f32s>() / 4);
     for r in 0..K {
         let gt = gamma.map(|g| &g[base..n]);
-        backward_tail((&rows[r].0[base..], &rows[r].1[base..n], gt), shifts[r], &mut total[r]);
+        let tail = (&rows[r].0[base..], &rows[r].1[base..n], gt);
+        backward_tail_from::<YB, YG>(tail, shifts[r], &mut total[r], (rec, base));
     }
     total
 }
@@ -409,10 +446,10 @@ fn back_sums_k<S: Simd, const K: usize>(
 /// vector per K rows: per row the operations of [`apply_in`], so bitwise its results.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn apply_k<S: Simd, const K: usize>(
+fn apply_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     simd: S,
     rows: [(&[f32], &[f32]); K],
-    gamma: Option<&[f32]>,
+    (gamma, rec): (Option<&[f32]>, Recover<'_>),
     (p, epi): (&[BackParams<f32>; K], [Epi<'_>; K]),
     out: &mut [f32],
     (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
@@ -440,9 +477,10 @@ fn apply_k<S: Simd, const K: usize>(
             dgv.as_deref_mut().map_or(empty_g, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
         let dbh =
             dbv.as_deref_mut().map_or(empty_b, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
-        specialize!(apply_k_vecs::<S, K>(gamma.is_some(), want_g, want_b, ev.is_some())(
+        let rv = rec.vecs::<S, YB, YG>(n, nv);
+        specialize!(apply_k_vecs::<S, K, YB, YG>(gamma.is_some(), want_g, want_b, ev.is_some())(
             simd,
-            (&xs, &ds),
+            (&xs, &ds, rv),
             gh,
             (&pv, &ev.unwrap_or([(zero, &[][..]); K])),
             out,
@@ -456,7 +494,8 @@ fn apply_k<S: Simd, const K: usize>(
             dbv.as_deref_mut().map(|d| &mut d[base..n]),
         );
         let et = epi[r].map(|(s, h)| (s, &h[base..n]));
-        apply_tail((&rows[r].0[base..], &rows[r].1[base..n], gamma), &p[r], base, dxr, dg, db, et);
+        let row = (&rows[r].0[base..], &rows[r].1[base..n], gamma);
+        apply_tail_from::<YB, YG>(row, &p[r], (base, rec), dxr, (dg, db), et);
     }
 }
 
@@ -485,13 +524,15 @@ fn epi_vecs<'a, S: Simd, const K: usize>(
 fn apply_k_vecs<
     S: Simd,
     const K: usize,
+    const YB: bool,
+    const YG: bool,
     const G: bool,
     const DG: bool,
     const DB: bool,
     const E: bool,
 >(
     simd: S,
-    (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
+    (xs, ds, rv): (&[&[S::f32s]; K], &[&[S::f32s]; K], RecoverVecs<'_, S::f32s>),
     gh: &[S::f32s],
     (pv, ev): (&[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     out: &mut [f32],
@@ -504,6 +545,7 @@ fn apply_k_vecs<
     // pairs, against lengths reloaded from the stack, in every vector column. Alternated in one
     // process on the Intel AVX-512 VM, one thread: 256×128 (from L2) +6%, 65536×128 +2%.
     let (xs, ds) = (&xs.map(|x| &x[..nv]), &ds.map(|d| &d[..nv]));
+    let rv = rv.upto::<YB, YG>(nv);
     let gh = if G { &gh[..nv] } else { gh };
     let dgh = if DG { &mut dgh[..nv] } else { dgh };
     let dbh = if DB { &mut dbh[..nv] } else { dbh };
@@ -515,7 +557,8 @@ fn apply_k_vecs<
     });
     for j in 0..nv {
         let g = if G { Some(gh[j]) } else { None };
-        apply_column::<S, K, DG, DB, E>(simd, (xs, ds), g, (pv, ev), j, &mut outs, (dgh, dbh));
+        let src = (xs, ds, rv);
+        apply_column::<S, K, YB, YG, DG, DB, E>(simd, src, g, (pv, ev), j, &mut outs, (dgh, dbh));
     }
 }
 
@@ -525,9 +568,17 @@ fn apply_k_vecs<
 /// pipelined long-row sweep.
 #[inline(always)]
 #[allow(clippy::needless_range_loop, clippy::type_complexity)]
-fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool, const E: bool>(
+fn apply_column<
+    S: Simd,
+    const K: usize,
+    const YB: bool,
+    const YG: bool,
+    const DG: bool,
+    const DB: bool,
+    const E: bool,
+>(
     simd: S,
-    (xs, ds): (&[&[S::f32s]; K], &[&[S::f32s]; K]),
+    (xs, ds, rv): (&[&[S::f32s]; K], &[&[S::f32s]; K], RecoverVecs<'_, S::f32s>),
     g: Option<S::f32s>,
     (pv, ev): (&[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     j: usize,
@@ -538,7 +589,8 @@ fn apply_column<S: Simd, const K: usize, const DG: bool, const DB: bool, const E
     let (mut dgv, mut dbv) = (if DG { dgh[j] } else { zero }, if DB { dbh[j] } else { zero });
     for r in 0..K {
         let dyv = ds[r][j];
-        let (d, xhat) = apply_step(simd, (xs[r][j], dyv, g), &pv[r]);
+        let xv = rv.at::<S, YB, YG>(simd, xs[r][j], j);
+        let (d, xhat) = apply_step(simd, (xv, dyv, g), &pv[r]);
         dx[r][j] = if E { epilogue_step(simd, d, (ev[r].0, ev[r].1[j])) } else { d };
         if DG {
             dgv = simd.mul_add_f32s(dyv, xhat, dgv);
@@ -571,8 +623,9 @@ pub(crate) fn back_rows(
     stream: bool,
 ) {
     let after = (&[][..], &[][..]);
-    let epi = Epilogue::default();
-    let op = BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi };
+    let (epi, rec) = (Epilogue::default(), Recover::default());
+    let op =
+        BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec };
     crate::isa::dispatch(op)
 }
 
@@ -612,6 +665,8 @@ struct BackLong<'a> {
     stream: bool,
     /// Applied to each row's dx before it is stored.
     epi: Epilogue<'a, f32>,
+    /// How x is read (the rows as given, or x̂ recovered from y).
+    rec: Recover<'a>,
 }
 
 /// The dγ/dβ partials of consecutive blocks of `ROW_BLOCK` rows: block b's are
@@ -647,15 +702,17 @@ impl WithSimd for BackLong<'_> {
         // +17%, 256×16384 +3%, 16384×1024 +34% (two threads +35%, +33%, +8%, +4%, +33%); with
         // prefetches into L2 or none the pair was no faster. Two rows per sweep stays available
         // (and tested bitwise against one) for a core where it pays.
-        self.run::<S, 1>(simd)
+        by_source!(self.rec, |YB, YG| self.run::<S, 1, YB, YG>(simd))
     }
 }
 
 impl BackLong<'_> {
-    /// The rows K at a time: each sweep writes rows r..r+K's dx while summing rows r+K..r+2K.
+    /// The rows K at a time: each sweep writes rows r..r+K's dx while summing rows r+K..r+2K;
+    /// x read through `self.rec` (`YB`, `YG`: see [`Recover`]).
     #[inline(always)]
-    fn run<S: Simd, const K: usize>(mut self, simd: S) {
+    fn run<S: Simd, const K: usize, const YB: bool, const YG: bool>(mut self, simd: S) {
         let n = self.n;
+        let rec = self.rec;
         let rows = self.mean.len().min(self.rstd.len());
         let (x, dy, gamma) = (self.x, self.dy, self.gamma);
         let span = |r: usize| r * n..(r + 1) * n;
@@ -671,8 +728,8 @@ impl BackLong<'_> {
         let mut spans = self.stream.then(|| Spans::new(K * n, burst));
         let mut sums = [[0f64; 3]; K];
         for (r, s) in sums.iter_mut().enumerate().take(rows.min(K)) {
-            *s =
-                back_row_sums(simd, (&x[span(r)], &dy[span(r)], gamma), self.mean[r], self.rstd[r]);
+            let row = (&x[span(r)], &dy[span(r)], gamma);
+            *s = back_row_sums::<S, YB, YG>(simd, row, rec, (self.mean[r], self.rstd[r]));
         }
         let mut r = 0;
         while r < rows {
@@ -698,10 +755,10 @@ impl BackLong<'_> {
                         // block of the sweep (`back_k`); several: a share after each sweep.
                         let (staged, pend) = sp.next();
                         let pend = pend.map(|(f, prev)| (f, prev, &mut *self.dx));
-                        sums = back_k::<S, K>(
+                        sums = back_k::<S, K, YB, YG>(
                             simd,
                             n,
-                            (x, dy, gamma),
+                            (x, dy, gamma, rec),
                             (r, p, e),
                             next,
                             staged,
@@ -712,8 +769,8 @@ impl BackLong<'_> {
                     }
                     None => {
                         let out = &mut self.dx[r * n..(r + K) * n];
-                        let (src, cur) = ((x, dy, gamma), (r, p, e));
-                        sums = back_k::<S, K>(simd, n, src, cur, next, out, parts, None);
+                        let (src, cur) = ((x, dy, gamma, rec), (r, p, e));
+                        sums = back_k::<S, K, YB, YG>(simd, n, src, cur, next, out, parts, None);
                     }
                 }
                 r += K;
@@ -722,16 +779,14 @@ impl BackLong<'_> {
                 let p = params(0);
                 let parts = self.partials.of_row(r, n);
                 let src = (&x[span(r)], &dy[span(r)], gamma);
-                apply_in(simd, src, &p, &mut self.dx[span(r)], parts, epi.row(r, n));
+                let dxr = &mut self.dx[span(r)];
+                apply_in_from::<S, YB, YG>(simd, src, &p, dxr, parts, (epi.row(r, n), rec));
                 sums.copy_within(1.., 0);
                 if r + K < rows {
                     let q = r + K;
-                    sums[K - 1] = back_row_sums(
-                        simd,
-                        (&x[span(q)], &dy[span(q)], gamma),
-                        self.mean[q],
-                        self.rstd[q],
-                    );
+                    let row = (&x[span(q)], &dy[span(q)], gamma);
+                    let (m, s) = (self.mean[q], self.rstd[q]);
+                    sums[K - 1] = back_row_sums::<S, YB, YG>(simd, row, rec, (m, s));
                 }
                 r += 1;
             }
@@ -745,13 +800,13 @@ impl BackLong<'_> {
 
 /// One row's backward sums from its saved statistics (as [`Backward`] forms them).
 #[inline(always)]
-fn back_row_sums<S: Simd>(
+fn back_row_sums<S: Simd, const YB: bool, const YG: bool>(
     simd: S,
     rows: (&[f32], &[f32], Option<&[f32]>),
-    mean: f32,
-    rstd: f32,
+    rec: Recover<'_>,
+    (mean, rstd): (f32, f32),
 ) -> [f64; 3] {
-    backward_in(simd, rows, row::back_shift_f32(mean, rstd))
+    backward_in_from::<S, YB, YG>(simd, rows, row::back_shift_f32(mean, rstd), rec)
 }
 
 /// One sweep of [`BackLong`]: rows `r..r+K` (with their constants `p`) written into `dx` (K rows
@@ -759,10 +814,10 @@ fn back_row_sums<S: Simd>(
 /// `pending` (a flush, its staged rows, the whole dx) is written out a piece after each block.
 #[inline(always)]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn back_k<S: Simd, const K: usize>(
+fn back_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     simd: S,
     n: usize,
-    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    (x, dy, gamma, rec): (&[f32], &[f32], Option<&[f32]>, Recover<'_>),
     (r, p, epi): (usize, [BackParams<f32>; K], [Epi<'_>; K]),
     next: [(usize, f32, f32); K],
     dx: &mut [f32],
@@ -802,10 +857,11 @@ fn back_k<S: Simd, const K: usize>(
     };
     let ev = epi_vecs(simd, n, nv, epi);
     let zero = simd.splat_f32s(0.0);
+    let rv = rec.vecs::<S, YB, YG>(n, nv);
     let mut total =
-        specialize!(back_k_vecs::<S, K>(gamma.is_some(), want_g, want_b, ev.is_some())(
+        specialize!(back_k_vecs::<S, K, YB, YG>(gamma.is_some(), want_g, want_b, ev.is_some())(
             simd,
-            (nxt, nk),
+            (nxt, nk, rv),
             (&cur, &pv, &ev.unwrap_or([(zero, &[][..]); K])),
             gh,
             dxh,
@@ -815,13 +871,15 @@ fn back_k<S: Simd, const K: usize>(
     // Scalar tails: the next rows' sums, then these rows' dx and dγ/dβ terms in row order.
     let gt = gamma.map(|g| &g[base..n]);
     for k in 0..K {
-        backward_tail((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2), &mut total[k]);
+        let (tail, shift) = ((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2));
+        backward_tail_from::<YB, YG>(tail, shift, &mut total[k], (rec, base));
     }
     let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
     for (k, dxr) in dxt.into_iter().enumerate() {
         let (dg, db) = (dgt.as_deref_mut(), dbt.as_deref_mut());
         let et = epi[k].map(|(s, h)| (s, &h[base..n]));
-        apply_tail((cx[k].1, cd[k].1, gamma), &p[k], base, dxr, dg, db, et);
+        let row = (cx[k].1, cd[k].1, gamma);
+        apply_tail_from::<YB, YG>(row, &p[k], (base, rec), dxr, (dg, db), et);
     }
     total
 }
@@ -832,13 +890,19 @@ fn back_k<S: Simd, const K: usize>(
 fn back_k_vecs<
     S: Simd,
     const K: usize,
+    const YB: bool,
+    const YG: bool,
     const G: bool,
     const DG: bool,
     const DB: bool,
     const E: bool,
 >(
     simd: S,
-    (nxt, nk): ([(&[S::f32s], &[S::f32s]); K], [(S::f32s, S::f32s); K]),
+    (nxt, nk, rv): (
+        [(&[S::f32s], &[S::f32s]); K],
+        [(S::f32s, S::f32s); K],
+        RecoverVecs<'_, S::f32s>,
+    ),
     (cur, pv, ev): (&[[&[S::f32s]; K]; 2], &[BackVecs<S::f32s>; K], &[(S::f32s, &[S::f32s]); K]),
     gh: &[S::f32s],
     dxh: [&mut [S::f32s]; K],
@@ -854,6 +918,7 @@ fn back_k_vecs<
     let nxt = nxt.map(|(x, d)| (&x[..nv], &d[..nv]));
     let cur = &cur.map(|rows| rows.map(|r| &r[..nv]));
     let mut dxh = dxh.map(|d| &mut d[..nv]);
+    let rv = rv.upto::<YB, YG>(nv);
     let gh = if G { &gh[..nv] } else { gh };
     let dgh = if DG { &mut dgh[..nv] } else { dgh };
     let dbh = if DB { &mut dbh[..nv] } else { dbh };
@@ -880,10 +945,19 @@ fn back_k_vecs<
             }
             let g = if G { Some(gh[j]) } else { None };
             for k in 0..K {
-                backward_step(simd, (nxt[k].0[j], nxt[k].1[j], g), nk[k], &mut acc[k]);
+                let xv = rv.at::<S, YB, YG>(simd, nxt[k].0[j], j);
+                backward_step(simd, (xv, nxt[k].1[j], g), nk[k], &mut acc[k]);
             }
-            let (xs, ds) = (&cur[0], &cur[1]);
-            apply_column::<S, K, DG, DB, E>(simd, (xs, ds), g, (pv, ev), j, &mut dxh, (dgh, dbh));
+            let src = (&cur[0], &cur[1], rv);
+            apply_column::<S, K, YB, YG, DG, DB, E>(
+                simd,
+                src,
+                g,
+                (pv, ev),
+                j,
+                &mut dxh,
+                (dgh, dbh),
+            );
         }
         if let Some((f, src, y)) = pending.as_mut() {
             let upto = f.body * end / nv;
@@ -910,8 +984,32 @@ pub(crate) fn back_long(
     stream: bool,
     epi: Epilogue<'_, f32>,
 ) {
-    let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi };
+    let rec = Recover::default();
+    let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
     crate::isa::dispatch(op)
+}
+
+/// The backward of consecutive blocks of rows from y with x̂ recovered in registers (`rec`,
+/// see [`Recover`]): the kernels of `f32`'s `Real::back_blocks` ([`back_short_blocks`] below
+/// `row::F32_BACK_LONG_MIN_N`, [`back_long`] from it), the rows `x` being y's, given a saved
+/// mean of 0 and an rstd of 1 (so each row's dx' = dx/rstd goes through `epi`, which scales it
+/// by the saved rstd and adds dh). The same bits as those kernels on the x̂ `stage::recover`
+/// stages.
+#[allow(clippy::type_complexity)]
+pub(crate) fn back_blocks_recovered(
+    (kind, n): (Kind, usize),
+    (x, dy, mean, rstd): (&[f32], &[f32], &[f32], &[f32]),
+    (gamma, rec): (Option<&[f32]>, Recover<'_>),
+    (dx, partials): (&mut [f32], Partials<'_>),
+    (stream, epi): (bool, Epilogue<'_, f32>),
+) {
+    if n < row::F32_BACK_LONG_MIN_N {
+        let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
+        crate::isa::dispatch(op)
+    } else {
+        let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
+        crate::isa::dispatch(op)
+    }
 }
 
 /// (Σd, Σg, Σg·d) with d = (x − m)·s and g = dy·γ (dy when γ is absent).
@@ -952,7 +1050,7 @@ mod tests {
     impl<const K: usize> WithSimd for RowsPerSweep<'_, K> {
         type Output = ();
         fn with_simd<S: Simd>(self, simd: S) {
-            self.0.run::<S, K>(simd)
+            by_source!(self.0.rec, |YB, YG| self.0.run::<S, K, YB, YG>(simd))
         }
     }
 
@@ -980,7 +1078,8 @@ mod tests {
                     let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                     let (x, dy, mean, rstd, gamma) = (&x[..], &dy[..], &mean[..], &rstd[..], Some(&g[..]));
                     let epi = Epilogue::default();
-                    let long = BackLong { kind, n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream, epi };
+                    let rec = Recover::default();
+                    let long = BackLong { kind, n, x, dy, mean, rstd, gamma, dx: &mut buf[3..], partials, stream, epi, rec };
                     if k == 1 {
                         pulp::Simd::vectorize(simd, RowsPerSweep::<1>(long));
                     } else {
@@ -1000,6 +1099,72 @@ mod tests {
                     }
                 }
             });
+        }
+    }
+
+    #[test]
+    fn the_kernels_recover_xhat_from_y_with_the_bits_of_the_staged_rows_on_every_instruction_set() {
+        // A backward from y: the kernels reading y through a `Recover` against the same kernels
+        // on the x̂ `stage::recover` stages, both with a mean of 0, an rstd of 1 and the
+        // epilogue fma(rstd, dx', dh), short rows and long (`row::F32_BACK_LONG_MIN_N` = 64).
+        let rows = 37;
+        let lengths = [1usize, 3, 16, 33, 63, 64, 65, 128, 255, 300, 515];
+        let kinds = [Kind::LayerNormFromY, Kind::RmsNorm];
+        let params = [(true, true), (false, true), (true, false), (false, false)];
+        for (n, kind) in lengths.into_iter().flat_map(|n| kinds.map(|k| (n, k))) {
+            let y = rows_of(rows, n, 13, true);
+            let dy = rows_of(rows, n, 17, false);
+            let dh = rows_of(rows, n, 19, false);
+            let g: Vec<f32> =
+                (0..n).map(|j| if j % 7 == 3 { -0.4 } else { 0.3 + j as f32 / n as f32 }).collect();
+            let inverse: Vec<f32> = g.iter().map(|&g| 1.0 / g).collect();
+            let b: Vec<f32> = (0..n).map(|j| 0.1 * (j % 5) as f32 - 0.2).collect();
+            let zeros = vec![0f32; n.max(rows)];
+            let ones = vec![1f32; rows];
+            let rstd: Vec<f32> = (0..rows).map(|r| 0.9 + r as f32 * 0.003).collect();
+            let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
+            for ((with_b, with_g), with_dh) in
+                params.into_iter().flat_map(|p| [false, true].map(|h| (p, h)))
+            {
+                let (beta, gamma) = (with_b.then_some(&b[..]), with_g.then_some(&g[..]));
+                let mut xhat = vec![0f32; rows * n];
+                let staged =
+                    gamma.map(|_| crate::stage::Gamma { values: &inverse[..], divide: false });
+                crate::stage::recover::<f32>(n, &y, beta, staged, &mut xhat);
+                let rec = Recover {
+                    beta: beta.unwrap_or_default(),
+                    inverse: gamma.map_or(&[][..], |_| &inverse[..]),
+                };
+                let epi = Epilogue {
+                    scale: Some(&rstd[..]),
+                    dh: with_dh.then_some(&dh[..]),
+                    zeros: &zeros[..n],
+                };
+                for_each_isa!(simd, isa => {
+                    for stream in [false, true] {
+                        let run = |x: &[f32], rec: Recover<'_>| {
+                            let mut buf = vec![-7f32; rows * n + 3];
+                            let mut parts = vec![0f32; blocks * 2 * n];
+                            let partials = Partials { buf: Some(&mut parts), want: (true, true) };
+                            let (dy, mean, rstd, dx) = (&dy[..], &zeros[..rows], &ones[..], &mut buf[3..]);
+                            if n < row::F32_BACK_LONG_MIN_N {
+                                let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
+                                pulp::Simd::vectorize(simd, op);
+                            } else {
+                                let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
+                                pulp::Simd::vectorize(simd, op);
+                            }
+                            crate::reduce::stream_fence();
+                            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            (bits(&buf), bits(&parts))
+                        };
+                        let (want, got) = (run(&xhat, Recover::default()), run(&y, rec));
+                        let what = format!("{isa}, n={n}, {kind:?}, β {with_b}, γ {with_g}, dh {with_dh}, stream {stream}");
+                        assert!(got.0 == want.0, "dx, {what}");
+                        assert!(got.1 == want.1, "dγ/dβ partials, {what}");
+                    }
+                });
+            }
         }
     }
 
@@ -1054,7 +1219,8 @@ mod tests {
                         let mut parts = vec![0f32; blocks * 2 * n];
                         let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                         let epi = Epilogue::default();
-                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi });
+                        let rec = Recover::default();
+                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec });
                         if let (Some(g), Some(b)) = (dgamma, dbeta) {
                             for j in 0..n {
                                 let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
@@ -1064,7 +1230,8 @@ mod tests {
                     } else {
                         let after = (&[][..], &[][..]);
                         let epi = Epilogue::default();
-                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi });
+                        let rec = Recover::default();
+                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec });
                     }
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, long={long}, stream={stream}, {kind:?}");

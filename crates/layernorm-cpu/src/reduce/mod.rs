@@ -11,28 +11,28 @@
 //! Numerics match `row.rs`: per-lane sums inside blocks of `BLOCK` elements, each block's lanes
 //! folded pairwise in a fixed order and added into an `f64`.
 
-/// Calls `$f::<S, [K,] G, B, ST[, E]>(args)` with the three (or four) flags turned into const
+/// Calls `$f::<S, [K, …,] G, B, ST[, E]>(args)` with the three (or four) flags turned into const
 /// generics.
 macro_rules! specialize {
-    (@go $f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)[$($e:tt)?]($($arg:expr),*)) => {
+    (@go $f:ident::<$s:ident $(, $k:tt)*>($g:expr, $b:expr, $st:expr)[$($e:tt)?]($($arg:expr),*)) => {
         match ($g, $b, $st) {
-            (false, false, false) => $f::<$s, $($k,)? false, false, false $(, $e)?>($($arg),*),
-            (false, false, true) => $f::<$s, $($k,)? false, false, true $(, $e)?>($($arg),*),
-            (false, true, false) => $f::<$s, $($k,)? false, true, false $(, $e)?>($($arg),*),
-            (false, true, true) => $f::<$s, $($k,)? false, true, true $(, $e)?>($($arg),*),
-            (true, false, false) => $f::<$s, $($k,)? true, false, false $(, $e)?>($($arg),*),
-            (true, false, true) => $f::<$s, $($k,)? true, false, true $(, $e)?>($($arg),*),
-            (true, true, false) => $f::<$s, $($k,)? true, true, false $(, $e)?>($($arg),*),
-            (true, true, true) => $f::<$s, $($k,)? true, true, true $(, $e)?>($($arg),*),
+            (false, false, false) => $f::<$s, $($k,)* false, false, false $(, $e)?>($($arg),*),
+            (false, false, true) => $f::<$s, $($k,)* false, false, true $(, $e)?>($($arg),*),
+            (false, true, false) => $f::<$s, $($k,)* false, true, false $(, $e)?>($($arg),*),
+            (false, true, true) => $f::<$s, $($k,)* false, true, true $(, $e)?>($($arg),*),
+            (true, false, false) => $f::<$s, $($k,)* true, false, false $(, $e)?>($($arg),*),
+            (true, false, true) => $f::<$s, $($k,)* true, false, true $(, $e)?>($($arg),*),
+            (true, true, false) => $f::<$s, $($k,)* true, true, false $(, $e)?>($($arg),*),
+            (true, true, true) => $f::<$s, $($k,)* true, true, true $(, $e)?>($($arg),*),
         }
     };
-    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
-        specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[]($($arg),*))
+    ($f:ident::<$s:ident $(, $k:tt)*>($g:expr, $b:expr, $st:expr)($($arg:expr),* $(,)?)) => {
+        specialize!(@go $f::<$s $(, $k)*>($g, $b, $st)[]($($arg),*))
     };
-    ($f:ident::<$s:ident $(, $k:tt)?>($g:expr, $b:expr, $st:expr, $e:expr)($($arg:expr),* $(,)?)) => {
+    ($f:ident::<$s:ident $(, $k:tt)*>($g:expr, $b:expr, $st:expr, $e:expr)($($arg:expr),* $(,)?)) => {
         match $e {
-            false => specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[false]($($arg),*)),
-            true => specialize!(@go $f::<$s $(, $k)?>($g, $b, $st)[true]($($arg),*)),
+            false => specialize!(@go $f::<$s $(, $k)*>($g, $b, $st)[false]($($arg),*)),
+            true => specialize!(@go $f::<$s $(, $k)*>($g, $b, $st)[true]($($arg),*)),
         }
     };
 }
@@ -69,11 +69,12 @@ mod steps;
 mod store;
 
 pub(crate) use backward::{
-    ColumnScratch, Partials, back_column_chunk, back_long, back_rows, back_short_blocks,
-    backward_sums, fused_backward,
+    ColumnScratch, Partials, back_blocks_recovered, back_column_chunk, back_long, back_rows,
+    back_short_blocks, backward_sums, fused_backward,
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
 pub(crate) use half::{backward_16, forward_16};
+pub(crate) use steps::Recover;
 pub(crate) use store::{stream_copy, stream_fence};
 
 #[cfg(test)]

@@ -138,6 +138,73 @@ pub(super) fn normalize_head(
     normalize_tail(&x[..p], params, (gamma, beta), 0, &mut y[..p]);
 }
 
+/// Where the backward kernels read x from: the rows as given, or — for a backward from y
+/// (`crate::driver`) — x̂ recovered from y in registers as each element is read, (y − β)·(1/γ_eff):
+/// the operations and order of `stage::recover`'s multiplying case, so the very bits it stages.
+/// Which steps apply is a compile-time parameter of the kernels, `YB` (subtract β) and `YG`
+/// (multiply by 1/γ_eff); neither reads the rows as given (the default, and a backward from y
+/// with neither γ nor β, where x̂ = y); the kernels take `YB` where `beta` is not empty, `YG`
+/// where `inverse` is not.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Recover<'a> {
+    /// β of the row's columns (n).
+    pub(crate) beta: &'a [f32],
+    /// 1/γ_eff of the row's columns (n).
+    pub(crate) inverse: &'a [f32],
+}
+
+impl<'a> Recover<'a> {
+    /// The row's x at column `j` from the value read there.
+    #[inline(always)]
+    pub(super) fn at<const YB: bool, const YG: bool>(&self, v: f32, j: usize) -> f32 {
+        let v = if YB { v - self.beta[j] } else { v };
+        if YG { v * self.inverse[j] } else { v }
+    }
+
+    /// The recovery's whole vectors of rows of `n` (`nv` of them).
+    #[inline(always)]
+    pub(super) fn vecs<S: Simd, const YB: bool, const YG: bool>(
+        &self,
+        n: usize,
+        nv: usize,
+    ) -> RecoverVecs<'a, S::f32s> {
+        let beta: &'a [S::f32s] = if YB { &S::as_simd_f32s(&self.beta[..n]).0[..nv] } else { &[] };
+        let inverse: &'a [S::f32s] =
+            if YG { &S::as_simd_f32s(&self.inverse[..n]).0[..nv] } else { &[] };
+        RecoverVecs { beta, inverse }
+    }
+}
+
+/// [`Recover`]'s whole vectors.
+#[derive(Clone, Copy)]
+pub(super) struct RecoverVecs<'a, V> {
+    beta: &'a [V],
+    inverse: &'a [V],
+}
+
+impl<'a, V: Copy> RecoverVecs<'a, V> {
+    /// The row's x at vector `j` from the vector read there ([`Recover::at`] lane by lane).
+    #[inline(always)]
+    pub(super) fn at<S: Simd<f32s = V>, const YB: bool, const YG: bool>(
+        &self,
+        simd: S,
+        v: V,
+        j: usize,
+    ) -> V {
+        let v = if YB { simd.sub_f32s(v, self.beta[j]) } else { v };
+        if YG { simd.mul_f32s(v, self.inverse[j]) } else { v }
+    }
+
+    /// The same vectors re-sliced to `nv` (so that the compiler sees the indices in bounds).
+    #[inline(always)]
+    pub(super) fn upto<const YB: bool, const YG: bool>(self, nv: usize) -> Self {
+        RecoverVecs {
+            beta: if YB { &self.beta[..nv] } else { self.beta },
+            inverse: if YG { &self.inverse[..nv] } else { self.inverse },
+        }
+    }
+}
+
 /// One vector of the backward's sums: d = (x − m)·s, g = dy·γ; acc += (d, g, g·d). Shared by
 /// `Backward` and `FusedBackward`, whose sums must agree bit for bit.
 #[inline(always)]
@@ -160,11 +227,24 @@ pub(super) fn backward_step<S: Simd>(
 /// The scalar tail of the backward's sums, added into `total`.
 #[inline(always)]
 pub(super) fn backward_tail(
+    rows: (&[f32], &[f32], Option<&[f32]>),
+    shift: (f32, f32),
+    total: &mut [f64; 3],
+) {
+    backward_tail_from::<false, false>(rows, shift, total, (Recover::default(), 0));
+}
+
+/// [`backward_tail`] with x read through `rec` (`YB`, `YG`: see [`Recover`]); `base` is the
+/// tail's offset in the row.
+#[inline(always)]
+pub(super) fn backward_tail_from<const YB: bool, const YG: bool>(
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
     (m, s): (f32, f32),
     total: &mut [f64; 3],
+    (rec, base): (Recover<'_>, usize),
 ) {
     for (j, (&xv, &dv)) in x.iter().zip(dy).enumerate() {
+        let xv = rec.at::<YB, YG>(xv, base + j);
         let d = (xv - m) * s;
         let g = gamma.map_or(dv, |g| dv * g[j]);
         total[0] += f64::from(d);
@@ -272,8 +352,19 @@ pub(super) fn normalize_tail(
 #[inline(always)]
 pub(super) fn backward_in<S: Simd>(
     simd: S,
+    rows: (&[f32], &[f32], Option<&[f32]>),
+    shift: (f32, f32),
+) -> [f64; 3] {
+    backward_in_from::<S, false, false>(simd, rows, shift, Recover::default())
+}
+
+/// [`backward_in`] with x read through `rec` (`YB`, `YG`: see [`Recover`]).
+#[inline(always)]
+pub(super) fn backward_in_from<S: Simd, const YB: bool, const YG: bool>(
+    simd: S,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
     (m, s): (f32, f32),
+    rec: Recover<'_>,
 ) -> [f64; 3] {
     let n = x.len();
     let (xh, xt) = S::as_simd_f32s(x);
@@ -282,6 +373,7 @@ pub(super) fn backward_in<S: Simd>(
     let mut total = [0f64; 3];
     let pb = per_block::<S>();
     let gh = gamma.map(|g| S::as_simd_f32s(&g[..n]).0);
+    let rv = rec.vecs::<S, YB, YG>(n, xh.len());
     // Plain index loops, not closures: a closure is compiled without the caller's target
     // features, so every SIMD operation in it became a call.
     let mut i = 0;
@@ -289,13 +381,15 @@ pub(super) fn backward_in<S: Simd>(
         let end = (i + pb).min(xh.len());
         let mut acc = [simd.splat_f32s(0.0); 3];
         for j in i..end {
-            backward_step(simd, (xh[j], dh[j], gh.map(|g| g[j])), (vm, vs), &mut acc);
+            let xv = rv.at::<S, YB, YG>(simd, xh[j], j);
+            backward_step(simd, (xv, dh[j], gh.map(|g| g[j])), (vm, vs), &mut acc);
         }
         fold_into(simd, acc, &mut total);
         i = end;
     }
     let base = n - xt.len();
-    backward_tail((xt, dt, gamma.map(|g| &g[base..n])), (m, s), &mut total);
+    let tail = (xt, dt, gamma.map(|g| &g[base..n]));
+    backward_tail_from::<YB, YG>(tail, (m, s), &mut total, (rec, base));
     total
 }
 
@@ -348,15 +442,29 @@ pub(super) fn epilogue_step<S: Simd>(simd: S, dx: S::f32s, (s, h): (S::f32s, S::
 /// `epi`'s h holds the tail's values only.
 #[inline(always)]
 pub(super) fn apply_tail(
-    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    rows: (&[f32], &[f32], Option<&[f32]>),
     p: &BackParams<f32>,
     base: usize,
     dx: &mut [f32],
-    mut dgamma: Option<&mut [f32]>,
-    mut dbeta: Option<&mut [f32]>,
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+    epi: Epi<'_>,
+) {
+    apply_tail_from::<false, false>(rows, p, (base, Recover::default()), dx, (dgamma, dbeta), epi);
+}
+
+/// [`apply_tail`] with x read through `rec` (`YB`, `YG`: see [`Recover`]).
+#[inline(always)]
+pub(super) fn apply_tail_from<const YB: bool, const YG: bool>(
+    (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    (base, rec): (usize, Recover<'_>),
+    dx: &mut [f32],
+    (mut dgamma, mut dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
     epi: Epi<'_>,
 ) {
     for (j, ((dxv, &xv), &dv)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
+        let xv = rec.at::<YB, YG>(xv, base + j);
         let xhat = (xv - p.m).mul_add(p.a, p.nml);
         let gc = gamma.map_or(dv, |g| dv * g[base + j]);
         *dxv = p.a.mul_add(gc, xhat.mul_add(p.c, p.b));
@@ -377,11 +485,24 @@ pub(super) fn apply_tail(
 #[inline(always)]
 pub(super) fn apply_in<S: Simd>(
     simd: S,
+    rows: (&[f32], &[f32], Option<&[f32]>),
+    p: &BackParams<f32>,
+    dx: &mut [f32],
+    parts: (Option<&mut [f32]>, Option<&mut [f32]>),
+    epi: Epi<'_>,
+) {
+    apply_in_from::<S, false, false>(simd, rows, p, dx, parts, (epi, Recover::default()))
+}
+
+/// [`apply_in`] with x read through `rec` (`YB`, `YG`: see [`Recover`]).
+#[inline(always)]
+pub(super) fn apply_in_from<S: Simd, const YB: bool, const YG: bool>(
+    simd: S,
     (x, dy, gamma): (&[f32], &[f32], Option<&[f32]>),
     p: &BackParams<f32>,
     dx: &mut [f32],
     (dgamma, dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
-    epi: Epi<'_>,
+    (epi, rec): (Epi<'_>, Recover<'_>),
 ) {
     let n = x.len();
     let (xh, xt) = S::as_simd_f32s(x);
@@ -392,8 +513,10 @@ pub(super) fn apply_in<S: Simd>(
     let mut dbs = dbeta.map(|d| S::as_mut_simd_f32s(&mut d[..n]));
     let pv = BackVecs::new(simd, p);
     let ev = epi.map(|(s, h)| (simd.splat_f32s(s), S::as_simd_f32s(&h[..n])));
+    let rv = rec.vecs::<S, YB, YG>(n, xh.len());
     for k in 0..xh.len() {
-        let (d, xhat) = apply_step(simd, (xh[k], dh[k], gh.map(|g| g[k])), &pv);
+        let xv = rv.at::<S, YB, YG>(simd, xh[k], k);
+        let (d, xhat) = apply_step(simd, (xv, dh[k], gh.map(|g| g[k])), &pv);
         dxh[k] = match ev {
             Some((s, (h, _))) => epilogue_step(simd, d, (s, h[k])),
             None => d,
@@ -407,7 +530,8 @@ pub(super) fn apply_in<S: Simd>(
     }
     let base = n - xt.len();
     let et = epi.map(|(s, h)| (s, &h[base..n]));
-    apply_tail((xt, dt, gamma), p, base, dxt, dgs.map(|d| d.1), dbs.map(|d| d.1), et);
+    let parts = (dgs.map(|d| d.1), dbs.map(|d| d.1));
+    apply_tail_from::<YB, YG>((xt, dt, gamma), p, (base, rec), dxt, parts, et);
 }
 
 /// Most rows per group of the short-row kernels.
