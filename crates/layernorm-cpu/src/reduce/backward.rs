@@ -124,11 +124,40 @@ struct BackRows<'a> {
     rec: Recover<'a>,
 }
 
-impl WithSimd for BackRows<'_> {
+/// A backward kernel whose x is read through its [`Recover`], run with that source as the
+/// compile-time `YB`, `YG` (see [`Sourced`]).
+trait FromSource {
+    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S);
+}
+
+/// `Op` with x read as the source `YB`, `YG` (see [`Recover`]), dispatched on its own: each
+/// source is compiled into a function of its own, so that the rows read as given run the code
+/// they ran before there were other sources. Compiled into one function, the four sources made
+/// the backward from x of 65536×128 12% slower (Intel AVX-512 VM, one thread, alternated runs).
+struct Sourced<Op, const YB: bool, const YG: bool>(Op);
+
+impl<Op: FromSource, const YB: bool, const YG: bool> WithSimd for Sourced<Op, YB, YG> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        by_source!(self.rec, |YB, YG| self.run::<S, YB, YG>(simd))
+        self.0.run_from::<S, YB, YG>(simd)
+    }
+}
+
+/// Runs `op` with its x read through `rec`.
+fn dispatch_from<Op: FromSource>(op: Op, rec: Recover<'_>) {
+    by_source!(rec, |YB, YG| crate::isa::dispatch(Sourced::<Op, YB, YG>(op)))
+}
+
+/// Runs `op` with its x read as given.
+fn dispatch_plain<Op: FromSource>(op: Op) {
+    crate::isa::dispatch(Sourced::<Op, false, false>(op))
+}
+
+impl FromSource for BackRows<'_> {
+    #[inline(always)]
+    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S) {
+        self.run::<S, YB, YG>(simd)
     }
 }
 
@@ -242,10 +271,9 @@ struct ShortBlocks<'a> {
     rec: Recover<'a>,
 }
 
-impl WithSimd for ShortBlocks<'_> {
-    type Output = ();
+impl FromSource for ShortBlocks<'_> {
     #[inline(always)]
-    fn with_simd<S: Simd>(mut self, simd: S) {
+    fn run_from<S: Simd, const YB: bool, const YG: bool>(mut self, simd: S) {
         let (n, block) = (self.n, crate::driver::ROW_BLOCK);
         let rows = self.mean.len().min(self.rstd.len());
         for start in (0..rows).step_by(block) {
@@ -274,7 +302,7 @@ impl WithSimd for ShortBlocks<'_> {
                 epi,
                 rec,
             };
-            op.with_simd(simd);
+            op.run::<S, YB, YG>(simd);
         }
     }
 }
@@ -293,8 +321,20 @@ pub(crate) fn back_short_blocks(
     epi: Epilogue<'_, f32>,
 ) {
     let rec = Recover::default();
-    let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
-    crate::isa::dispatch(op)
+    dispatch_plain(ShortBlocks {
+        kind,
+        stream,
+        n,
+        x,
+        dy,
+        mean,
+        rstd,
+        gamma,
+        dx,
+        partials,
+        epi,
+        rec,
+    })
 }
 
 /// One column chunk of the column-chunked backward (`crate::columns`): for every 32-row block,
@@ -626,7 +666,7 @@ pub(crate) fn back_rows(
     let (epi, rec) = (Epilogue::default(), Recover::default());
     let op =
         BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec };
-    crate::isa::dispatch(op)
+    dispatch_plain(op)
 }
 
 /// The backward's second sweep over one row fused with the next row's first sweep; returns the
@@ -691,10 +731,9 @@ impl Partials<'_> {
     }
 }
 
-impl WithSimd for BackLong<'_> {
-    type Output = ();
+impl FromSource for BackLong<'_> {
     #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
+    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S) {
         // One row per sweep on every instruction set. With AVX2's 16 registers the pair's
         // fourteen row constants spill; with AVX-512's 32 the pair's loop spilled nine of them
         // too (and its pointers), and on an Intel VM with AVX-512 (calls alternated in one
@@ -702,7 +741,7 @@ impl WithSimd for BackLong<'_> {
         // +17%, 256×16384 +3%, 16384×1024 +34% (two threads +35%, +33%, +8%, +4%, +33%); with
         // prefetches into L2 or none the pair was no faster. Two rows per sweep stays available
         // (and tested bitwise against one) for a core where it pays.
-        by_source!(self.rec, |YB, YG| self.run::<S, 1, YB, YG>(simd))
+        self.run::<S, 1, YB, YG>(simd)
     }
 }
 
@@ -985,8 +1024,7 @@ pub(crate) fn back_long(
     epi: Epilogue<'_, f32>,
 ) {
     let rec = Recover::default();
-    let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
-    crate::isa::dispatch(op)
+    dispatch_plain(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec })
 }
 
 /// The backward of consecutive blocks of rows from y with x̂ recovered in registers (`rec`,
@@ -1005,10 +1043,10 @@ pub(crate) fn back_blocks_recovered(
 ) {
     if n < row::F32_BACK_LONG_MIN_N {
         let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
-        crate::isa::dispatch(op)
+        dispatch_from(op, rec)
     } else {
         let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
-        crate::isa::dispatch(op)
+        dispatch_from(op, rec)
     }
 }
 
@@ -1050,7 +1088,7 @@ mod tests {
     impl<const K: usize> WithSimd for RowsPerSweep<'_, K> {
         type Output = ();
         fn with_simd<S: Simd>(self, simd: S) {
-            by_source!(self.0.rec, |YB, YG| self.0.run::<S, K, YB, YG>(simd))
+            self.0.run::<S, K, false, false>(simd)
         }
     }
 
@@ -1149,10 +1187,10 @@ mod tests {
                             let (dy, mean, rstd, dx) = (&dy[..], &zeros[..rows], &ones[..], &mut buf[3..]);
                             if n < row::F32_BACK_LONG_MIN_N {
                                 let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
-                                pulp::Simd::vectorize(simd, op);
+                                by_source!(rec, |YB, YG| pulp::Simd::vectorize(simd, Sourced::<_, YB, YG>(op)));
                             } else {
                                 let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
-                                pulp::Simd::vectorize(simd, op);
+                                by_source!(rec, |YB, YG| pulp::Simd::vectorize(simd, Sourced::<_, YB, YG>(op)));
                             }
                             crate::reduce::stream_fence();
                             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -1220,7 +1258,7 @@ mod tests {
                         let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                         let epi = Epilogue::default();
                         let rec = Recover::default();
-                        pulp::Simd::vectorize(simd, BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec });
+                        pulp::Simd::vectorize(simd, Sourced::<_, false, false>(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec }));
                         if let (Some(g), Some(b)) = (dgamma, dbeta) {
                             for j in 0..n {
                                 let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
@@ -1231,7 +1269,7 @@ mod tests {
                         let after = (&[][..], &[][..]);
                         let epi = Epilogue::default();
                         let rec = Recover::default();
-                        pulp::Simd::vectorize(simd, BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec });
+                        pulp::Simd::vectorize(simd, Sourced::<_, false, false>(BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec }));
                     }
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, long={long}, stream={stream}, {kind:?}");
