@@ -734,9 +734,16 @@ fn from_y_in_registers<A: Real>(
     };
     let buf = partials.and_then(as_f32_mut);
     let partials = crate::reduce::Partials { buf, want };
-    let zeros: Vec<f32> = if dh.is_none() { try_zeroed_vec("dh (zeros)", n)? } else { Vec::new() };
+    // Zeros stand for an absent dh, and for an absent β where there is a 1/γ_eff; ones for an
+    // absent 1/γ_eff where there is a β (`Recover::new`).
+    let (zeros_for_b, ones_for_g) =
+        (beta.is_none() && inverse.is_some(), inverse.is_none() && beta.is_some());
+    let zeros: Vec<f32> =
+        if dh.is_none() || zeros_for_b { try_zeroed_vec("zeros", n)? } else { Vec::new() };
+    let mut ones: Vec<f32> = if ones_for_g { try_zeroed_vec("ones", n)? } else { Vec::new() };
+    ones.fill(1.0);
     let epi = Epilogue { scale: Some(f(rstd)), dh: dh.map(f), zeros: &zeros };
-    let rec = crate::reduce::Recover { beta: beta.map_or(&[], f), inverse: inverse.map_or(&[], f) };
+    let rec = crate::reduce::Recover::new((beta.map(f), inverse.map(f)), (&zeros, &ones), n);
     let rows = (y, f(dy), f(mean), f(given));
     let (params, out) = ((gamma.map(f), rec), (dx, partials));
     crate::reduce::back_blocks_recovered((kind, n), rows, params, out, (stream, epi));

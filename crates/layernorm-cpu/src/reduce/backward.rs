@@ -7,23 +7,19 @@ use super::steps::*;
 use super::store::*;
 use crate::row::{self, BackParams, Epilogue, Kind};
 
-/// Runs `$run` with `$b`, `$g` (the kernels' `YB`, `YG`) the compile-time form of the
-/// [`Recover`] `$rec`: β subtracted where it has one, 1/γ_eff multiplied where it has one.
+/// Runs `$run` with `$r` (the kernels' `RY`) the compile-time form of the [`Recover`] `$rec`:
+/// x̂ recovered from y, or the rows read as given.
 macro_rules! by_source {
-    ($rec:expr, |$b:ident, $g:ident| $run:expr) => {{
+    ($rec:expr, |$r:ident| $run:expr) => {{
         let rec: Recover<'_> = $rec;
-        let on = (!rec.beta.is_empty(), !rec.inverse.is_empty());
-        by_source!(@match on, $b, $g, $run, (false, false), (false, true), (true, false), (true, true))
-    }};
-    (@match $on:expr, $b:ident, $g:ident, $run:expr, $(($vb:literal, $vg:literal)),*) => {
-        match $on {
-            $(($vb, $vg) => {
-                const $b: bool = $vb;
-                const $g: bool = $vg;
-                $run
-            })*
+        if rec.recovers() {
+            const $r: bool = true;
+            $run
+        } else {
+            const $r: bool = false;
+            $run
         }
-    };
+    }};
 }
 
 struct Backward<'a> {
@@ -125,46 +121,46 @@ struct BackRows<'a> {
 }
 
 /// A backward kernel whose x is read through its [`Recover`], run with that source as the
-/// compile-time `YB`, `YG` (see [`Sourced`]).
+/// compile-time `RY` (see [`Sourced`]).
 trait FromSource {
-    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S);
+    fn run_from<S: Simd, const RY: bool>(self, simd: S);
 }
 
-/// `Op` with x read as the source `YB`, `YG` (see [`Recover`]), dispatched on its own: each
-/// source is compiled into a function of its own, so that the rows read as given run the code
-/// they ran before there were other sources. Compiled into one function, the four sources made
-/// the backward from x of 65536×128 12% slower (Intel AVX-512 VM, one thread, alternated runs).
-struct Sourced<Op, const YB: bool, const YG: bool>(Op);
+/// `Op` with x read as the source `RY` (see [`Recover`]), dispatched on its own: each source is
+/// compiled into a function of its own, so that the rows read as given run the code they would
+/// without a source parameter. Compiled into one function with the other sources, the backward
+/// from x of 65536×128 measured 12% slower (Intel AVX-512 VM, one thread, alternated runs).
+struct Sourced<Op, const RY: bool>(Op);
 
-impl<Op: FromSource, const YB: bool, const YG: bool> WithSimd for Sourced<Op, YB, YG> {
+impl<Op: FromSource, const RY: bool> WithSimd for Sourced<Op, RY> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        self.0.run_from::<S, YB, YG>(simd)
+        self.0.run_from::<S, RY>(simd)
     }
 }
 
 /// Runs `op` with its x read through `rec`.
 fn dispatch_from<Op: FromSource>(op: Op, rec: Recover<'_>) {
-    by_source!(rec, |YB, YG| crate::isa::dispatch(Sourced::<Op, YB, YG>(op)))
+    by_source!(rec, |RY| crate::isa::dispatch(Sourced::<Op, RY>(op)))
 }
 
 /// Runs `op` with its x read as given.
 fn dispatch_plain<Op: FromSource>(op: Op) {
-    crate::isa::dispatch(Sourced::<Op, false, false>(op))
+    crate::isa::dispatch(Sourced::<Op, false>(op))
 }
 
 impl FromSource for BackRows<'_> {
     #[inline(always)]
-    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S) {
-        self.run::<S, YB, YG>(simd)
+    fn run_from<S: Simd, const RY: bool>(self, simd: S) {
+        self.run::<S, RY>(simd)
     }
 }
 
 impl BackRows<'_> {
-    /// The rows with x read through `self.rec` (`YB`, `YG`: see [`Recover`]).
+    /// The rows with x read through `self.rec` (`RY`: see [`Recover`]).
     #[inline(always)]
-    fn run<S: Simd, const YB: bool, const YG: bool>(mut self, simd: S) {
+    fn run<S: Simd, const RY: bool>(mut self, simd: S) {
         let n = self.n;
         let rec = self.rec;
         let rows = self.mean.len().min(self.rstd.len());
@@ -190,10 +186,10 @@ impl BackRows<'_> {
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
                     let ms = [(params[i].m, params[i].sa), (params[i + 1].m, params[i + 1].sa)];
-                    let got = back_sums_k::<S, 2, YB, YG>(simd, rows2, (gamma, rec), ms);
+                    let got = back_sums_k::<S, 2, RY>(simd, rows2, (gamma, rec), ms);
                     sums[i..i + 2].copy_from_slice(&got);
                 } else {
-                    let got = back_sums_k::<S, 1, YB, YG>(
+                    let got = back_sums_k::<S, 1, RY>(
                         simd,
                         [(xr(i), dr(i))],
                         (gamma, rec),
@@ -236,11 +232,11 @@ impl BackRows<'_> {
                 if k == 2 {
                     let rows2 = [(xr(i), dr(i)), (xr(i + 1), dr(i + 1))];
                     let (p, e) = ([params[i], params[i + 1]], [epi(i), epi(i + 1)]);
-                    apply_k::<S, 2, YB, YG>(simd, rows2, (gamma, rec), (&p, e), out, (dg, db));
+                    apply_k::<S, 2, RY>(simd, rows2, (gamma, rec), (&p, e), out, (dg, db));
                 } else {
                     let (p, e) = ([params[i]], [epi(i)]);
                     let row = [(xr(i), dr(i))];
-                    apply_k::<S, 1, YB, YG>(simd, row, (gamma, rec), (&p, e), out, (dg, db));
+                    apply_k::<S, 1, RY>(simd, row, (gamma, rec), (&p, e), out, (dg, db));
                 }
                 i += k;
             }
@@ -273,7 +269,7 @@ struct ShortBlocks<'a> {
 
 impl FromSource for ShortBlocks<'_> {
     #[inline(always)]
-    fn run_from<S: Simd, const YB: bool, const YG: bool>(mut self, simd: S) {
+    fn run_from<S: Simd, const RY: bool>(mut self, simd: S) {
         let (n, block) = (self.n, crate::driver::ROW_BLOCK);
         let rows = self.mean.len().min(self.rstd.len());
         for start in (0..rows).step_by(block) {
@@ -302,7 +298,7 @@ impl FromSource for ShortBlocks<'_> {
                 epi,
                 rec,
             };
-            op.run::<S, YB, YG>(simd);
+            op.run::<S, RY>(simd);
         }
     }
 }
@@ -435,7 +431,7 @@ pub(crate) fn back_column_chunk<'b>(
 /// same order), interleaved so that the rows' dependency chains overlap.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
+fn back_sums_k<S: Simd, const K: usize, const RY: bool>(
     simd: S,
     rows: [(&[f32], &[f32]); K],
     (gamma, rec): (Option<&[f32]>, Recover<'_>),
@@ -453,7 +449,7 @@ fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
         ks[r] = (simd.splat_f32s(shifts[r].0), simd.splat_f32s(shifts[r].1));
     }
     let gh = gamma.map(|g| &S::as_simd_f32s(&g[..n]).0[..nv]);
-    let rv = rec.vecs::<S, YB, YG>(n, nv);
+    let rv = rec.vecs::<S, RY>(n, nv);
     let mut total = [[0f64; 3]; K];
     let pb = per_block::<S>();
     let mut i = 0;
@@ -463,7 +459,7 @@ fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
         for j in i..end {
             let g = gh.map(|g| g[j]);
             for r in 0..K {
-                let xv = rv.at::<S, YB, YG>(simd, xs[r][j], j);
+                let xv = rv.at::<S, RY>(simd, xs[r][j], j);
                 backward_step(simd, (xv, ds[r][j], g), ks[r], &mut acc[r]);
             }
         }
@@ -476,7 +472,7 @@ fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     for r in 0..K {
         let gt = gamma.map(|g| &g[base..n]);
         let tail = (&rows[r].0[base..], &rows[r].1[base..n], gt);
-        backward_tail_from::<YB, YG>(tail, shifts[r], &mut total[r], (rec, base));
+        backward_tail_from::<RY>(tail, shifts[r], &mut total[r], (rec, base));
     }
     total
 }
@@ -486,7 +482,7 @@ fn back_sums_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
 /// vector per K rows: per row the operations of [`apply_in`], so bitwise its results.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn apply_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
+fn apply_k<S: Simd, const K: usize, const RY: bool>(
     simd: S,
     rows: [(&[f32], &[f32]); K],
     (gamma, rec): (Option<&[f32]>, Recover<'_>),
@@ -517,8 +513,8 @@ fn apply_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
             dgv.as_deref_mut().map_or(empty_g, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
         let dbh =
             dbv.as_deref_mut().map_or(empty_b, |d| &mut S::as_mut_simd_f32s(&mut d[..n]).0[..nv]);
-        let rv = rec.vecs::<S, YB, YG>(n, nv);
-        specialize!(apply_k_vecs::<S, K, YB, YG>(gamma.is_some(), want_g, want_b, ev.is_some())(
+        let rv = rec.vecs::<S, RY>(n, nv);
+        specialize!(apply_k_vecs::<S, K, RY>(gamma.is_some(), want_g, want_b, ev.is_some())(
             simd,
             (&xs, &ds, rv),
             gh,
@@ -535,7 +531,7 @@ fn apply_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
         );
         let et = epi[r].map(|(s, h)| (s, &h[base..n]));
         let row = (&rows[r].0[base..], &rows[r].1[base..n], gamma);
-        apply_tail_from::<YB, YG>(row, &p[r], (base, rec), dxr, (dg, db), et);
+        apply_tail_from::<RY>(row, &p[r], (base, rec), dxr, (dg, db), et);
     }
 }
 
@@ -564,8 +560,7 @@ fn epi_vecs<'a, S: Simd, const K: usize>(
 fn apply_k_vecs<
     S: Simd,
     const K: usize,
-    const YB: bool,
-    const YG: bool,
+    const RY: bool,
     const G: bool,
     const DG: bool,
     const DB: bool,
@@ -585,7 +580,7 @@ fn apply_k_vecs<
     // pairs, against lengths reloaded from the stack, in every vector column. Alternated in one
     // process on the Intel AVX-512 VM, one thread: 256×128 (from L2) +6%, 65536×128 +2%.
     let (xs, ds) = (&xs.map(|x| &x[..nv]), &ds.map(|d| &d[..nv]));
-    let rv = rv.upto::<YB, YG>(nv);
+    let rv = rv.upto::<RY>(nv);
     let gh = if G { &gh[..nv] } else { gh };
     let dgh = if DG { &mut dgh[..nv] } else { dgh };
     let dbh = if DB { &mut dbh[..nv] } else { dbh };
@@ -598,7 +593,7 @@ fn apply_k_vecs<
     for j in 0..nv {
         let g = if G { Some(gh[j]) } else { None };
         let src = (xs, ds, rv);
-        apply_column::<S, K, YB, YG, DG, DB, E>(simd, src, g, (pv, ev), j, &mut outs, (dgh, dbh));
+        apply_column::<S, K, RY, DG, DB, E>(simd, src, g, (pv, ev), j, &mut outs, (dgh, dbh));
     }
 }
 
@@ -611,8 +606,7 @@ fn apply_k_vecs<
 fn apply_column<
     S: Simd,
     const K: usize,
-    const YB: bool,
-    const YG: bool,
+    const RY: bool,
     const DG: bool,
     const DB: bool,
     const E: bool,
@@ -629,7 +623,7 @@ fn apply_column<
     let (mut dgv, mut dbv) = (if DG { dgh[j] } else { zero }, if DB { dbh[j] } else { zero });
     for r in 0..K {
         let dyv = ds[r][j];
-        let xv = rv.at::<S, YB, YG>(simd, xs[r][j], j);
+        let xv = rv.at::<S, RY>(simd, xs[r][j], j);
         let (d, xhat) = apply_step(simd, (xv, dyv, g), &pv[r]);
         dx[r][j] = if E { epilogue_step(simd, d, (ev[r].0, ev[r].1[j])) } else { d };
         if DG {
@@ -733,7 +727,7 @@ impl Partials<'_> {
 
 impl FromSource for BackLong<'_> {
     #[inline(always)]
-    fn run_from<S: Simd, const YB: bool, const YG: bool>(self, simd: S) {
+    fn run_from<S: Simd, const RY: bool>(self, simd: S) {
         // One row per sweep on every instruction set. With AVX2's 16 registers the pair's
         // fourteen row constants spill; with AVX-512's 32 the pair's loop spilled nine of them
         // too (and its pointers), and on an Intel VM with AVX-512 (calls alternated in one
@@ -741,15 +735,15 @@ impl FromSource for BackLong<'_> {
         // +17%, 256×16384 +3%, 16384×1024 +34% (two threads +35%, +33%, +8%, +4%, +33%); with
         // prefetches into L2 or none the pair was no faster. Two rows per sweep stays available
         // (and tested bitwise against one) for a core where it pays.
-        self.run::<S, 1, YB, YG>(simd)
+        self.run::<S, 1, RY>(simd)
     }
 }
 
 impl BackLong<'_> {
     /// The rows K at a time: each sweep writes rows r..r+K's dx while summing rows r+K..r+2K;
-    /// x read through `self.rec` (`YB`, `YG`: see [`Recover`]).
+    /// x read through `self.rec` (`RY`: see [`Recover`]).
     #[inline(always)]
-    fn run<S: Simd, const K: usize, const YB: bool, const YG: bool>(mut self, simd: S) {
+    fn run<S: Simd, const K: usize, const RY: bool>(mut self, simd: S) {
         let n = self.n;
         let rec = self.rec;
         let rows = self.mean.len().min(self.rstd.len());
@@ -768,7 +762,7 @@ impl BackLong<'_> {
         let mut sums = [[0f64; 3]; K];
         for (r, s) in sums.iter_mut().enumerate().take(rows.min(K)) {
             let row = (&x[span(r)], &dy[span(r)], gamma);
-            *s = back_row_sums::<S, YB, YG>(simd, row, rec, (self.mean[r], self.rstd[r]));
+            *s = back_row_sums::<S, RY>(simd, row, rec, (self.mean[r], self.rstd[r]));
         }
         let mut r = 0;
         while r < rows {
@@ -794,7 +788,7 @@ impl BackLong<'_> {
                         // block of the sweep (`back_k`); several: a share after each sweep.
                         let (staged, pend) = sp.next();
                         let pend = pend.map(|(f, prev)| (f, prev, &mut *self.dx));
-                        sums = back_k::<S, K, YB, YG>(
+                        sums = back_k::<S, K, RY>(
                             simd,
                             n,
                             (x, dy, gamma, rec),
@@ -809,7 +803,7 @@ impl BackLong<'_> {
                     None => {
                         let out = &mut self.dx[r * n..(r + K) * n];
                         let (src, cur) = ((x, dy, gamma, rec), (r, p, e));
-                        sums = back_k::<S, K, YB, YG>(simd, n, src, cur, next, out, parts, None);
+                        sums = back_k::<S, K, RY>(simd, n, src, cur, next, out, parts, None);
                     }
                 }
                 r += K;
@@ -819,13 +813,13 @@ impl BackLong<'_> {
                 let parts = self.partials.of_row(r, n);
                 let src = (&x[span(r)], &dy[span(r)], gamma);
                 let dxr = &mut self.dx[span(r)];
-                apply_in_from::<S, YB, YG>(simd, src, &p, dxr, parts, (epi.row(r, n), rec));
+                apply_in_from::<S, RY>(simd, src, &p, dxr, parts, (epi.row(r, n), rec));
                 sums.copy_within(1.., 0);
                 if r + K < rows {
                     let q = r + K;
                     let row = (&x[span(q)], &dy[span(q)], gamma);
                     let (m, s) = (self.mean[q], self.rstd[q]);
-                    sums[K - 1] = back_row_sums::<S, YB, YG>(simd, row, rec, (m, s));
+                    sums[K - 1] = back_row_sums::<S, RY>(simd, row, rec, (m, s));
                 }
                 r += 1;
             }
@@ -839,13 +833,13 @@ impl BackLong<'_> {
 
 /// One row's backward sums from its saved statistics (as [`Backward`] forms them).
 #[inline(always)]
-fn back_row_sums<S: Simd, const YB: bool, const YG: bool>(
+fn back_row_sums<S: Simd, const RY: bool>(
     simd: S,
     rows: (&[f32], &[f32], Option<&[f32]>),
     rec: Recover<'_>,
     (mean, rstd): (f32, f32),
 ) -> [f64; 3] {
-    backward_in_from::<S, YB, YG>(simd, rows, row::back_shift_f32(mean, rstd), rec)
+    backward_in_from::<S, RY>(simd, rows, row::back_shift_f32(mean, rstd), rec)
 }
 
 /// One sweep of [`BackLong`]: rows `r..r+K` (with their constants `p`) written into `dx` (K rows
@@ -853,7 +847,7 @@ fn back_row_sums<S: Simd, const YB: bool, const YG: bool>(
 /// `pending` (a flush, its staged rows, the whole dx) is written out a piece after each block.
 #[inline(always)]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn back_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
+fn back_k<S: Simd, const K: usize, const RY: bool>(
     simd: S,
     n: usize,
     (x, dy, gamma, rec): (&[f32], &[f32], Option<&[f32]>, Recover<'_>),
@@ -896,9 +890,9 @@ fn back_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     };
     let ev = epi_vecs(simd, n, nv, epi);
     let zero = simd.splat_f32s(0.0);
-    let rv = rec.vecs::<S, YB, YG>(n, nv);
+    let rv = rec.vecs::<S, RY>(n, nv);
     let mut total =
-        specialize!(back_k_vecs::<S, K, YB, YG>(gamma.is_some(), want_g, want_b, ev.is_some())(
+        specialize!(back_k_vecs::<S, K, RY>(gamma.is_some(), want_g, want_b, ev.is_some())(
             simd,
             (nxt, nk, rv),
             (&cur, &pv, &ev.unwrap_or([(zero, &[][..]); K])),
@@ -911,14 +905,14 @@ fn back_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
     let gt = gamma.map(|g| &g[base..n]);
     for k in 0..K {
         let (tail, shift) = ((nx[k].1, nd[k].1, gt), (next[k].1, next[k].2));
-        backward_tail_from::<YB, YG>(tail, shift, &mut total[k], (rec, base));
+        backward_tail_from::<RY>(tail, shift, &mut total[k], (rec, base));
     }
     let (mut dgt, mut dbt) = (dgs.map(|d| d.1), dbs.map(|d| d.1));
     for (k, dxr) in dxt.into_iter().enumerate() {
         let (dg, db) = (dgt.as_deref_mut(), dbt.as_deref_mut());
         let et = epi[k].map(|(s, h)| (s, &h[base..n]));
         let row = (cx[k].1, cd[k].1, gamma);
-        apply_tail_from::<YB, YG>(row, &p[k], (base, rec), dxr, (dg, db), et);
+        apply_tail_from::<RY>(row, &p[k], (base, rec), dxr, (dg, db), et);
     }
     total
 }
@@ -929,8 +923,7 @@ fn back_k<S: Simd, const K: usize, const YB: bool, const YG: bool>(
 fn back_k_vecs<
     S: Simd,
     const K: usize,
-    const YB: bool,
-    const YG: bool,
+    const RY: bool,
     const G: bool,
     const DG: bool,
     const DB: bool,
@@ -957,7 +950,7 @@ fn back_k_vecs<
     let nxt = nxt.map(|(x, d)| (&x[..nv], &d[..nv]));
     let cur = &cur.map(|rows| rows.map(|r| &r[..nv]));
     let mut dxh = dxh.map(|d| &mut d[..nv]);
-    let rv = rv.upto::<YB, YG>(nv);
+    let rv = rv.upto::<RY>(nv);
     let gh = if G { &gh[..nv] } else { gh };
     let dgh = if DG { &mut dgh[..nv] } else { dgh };
     let dbh = if DB { &mut dbh[..nv] } else { dbh };
@@ -984,19 +977,11 @@ fn back_k_vecs<
             }
             let g = if G { Some(gh[j]) } else { None };
             for k in 0..K {
-                let xv = rv.at::<S, YB, YG>(simd, nxt[k].0[j], j);
+                let xv = rv.at::<S, RY>(simd, nxt[k].0[j], j);
                 backward_step(simd, (xv, nxt[k].1[j], g), nk[k], &mut acc[k]);
             }
             let src = (&cur[0], &cur[1], rv);
-            apply_column::<S, K, YB, YG, DG, DB, E>(
-                simd,
-                src,
-                g,
-                (pv, ev),
-                j,
-                &mut dxh,
-                (dgh, dbh),
-            );
+            apply_column::<S, K, RY, DG, DB, E>(simd, src, g, (pv, ev), j, &mut dxh, (dgh, dbh));
         }
         if let Some((f, src, y)) = pending.as_mut() {
             let upto = f.body * end / nv;
@@ -1088,7 +1073,7 @@ mod tests {
     impl<const K: usize> WithSimd for RowsPerSweep<'_, K> {
         type Output = ();
         fn with_simd<S: Simd>(self, simd: S) {
-            self.0.run::<S, K, false, false>(simd)
+            self.0.run::<S, K, false>(simd)
         }
     }
 
@@ -1158,7 +1143,7 @@ mod tests {
             let inverse: Vec<f32> = g.iter().map(|&g| 1.0 / g).collect();
             let b: Vec<f32> = (0..n).map(|j| 0.1 * (j % 5) as f32 - 0.2).collect();
             let zeros = vec![0f32; n.max(rows)];
-            let ones = vec![1f32; rows];
+            let ones = vec![1f32; n.max(rows)];
             let rstd: Vec<f32> = (0..rows).map(|r| 0.9 + r as f32 * 0.003).collect();
             let blocks = rows.div_ceil(crate::driver::ROW_BLOCK);
             for ((with_b, with_g), with_dh) in
@@ -1169,10 +1154,8 @@ mod tests {
                 let staged =
                     gamma.map(|_| crate::stage::Gamma { values: &inverse[..], divide: false });
                 crate::stage::recover::<f32>(n, &y, beta, staged, &mut xhat);
-                let rec = Recover {
-                    beta: beta.unwrap_or_default(),
-                    inverse: gamma.map_or(&[][..], |_| &inverse[..]),
-                };
+                let rec =
+                    Recover::new((beta, gamma.map(|_| &inverse[..])), (&zeros[..], &ones[..]), n);
                 let epi = Epilogue {
                     scale: Some(&rstd[..]),
                     dh: with_dh.then_some(&dh[..]),
@@ -1184,13 +1167,13 @@ mod tests {
                             let mut buf = vec![-7f32; rows * n + 3];
                             let mut parts = vec![0f32; blocks * 2 * n];
                             let partials = Partials { buf: Some(&mut parts), want: (true, true) };
-                            let (dy, mean, rstd, dx) = (&dy[..], &zeros[..rows], &ones[..], &mut buf[3..]);
+                            let (dy, mean, rstd, dx) = (&dy[..], &zeros[..rows], &ones[..rows], &mut buf[3..]);
                             if n < row::F32_BACK_LONG_MIN_N {
                                 let op = ShortBlocks { kind, stream, n, x, dy, mean, rstd, gamma, dx, partials, epi, rec };
-                                by_source!(rec, |YB, YG| pulp::Simd::vectorize(simd, Sourced::<_, YB, YG>(op)));
+                                by_source!(rec, |RY| pulp::Simd::vectorize(simd, Sourced::<_, RY>(op)));
                             } else {
                                 let op = BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec };
-                                by_source!(rec, |YB, YG| pulp::Simd::vectorize(simd, Sourced::<_, YB, YG>(op)));
+                                by_source!(rec, |RY| pulp::Simd::vectorize(simd, Sourced::<_, RY>(op)));
                             }
                             crate::reduce::stream_fence();
                             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -1258,7 +1241,7 @@ mod tests {
                         let partials = Partials { buf: Some(&mut parts), want: (true, true) };
                         let epi = Epilogue::default();
                         let rec = Recover::default();
-                        pulp::Simd::vectorize(simd, Sourced::<_, false, false>(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec }));
+                        pulp::Simd::vectorize(simd, Sourced::<_, false>(BackLong { kind, n, x, dy, mean, rstd, gamma, dx, partials, stream, epi, rec }));
                         if let (Some(g), Some(b)) = (dgamma, dbeta) {
                             for j in 0..n {
                                 let sum = |o: usize| (0..blocks).map(|k| f64::from(parts[2 * n * k + o + j])).sum::<f64>();
@@ -1269,7 +1252,7 @@ mod tests {
                         let after = (&[][..], &[][..]);
                         let epi = Epilogue::default();
                         let rec = Recover::default();
-                        pulp::Simd::vectorize(simd, Sourced::<_, false, false>(BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec }));
+                        pulp::Simd::vectorize(simd, Sourced::<_, false>(BackRows { kind, stream, n, x, dy, after, mean, rstd, gamma, dx, dgamma, dbeta, epi, rec }));
                     }
                     crate::reduce::stream_fence();
                     let what = format!("{isa}, n={n}, long={long}, stream={stream}, {kind:?}");
