@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use layernorm_core::ndarray::{Array1, Array2, ArrayView2};
+use layernorm_core::ndarray::{Array1, Array2, ArrayRef, ArrayView2, Dimension};
 use layernorm_core::{
     Backend, DType, Element, Error, NdForward, NdGradients, Norm, NormKind, NormSpec, NormalizeNd,
     Stats, reference,
@@ -35,6 +35,28 @@ pub fn backend() -> Option<&'static WgpuBackend> {
             None
         }
     }
+}
+
+/// A second backend on its own device that never uses subgroups (the workgroup-memory
+/// reductions every device has), shared by the tests of a binary; `None` where [`backend`] is.
+pub fn without_subgroups() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<WgpuBackend> = OnceLock::new();
+    backend()?;
+    Some(B.get_or_init(|| WgpuBackend::new().expect("a second device").with_subgroups(false)))
+}
+
+/// A backend on its own device whose bindings are capped at 64 KiB and whose grids at 16
+/// workgroups per dimension, so that problems of a few thousand elements run as several row
+/// chunks on 2-D grids; shared by the tests of a binary, `None` where [`backend`] is.
+pub fn capped() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<WgpuBackend> = OnceLock::new();
+    backend()?;
+    Some(B.get_or_init(|| {
+        WgpuBackend::new()
+            .expect("a second device")
+            .with_max_binding_size(64 * 1024)
+            .with_max_workgroups_per_dimension(16)
+    }))
 }
 
 /// Whether `b` computes `dtype`; where it does not, the refusal must be a typed
@@ -67,20 +89,33 @@ pub enum Dist {
     Zero,
 }
 
+/// `rows × n` values of `dist` from `seed`.
 pub fn data(rows: usize, n: usize, dist: Dist, seed: u64) -> Vec<f64> {
+    data_as(rows, n, dist, seed, |v| v)
+}
+
+/// [`data`] with `f` applied to each value and the result rounded to `T`, without the `f64`
+/// copy (the same values as `round::<T>` of the mapped [`data`]).
+pub fn data_as<T: Element>(
+    rows: usize,
+    n: usize,
+    dist: Dist,
+    seed: u64,
+    f: impl Fn(f64) -> f64,
+) -> Vec<T> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut v = Vec::with_capacity(rows * n);
     for r in 0..rows {
         let c: f64 = rng.sample(StandardNormal);
         for _ in 0..n {
             let z: f64 = rng.sample(StandardNormal);
-            v.push(match dist {
+            v.push(T::from_f64(f(match dist {
                 Dist::Normal => z,
                 Dist::Offset(o) => o + z,
                 Dist::Scaled(s) => s * z,
                 Dist::Constant => c * (r as f64 + 1.0),
                 Dist::Zero => 0.0,
-            });
+            })));
         }
     }
     v
@@ -159,6 +194,11 @@ pub fn widen<T: Element>(v: &[T]) -> Vec<f64> {
 
 pub fn widen_iter<'a, T: Element>(v: impl IntoIterator<Item = &'a T>) -> Vec<f64> {
     v.into_iter().map(|&x| T::to_f64(x)).collect()
+}
+
+/// The elements of `a` in `f64`, in logical order (through the slice where `a` is contiguous).
+pub fn widen_array<T: Element, D: Dimension>(a: &ArrayRef<T, D>) -> Vec<f64> {
+    a.as_slice().map_or_else(|| widen_iter(a.iter()), widen)
 }
 
 /// A rows × n array of `v`.
@@ -260,9 +300,9 @@ pub struct Grads {
 impl<T: Element> From<NdGradients<T, layernorm_core::ndarray::Ix2>> for Grads {
     fn from(g: NdGradients<T, layernorm_core::ndarray::Ix2>) -> Grads {
         Grads {
-            dx: widen_iter(g.dx.iter()),
-            dgamma: g.dgamma.as_ref().map(|d| widen_iter(d.iter())),
-            dbeta: g.dbeta.as_ref().map(|d| widen_iter(d.iter())),
+            dx: widen_array(&g.dx),
+            dgamma: g.dgamma.as_ref().map(|d| widen_array(d)),
+            dbeta: g.dbeta.as_ref().map(|d| widen_array(d)),
         }
     }
 }
@@ -325,6 +365,10 @@ pub fn check<T: Element>(b: &WgpuBackend, spec: &NormSpec, x: &[f64], tol: Tol, 
 
 /// [`check`] for one pre-norm variant: a residual (seeded) added ahead of the norm, the backward
 /// from y, a seeded dh. h must equal the reference's rounded x + residual bit for bit.
+///
+/// Only the tensors the problem reads are drawn (γ, β, the residual, dh), each from its own seed,
+/// straight into `T`; x̂ is formed where it is read rather than stored: on rows of 2^24 elements
+/// every `f64` temporary is 128 MiB of fresh pages.
 pub fn check_variant<T: Element>(
     b: &WgpuBackend,
     spec: &NormSpec,
@@ -338,22 +382,23 @@ pub fn check_variant<T: Element>(
         "{rows}x{n} {} {} γ={} β={} offset={} eps={} {v:?}",
         spec.kind, spec.dtype, spec.gamma, spec.beta, spec.gamma_offset, spec.eps
     );
+    let drawn = |rows, dist, seed| array(rows, n, data_as::<T>(rows, n, dist, seed, |v| v));
     let xt = array(rows, n, round::<T>(x));
-    let g: Vec<T> = round(
-        &data(1, n, Dist::Normal, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>(),
-    );
-    let bt: Vec<T> = round(&data(1, n, Dist::Scaled(0.5), seed + 2));
-    let dyt = array(rows, n, round::<T>(&data(rows, n, Dist::Normal, seed + 3)));
-    let rt = array(rows, n, round::<T>(&data(rows, n, Dist::Scaled(0.75), seed + 4)));
-    let dht = array(rows, n, round::<T>(&data(rows, n, Dist::Normal, seed + 5)));
-    let (x64, g64, b64, dy64) =
-        (widen_iter(xt.iter()), widen(&g), widen(&bt), widen_iter(dyt.iter()));
+    let g: Vec<T> =
+        if spec.gamma { data_as(1, n, Dist::Normal, seed + 1, |v| 1.0 + 0.5 * v) } else { vec![] };
+    let bt: Vec<T> =
+        if spec.beta { data_as(1, n, Dist::Scaled(0.5), seed + 2, |v| v) } else { vec![] };
+    let dyt = drawn(rows, Dist::Normal, seed + 3);
+    let mut rt = (v.res != Res::None).then(|| drawn(rows, Dist::Scaled(0.75), seed + 4));
+    let dht = v.dh.then(|| drawn(rows, Dist::Normal, seed + 5));
+    let (x64, dy64) = (widen_array(&xt), widen_array(&dyt));
+    let res64 = rt.as_ref().map(|r| widen_array(r));
+    let (g64, b64) = (widen(&g), widen(&bt));
     let gamma = spec.gamma.then_some(&g[..]);
     let beta = spec.beta.then_some(&bt[..]);
     let (g64, b64) = (spec.gamma.then_some(&g64[..]), spec.beta.then_some(&b64[..]));
 
-    // Forward, and the tensor the backward from x reads (h with a residual).
-    let mut in_place = rt.clone();
+    // Forward; with a residual in place, h comes back in the residual's array.
     let f = {
         let mut call = b.forward_nd(norm_of(spec), &xt);
         if let Some(gm) = gamma {
@@ -362,47 +407,45 @@ pub fn check_variant<T: Element>(
         if let Some(be) = beta {
             call = call.beta(be);
         }
-        call = match v.res {
-            Res::None => call,
-            Res::Add => call.residual(&rt),
-            Res::InPlace => call.residual_in_place(in_place.view_mut()),
+        call = match (v.res, rt.as_mut()) {
+            (Res::Add, Some(r)) => call.residual(&*r),
+            (Res::InPlace, Some(r)) => call.residual_in_place(r.view_mut()),
+            _ => call,
         };
         call.run().unwrap_or_else(|e| panic!("{what}: {e}"))
     };
-    let (h_arr, r) = match v.res {
-        Res::None => (xt.clone(), reference::forward(spec, &x64, g64, b64).unwrap()),
-        _ => {
-            let res64 = widen_iter(rt.iter());
-            let (h, r) = reference::forward_residual(spec, &x64, &res64, g64, b64).unwrap();
-            let got = match v.res {
-                Res::Add => f.h.as_ref().expect("h").iter().copied().collect::<Vec<T>>(),
-                _ => in_place.iter().copied().collect(),
-            };
-            let want: Vec<T> = round(&h);
+    // The tensor the backward from x reads: x, or the backend's h once it is shown to be the
+    // reference's (x + residual rounded to the storage dtype).
+    let h_arr = match v.res {
+        Res::None => xt.view(),
+        Res::Add => f.h.as_ref().expect("h").view(),
+        Res::InPlace => rt.as_ref().expect("residual").view(),
+    };
+    let (h_ref, r) = match &res64 {
+        None => (None, reference::forward(spec, &x64, g64, b64).unwrap()),
+        Some(res64) => {
+            let (h, r) = reference::forward_residual(spec, &x64, res64, g64, b64).unwrap();
             assert!(
-                got.iter().zip(&want).all(|(a, w)| T::to_f64(*a) == T::to_f64(*w)),
+                h_arr.iter().zip(&h).all(|(a, &w)| T::to_f64(*a) == T::to_f64(T::from_f64(w))),
                 "{what}: h is not the rounded x + residual"
             );
-            (array(rows, n, want), r)
+            (Some(h), r)
         }
     };
-    let h64 = widen_iter(h_arr.iter());
-    // Per-row scales of y (docs/conformance.md): max_j |x̂_j·γeff_j| + |β_j|.
+    // h as the reference rounded it (exactly T's values).
+    let h64: &[f64] = h_ref.as_deref().unwrap_or(&x64);
     let geff = |j: usize| g64.map_or(1.0, |g| spec.gamma_offset + g[j]);
-    let xhat_of = |v: &[f64], mean: Option<&Vec<f64>>, rstd: &[f64]| -> Vec<f64> {
-        (0..rows * n)
-            .map(|i| (v[i] - mean.map_or(0.0, |m| m[i / n])) * rstd[i / n])
-            .collect::<Vec<f64>>()
-    };
-    let xhat = xhat_of(&h64, r.mean.as_ref(), &r.rstd);
+    let beta_at = |j: usize| b64.map_or(0.0, |b| b[j]);
+    // Per-row scales of y (docs/conformance.md): max_j |x̂_j·γeff_j| + |β_j|.
     let y_scale: Vec<f64> = (0..rows)
         .map(|row| {
-            (0..n).fold(0.0f64, |m, j| {
-                m.max((xhat[row * n + j] * geff(j)).abs() + b64.map_or(0.0, |b| b[j].abs()))
-            })
+            let (mu, rs) = (r.mean.as_ref().map_or(0.0, |m| m[row]), r.rstd[row]);
+            let h = &h64[row * n..(row + 1) * n];
+            (0..n).fold(0.0f64, |m, j| m.max(((h[j] - mu) * rs * geff(j)).abs() + beta_at(j).abs()))
         })
         .collect();
-    assert_within(&what, "y", row_err(&widen_iter(f.y.iter()), &r.y, &y_scale), tol.y);
+    let y64 = widen_array(&f.y);
+    assert_within(&what, "y", row_err(&y64, &r.y, &y_scale), tol.y);
     let rstd: Vec<T::Acc> = f.saved.rstd.iter().copied().collect();
     let mean: Option<Vec<T::Acc>> = f.saved.mean.as_ref().map(|m| m.iter().copied().collect());
     assert_eq!(mean.is_some(), spec.has_mean(), "{what}: a mean iff the kind has one");
@@ -422,71 +465,67 @@ pub fn check_variant<T: Element>(
     }
 
     // Backward: from h (or x) with the backend's own statistics, or from the backend's y.
-    let dh = v.dh.then_some(&dht);
+    let rstd64: Vec<f64> = rstd.iter().map(|&v| v.into()).collect();
     let (grads, rb) = if v.from_y {
-        let y = f.y.view();
-        let got = backward::<T>(b, spec, y, true, &dyt, None, &rstd, gamma, beta, dh);
-        let y64 = widen_iter(f.y.iter());
-        let rstd64: Vec<f64> = rstd.iter().map(|&v| v.into()).collect();
+        let got =
+            backward::<T>(b, spec, f.y.view(), true, &dyt, None, &rstd, gamma, beta, dht.as_ref());
         let want = reference::backward_from_output(spec, &y64, &dy64, &rstd64, g64, b64);
         (got, want.unwrap())
     } else {
-        let got = backward::<T>(
-            b,
-            spec,
-            h_arr.view(),
-            false,
-            &dyt,
-            mean.as_deref(),
-            &rstd,
-            gamma,
-            beta,
-            dh,
-        );
-        let want = reference::backward(spec, &h64, &dy64, r.mean.as_deref(), &r.rstd, g64).unwrap();
+        let (m, rs) = (mean.as_deref(), &rstd);
+        let got = backward::<T>(b, spec, h_arr, false, &dyt, m, rs, gamma, beta, dht.as_ref());
+        let want = reference::backward(spec, h64, &dy64, r.mean.as_deref(), &r.rstd, g64).unwrap();
         (got, want)
     };
     let grads = grads.unwrap_or_else(|e| panic!("{what}: backward: {e}"));
     // dx per row against rstd · max_j(|g_j| + |c2| + |x̂_j·c1|) (+ max |dh_j|), from the x̂ the
     // reference used; dγ_j against Σ_i |dy_ij|(|x̂_ij| + 1), dβ_j against Σ_i |dy_ij|.
-    let (xhat, rstd_ref) = if v.from_y {
-        let y64 = widen_iter(f.y.iter());
-        let rs: Vec<f64> = rstd.iter().map(|&v| v.into()).collect();
-        let xh = (0..rows * n).map(|i| (y64[i] - b64.map_or(0.0, |b| b[i % n])) / geff(i % n));
-        (xh.collect::<Vec<f64>>(), rs)
-    } else {
-        (xhat, r.rstd.clone())
+    let rstd_ref = if v.from_y { &rstd64 } else { &r.rstd };
+    let xhat = |row: usize, j: usize| {
+        let i = row * n + j;
+        if v.from_y {
+            (y64[i] - beta_at(j)) / geff(j)
+        } else {
+            (h64[i] - r.mean.as_ref().map_or(0.0, |m| m[row])) * r.rstd[row]
+        }
     };
-    let dh64 = v.dh.then(|| widen_iter(dht.iter()));
+    let dh64 = dht.as_ref().map(|d| widen_array(d));
     let dx_scale: Vec<f64> = (0..rows)
         .map(|row| {
-            let at = |j: usize| row * n + j;
-            let g = |j: usize| dy64[at(j)] * geff(j);
-            let c1 = (0..n).map(|j| g(j) * xhat[at(j)]).sum::<f64>() / n as f64;
+            let g = |j: usize| dy64[row * n + j] * geff(j);
+            let c1 = (0..n).map(|j| g(j) * xhat(row, j)).sum::<f64>() / n as f64;
             let c2 = if spec.has_mean() { (0..n).map(g).sum::<f64>() / n as f64 } else { 0.0 };
-            let terms =
-                (0..n).fold(0.0f64, |m, j| m.max(g(j).abs() + c2.abs() + (xhat[at(j)] * c1).abs()));
-            let dh =
-                dh64.as_ref().map_or(0.0, |d| (0..n).fold(0.0f64, |m, j| m.max(d[at(j)].abs())));
+            let terms = (0..n)
+                .fold(0.0f64, |m, j| m.max(g(j).abs() + c2.abs() + (xhat(row, j) * c1).abs()));
+            let dh = dh64.as_ref().map_or(0.0, |d| {
+                d[row * n..(row + 1) * n].iter().fold(0.0f64, |m, v| m.max(v.abs()))
+            });
             rstd_ref[row].abs() * terms + dh
         })
         .collect();
-    let rb = if v.dh { reference::add_dh(rb, &widen_iter(dht.iter())).unwrap() } else { rb };
+    let rb = match &dh64 {
+        Some(dh) => reference::add_dh(rb, dh).unwrap(),
+        None => rb,
+    };
     assert_within(&what, "dx", row_err(&grads.dx, &rb.dx, &dx_scale), tol.dx);
     assert_eq!(grads.dgamma.is_some(), spec.gamma, "{what}: dγ iff γ");
     assert_eq!(grads.dbeta.is_some(), spec.beta, "{what}: dβ iff β");
-    let col_err = |got: &[f64], want: &[f64], weight: &dyn Fn(usize) -> f64| {
-        let scale: Vec<f64> = (0..n)
-            .map(|j| (0..rows).map(|i| dy64[i * n + j].abs() * weight(i * n + j)).sum())
-            .collect();
+    let col_err = |got: &[f64], want: &[f64], weight: &dyn Fn(usize, usize) -> f64| {
+        // Σ over rows in row order for every column, as one pass over dy.
+        let mut scale = vec![0.0f64; n];
+        for row in 0..rows {
+            for (j, s) in scale.iter_mut().enumerate() {
+                *s += dy64[row * n + j].abs() * weight(row, j);
+            }
+        }
         // One "row" per column: row_err over the transposed layout.
         (0..n).fold(0.0f64, |m, j| m.max(row_err(&got[j..=j], &want[j..=j], &scale[j..=j])))
     };
     if let (Some(got), Some(want)) = (&grads.dgamma, &rb.dgamma) {
-        let e = col_err(got, want, &|i| xhat[i].abs() + 1.0);
+        let e = col_err(got, want, &|row, j| xhat(row, j).abs() + 1.0);
         assert_within(&what, "dgamma", e, tol.params);
     }
     if let (Some(got), Some(want)) = (&grads.dbeta, &rb.dbeta) {
-        assert_within(&what, "dbeta", col_err(got, want, &|_| 1.0), tol.params);
+        assert_within(&what, "dbeta", col_err(got, want, &|_, _| 1.0), tol.params);
     }
 }
