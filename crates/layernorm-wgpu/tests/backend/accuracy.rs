@@ -3,7 +3,7 @@
 //! rows streamed from memory, vec4 and scalar access) and the numerics (|mean| ≫ std, |x| ~ 1e30,
 //! constant rows, tiny eps).
 
-mod common;
+use crate::common;
 
 use common::{BF16, Dist, F16, F32, array, backend, check, data, runs};
 use layernorm_core::{DType, Norm, NormSpec, NormalizeNd, bf16, f16};
@@ -113,7 +113,7 @@ fn the_default_backend_takes_the_subgroup_path_where_the_device_has_subgroups() 
     let name = layernorm_core::Backend::device(b).name;
     assert_eq!(b.uses_subgroups(), has, "{name}: SUBGROUP {has}, used {}", b.uses_subgroups());
     // Off on request, and never on without the feature.
-    let off = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
+    let off = common::without_subgroups().expect("a device");
     assert!(!off.uses_subgroups());
     let on = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false).with_subgroups(true);
     assert_eq!(on.uses_subgroups(), has);
@@ -136,20 +136,19 @@ fn the_default_backend_takes_the_subgroup_path_where_the_device_has_subgroups() 
 fn workgroup_memory_reductions() {
     // The default backend uses subgroup reductions where the device has them (lavapipe does);
     // this one takes the workgroup-memory path every device has.
-    let Some(_) = backend() else { return };
-    let b = layernorm_wgpu::WgpuBackend::new().unwrap().with_subgroups(false);
+    let Some(b) = common::without_subgroups() else { return };
     assert!(!b.uses_subgroups());
     for (i, &(rows, n)) in [(5, 3), (24, 768), (4, 4096), (2, 65536), (3000, 16)].iter().enumerate()
     {
         check::<f32>(
-            &b,
+            b,
             &spec(rows, n, DType::F32),
             &data(rows, n, Dist::Offset(1e4), i as u64),
             F32,
             8,
         );
         check::<bf16>(
-            &b,
+            b,
             &spec(rows, n, DType::BF16),
             &data(rows, n, Dist::Normal, i as u64),
             BF16,
@@ -184,18 +183,14 @@ fn affine_and_eps_variants() {
 
 #[test]
 fn split_into_several_dispatches_and_a_2d_grid() {
-    let Some(_) = backend() else { return };
-    // A fresh backend whose bindings are capped at 64 KiB and whose grids at 16 workgroups per
+    // A backend whose bindings are capped at 64 KiB and whose grids at 16 workgroups per
     // dimension: the same problems now run as several row chunks on 2-D grids.
-    let b = layernorm_wgpu::WgpuBackend::new()
-        .unwrap()
-        .with_max_binding_size(64 * 1024)
-        .with_max_workgroups_per_dimension(16);
-    check::<f32>(&b, &spec(1000, 100, DType::F32), &data(1000, 100, Dist::Normal, 1), F32, 1);
-    check::<f32>(&b, &spec(700, 3, DType::F32), &data(700, 3, Dist::Normal, 1), F32, 1);
-    check::<bf16>(&b, &spec(1000, 99, DType::BF16), &data(1000, 99, Dist::Normal, 2), BF16, 2);
-    if runs(&b, DType::F16) {
-        check::<f16>(&b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
+    let Some(b) = common::capped() else { return };
+    check::<f32>(b, &spec(1000, 100, DType::F32), &data(1000, 100, Dist::Normal, 1), F32, 1);
+    check::<f32>(b, &spec(700, 3, DType::F32), &data(700, 3, Dist::Normal, 1), F32, 1);
+    check::<bf16>(b, &spec(1000, 99, DType::BF16), &data(1000, 99, Dist::Normal, 2), BF16, 2);
+    if runs(b, DType::F16) {
+        check::<f16>(b, &spec(600, 63, DType::F16), &data(600, 63, Dist::Normal, 3), F16, 3);
     }
     // A row that alone exceeds the binding cap is a typed error, not a wgpu validation panic.
     let x = array(2, 20_000, vec![0.0f32; 40_000]);

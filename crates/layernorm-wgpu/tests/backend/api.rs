@@ -2,7 +2,7 @@
 //! bitwise-reproducible dγ/dβ, non-finite rows contained, `rows == 0`, and buffers brought by the
 //! user.
 
-mod common;
+use crate::common;
 
 use common::{Dist, Res, Variant, array, backend, data, round};
 use layernorm_core::ndarray::{Array1, Array2};

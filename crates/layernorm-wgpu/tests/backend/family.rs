@@ -3,7 +3,7 @@
 //! the shapes that take each kernel path (several rows per workgroup, one workgroup per row, rows
 //! streamed from memory, vec4/vec2 and scalar access, bf16 rows sharing words).
 
-mod common;
+use crate::common;
 
 use common::{Dist, Res, Variant, backend, check, check_variant, data, runs, tol};
 use layernorm_core::{DType, NormKind, NormSpec, bf16, f16};
@@ -114,9 +114,9 @@ fn rms_norm_is_exact_at_the_extremes() {
             Dist::Constant,
         ] {
             let s = NormSpec::rms_norm(rows, n, DType::F32).with_beta(true);
-            check::<f32>(b, &s, &data(rows, n, dist, 11), tol(DType::F32), 3);
-            let s16 = s.clone().with_dtype(DType::BF16);
-            check::<bf16>(b, &s16, &data(rows, n, dist, 11), tol(DType::BF16), 3);
+            let x = data(rows, n, dist, 11);
+            check::<f32>(b, &s, &x, tol(DType::F32), 3);
+            check::<bf16>(b, &s.clone().with_dtype(DType::BF16), &x, tol(DType::BF16), 3);
         }
         let x: Vec<f64> = data(rows, n, Dist::Normal, 9).iter().map(|v| 6.0e4 * v.tanh()).collect();
         if f16_ok {
@@ -149,35 +149,24 @@ fn an_all_zero_rms_row_gives_beta() {
 fn the_variants_through_split_dispatches_and_the_2d_grid() {
     // Bindings capped at 64 KiB and grids at 16 workgroups per dimension: the residual, h, dh
     // and y are bound per chunk of rows like x.
-    let Some(_) = backend() else { return };
-    let b = WgpuBackend::new()
-        .unwrap()
-        .with_max_binding_size(64 * 1024)
-        .with_max_workgroups_per_dimension(16);
+    let Some(b) = common::capped() else { return };
+    let (x100, x99) = (data(1000, 100, Dist::Normal, 1), data(1000, 99, Dist::Normal, 2));
     for kind in NormKind::ALL {
         for v in Variant::all() {
-            let x = data(1000, 100, Dist::Normal, 1);
-            check_in(&b, &spec(kind, 1000, 100, DType::F32), v, &x, 5);
-            let x = data(1000, 99, Dist::Normal, 2);
-            check_in(&b, &spec(kind, 1000, 99, DType::BF16), v, &x, 6);
+            check_in(b, &spec(kind, 1000, 100, DType::F32), v, &x100, 5);
+            check_in(b, &spec(kind, 1000, 99, DType::BF16), v, &x99, 6);
         }
     }
 }
 
 #[test]
 fn the_variants_on_the_workgroup_memory_reductions() {
-    let Some(_) = backend() else { return };
-    let b = WgpuBackend::new().unwrap().with_subgroups(false);
-    for kind in NormKind::ALL {
-        for v in Variant::all() {
-            for &(rows, n) in &[(5, 3), (24, 768), (2, 16384)] {
-                check_in(
-                    &b,
-                    &spec(kind, rows, n, DType::F32),
-                    v,
-                    &data(rows, n, Dist::Offset(1e4), 3),
-                    8,
-                );
+    let Some(b) = common::without_subgroups() else { return };
+    for &(rows, n) in &[(5, 3), (24, 768), (2, 16384)] {
+        let x = data(rows, n, Dist::Offset(1e4), 3);
+        for kind in NormKind::ALL {
+            for v in Variant::all() {
+                check_in(b, &spec(kind, rows, n, DType::F32), v, &x, 8);
             }
         }
     }
@@ -187,25 +176,14 @@ fn the_variants_on_the_workgroup_memory_reductions() {
 fn many_rows_per_segment_with_every_variant() {
     // Each backward segment handles several rows and accumulates the fused dγ/dβ partials.
     let Some(b) = backend() else { return };
+    let (x8192, x2048) = (data(301, 8192, Dist::Normal, 5), data(1100, 2048, Dist::Normal, 6));
     for kind in NormKind::ALL {
         for v in [
             Variant { res: Res::InPlace, from_y: true, dh: true },
             Variant { res: Res::Add, from_y: false, dh: true },
         ] {
-            check_in(
-                b,
-                &spec(kind, 301, 8192, DType::F32),
-                v,
-                &data(301, 8192, Dist::Normal, 5),
-                5,
-            );
-            check_in(
-                b,
-                &spec(kind, 1100, 2048, DType::BF16),
-                v,
-                &data(1100, 2048, Dist::Normal, 6),
-                6,
-            );
+            check_in(b, &spec(kind, 301, 8192, DType::F32), v, &x8192, 5);
+            check_in(b, &spec(kind, 1100, 2048, DType::BF16), v, &x2048, 6);
         }
     }
 }
