@@ -17,11 +17,11 @@
 //!
 //! Speed: one harness binary per dtype, built once and cached under the target directory keyed
 //! by a hash of its sources, flags and compiler; one harness process per test serves all of its
-//! runs; the tests run in parallel.
+//! runs, with inputs and outputs through its pipes; the tests run in parallel.
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
@@ -171,7 +171,7 @@ impl Emu {
     }
 
     /// Runs `steps` over `bufs` and returns the `outputs`. `alias` maps a tensor onto another's
-    /// buffer (an in-place residual).
+    /// buffer (an in-place residual). Inputs and outputs travel through the harness's pipes.
     fn run(
         &mut self,
         bufs: &[(Tensor, Buf<'_>)],
@@ -179,67 +179,94 @@ impl Emu {
         alias: &[(Tensor, Tensor)],
         outputs: &[Tensor],
     ) -> Vec<HostVec> {
+        use std::fmt::Write as _;
         let id = |t: Tensor| alias.iter().find(|(a, _)| *a == t).map_or(t, |&(_, b)| b) as usize;
-        let mut script = String::from("reset\n");
+        // The script's text without the input data, for a failure's message.
+        let mut text = String::from("reset\n");
+        let mut script = text.clone().into_bytes();
         for (t, b) in bufs {
             let elem = self.dtype_of(*t).size();
-            match b {
-                Buf::Data(v) => {
-                    let path = self.dir.join(format!("in{}.bin", id(*t)));
-                    std::fs::write(&path, v.as_slice().as_bytes()).unwrap();
-                    let bytes = v.len() * elem;
-                    script += &format!("buffer {} {bytes} {}\n", id(*t), path.display());
-                }
-                Buf::Zeros(len) => script += &format!("buffer {} {} -\n", id(*t), len * elem),
+            let line = match b {
+                Buf::Data(v) => format!("buffer {} {} data\n", id(*t), v.len() * elem),
+                Buf::Zeros(len) => format!("buffer {} {} zero\n", id(*t), len * elem),
+            };
+            text += &line;
+            script.extend_from_slice(line.as_bytes());
+            if let Buf::Data(v) = b {
+                script.extend_from_slice(v.as_slice().as_bytes());
             }
         }
+        let mut line = String::new();
         for s in steps {
             let l = &s.launch;
             self.launched.insert(l.kernel.clone());
-            script += &format!(
+            line.clear();
+            let _ = write!(
+                line,
                 "launch {} {} {} {} {} {}",
                 l.kernel, l.grid.0, l.grid.1, l.block.0, l.block.1, l.smem
             );
             for a in &s.args {
-                script += &match a {
-                    Arg::Tensor(t) => format!(" b{}", id(*t)),
-                    Arg::Null => " n".into(),
-                    Arg::U64(v) => format!(" u{v}"),
-                    Arg::I32(v) => format!(" i{v}"),
-                    Arg::F32(v) => format!(" f{:x}", v.to_bits()),
-                    Arg::F64(v) => format!(" d{:x}", v.to_bits()),
+                let _ = match a {
+                    Arg::Tensor(t) => write!(line, " b{}", id(*t)),
+                    Arg::Null => write!(line, " n"),
+                    Arg::U64(v) => write!(line, " u{v}"),
+                    Arg::I32(v) => write!(line, " i{v}"),
+                    Arg::F32(v) => write!(line, " f{:x}", v.to_bits()),
+                    Arg::F64(v) => write!(line, " d{:x}", v.to_bits()),
                 };
             }
-            script += "\n";
+            line += "\n";
+            text += &line;
+            script.extend_from_slice(line.as_bytes());
         }
         for &t in outputs {
-            let path = self.dir.join(format!("out{}.bin", id(t)));
-            script += &format!("save {} {}\n", id(t), path.display());
+            line = format!("save {}\n", id(t));
+            text += &line;
+            script.extend_from_slice(line.as_bytes());
         }
-        script += "sync\n";
+        script.extend_from_slice(b"sync\n");
+        text += "sync\n";
         let sent = self
             .stdin
             .as_mut()
             .unwrap()
-            .write_all(script.as_bytes())
+            .write_all(&script)
             .and_then(|()| self.stdin.as_mut().unwrap().flush());
+        if let Err(e) = sent {
+            self.died(&format!("writing the script: {e}"), &text);
+        }
+        let mut got = Vec::with_capacity(outputs.len());
+        for &t in outputs {
+            let mut answer = String::new();
+            let bytes = match self.stdout.read_line(&mut answer) {
+                Ok(_) => answer.trim().parse::<usize>().ok(),
+                Err(_) => None,
+            };
+            let Some(bytes) = bytes else {
+                self.died(&format!("saving {t:?}: answer {answer:?}"), &text)
+            };
+            let dt = self.dtype_of(t);
+            let mut v = HostVec::zeros(dt, bytes / dt.size());
+            if let Err(e) = self.stdout.read_exact(v.as_mut_slice().as_bytes_mut()) {
+                self.died(&format!("reading {t:?}: {e}"), &text);
+            }
+            got.push(v);
+        }
         let mut answer = String::new();
         let read = self.stdout.read_line(&mut answer);
-        if sent.is_err() || read.is_err() || answer.trim() != "ok" {
-            let _ = self.child.wait();
-            let err = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
-            panic!("harness failed:\n{err}\nscript:\n{script}");
+        if read.is_err() || answer.trim() != "ok" {
+            self.died(&format!("sync: answer {answer:?}"), &text);
         }
-        outputs
-            .iter()
-            .map(|&t| {
-                let bytes = std::fs::read(self.dir.join(format!("out{}.bin", id(t)))).unwrap();
-                let dt = self.dtype_of(t);
-                let mut v = HostVec::zeros(dt, bytes.len() / dt.size());
-                v.as_mut_slice().as_bytes_mut().copy_from_slice(&bytes);
-                v
-            })
-            .collect()
+        got
+    }
+
+    /// Panics with the harness's message, once it has exited.
+    fn died(&mut self, what: &str, script: &str) -> ! {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+        let err = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+        panic!("harness failed ({what}):\n{err}\nscript:\n{script}");
     }
 
     /// Asserts that every entry point of the module of `kind` was launched.

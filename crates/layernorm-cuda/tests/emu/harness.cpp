@@ -2,12 +2,13 @@
 //
 // Every CUDA thread of a block is a fiber with its own stack, all on one OS thread (switched by
 // a few lines of assembly on x86-64, by ucontext elsewhere; announced to AddressSanitizer):
-// __syncthreads is a block-wide barrier and each warp shuffle an exchange through a per-warp slot
-// array between two warp-wide barriers. A fiber that reaches a barrier is parked until every
-// thread of its block (or warp) has arrived; the scheduler resumes the released fibers in
-// ascending order after one barrier and in descending order after the next, so a kernel that
-// reads shared data without the barrier that orders it sees stale values and fails its check.
-// A barrier some threads never reach is reported as a deadlock. Blocks run one after the other,
+// __syncthreads is a block-wide barrier and each warp shuffle an exchange through per-warp slots
+// at a warp-wide barrier. A fiber that reaches a barrier is parked until every thread of its
+// block (or warp) has arrived; the released fibers run in ascending order after one barrier and
+// in descending order after the next, so a kernel that reads shared data without the barrier
+// that orders it sees stale values and fails its check. A parked fiber switches straight to the
+// next ready one (one stack switch per park, the cost that dominates a run). A barrier some
+// threads never reach is reported as a deadlock. Blocks run one after the other,
 // which makes function-level `static` storage behave as `__shared__`. Buffers are exact-size
 // heap allocations: built with -fsanitize=address, any out-of-bounds access by a kernel aborts
 // the run.
@@ -17,11 +18,13 @@
 // relative error, so the Newton steps are exercised).
 //
 // One process serves many runs. Input (stdin), one command per line:
-//   buffer <id> <bytes> <path|->        a buffer filled from a file, or zeros
+//   buffer <id> <bytes> data            a buffer filled from the <bytes> raw bytes that follow
+//                                       the line's newline
+//   buffer <id> <bytes> zero            a buffer of zeros
 //   launch <kernel> <gx> <gy> <bx> <by> <smem> <args...>
 //          args: b<id> (buffer), n (null), u<dec> (u64), i<dec> (int), f<hex> (float bits),
 //                d<hex> (double bits)
-//   save <id> <path>
+//   save <id>                           write `<bytes>\n` and the buffer's raw bytes to stdout
 //   reset                               drop every buffer
 //   sync                                answer `ok` on stdout once everything above is done
 // Argument kinds and the nullability of every pointer are checked against the kernel's
@@ -42,7 +45,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -79,6 +81,11 @@ unsigned char* ln_emu_dyn_smem = nullptr;
 }
 
 // ---------------------------------- fibers and barriers ----------------------------------
+
+// The scheduler runs once per barrier and thread: optimized even where the kernels are built at
+// -Og (built at -O1 or more, the kernels take longer to compile than they save at run time).
+#pragma GCC push_options
+#pragma GCC optimize("O2")
 
 namespace emu {
 
@@ -142,109 +149,145 @@ void jump(Context& from, Context& to) {
 }
 #endif
 
+constexpr int MAX_THREADS = 1024;
+
 struct Fiber {
     Context ctx;
-    std::unique_ptr<char[]> stack;
+    std::unique_ptr<char[]> stack;  // allocated on first use, kept for every later block
     Dim3 tid;
+    unsigned shuffles = 0;  // shuffles done in this block: picks the warp's slot array
     bool done = false;
 };
 
-std::vector<Fiber> fibers;  // grown on demand, stacks reused across blocks and launches
+// Fibers are never destroyed: after its kernel returns, a fiber parks at the top of its loop
+// and runs the kernel again when a later block resumes it, so its stack holds no dead frames.
+Fiber fibers[MAX_THREADS];
 Context scheduler;
 int current = -1;
-std::deque<int> ready;
 bool reverse_next = false;
 const char* kernel_name = "";
 
-// Tells AddressSanitizer which stack runs next (its bounds), as its fiber interface asks.
+// The fibers that may run, in the order they will: a ring of fiber indices (each fiber is in
+// it at most once).
+struct Ready {
+    int slot[MAX_THREADS];
+    unsigned head = 0, tail = 0;
+    bool empty() const { return head == tail; }
+    void push(int f) { slot[tail++ % MAX_THREADS] = f; }
+    int pop() { return slot[head++ % MAX_THREADS]; }
+    void clear() { head = tail = 0; }
+} ready;
+
+// Every switch is announced to AddressSanitizer (the bounds of the stack that runs next), as its
+// fiber interface asks. A fiber switches straight to the next ready fiber; only when none is
+// ready does control return to the scheduler.
 #if defined(__SANITIZE_ADDRESS__)
 const void* sched_bottom = nullptr;
 size_t sched_size = 0;
-void to_fiber(Fiber& f) {
+void switch_to(Context& from, Context& to, const void* bottom, size_t size) {
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(&fake, f.stack.get(), STACK);
-    jump(scheduler, f.ctx);
+    __sanitizer_start_switch_fiber(&fake, bottom, size);
+    jump(from, to);
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 }
-void to_scheduler(bool exiting) {
-    void* fake = nullptr;
-    __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, sched_bottom, sched_size);
-    jump(fibers[current].ctx, scheduler);
-    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+void entered_fiber() {
+    const void* bottom;
+    size_t size;
+    __sanitizer_finish_switch_fiber(nullptr, &bottom, &size);
+    // The first fiber ever entered is entered from the scheduler (the thread's own stack).
+    if (!sched_bottom) {
+        sched_bottom = bottom;
+        sched_size = size;
+    }
 }
-void entered_fiber() { __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size); }
 #else
-void to_fiber(Fiber& f) { jump(scheduler, f.ctx); }
-void to_scheduler(bool) { jump(fibers[current].ctx, scheduler); }
+const void* const sched_bottom = nullptr;
+const size_t sched_size = 0;
+void switch_to(Context& from, Context& to, const void*, size_t) { jump(from, to); }
 void entered_fiber() {}
 #endif
 
+// The running fiber `self` gives way (parked at a barrier, or done): the next ready fiber runs,
+// or the scheduler when none is. A fiber that is next in line itself just continues.
+void give_way(int self) {
+    if (ready.empty()) {
+        current = -1;
+        switch_to(fibers[self].ctx, scheduler, sched_bottom, sched_size);
+        return;
+    }
+    const int next = ready.pop();
+    current = next;
+    threadIdx = fibers[next].tid;
+    if (next != self) switch_to(fibers[self].ctx, fibers[next].ctx, fibers[next].stack.get(), STACK);
+}
+
+template <int N>
 struct Barrier {
     int count = 0, arrived = 0;
-    std::vector<int> waiting;
+    int waiting[N];
 };
 
 // Parks the running fiber at `b`; the last arrival releases everyone (itself included), in an
 // order that alternates between releases.
-void wait(Barrier& b) {
-    b.waiting.push_back(current);
-    if (++b.arrived == b.count) {
+template <int N>
+void wait(Barrier<N>& b) {
+    const int self = current;
+    b.waiting[b.arrived++] = self;
+    if (b.arrived == b.count) {
         if (reverse_next) {
-            for (auto it = b.waiting.rbegin(); it != b.waiting.rend(); ++it) ready.push_back(*it);
+            for (int i = b.count; i-- > 0;) ready.push(b.waiting[i]);
         } else {
-            for (int w : b.waiting) ready.push_back(w);
+            for (int i = 0; i < b.count; ++i) ready.push(b.waiting[i]);
         }
         reverse_next = !reverse_next;
-        b.waiting.clear();
         b.arrived = 0;
     }
-    to_scheduler(false);
+    give_way(self);
 }
 
-Barrier block_bar;
+Barrier<MAX_THREADS> block_bar;
+// A shuffle's values: its lanes write, meet at the warp's barrier, then read. Successive shuffles
+// alternate between two slot arrays, so a lane already writing the next shuffle's value cannot
+// overwrite one a slower lane has still to read (it cannot get two shuffles ahead: the next
+// barrier waits for that lane).
 struct Warp {
-    Barrier bar;
-    double slot[32];
+    Barrier<32> bar;
+    double slot[2][32];
 };
-std::vector<Warp> warps;
+Warp warps[MAX_THREADS / 32];
 
 void (*body)() = nullptr;
 
-// Every fiber's first frame: runs the kernel, then hands control back for good.
+// Every fiber's first frame: runs the kernel once per block it is resumed for.
 void fiber_main() {
     entered_fiber();
-    body();
-    fibers[current].done = true;
-    to_scheduler(true);
-    fail("a finished fiber was resumed");
+    for (;;) {
+        body();
+        fibers[current].done = true;
+        give_way(current);
+    }
 }
 
 // Runs one block of `nt` threads of `block` shape to completion.
 void run_block(Dim3 block, int nt) {
-    if ((int)fibers.size() < nt) fibers.resize(nt);
-    warps.assign(nt / 32, Warp{});
-    for (auto& w : warps) w.bar.count = 32;
-    block_bar = Barrier{};
+    for (int w = 0; w < nt / 32; ++w) warps[w].bar = Barrier<32>{32, 0, {}};
     block_bar.count = nt;
+    block_bar.arrived = 0;
     ready.clear();
     for (int t = 0; t < nt; ++t) {
         Fiber& f = fibers[t];
-        if (!f.stack) f.stack.reset(new char[STACK]);
-#if defined(__SANITIZE_ADDRESS__)
-        // The last run's frames never returned: their redzones are still poisoned.
-        ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), STACK);
-#endif
-        prepare(f.ctx, f.stack.get(), STACK, fiber_main);
+        if (!f.stack) {
+            f.stack.reset(new char[STACK]);
+            prepare(f.ctx, f.stack.get(), STACK, fiber_main);
+        }
         f.tid = Dim3{(unsigned)t % block.x, (unsigned)t / block.x, 0};
+        f.shuffles = 0;
         f.done = false;
-        ready.push_back(t);
+        ready.push(t);
     }
-    while (!ready.empty()) {
-        current = ready.front();
-        ready.pop_front();
-        threadIdx = fibers[current].tid;
-        to_fiber(fibers[current]);
-    }
+    current = ready.pop();
+    threadIdx = fibers[current].tid;
+    switch_to(scheduler, fibers[current].ctx, fibers[current].stack.get(), STACK);
     for (int t = 0; t < nt; ++t) {
         if (!fibers[t].done)
             fail(std::string(kernel_name) + ": deadlock: thread " + std::to_string(t) +
@@ -259,14 +302,16 @@ inline void __syncthreads() { emu::wait(emu::block_bar); }
 
 template <class V>
 V __shfl_xor_sync(unsigned, V v, int mask) {
-    emu::Warp& w = emu::warps[emu::current / 32];
-    const int lane = emu::current % 32;
-    w.slot[lane] = (double)v;  // exact for float and double
+    const int self = emu::current;
+    emu::Warp& w = emu::warps[self / 32];
+    double* slot = w.slot[emu::fibers[self].shuffles++ & 1];
+    const int lane = self % 32;
+    slot[lane] = (double)v;  // exact for float and double
     emu::wait(w.bar);
-    const V r = (V)w.slot[lane ^ mask];
-    emu::wait(w.bar);
-    return r;
+    return (V)slot[lane ^ mask];
 }
+
+#pragma GCC pop_options
 
 // ---------------------------------- CUDA intrinsics ----------------------------------
 
@@ -531,6 +576,7 @@ static void launch(const std::string& name, Dim3 grid, Dim3 block, unsigned smem
 }
 
 int main() {
+    std::ios::sync_with_stdio(false);
     std::string line;
     while (std::getline(std::cin, line)) {
         std::istringstream in(line);
@@ -539,12 +585,14 @@ int main() {
         if (cmd == "buffer") {
             int id;
             size_t bytes;
-            std::string path;
-            in >> id >> bytes >> path;
+            std::string fill;
+            in >> id >> bytes >> fill;
             std::vector<unsigned char> b(bytes);
-            if (path != "-") {
-                std::ifstream f(path, std::ios::binary);
-                if (!f.read((char*)b.data(), (std::streamsize)bytes)) fail("cannot read " + path);
+            if (fill == "data") {
+                if (!std::cin.read((char*)b.data(), (std::streamsize)bytes))
+                    fail("buffer " + std::to_string(id) + ": input ends before its data");
+            } else if (fill != "zero") {
+                fail("buffer: bad fill `" + fill + "`");
             }
             buffers[id] = std::move(b);
         } else if (cmd == "launch") {
@@ -557,13 +605,11 @@ int main() {
             launch(name, g, b, smem, toks);
         } else if (cmd == "save") {
             int id;
-            std::string path;
-            in >> id >> path;
+            in >> id;
             auto it = buffers.find(id);
             if (it == buffers.end()) fail("save: unknown buffer");
-            std::ofstream f(path, std::ios::binary);
-            f.write((const char*)it->second.data(), (std::streamsize)it->second.size());
-            if (!f) fail("cannot write " + path);
+            std::cout << it->second.size() << '\n';
+            std::cout.write((const char*)it->second.data(), (std::streamsize)it->second.size());
         } else if (cmd == "reset") {
             buffers.clear();
         } else if (cmd == "sync") {
