@@ -14,6 +14,9 @@
 //! grid-stride loops, two-stage dγ/dβ, argument order, types and nullability, no out-of-bounds
 //! access) but not NVRTC's code generation or the GPU itself: that is what `tests/gpu.rs` is for.
 //! Without a C++ compiler the tests say so and pass, unless `LAYERNORM_REQUIRE_EMULATION` is set.
+//! The harness's schedule (see its header) lets one warp run ahead to its next block-wide barrier
+//! while the others wait, so deleting any one `__syncthreads` from the kernels fails these tests;
+//! `LAYERNORM_EMU_KERNELS=<dir>` builds the harness from `<dir>/layernorm.cu` to check that.
 //!
 //! Speed: one harness binary per dtype, built once and cached under the target directory keyed
 //! by a hash of its sources, flags and compiler; one harness process per test serves all of its
@@ -48,6 +51,13 @@ fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
 }
 
+/// The folder whose `layernorm.cu` the harness compiles: `kernels/`, or `LAYERNORM_EMU_KERNELS`
+/// (a mutated copy, to check that these tests catch a kernel with a barrier removed).
+fn kernel_dir() -> PathBuf {
+    std::env::var_os("LAYERNORM_EMU_KERNELS")
+        .map_or_else(|| Path::new(CRATE).join("kernels"), PathBuf::from)
+}
+
 // ===================================== the harness binary =====================================
 
 const FLAGS: [&str; 3] = ["-std=c++20", "-Og", "-Wno-unknown-pragmas"];
@@ -60,10 +70,7 @@ fn build(dtype: DType, exe: &Path) -> Option<()> {
     let mut last_err = String::new();
     for sanitize in [true, false] {
         let mut cmd = Command::new(compiler());
-        cmd.args(FLAGS)
-            .arg(format!("-DLN_DTYPE={code}"))
-            .arg("-I")
-            .arg(Path::new(CRATE).join("kernels"));
+        cmd.args(FLAGS).arg(format!("-DLN_DTYPE={code}")).arg("-I").arg(kernel_dir());
         if sanitize {
             cmd.arg("-fsanitize=address");
         }
@@ -106,8 +113,10 @@ fn harness(dtype: DType) -> Option<PathBuf> {
     BUILT[code]
         .get_or_init(|| {
             let mut h = DefaultHasher::new();
-            for f in ["tests/emu/harness.cpp", "kernels/layernorm.cu"] {
-                std::fs::read(Path::new(CRATE).join(f)).expect("reading the sources").hash(&mut h);
+            for f in
+                [Path::new(CRATE).join("tests/emu/harness.cpp"), kernel_dir().join("layernorm.cu")]
+            {
+                std::fs::read(f).expect("reading the sources").hash(&mut h);
             }
             (FLAGS, compiler(), code).hash(&mut h);
             let dir = Path::new(TMP).join("emu-cache");

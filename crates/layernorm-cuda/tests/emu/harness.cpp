@@ -4,11 +4,25 @@
 // a few lines of assembly on x86-64, by ucontext elsewhere; announced to AddressSanitizer):
 // __syncthreads is a block-wide barrier and each warp shuffle an exchange through per-warp slots
 // at a warp-wide barrier. A fiber that reaches a barrier is parked until every thread of its
-// block (or warp) has arrived; the released fibers run in ascending order after one barrier and
-// in descending order after the next, so a kernel that reads shared data without the barrier
-// that orders it sees stale values and fails its check. A parked fiber switches straight to the
-// next ready one (one stack switch per park, the cost that dominates a run). A barrier some
-// threads never reach is reported as a deadlock. Blocks run one after the other,
+// block (or warp) has arrived. The schedule is deterministic and built to expose a missing
+// barrier:
+// - Run ahead: at the start of a block and at every release of a block-wide barrier, one warp,
+//   the leader, runs alone as far as it can, through its shuffles, until all of its threads are
+//   parked at the next block-wide barrier (or done); only then do the other warps resume. A GPU
+//   may do the same, so a kernel whose fast warp overwrites shared data that slower warps have
+//   still to read (the barrier before a reused reduction buffer is written) fails its check, as
+//   does one whose leader reads data other warps have not written yet. The leader is a hash of
+//   (launch number, block index, release number) modulo the block's warps, so every warp leads
+//   some releases of a test.
+// - Lockstep: the other warps, and the leader's threads among themselves, run one barrier phase
+//   at a time, released in ascending order after one barrier and in descending order after the
+//   next, so any reader of data that a thread earlier or later in the block writes in the same
+//   phase sees stale values.
+// Deleting any one `__syncthreads` from layernorm.cu fails tests/emulated.rs (its
+// LAYERNORM_EMU_KERNELS builds this harness from a mutated copy).
+// A parked fiber switches straight to the next ready one (one stack switch per park, the cost
+// that dominates a run; the schedule changes the order of the switches, not their number). A
+// barrier some threads never reach is reported as a deadlock. Blocks run one after the other,
 // which makes function-level `static` storage behave as `__shared__`. Buffers are exact-size
 // heap allocations: built with -fsanitize=address, any out-of-bounds access by a kernel aborts
 // the run.
@@ -167,8 +181,8 @@ int current = -1;
 bool reverse_next = false;
 const char* kernel_name = "";
 
-// The fibers that may run, in the order they will: a ring of fiber indices (each fiber is in
-// it at most once).
+// The fibers that may run, in the order they will: rings of fiber indices (each fiber is in
+// one of them at most once). The leading warp's fibers (`ahead`) run before all others.
 struct Ready {
     int slot[MAX_THREADS];
     unsigned head = 0, tail = 0;
@@ -176,7 +190,28 @@ struct Ready {
     void push(int f) { slot[tail++ % MAX_THREADS] = f; }
     int pop() { return slot[head++ % MAX_THREADS]; }
     void clear() { head = tail = 0; }
-} ready;
+} ready, ahead;
+
+// The warp that runs ahead of the others until its threads park at a block-wide barrier.
+int leader = 0;
+int block_warps = 1;
+uint64_t launches = 0;   // launches so far, this one included
+uint64_t block_seq = 0;  // the block's index in its launch
+uint64_t releases = 0;   // block-wide releases so far in this block
+
+// A new leader for the block's start or a block-wide release: a hash (splitmix64's finalizer)
+// of the launch, the block and the release, so that the leader is unrelated to warp order.
+void choose_leader() {
+    uint64_t z = launches * 0x9e3779b97f4a7c15ull + block_seq * 0xbf58476d1ce4e5b9ull +
+                 releases++ * 0x94d049bb133111ebull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    leader = (int)(z % (uint64_t)block_warps);
+}
+
+// Queues a released (or starting) fiber: the leader's ahead of everyone else.
+void make_ready(int f) { (f >> 5 == leader ? ahead : ready).push(f); }
 
 // Every switch is announced to AddressSanitizer (the bounds of the stack that runs next), as its
 // fiber interface asks. A fiber switches straight to the next ready fiber; only when none is
@@ -210,12 +245,13 @@ void entered_fiber() {}
 // The running fiber `self` gives way (parked at a barrier, or done): the next ready fiber runs,
 // or the scheduler when none is. A fiber that is next in line itself just continues.
 void give_way(int self) {
-    if (ready.empty()) {
+    Ready& q = ahead.empty() ? ready : ahead;
+    if (q.empty()) {
         current = -1;
         switch_to(fibers[self].ctx, scheduler, sched_bottom, sched_size);
         return;
     }
-    const int next = ready.pop();
+    const int next = q.pop();
     current = next;
     threadIdx = fibers[next].tid;
     if (next != self) switch_to(fibers[self].ctx, fibers[next].ctx, fibers[next].stack.get(), STACK);
@@ -228,16 +264,17 @@ struct Barrier {
 };
 
 // Parks the running fiber at `b`; the last arrival releases everyone (itself included), in an
-// order that alternates between releases.
+// order that alternates between releases. A block-wide release (N > 32) picks a new leader.
 template <int N>
 void wait(Barrier<N>& b) {
     const int self = current;
     b.waiting[b.arrived++] = self;
     if (b.arrived == b.count) {
+        if (N > 32) choose_leader();
         if (reverse_next) {
-            for (int i = b.count; i-- > 0;) ready.push(b.waiting[i]);
+            for (int i = b.count; i-- > 0;) make_ready(b.waiting[i]);
         } else {
-            for (int i = 0; i < b.count; ++i) ready.push(b.waiting[i]);
+            for (int i = 0; i < b.count; ++i) make_ready(b.waiting[i]);
         }
         reverse_next = !reverse_next;
         b.arrived = 0;
@@ -268,12 +305,17 @@ void fiber_main() {
     }
 }
 
-// Runs one block of `nt` threads of `block` shape to completion.
-void run_block(Dim3 block, int nt) {
+// Runs block number `seq` (of the current launch) of `nt` threads of `block` shape to completion.
+void run_block(Dim3 block, int nt, uint64_t seq) {
     for (int w = 0; w < nt / 32; ++w) warps[w].bar = Barrier<32>{32, 0, {}};
     block_bar.count = nt;
     block_bar.arrived = 0;
     ready.clear();
+    ahead.clear();
+    block_warps = nt / 32;
+    block_seq = seq;
+    releases = 0;
+    choose_leader();
     for (int t = 0; t < nt; ++t) {
         Fiber& f = fibers[t];
         if (!f.stack) {
@@ -283,9 +325,9 @@ void run_block(Dim3 block, int nt) {
         f.tid = Dim3{(unsigned)t % block.x, (unsigned)t / block.x, 0};
         f.shuffles = 0;
         f.done = false;
-        ready.push(t);
+        make_ready(t);
     }
-    current = ready.pop();
+    current = ahead.pop();
     threadIdx = fibers[current].tid;
     switch_to(scheduler, fibers[current].ctx, fibers[current].stack.get(), STACK);
     for (int t = 0; t < nt; ++t) {
@@ -565,12 +607,13 @@ static void launch(const std::string& name, Dim3 grid, Dim3 block, unsigned smem
     if (nt <= 0 || nt > 1024 || nt % 32 != 0) fail(name + ": bad block size");
     gridDim = grid;
     blockDim = block;
+    ++emu::launches;
     for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             std::vector<unsigned char> dyn(smem);
             ln_emu_dyn_smem = smem ? dyn.data() : nullptr;
             blockIdx = Dim3{bx, by, 0};
-            emu::run_block(block, nt);
+            emu::run_block(block, nt, (uint64_t)by * grid.x + bx);
         }
     }
 }
