@@ -141,41 +141,98 @@ pub fn run_backend(
 }
 
 /// Runs every case for each of `kinds` in each of `dtypes` on every backend of `backends`: the
-/// outcomes of each backend, in case order. Each case's inputs and reference are computed once
-/// and judged against every backend, the backends on threads of their own (a device backend's
-/// time is mostly its driver's).
+/// outcomes of each backend, in case order. Each case's inputs and reference are made once, by a
+/// thread of their own, and judged by every backend, each backend on a thread of its own going
+/// through the cases at its own pace: a device backend's time is mostly its driver's (a software
+/// device runs a row of 2^24 elements on one core for seconds), and meanwhile the other backends
+/// and the references of the next cases go on, up to [`AHEAD`] elements made and not yet judged
+/// by every backend.
 pub fn run_backends(
     backends: &[&dyn HostNormalize],
     cases: &[Case],
     kinds: &[NormKind],
     dtypes: &[DType],
 ) -> Vec<Vec<Outcome>> {
-    let mut out = vec![Vec::new(); backends.len()];
-    for &kind in kinds {
-        for &dtype in dtypes {
-            for case in cases.iter().filter(|c| c.applies_to(dtype) && c.applies_to_kind(kind)) {
-                let fixture = Fixture::new(case, kind, dtype);
-                let judged: Vec<[Outcome; 2]> = std::thread::scope(|s| {
-                    let (first, rest) = backends.split_first().expect("at least one backend");
-                    let others: Vec<_> = rest
-                        .iter()
-                        .map(|&b| {
-                            let fixture = &fixture;
-                            s.spawn(move || fixture.judge(b))
-                        })
-                        .collect();
-                    let mut judged = vec![fixture.judge(*first)];
-                    judged
-                        .extend(others.into_iter().map(|h| h.join().expect("a backend panicked")));
-                    judged
+    let order: Vec<(NormKind, DType, &Case)> = kinds
+        .iter()
+        .flat_map(|&k| dtypes.iter().map(move |&d| (k, d)))
+        .flat_map(|(k, d)| {
+            let applies = move |c: &&Case| c.applies_to(d) && c.applies_to_kind(k);
+            cases.iter().filter(applies).map(move |c| (k, d, c))
+        })
+        .collect();
+    let budget = Budget::default();
+    std::thread::scope(|s| {
+        let budget = &budget;
+        let (senders, workers): (Vec<_>, Vec<_>) = backends
+            .iter()
+            .map(|&b| {
+                let (tx, rx) = std::sync::mpsc::channel::<std::sync::Arc<Held<'_, '_>>>();
+                let worker = s.spawn(move || {
+                    let mut outcomes = Vec::new();
+                    for held in rx {
+                        outcomes.extend(held.fixture.judge(b));
+                    }
+                    outcomes
                 });
-                for (o, j) in out.iter_mut().zip(judged) {
-                    o.extend(j);
-                }
+                (tx, worker)
+            })
+            .unzip();
+        for &(kind, dtype, case) in &order {
+            let fixture = Fixture::new(case, kind, dtype);
+            // Made here only where some backend will judge it (else never).
+            let used = backends.iter().any(|b| b.supports(kind, dtype).is_ok());
+            let size = if used { fixture.elements() } else { 0 };
+            budget.take(size);
+            if used {
+                fixture.made();
+            }
+            let held = std::sync::Arc::new(Held { fixture, size, budget });
+            for tx in &senders {
+                // A backend that panicked has stopped taking cases: its panic is raised below.
+                let _ = tx.send(held.clone());
             }
         }
+        drop(senders);
+        workers.into_iter().map(|w| w.join().expect("a backend panicked")).collect()
+    })
+}
+
+/// The elements of inputs and references [`run_backends`] holds made and not yet judged by
+/// every backend: two rows of 2^24 (a larger case is made alone).
+const AHEAD: usize = 1 << 25;
+
+/// The elements [`run_backends`] holds.
+#[derive(Default)]
+struct Budget {
+    held: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` more elements fit in [`AHEAD`] (or nothing is held), and takes them.
+    fn take(&self, n: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held > 0 && *held + n > AHEAD {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        *held += n;
     }
-    out
+}
+
+/// A fixture shared by the backends' threads; the last to drop it gives its elements back.
+struct Held<'c, 'b> {
+    fixture: Fixture<'c>,
+    size: usize,
+    budget: &'b Budget,
+}
+
+impl Drop for Held<'_, '_> {
+    fn drop(&mut self) {
+        let mut held = self.budget.held.lock().unwrap_or_else(|e| e.into_inner());
+        *held -= self.size;
+        self.budget.freed.notify_all();
+    }
 }
 
 /// Runs one case for one kind in one dtype: the forward, then the backward from the backend's
@@ -211,6 +268,13 @@ struct Made {
 impl<'c> Fixture<'c> {
     fn new(case: &'c Case, kind: NormKind, dtype: DType) -> Self {
         Fixture { case, kind, dtype, made: std::sync::OnceLock::new() }
+    }
+
+    /// The elements its inputs and reference hold, in rows × n (twice for a poisoned case,
+    /// which is made again without its poison).
+    fn elements(&self) -> usize {
+        let one = self.case.rows.saturating_mul(self.case.n);
+        if self.case.poison.is_some() { one.saturating_mul(2) } else { one }
     }
 
     fn made(&self) -> &Made {
