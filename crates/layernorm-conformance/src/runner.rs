@@ -145,7 +145,7 @@ pub fn run_backend(
 /// thread of their own, and judged by every backend, each backend on a thread of its own going
 /// through the cases at its own pace: a device backend's time is mostly its driver's (a software
 /// device runs a row of 2^24 elements on one core for seconds), and meanwhile the other backends
-/// and the references of the next cases go on, up to [`AHEAD`] elements made and not yet judged
+/// and the references of the next cases go on, up to 2^25 elements made and not yet judged
 /// by every backend.
 pub fn run_backends(
     backends: &[&dyn HostNormalize],
