@@ -180,8 +180,7 @@ impl<'a> Recover<'a> {
     /// The row's x at column `j` from the value read there.
     #[inline(always)]
     pub(super) fn at<const RY: bool>(&self, v: f32, j: usize) -> f32 {
-        let v = if RY { v - self.beta[j] } else { v };
-        if RY { v * self.inverse[j] } else { v }
+        if RY { (v - self.beta[j]) * self.inverse[j] } else { v }
     }
 
     /// The recovery's whole vectors of rows of `n` (`nv` of them).
@@ -191,10 +190,13 @@ impl<'a> Recover<'a> {
         n: usize,
         nv: usize,
     ) -> RecoverVecs<'a, S::f32s> {
-        let beta: &'a [S::f32s] = if RY { &S::as_simd_f32s(&self.beta[..n]).0[..nv] } else { &[] };
-        let inverse: &'a [S::f32s] =
-            if RY { &S::as_simd_f32s(&self.inverse[..n]).0[..nv] } else { &[] };
-        RecoverVecs { beta, inverse }
+        if !RY {
+            return RecoverVecs { beta: &[], inverse: &[] };
+        }
+        RecoverVecs {
+            beta: &S::as_simd_f32s(&self.beta[..n]).0[..nv],
+            inverse: &S::as_simd_f32s(&self.inverse[..n]).0[..nv],
+        }
     }
 }
 
@@ -209,17 +211,16 @@ impl<'a, V: Copy> RecoverVecs<'a, V> {
     /// The row's x at vector `j` from the vector read there ([`Recover::at`] lane by lane).
     #[inline(always)]
     pub(super) fn at<S: Simd<f32s = V>, const RY: bool>(&self, simd: S, v: V, j: usize) -> V {
-        let v = if RY { simd.sub_f32s(v, self.beta[j]) } else { v };
-        if RY { simd.mul_f32s(v, self.inverse[j]) } else { v }
+        if RY { simd.mul_f32s(simd.sub_f32s(v, self.beta[j]), self.inverse[j]) } else { v }
     }
 
     /// The same vectors re-sliced to `nv` (so that the compiler sees the indices in bounds).
     #[inline(always)]
     pub(super) fn upto<const RY: bool>(self, nv: usize) -> Self {
-        RecoverVecs {
-            beta: if RY { &self.beta[..nv] } else { self.beta },
-            inverse: if RY { &self.inverse[..nv] } else { self.inverse },
+        if !RY {
+            return self;
         }
+        RecoverVecs { beta: &self.beta[..nv], inverse: &self.inverse[..nv] }
     }
 }
 
