@@ -141,8 +141,8 @@ pub fn run_backend(
 }
 
 /// Runs every case for each of `kinds` in each of `dtypes` on every backend of `backends`: the
-/// outcomes of each backend, in case order. Each case's inputs and reference are made once, by a
-/// thread of their own, and judged by every backend, each backend on a thread of its own going
+/// outcomes of each backend, in case order. Each case's inputs and reference are made once, by the
+/// calling thread, and judged by every backend, each backend on a thread of its own going
 /// through the cases at its own pace: a device backend's time is mostly its driver's (a software
 /// device runs a row of 2^24 elements on one core for seconds), and meanwhile the other backends
 /// and the references of the next cases go on, up to 2^25 elements made and not yet judged
