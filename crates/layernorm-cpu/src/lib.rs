@@ -51,6 +51,26 @@ use layernorm_core::{
     validate_backward, validate_forward,
 };
 
+/// The unit tests of the modules above, compiled into the library by the `unit-tests` feature
+/// (which only the crate's own dev-dependency turns on) and run by `tests/unit.rs`: `cargo test`
+/// then compiles the crate once, not a second time as a test harness. Each test is a `pub fn`
+/// with no arguments in a module's `tests`.
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod unit_tests {
+    pub use crate::columns::tests as columns;
+    pub use crate::driver::tests as driver;
+    pub use crate::isa::tests as isa;
+    pub use crate::reduce::backward::tests as reduce_backward;
+    pub use crate::reduce::forward::tests as reduce_forward;
+    pub use crate::reduce::half::tests as reduce_half;
+    pub use crate::reduce::store::tests as reduce_store;
+    pub use crate::reduce::tests as reduce;
+    pub use crate::row::tests as row;
+    pub use crate::simd::tests as simd;
+    pub use crate::stage::tests as stage;
+}
+
 pub use driver::ROW_BLOCK;
 pub use element::CpuElement;
 pub use isa::instruction_set;

@@ -616,7 +616,7 @@ pub struct Spec {
 
 impl Spec {
     /// A LayerNorm with `eps` (the unit tests' default).
-    #[cfg(test)]
+    #[cfg(feature = "unit-tests")]
     pub(crate) fn ln(eps: f64) -> Spec {
         Spec { kind: Kind::LayerNorm, eps }
     }
@@ -654,7 +654,7 @@ pub(crate) fn shift<A: Real>(kind: Kind, x: &[A]) -> A {
 /// Mean and rstd of one row (equations (1)–(3), (10) of `docs/math.md`), computed as the module
 /// docs say. The kernels call [`shift`] and [`finish`] around their (possibly fused) sweeps;
 /// this is the one-row composition, for the unit tests.
-#[cfg(test)]
+#[cfg(feature = "unit-tests")]
 pub(crate) fn stats<A: Real>(spec: Spec, x: &[A]) -> RowStats<A> {
     let m_hi = shift(spec.kind, x);
     finish(spec, x, m_hi, A::centered(x, m_hi, A::one(), A::zero()))
@@ -781,7 +781,7 @@ pub(crate) fn finish_common<A: Real>(
 
 /// Forward of one row: y = ((x − m_hi) − m_lo) · rstd · γ + β. Returns (mean, rstd). For the unit
 /// tests; the kernels run the pipelined loop of `simd.rs`.
-#[cfg(test)]
+#[cfg(feature = "unit-tests")]
 pub(crate) fn forward<A: Real>(
     x: &[A],
     gamma: Option<&[A]>,
@@ -1146,20 +1146,19 @@ pub(crate) fn forward_exact_row<A: Real>(
     }
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
 
-    #[test]
-    fn sums_are_exact_on_integers() {
+    pub fn sums_are_exact_on_integers() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32).collect();
         let [s, s2] = residual_sums(&x, 0.0, 1.0, 0.0);
         assert_eq!(s, 499_500.0);
         assert_eq!(s2, (0..1000u64).map(|i| i * i).sum::<u64>() as f64);
     }
 
-    #[test]
-    fn large_mean_is_exact_in_f32() {
+    pub fn large_mean_is_exact_in_f32() {
         // mean 1e6, std ~1: f32 ulp at 1e6 is 0.0625, so a rounded mean would be off by up to 3%.
         let x: Vec<f32> = (0..1024).map(|i| 1e6 + ((i * 37 % 101) as f32 - 50.0) / 29.0).collect();
         let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -1169,8 +1168,7 @@ mod tests {
         assert!((st.rstd - rstd).abs() < 2e-7 * rstd, "{} vs {rstd}", st.rstd);
     }
 
-    #[test]
-    fn huge_magnitudes_do_not_overflow() {
+    pub fn huge_magnitudes_do_not_overflow() {
         let x: Vec<f32> = (0..100).map(|i| if i % 2 == 0 { 3e37 } else { -1e38 }).collect();
         let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let (mean, rstd) = layernorm_core::reference::row_stats(&xf, 1e-5);
@@ -1179,8 +1177,7 @@ mod tests {
         assert!((st.rstd - rstd).abs() <= 1e-6 * rstd, "{} vs {rstd}", st.rstd);
     }
 
-    #[test]
-    fn constant_rows_normalize_to_exactly_zero() {
+    pub fn constant_rows_normalize_to_exactly_zero() {
         for v in [0.1f32, 3.25, -1.5e6, 7e-30] {
             let x = vec![v; 1000];
             let mut y = vec![1.0f32; 1000];
@@ -1190,8 +1187,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn powers_of_two_from_bits() {
+    pub fn powers_of_two_from_bits() {
         assert_eq!(pow2(0), 1.0);
         assert_eq!(pow2(-3), 0.125);
         assert_eq!(exponent(1e30), 99);
@@ -1204,8 +1200,7 @@ mod tests {
         assert_eq!(rstd_scale(1e-300), 2f64.powi(-120));
     }
 
-    #[test]
-    fn a_nan_row_stays_nan() {
+    pub fn a_nan_row_stays_nan() {
         let mut x = vec![1.0f32; 40];
         x[7] = f32::NAN;
         let st = stats(Spec::ln(1e-5), &x);

@@ -465,8 +465,9 @@ pub(crate) fn backward_rows<T: CpuElement>(
 }
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use layernorm_core::{bf16, f16};
 
@@ -481,14 +482,12 @@ mod tests {
         a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
     }
 
-    #[test]
-    fn bf16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
+    pub fn bf16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
         // Signaling NaNs (quiet bit clear), which the kernel widens without quieting.
         backward_converted_matches_scratch::<bf16>([0x7f81, 0xff85, 0x7f82]);
     }
 
-    #[test]
-    fn f16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
+    pub fn f16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
         backward_converted_matches_scratch::<f16>([0x7c01, 0xfc05, 0x7d02]);
     }
 
@@ -575,15 +574,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
+    pub fn bf16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
         // Signaling NaNs (quiet bit clear), in a vector and in the tail: the kernel widens them
         // without quieting, the scratch path quiets them first.
         rows_converted_match_scratch::<bf16>([0x7f81, 0xff85]);
     }
 
-    #[test]
-    fn f16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
+    pub fn f16_rows_converted_in_registers_match_the_scratch_path_bit_for_bit() {
         rows_converted_match_scratch::<f16>([0x7c01, 0xfc05]);
     }
 

@@ -266,8 +266,9 @@ pub(crate) fn copy_same<T: bytemuck::Pod>(src: &[T], dst: &mut [T], stream: bool
     dst.copy_from_slice(src);
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use layernorm_core::{DType, Element, bf16, f16};
 
@@ -304,14 +305,12 @@ mod tests {
         assert!(inplace.iter().zip(&want).all(|(&a, &b)| same(a, b)), "{dtype} in place");
     }
 
-    #[test]
-    fn sixteen_bit_sums_are_the_exact_sums_rounded_once() {
+    pub fn sixteen_bit_sums_are_the_exact_sums_rounded_once() {
         sums_are_correctly_rounded::<f16>(DType::F16);
         sums_are_correctly_rounded::<bf16>(DType::BF16);
     }
 
-    #[test]
-    fn finish_adds_dh_in_one_rounding_and_keeps_exact_zeros_of_infinite_scales() {
+    pub fn finish_adds_dh_in_one_rounding_and_keeps_exact_zeros_of_infinite_scales() {
         let n = 3;
         let mut dxk = vec![1.5f32, 0.0, -2.0, 1.0, 1.0, 1.0];
         let dh = [0.25f32, 0.5, 1.0, 3.0, 3.0, 3.0];

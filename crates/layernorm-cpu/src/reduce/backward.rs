@@ -1046,8 +1046,9 @@ pub(crate) fn backward_sums(
     crate::isa::dispatch(Backward { x, dy, gamma, m, s })
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use crate::reduce::tests::{SPECS, close, reference_spec};
     use layernorm_core::{DType, reference};
@@ -1077,8 +1078,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_and_two_rows_per_sweep_give_the_same_bits_on_every_instruction_set() {
+    pub fn one_and_two_rows_per_sweep_give_the_same_bits_on_every_instruction_set() {
         // The kernels run one row per sweep; two (kept for cores where they pay) must give the
         // same bits, whichever machine the test runs on, and streamed dx (staged, and on
         // AVX-512 written during the next sweep) the same as ordinary stores.
@@ -1125,8 +1125,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_kernels_recover_xhat_from_y_with_the_bits_of_the_staged_rows_on_every_instruction_set() {
+    pub fn the_kernels_recover_xhat_from_y_with_the_bits_of_the_staged_rows_on_every_instruction_set()
+     {
         // A backward from y: the kernels reading y through a `Recover` against the same kernels
         // on the x̂ `stage::recover` stages, both with a mean of 0, an rstd of 1 and the
         // epilogue fma(rstd, dx', dh), short rows and long (`row::F32_BACK_LONG_MIN_N` = 64).
@@ -1189,8 +1189,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_backward_kernels_are_right_on_every_instruction_set() {
+    pub fn the_backward_kernels_are_right_on_every_instruction_set() {
         let rows = 37;
         let lengths = [3usize, 16, 33, 128, 255, 256, 300, 515, 1024];
         for (n, (rs, _)) in

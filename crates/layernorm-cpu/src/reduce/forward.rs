@@ -548,14 +548,14 @@ pub(crate) fn rows(
     crate::isa::dispatch(Rows { n, spec, x, gamma, beta, y, mean, rstd, out })
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use crate::reduce::tests::{SPECS, close, mixed_rows, reference_spec};
     use layernorm_core::{DType, NormSpec, reference};
 
-    #[test]
-    fn the_short_row_kernel_is_right_on_every_instruction_set() {
+    pub fn the_short_row_kernel_is_right_on_every_instruction_set() {
         let rows = 37;
         for (n, (rs, _)) in [3usize, 8, 16, 24, 33, 100, 128, 300]
             .into_iter()
@@ -594,8 +594,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_long_row_kernel_matches_the_row_by_row_composition_bit_for_bit() {
+    pub fn the_long_row_kernel_matches_the_row_by_row_composition_bit_for_bit() {
         // Against shift, sums, finish and normalize row by row on the same instruction set (the
         // dispatched one's composition is `row::rows_portable`). Rows take every path of
         // `row::finish` (see `mixed_rows`); lengths with and without tails; y at an odd offset
@@ -652,8 +651,7 @@ mod tests {
         v.iter().map(|v| v.to_bits()).collect()
     }
 
-    #[test]
-    fn the_pipelined_sweep_is_right_on_every_instruction_set() {
+    pub fn the_pipelined_sweep_is_right_on_every_instruction_set() {
         // One row normalized while the next is summed: y against the reference, the sums against
         // a direct f64 evaluation, at lengths with and without tails, y at an odd offset.
         for n in [512usize, 515, 777, 1024] {

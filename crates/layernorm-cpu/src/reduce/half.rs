@@ -158,7 +158,7 @@ pub(crate) trait Half {
     /// [`Sixteen::pick`] chose them for).
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output;
     /// Whether the kernels may run under any `Simd` (else only under [`Half::dispatch`]).
-    #[cfg(test)]
+    #[cfg(feature = "unit-tests")]
     const ANY_SIMD: bool = true;
     /// Whether this CPU runs these conversions.
     fn available() -> bool {
@@ -220,7 +220,7 @@ pub(crate) struct Bf16Native;
 
 impl Half for Bf16Native {
     type Elem = bf16;
-    #[cfg(test)]
+    #[cfg(feature = "unit-tests")]
     const ANY_SIMD: bool = false;
     /// AVX-512 (`pulp`'s V4) with BF16, and the dispatch not capped at AVX2 (`max-avx2`).
     fn available() -> bool {
@@ -1075,8 +1075,9 @@ pub(crate) fn backward_16<E: Sixteen>(
     E::pick(Backward { kind, n, x, dy, mean, rstd, gamma, dx, partials })
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
 
     /// Where the tests run a codec's kernels: an instruction set of `pulp`'s, or the codec's own
@@ -1196,8 +1197,7 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn bf16_conversions_match_half_on_every_instruction_set() {
+    pub fn bf16_conversions_match_half_on_every_instruction_set() {
         // f32 patterns around every rounding case: each bf16 value with each of the low-half
         // patterns that decide the rounding (ties, just above/below, all ones), which covers
         // NaNs, infinities, subnormals and overflow to infinity.
@@ -1209,8 +1209,7 @@ mod tests {
         check::<Bf16Native>(&narrow_in, 0x0040_0000);
     }
 
-    #[test]
-    fn f16_conversions_match_half_on_every_instruction_set() {
+    pub fn f16_conversions_match_half_on_every_instruction_set() {
         // Every f16 value, the midpoints between neighbours (ties, to even: among them 65520,
         // which overflows) and the f32 values either side of each midpoint, then random f32 bit
         // patterns: subnormals, overflow, NaN payloads.
@@ -1342,8 +1341,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_16_bit_kernels_are_right_on_every_instruction_set() {
+    pub fn the_16_bit_kernels_are_right_on_every_instruction_set() {
         // Half an ulp of the type's rounding of y/dx, with room for the f32 work before it.
         right_on_every_isa::<Bf16Bits>(2f64.powi(-8));
         right_on_every_isa::<Bf16Native>(2f64.powi(-8));
@@ -1382,9 +1380,8 @@ mod tests {
         vec![b16(&y), b32(&mean), b32(&rstd), b16(&dx), b32(&p)]
     }
 
-    #[test]
     #[cfg(target_arch = "x86_64")]
-    fn both_bf16_roundings_give_the_kernels_the_same_bits() {
+    pub fn both_bf16_roundings_give_the_kernels_the_same_bits() {
         // `Bf16Native` (where this CPU has AVX-512 BF16) against `Bf16Bits` at AVX-512: every
         // kernel, rows with tails, and outputs that round to subnormals (γ of 1e-39 with β = 0
         // in every fifth column; dy of 1e-36 in every third row), which `Bf16Native` rounds by

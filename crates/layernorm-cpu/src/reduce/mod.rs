@@ -40,7 +40,7 @@ macro_rules! specialize {
 /// Runs `$body` once per instruction set this machine has (the scalar fallback, AVX2, AVX-512),
 /// with `$simd` bound to its token and `$name` to its name: the kernels are compiled for each,
 /// and those the dispatch does not pick here must be right too.
-#[cfg(test)]
+#[cfg(feature = "unit-tests")]
 macro_rules! for_each_isa {
     ($simd:ident, $name:ident => $body:block) => {{
         {
@@ -62,11 +62,11 @@ macro_rules! for_each_isa {
     }};
 }
 
-mod backward;
-mod forward;
-mod half;
+pub(crate) mod backward;
+pub(crate) mod forward;
+pub(crate) mod half;
 mod steps;
-mod store;
+pub(crate) mod store;
 
 pub(crate) use backward::{
     ColumnScratch, Partials, back_blocks_recovered, back_column_chunk, back_long, back_rows,
@@ -77,8 +77,9 @@ pub(crate) use half::{backward_16, forward_16};
 pub(crate) use steps::Recover;
 pub(crate) use store::{stream_copy, stream_fence};
 
-#[cfg(test)]
-pub(crate) mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
     use crate::driver::Out;
     use crate::row::{self, Kind, Spec};
@@ -182,8 +183,7 @@ pub(crate) mod tests {
         [y, m, r]
     }
 
-    #[test]
-    fn short_row_kernels_match_the_portable_composition_bit_for_bit() {
+    pub fn short_row_kernels_match_the_portable_composition_bit_for_bit() {
         let nrows = 45; // two full groups of 16 and a ragged one
         for n in [1usize, 5, 16, 17, 40, 100, 128, 255, 256, 300, 511] {
             let [x, dy, g, b] = bitwise_inputs(nrows, n);
@@ -236,8 +236,7 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn long_row_kernels_match_the_same_composition_at_short_lengths() {
+    pub fn long_row_kernels_match_the_same_composition_at_short_lengths() {
         // `f32` rows take the long-row kernels from `row::F32_LONG_MIN_N` (forward, ordinary
         // stores) and `row::F32_BACK_LONG_MIN_N` (backward), below the generic thresholds: at
         // every length either kernel may serve, they give the short-row kernels' bits.
@@ -292,8 +291,7 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn sums_are_exact_on_small_integers_whatever_the_length() {
+    pub fn sums_are_exact_on_small_integers_whatever_the_length() {
         // Values below 100: a lane's share of a 256-element block squared-sums below 2^24 on
         // any vector width (even one lane), so the f32 partials are exact and so is the result.
         for n in [0usize, 1, 7, 16, 17, 255, 256, 257, 1000, 5000] {

@@ -460,8 +460,9 @@ impl Carry {
     }
 }
 
-#[cfg(test)]
-mod tests {
+#[cfg(feature = "unit-tests")]
+#[doc(hidden)]
+pub mod tests {
     use super::*;
 
     /// `stream_span`'s contract, which the bitwise tests cannot see (any split gives the same
@@ -496,8 +497,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn streamed_spans_start_on_a_vector_and_end_on_a_line() {
+    pub fn streamed_spans_start_on_a_vector_and_end_on_a_line() {
         for_each_isa!(simd, isa => {
             check(simd, isa);
         });
