@@ -49,6 +49,7 @@ unit_tests! {
         the_16_bit_kernels_are_right_on_every_instruction_set,
         #[cfg(target_arch = "x86_64")]
         both_bf16_roundings_give_the_kernels_the_same_bits,
+        pair_stores_round_as_single_stores_on_every_instruction_set,
     ],
     reduce_store in "reduce/store.rs": [streamed_spans_start_on_a_vector_and_end_on_a_line],
     reduce in "reduce/mod.rs": [

@@ -46,13 +46,8 @@ fn load_bf16<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
         // types of the same size.
         unsafe {
             if w == 16 {
-                let v = _mm512_castsi256_si512(_mm256_loadu_si256(p.cast()));
-                let idx = _mm512_set_epi16(
-                    15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0,
-                    3, 0, 2, 0, 1, 0, 0, 0,
-                );
-                let wide = _mm512_maskz_permutexvar_epi16(0xaaaa_aaaa, idx, v);
-                return core::mem::transmute_copy(&wide);
+                let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+                return core::mem::transmute_copy(&_mm512_slli_epi32::<16>(v));
             }
             if w == 8 {
                 let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
@@ -118,6 +113,42 @@ fn store_bf16<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
     }
 }
 
+/// Rounds two `f32` vectors to `bf16` ([`round`]) and stores their `2·W` values at the start of
+/// `dst`: the values of [`store_bf16`] of each, narrowed together (on x86 one saturating pack and
+/// one permute for both, where each vector took a narrowing of its own, and one store).
+#[inline(always)]
+fn store2_bf16<S: Simd>(simd: S, dst: &mut [bf16], v0: S::f32s, v1: S::f32s) {
+    let w = size_of::<S::f32s>() / 4;
+    let dst = &mut dst[..2 * w];
+    #[cfg(target_arch = "x86_64")]
+    if w == 8 || w == 16 {
+        use core::arch::x86_64::*;
+        let (r0, r1) = (round(simd, v0), round(simd, v1));
+        let p = dst.as_mut_ptr();
+        // SAFETY: `dst` holds 2·w elements; a vector of 64 / 32 bytes exists only under
+        // AVX-512F with BW (`pulp`'s V4) / AVX2; the transmutes are between types of the same
+        // size. Every lane of r0 and r1 is below 2^16, so the saturating packs (per 128-bit
+        // lane: four of r0's values, then four of r1's) change none; the permutes put each
+        // vector's 64-bit groups back in order, r0's before r1's.
+        unsafe {
+            if w == 16 {
+                let (r0, r1): (__m512i, __m512i) =
+                    (core::mem::transmute_copy(&r0), core::mem::transmute_copy(&r1));
+                let packed = _mm512_packus_epi32(r0, r1);
+                let order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+                return _mm512_storeu_si512(p.cast(), _mm512_permutexvar_epi64(order, packed));
+            }
+            let (r0, r1): (__m256i, __m256i) =
+                (core::mem::transmute_copy(&r0), core::mem::transmute_copy(&r1));
+            let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(r0, r1));
+            return _mm256_storeu_si256(p.cast(), packed);
+        }
+    }
+    let (a, b) = dst.split_at_mut(w);
+    store_bf16(simd, a, v0);
+    store_bf16(simd, b, v1);
+}
+
 /// `vcvtneps2bf16` of 16 lanes, stored at `p`, where no lane is subnormal; `false` (nothing
 /// stored) otherwise. For every other input the instruction rounds as `half`'s `bf16::from_f32`
 /// does — nearest even, overflow to infinity, a NaN's high half with its quiet bit set — but it
@@ -142,6 +173,32 @@ unsafe fn store_bf16_native(p: *mut bf16, v: core::arch::x86_64::__m512) -> bool
     true
 }
 
+/// `vcvtne2ps2bf16` of two vectors of 16 lanes, stored at `p` (`v0`'s values, then `v1`'s),
+/// where no lane is subnormal; `false` (nothing stored) otherwise, as [`store_bf16_native`].
+///
+/// # Safety
+/// The CPU has AVX-512F, DQ and BF16; `p` is valid for 64 bytes of writes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store2_bf16_native(
+    p: *mut bf16,
+    v0: core::arch::x86_64::__m512,
+    v1: core::arch::x86_64::__m512,
+) -> bool {
+    use core::arch::x86_64::*;
+    // SAFETY: the features and the destination, by the caller's contract.
+    unsafe {
+        if _mm512_fpclass_ps_mask::<0x20>(v0) | _mm512_fpclass_ps_mask::<0x20>(v1) != 0 {
+            core::hint::cold_path();
+            return false;
+        }
+        // The second operand's values go to the low half.
+        let r: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0));
+        _mm512_storeu_si512(p.cast(), r);
+    }
+    true
+}
+
 /// How the kernels convert a 16-bit storage type ([`Half::Elem`]) in registers: its loads
 /// widen exactly, its stores round to nearest even exactly as `half` does, so the kernels give
 /// the bits of the scratch path (rows widened by `half`, the `f32` kernels, rounded back by
@@ -154,6 +211,15 @@ pub(crate) trait Half {
     fn load<S: Simd>(simd: S, src: &[Self::Elem]) -> S::f32s;
     /// Rounds `v` (nearest even) and stores its `W` values at the start of `dst`.
     fn store<S: Simd>(simd: S, dst: &mut [Self::Elem], v: S::f32s);
+    /// Rounds `v0` and `v1` and stores their `2·W` values at the start of `dst`: the values of
+    /// [`Half::store`] of each, with fewer instructions where the type has a way.
+    #[inline(always)]
+    fn store2<S: Simd>(simd: S, dst: &mut [Self::Elem], v0: S::f32s, v1: S::f32s) {
+        let w = size_of::<S::f32s>() / 4;
+        let (a, b) = dst[..2 * w].split_at_mut(w);
+        Self::store(simd, a, v0);
+        Self::store(simd, b, v1);
+    }
     /// Runs `op` at the best SIMD level this CPU has for these conversions (the one
     /// [`Sixteen::pick`] chose them for).
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output;
@@ -207,6 +273,10 @@ impl Half for Bf16Bits {
     fn store<S: Simd>(simd: S, dst: &mut [bf16], v: S::f32s) {
         store_bf16(simd, dst, v)
     }
+    #[inline(always)]
+    fn store2<S: Simd>(simd: S, dst: &mut [bf16], v0: S::f32s, v1: S::f32s) {
+        store2_bf16(simd, dst, v0, v1)
+    }
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
         crate::isa::dispatch(op)
     }
@@ -253,6 +323,26 @@ impl Half for Bf16Native {
             }
         }
         store_bf16(simd, dst, v)
+    }
+    /// `vcvtne2ps2bf16` for both vectors (two instructions and a store where the integer
+    /// rounding took ten and [`Bf16Native::store`] two conversions and two stores), where no
+    /// lane is subnormal; [`store2_bf16`] otherwise.
+    #[inline(always)]
+    fn store2<S: Simd>(simd: S, dst: &mut [bf16], v0: S::f32s, v1: S::f32s) {
+        #[cfg(target_arch = "x86_64")]
+        if size_of::<S::f32s>() == 64 {
+            let dst = &mut dst[..32];
+            debug_assert!(Self::available());
+            // SAFETY: as in `store`; `dst` holds 32 values.
+            unsafe {
+                let v0: core::arch::x86_64::__m512 = core::mem::transmute_copy(&v0);
+                let v1: core::arch::x86_64::__m512 = core::mem::transmute_copy(&v1);
+                if store2_bf16_native(dst.as_mut_ptr(), v0, v1) {
+                    return;
+                }
+            }
+        }
+        store2_bf16(simd, dst, v0, v1)
     }
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
         #[cfg(target_arch = "x86_64")]
@@ -396,6 +486,31 @@ unsafe fn store_vec<S: Simd, T: Half>(simd: S, row: &mut [T::Elem], j: usize, v:
     debug_assert!((j + 1) * w <= row.len());
     // SAFETY: in bounds, by the caller's contract.
     T::store(simd, unsafe { row.get_unchecked_mut(j * w..(j + 1) * w) }, v)
+}
+
+/// [`Half::store2`] into vectors `j` and `j + 1` of `row` (its values `j·W..(j + 2)·W`) without a
+/// bounds check.
+///
+/// # Safety
+/// `row` holds at least `(j + 2)·W` values.
+#[inline(always)]
+unsafe fn store2_vec<S: Simd, T: Half>(
+    simd: S,
+    row: &mut [T::Elem],
+    j: usize,
+    (v0, v1): (S::f32s, S::f32s),
+) {
+    let w = size_of::<S::f32s>() / 4;
+    debug_assert!((j + 2) * w <= row.len());
+    // SAFETY: in bounds, by the caller's contract.
+    T::store2(simd, unsafe { row.get_unchecked_mut(j * w..(j + 2) * w) }, v0, v1)
+}
+
+/// Vectors of a 16-bit row per 64-byte line (at least two: the sweeps go by pairs of vectors,
+/// for [`Half::store2`], and a block is a whole number of lines).
+#[inline(always)]
+fn per_line_16<S: Simd>() -> usize {
+    (32 / (size_of::<S::f32s>() / 4)).max(2)
 }
 
 /// The forward's shift of a 16-bit row: `shift_of` the widened row, without widening it.
@@ -604,41 +719,109 @@ fn fused_16_vecs<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool>
 ) -> [f64; 2] {
     let w = size_of::<S::f32s>() / 4;
     let nv = cur.len() / w;
-    // The vectors' bounds, checked here once for the loop's unchecked loads and stores.
+    // The vectors' bounds, checked here once for the sweep's unchecked loads and stores.
     assert!(y.len() >= nv * w && (!NX || nxt.len() >= nv * w));
     let (gh, bh) = (if G { &gh[..nv] } else { gh }, if B { &bh[..nv] } else { bh });
-    let zero = simd.splat_f32s(0.0);
-    let mut total = [0f64; 2];
-    let pb = per_block::<S>();
-    // One prefetch per 64-byte line of the summed row (32 16-bit values), PREFETCH_AHEAD on.
-    let per_line = (32 / w).max(1);
-    let ahead = nxt.as_ptr().wrapping_add(PREFETCH_AHEAD).cast::<f32>();
-    let y_ahead = y.as_ptr().wrapping_add(OUT_AHEAD_16).cast::<f32>();
+    let ahead = [nxt.as_ptr().wrapping_add(PREFETCH_AHEAD), y.as_ptr().wrapping_add(OUT_AHEAD_16)];
+    let mut st = FwdStep::<S, T, G, B, NX> { nxt, kn, cur, kc, gh, bh, ahead };
+    // SAFETY: nxt (with `NX`), cur and y hold nv·W values, γ and β (with `G`, `B`) nv vectors.
+    unsafe { sweep_16::<S, T, 2, _>(simd, nv, &mut st, y) }
+}
+
+/// One vector of a pipelined 16-bit sweep ([`sweep_16`]): vector `j` of the next row summed into
+/// `K` accumulators, vector `j` of this row's output returned, to be rounded and stored.
+trait Step<S: Simd, const K: usize> {
+    /// # Safety
+    /// `j` is below the vector count the implementor's rows were checked for.
+    unsafe fn step(&mut self, simd: S, j: usize, acc: &mut [S::f32s; K]) -> S::f32s;
+    /// Asks for the lines ahead of vector `j` that the sweep will read and write (once a line).
+    fn prefetch(&self, j: usize);
+}
+
+/// The sweep of `nv` vectors of a pipelined 16-bit kernel: `st`'s steps a block of `BLOCK`
+/// elements at a time, the block's accumulators folded into the `f64` totals after it (the
+/// order of the `f32` kernels, so the same sums); the outputs rounded and stored two vectors at
+/// a time ([`Half::store2`]) over whole 64-byte lines, one at a time at the row's end.
+///
+/// # Safety
+/// `out` holds nv·W values, and `st` may step every vector below nv.
+#[inline(always)]
+unsafe fn sweep_16<S: Simd, T: Half, const K: usize, St: Step<S, K>>(
+    simd: S,
+    nv: usize,
+    st: &mut St,
+    out: &mut [T::Elem],
+) -> [f64; K] {
+    let (pb, per_line) = (per_block::<S>(), per_line_16::<S>());
+    let mut total = [0f64; K];
     let mut i = 0;
+    // SAFETY (the steps and the stores): every index is below `end` ≤ nv (the contract).
     while i < nv {
         let end = (i + pb).min(nv);
-        let mut acc = [zero; 2];
-        // SAFETY (the loads and the store): j < nv, and nxt (with `NX`), cur and y hold nv·W
-        // values (asserted above).
-        for j in i..end {
-            if j % per_line == 0 {
-                prefetch_line(y_ahead.wrapping_byte_add(j * 2 * w));
-                if NX {
-                    prefetch_line(ahead.wrapping_byte_add(j * 2 * w));
-                }
+        let mut acc = [simd.splat_f32s(0.0); K];
+        let mut j = i;
+        while j + per_line <= end {
+            st.prefetch(j);
+            for q in (j..j + per_line).step_by(2) {
+                let v0 = unsafe { st.step(simd, q, &mut acc) };
+                let v1 = unsafe { st.step(simd, q + 1, &mut acc) };
+                unsafe { store2_vec::<S, T>(simd, out, q, (v0, v1)) };
             }
-            if NX {
-                let v = unsafe { load_vec::<S, T>(simd, nxt, j) };
-                centered_step::<S, true>(simd, v, kn, &mut acc);
-            }
-            let v = unsafe { load_vec::<S, T>(simd, cur, j) };
-            let v = normalize_vec::<S, G, B>(simd, v, kc, (gh, bh), j);
-            unsafe { store_vec::<S, T>(simd, y, j, v) };
+            j += per_line;
+        }
+        while j < end {
+            let v = unsafe { st.step(simd, j, &mut acc) };
+            unsafe { store_vec::<S, T>(simd, out, j, v) };
+            j += 1;
         }
         fold_into(simd, acc, &mut total);
         i = end;
     }
     total
+}
+
+/// The forward's [`Step`]: with `NX`, the next row's residual sums (`kn`); this row normalized
+/// (`kc`, γ, β). `ahead`: the next row and y, [`PREFETCH_AHEAD`] / [`OUT_AHEAD_16`] on.
+struct FwdStep<'a, S: Simd, T: Half, const G: bool, const B: bool, const NX: bool> {
+    nxt: &'a [T::Elem],
+    kn: (S::f32s, S::f32s, S::f32s),
+    cur: &'a [T::Elem],
+    kc: (S::f32s, S::f32s, S::f32s),
+    gh: &'a [S::f32s],
+    bh: &'a [S::f32s],
+    ahead: [*const T::Elem; 2],
+}
+
+impl<S: Simd, T: Half, const G: bool, const B: bool, const NX: bool> Step<S, 2>
+    for FwdStep<'_, S, T, G, B, NX>
+{
+    /// # Safety
+    /// `cur`, and `nxt` with `NX`, hold at least `(j + 1)·W` values; γ and β (with `G`, `B`)
+    /// at least `j + 1` vectors.
+    #[inline(always)]
+    unsafe fn step(&mut self, simd: S, j: usize, acc: &mut [S::f32s; 2]) -> S::f32s {
+        // SAFETY: in bounds, by the caller's contract.
+        if NX {
+            let v = unsafe { load_vec::<S, T>(simd, self.nxt, j) };
+            centered_step::<S, true>(simd, v, self.kn, acc);
+        }
+        let v = unsafe { load_vec::<S, T>(simd, self.cur, j) };
+        // γ's and β's vector j alone (in bounds by the caller's contract), so that the loops
+        // carry no bounds checks.
+        let (g, b) = unsafe {
+            let at = |p: &[S::f32s]| core::slice::from_raw_parts(p.as_ptr().add(j), 1);
+            (if G { at(self.gh) } else { self.gh }, if B { at(self.bh) } else { self.bh })
+        };
+        normalize_vec::<S, G, B>(simd, v, self.kc, (g, b), 0)
+    }
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let w = size_of::<S::f32s>() / 4;
+        prefetch_line(self.ahead[1].wrapping_add(j * w).cast());
+        if NX {
+            prefetch_line(self.ahead[0].wrapping_add(j * w).cast());
+        }
+    }
 }
 
 /// Forward of consecutive 16-bit rows in one explicit-SIMD loop: the grouped short-row kernel
@@ -816,17 +999,11 @@ fn normalize_16_vecs<S: Simd, T: Half, const G: bool, const B: bool>(
     let nv = x.len() / w;
     assert!(y.len() >= nv * w);
     let (gh, bh) = (if G { &gh[..nv] } else { gh }, if B { &bh[..nv] } else { bh });
-    let per_line = (32 / w).max(1);
-    let y_ahead = y.as_ptr().wrapping_add(OUT_AHEAD_16).cast::<f32>();
-    for j in 0..nv {
-        if j % per_line == 0 {
-            prefetch_line(y_ahead.wrapping_byte_add(j * 2 * w));
-        }
-        // SAFETY: j < nv = x.len() / W, and y holds nv·W values (asserted above).
-        let v = unsafe { load_vec::<S, T>(simd, x, j) };
-        let v = normalize_vec::<S, G, B>(simd, v, k, (gh, bh), j);
-        unsafe { store_vec::<S, T>(simd, y, j, v) };
-    }
+    // The long rows' steps without a next row.
+    let ahead = [x.as_ptr(), y.as_ptr().wrapping_add(OUT_AHEAD_16)];
+    let mut st = FwdStep::<S, T, G, B, false> { nxt: x, kn: k, cur: x, kc: k, gh, bh, ahead };
+    // SAFETY: x and y hold nv·W values, γ and β (with `G`, `B`) nv vectors.
+    unsafe { sweep_16::<S, T, 2, _>(simd, nv, &mut st, y) };
 }
 
 /// Backward of consecutive 16-bit rows (any N; short rows too), pipelined like the `f32`
@@ -1000,44 +1177,66 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
     let (dgh, dbh) = (if DG { &mut dgh[..nv] } else { dgh }, if DB { &mut dbh[..nv] } else { dbh });
     // The vectors' bounds, checked here once for the loop's unchecked loads and stores.
     assert!(nx.len() >= nv * w && nd.len() >= nv * w && dx.len() >= nv * w && cd.len() >= nv * w);
-    let mut total = [0f64; 3];
-    let pb = per_block::<S>();
-    let per_line = (32 / w).max(1);
-    let (ax, ad) =
-        (nx.as_ptr().wrapping_add(PREFETCH_AHEAD), nd.as_ptr().wrapping_add(PREFETCH_AHEAD));
-    let adx = dx.as_ptr().wrapping_add(OUT_AHEAD_16);
-    let mut i = 0;
-    while i < nv {
-        let end = (i + pb).min(nv);
-        let mut acc = [simd.splat_f32s(0.0); 3];
-        for j in i..end {
-            if j % per_line == 0 {
-                prefetch_line(ax.wrapping_add(j * w).cast::<f32>());
-                prefetch_line(ad.wrapping_add(j * w).cast::<f32>());
-                prefetch_line(adx.wrapping_add(j * w).cast::<f32>());
-            }
-            // SAFETY: j < nv, and nx, nd hold nv·W values (asserted above).
-            let (xv, dv) =
-                unsafe { (load_vec::<S, T>(simd, nx, j), load_vec::<S, T>(simd, nd, j)) };
-            let g = if G { Some(gh[j]) } else { None };
-            backward_step(simd, (xv, dv, g), k, &mut acc);
-            // SAFETY: j < nv = cx.len() / W, and cd holds nv·W values (asserted above).
-            let (cxv, cdv) =
-                unsafe { (load_vec::<S, T>(simd, cx, j), load_vec::<S, T>(simd, cd, j)) };
-            let (d, xhat) = apply_step(simd, (cxv, cdv, g), pv);
-            // SAFETY: j < nv, and dx holds nv·W values (asserted above).
-            unsafe { store_vec::<S, T>(simd, dx, j, d) };
-            if DG {
-                dgh[j] = simd.mul_add_f32s(cdv, xhat, dgh[j]);
-            }
-            if DB {
-                dbh[j] = simd.add_f32s(dbh[j], cdv);
-            }
+    let ahead = [
+        nx.as_ptr().wrapping_add(PREFETCH_AHEAD),
+        nd.as_ptr().wrapping_add(PREFETCH_AHEAD),
+        dx.as_ptr().wrapping_add(OUT_AHEAD_16),
+    ];
+    let mut st = BackStep::<S, T, G, DG, DB> { nx, nd, k, cx, cd, pv, gh, dgh, dbh, ahead };
+    // SAFETY: the four rows and dx hold nv·W values (asserted above), γ and dγ/dβ (with `G`,
+    // `DG`, `DB`) nv vectors.
+    unsafe { sweep_16::<S, T, 3, _>(simd, nv, &mut st, dx) }
+}
+
+/// The backward's [`Step`]: the next row's sums (`k`); this row's dx (`pv`), and its dγ/dβ
+/// terms added. `ahead`: the next row's x and dy, [`PREFETCH_AHEAD`] on, and dx,
+/// [`OUT_AHEAD_16`] on.
+struct BackStep<'a, S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> {
+    nx: &'a [T::Elem],
+    nd: &'a [T::Elem],
+    k: (S::f32s, S::f32s),
+    cx: &'a [T::Elem],
+    cd: &'a [T::Elem],
+    pv: &'a BackVecs<S::f32s>,
+    gh: &'a [S::f32s],
+    dgh: &'a mut [S::f32s],
+    dbh: &'a mut [S::f32s],
+    ahead: [*const T::Elem; 3],
+}
+
+impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
+    for BackStep<'_, S, T, G, DG, DB>
+{
+    /// # Safety
+    /// The four rows hold at least `(j + 1)·W` values; γ and dγ/dβ (with `G`, `DG`, `DB`) at
+    /// least `j + 1` vectors.
+    #[inline(always)]
+    unsafe fn step(&mut self, simd: S, j: usize, acc: &mut [S::f32s; 3]) -> S::f32s {
+        // SAFETY: in bounds, by the caller's contract.
+        let (xv, dv) =
+            unsafe { (load_vec::<S, T>(simd, self.nx, j), load_vec::<S, T>(simd, self.nd, j)) };
+        let g = if G { Some(unsafe { *self.gh.get_unchecked(j) }) } else { None };
+        backward_step(simd, (xv, dv, g), self.k, acc);
+        let (cxv, cdv) =
+            unsafe { (load_vec::<S, T>(simd, self.cx, j), load_vec::<S, T>(simd, self.cd, j)) };
+        let (d, xhat) = apply_step(simd, (cxv, cdv, g), self.pv);
+        if DG {
+            let p = unsafe { self.dgh.get_unchecked_mut(j) };
+            *p = simd.mul_add_f32s(cdv, xhat, *p);
         }
-        fold_into(simd, acc, &mut total);
-        i = end;
+        if DB {
+            let p = unsafe { self.dbh.get_unchecked_mut(j) };
+            *p = simd.add_f32s(*p, cdv);
+        }
+        d
     }
-    total
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let w = size_of::<S::f32s>() / 4;
+        for a in self.ahead {
+            prefetch_line(a.wrapping_add(j * w).cast());
+        }
+    }
 }
 
 /// Backward of consecutive blocks of 16-bit rows (see [`Back16`]), adding into the
@@ -1418,5 +1617,54 @@ pub mod tests {
                 }
             }
         }
+    }
+
+    /// `store2` of consecutive vector pairs of `src` into `pairs`, `store` of each vector into
+    /// `singles`.
+    struct Pairs<'a, T: Half> {
+        src: &'a [f32],
+        pairs: &'a mut [T::Elem],
+        singles: &'a mut [T::Elem],
+    }
+
+    impl<T: Half> WithSimd for Pairs<'_, T> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let w = size_of::<S::f32s>() / 4;
+            let chunks = self.src.chunks_exact(2 * w).zip(self.pairs.chunks_exact_mut(2 * w));
+            for (src, dst) in chunks {
+                let (a, b) = src.split_at(w);
+                T::store2(simd, dst, simd.partial_load_f32s(a), simd.partial_load_f32s(b));
+            }
+            for (src, dst) in self.src.chunks_exact(w).zip(self.singles.chunks_exact_mut(w)) {
+                T::store(simd, dst, simd.partial_load_f32s(src));
+            }
+        }
+    }
+
+    pub fn pair_stores_round_as_single_stores_on_every_instruction_set() {
+        // The rounding cases of `bf16` (each value with the low halves that decide it, every
+        // subnormal among them) and random patterns, stored two vectors at a time and one at a
+        // time: the same bits, in the same places.
+        let lows = [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff];
+        let mut src: Vec<f32> =
+            (0..=u16::MAX as u32).flat_map(|h| lows.map(|l| f32::from_bits(h << 16 | l))).collect();
+        src.extend(random_f32(1 << 16));
+        src.truncate(src.len() / 32 * 32);
+        fn check<T: Half>(src: &[f32]) {
+            for (simd, isa) in isas::<T>() {
+                let zero = T::Elem::from_acc(0.0);
+                let (mut pairs, mut singles) = (vec![zero; src.len()], vec![zero; src.len()]);
+                run::<T, _>(simd, Pairs::<T> { src, pairs: &mut pairs, singles: &mut singles });
+                let bits = |v: &[T::Elem]| v.iter().map(|&v| bytemuck::cast::<_, u16>(v)).collect();
+                let (p, q): (Vec<u16>, Vec<u16>) = (bits(&pairs), bits(&singles));
+                let bad = p.iter().zip(&q).position(|(a, b)| a != b);
+                assert!(bad.is_none(), "{isa}: {} pair store differs at {bad:?}", T::Elem::DTYPE);
+            }
+        }
+        check::<Bf16Bits>(&src);
+        check::<Bf16Native>(&src);
+        check::<F16c>(&src);
     }
 }
