@@ -682,7 +682,7 @@ pub(crate) fn fused_backward(
 /// Backward of consecutive blocks of long rows (`f32`, in place), K rows per sweep (one; see
 /// `with_simd`): the sweep writes rows r..r+K's dx while summing the next K rows' reductions.
 /// With K = 2 each dγ/dβ partial is read and written once per pair of rows instead of once per
-/// row, which paid on an earlier AVX-512 machine and loop and no longer does. Per row the
+/// row, but the row constants spill (`docs/performance.md`: one row per sweep). Per row the
 /// operations and their order are those of [`FusedBackward`] /
 /// `row::back_apply` (dγ/dβ gain row r's term, then row r+1's), so the results are bitwise those
 /// of the one-row pipeline whatever K is.
