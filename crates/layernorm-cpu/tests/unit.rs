@@ -6,6 +6,9 @@
 //! `every_unit_test_is_listed` reads the modules' sources, so a test added there and not here, or
 //! marked `#[test]` there, fails instead of never running.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
 macro_rules! unit_tests {
     ($($module:ident in $file:literal: [$($(#[$attr:meta])* $test:ident),* $(,)?]),* $(,)?) => {
         $(mod $module {
@@ -92,50 +95,42 @@ fn tests_in(source: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn every_unit_test_is_listed() {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut with_tests = Vec::new();
-    for dir in [src.clone(), src.join("reduce")] {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let source = std::fs::read_to_string(&path).unwrap();
-            // The library is never compiled as a test harness: a `#[test]` there never runs.
-            assert!(
-                !source.contains("#[test]"),
-                "{}: a `#[test]` in the library never runs; a unit test is a `pub fn name()` in \
-                 the module's `tests`, listed in tests/unit.rs",
-                path.display()
-            );
-            if !tests_in(&source).is_empty() {
-                let rel = path.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
-                with_tests.push((rel, tests_in(&source)));
-            }
+/// Every `.rs` file under `dir`, recursively.
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
-    with_tests.sort();
-    let mut listed: Vec<(String, Vec<String>)> = LISTED
+}
+
+#[test]
+fn every_unit_test_is_listed() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut found = BTreeMap::new();
+    for path in files {
+        let source = std::fs::read_to_string(&path).unwrap();
+        // The library is never compiled as a test harness: a `#[test]` there never runs.
+        assert!(
+            !source.contains("#[test]"),
+            "{}: a `#[test]` in the library never runs; a unit test is a `pub fn name()` in \
+             the module's `tests`, listed in tests/unit.rs",
+            path.display()
+        );
+        let tests: BTreeSet<String> = tests_in(&source).into_iter().collect();
+        if !tests.is_empty() {
+            let rel = path.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
+            found.insert(rel, tests);
+        }
+    }
+    let listed: BTreeMap<String, BTreeSet<String>> = LISTED
         .iter()
         .map(|(file, tests)| (file.to_string(), tests.iter().map(|t| t.to_string()).collect()))
         .collect();
-    listed.sort();
-    for (file, tests) in &mut listed {
-        tests.sort();
-        let found = with_tests.iter_mut().find(|(f, _)| f == file);
-        let found = found.map(|(_, t)| {
-            t.sort();
-            t.clone()
-        });
-        assert_eq!(
-            found.as_ref(),
-            Some(&*tests),
-            "src/{file}: its tests against those listed here"
-        );
-    }
-    let files: Vec<&String> = with_tests.iter().map(|(f, _)| f).collect();
-    let listed_files: Vec<&String> = listed.iter().map(|(f, _)| f).collect();
-    assert_eq!(files, listed_files, "source files with unit tests against those listed here");
+    assert_eq!(found, listed, "the unit tests in src/ (left) against those listed here (right)");
 }
