@@ -1,5 +1,5 @@
-//! `cargo xtask cuda-check`: compile every CUDA kernel × dtype × kind × strategy with NVRTC for
-//! each target architecture, assemble the PTX with `ptxas -v`, and print registers, shared
+//! `cargo xtask cuda-check`: compile every CUDA kernel × dtype × kind × strategy with NVRTC to the
+//! PTX the target architectures load, assemble it for each with `ptxas -v`, and print registers, shared
 //! memory, stack and spills per kernel. Fails on any compile error, spill or stack use, and — with
 //! `--require-ptxas` — when ptxas is not found.
 

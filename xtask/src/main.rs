@@ -49,8 +49,8 @@ commands:
       forward and backward, against the f64 reference. Unavailable backends are listed as
       skipped; --require makes an unavailable backend an error. Exits non-zero on any failure.
   cuda-check [--arch sm_XX]... [--require-ptxas]
-      Compile every CUDA kernel x dtype x strategy with NVRTC (sm_80 and sm_90 by default),
-      assemble with ptxas -v and print registers, shared memory, stack and spills per kernel.
+      Compile every CUDA kernel x dtype x strategy with NVRTC to the PTX those architectures
+      load (sm_80 and sm_90 by default: one compute_80 PTX), assemble it for each with ptxas -v and print registers, shared memory, stack and spills per kernel.
       Fails on a compile error, any spill or stack use. Needs NVRTC (and ptxas) installed.
   bench [--bench cpu|wgpu|cuda] [--paired] [--avx2] [--rounds K] [--json PATH] [FILTER]
       Run a criterion bench with short measurement times and print, per shape, pass, dtype and

@@ -151,8 +151,9 @@ impl<'a> Pointers<'a> {
 }
 
 /// The normalization family (LayerNorm and RMSNorm, γ offset, fused residual, backward from x
-/// or y with dh) on an NVIDIA GPU through cudarc, with kernels compiled by NVRTC at run time for
-/// the device's compute capability and cached per dtype and kind.
+/// or y with dh) on an NVIDIA GPU through cudarc, with kernels compiled by NVRTC at run time (to
+/// `compute_80` PTX from Ampere on, see [`kernels::ptx_arch`](crate::kernels::ptx_arch)) and
+/// cached per dtype and kind.
 ///
 /// All work is queued on one stream; [`Normalize::download`] waits for it.
 pub struct CudaBackend {
@@ -288,12 +289,8 @@ impl CudaBackend {
         if let Some(m) = modules.get(&(dtype, kind)) {
             return Ok(m.clone());
         }
-        let (major, minor) = self.limits.compute_capability;
-        let arch = format!("compute_{major}{minor}");
-        // An NVRTC older than the device cannot target it; PTX for sm_80 is JIT-compiled forward.
-        let ptx = kernels::compile(dtype, kind, &arch)
-            .or_else(|first| kernels::compile(dtype, kind, "compute_80").map_err(|_| first))
-            .map_err(dev_err)?;
+        let arch = kernels::ptx_arch(self.limits.compute_capability);
+        let ptx = kernels::compile(dtype, kind, &arch).map_err(dev_err)?;
         let module = self.ctx.load_module(ptx).map_err(dev_err)?;
         modules.insert((dtype, kind), module.clone());
         Ok(module)

@@ -1,6 +1,8 @@
-//! The compile check: every kernel × dtype × kind × strategy through NVRTC for each
-//! architecture, then `ptxas -v` on the PTX, failing on any compile error, register spill or
-//! stack-frame use. The modules (architecture × dtype × kind) are checked in parallel.
+//! The compile check: every kernel × dtype × kind × strategy through NVRTC to the PTX the
+//! backend loads ([`kernels::ptx_arch`]: one PTX per module for every architecture from sm_80),
+//! then `ptxas -v` on that PTX for each architecture checked, failing on any compile error,
+//! register spill or stack-frame use. The modules (PTX architecture × dtype × kind) are checked
+//! in parallel.
 //!
 //! It needs no GPU: NVRTC and ptxas are plain programs (CI installs them from PyPI, see
 //! `docs/backends/cuda.md`). `cargo xtask cuda-check` prints the [`Report`].
@@ -143,8 +145,10 @@ pub struct Compiled {
     pub dtype: DType,
     /// Kind.
     pub kind: NormKind,
-    /// Architecture.
+    /// Virtual architecture of the PTX (`compute_80`).
     pub arch: String,
+    /// The architectures ptxas assembled it for (`sm_80`, `sm_90`), when ptxas ran.
+    pub assembled_for: Vec<String>,
     /// Size of the PTX in bytes.
     pub ptx_bytes: usize,
     /// Entry points found in the PTX.
@@ -169,13 +173,18 @@ impl fmt::Display for Report {
         for c in &self.compiled {
             writeln!(
                 f,
-                "nvrtc {:<10} {:<5} {:<6} {:>3} kernels, {:>7} B of PTX in {:.0} ms",
+                "nvrtc {:<10} {:<5} {:<10} {:>3} kernels, {:>7} B of PTX in {:.0} ms{}",
                 c.kind.name(),
                 c.dtype.name(),
                 c.arch,
                 c.kernels,
                 c.ptx_bytes,
-                c.millis
+                c.millis,
+                if c.assembled_for.is_empty() {
+                    String::new()
+                } else {
+                    format!(", assembled for {}", c.assembled_for.join(", "))
+                }
             )?;
         }
         match &self.ptxas {
@@ -227,14 +236,17 @@ pub fn find_ptxas() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// The virtual architecture NVRTC targets for a real one: `sm_80` → `compute_80`.
+/// The virtual architecture of the PTX a device of a real architecture loads
+/// ([`kernels::ptx_arch`]): `sm_75` → `compute_75`, `sm_80`, `sm_90`, `sm_90a` → `compute_80`.
 fn virtual_arch(arch: &str) -> Result<String, CheckError> {
-    match arch.strip_prefix("sm_") {
-        Some(v) if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric()) => {
-            Ok(format!("compute_{v}"))
-        }
-        _ => Err(CheckError::BadArch(arch.into())),
+    let bad = || CheckError::BadArch(arch.into());
+    let v = arch.strip_prefix("sm_").ok_or_else(bad)?;
+    let digits = v.strip_suffix(|c: char| c.is_ascii_lowercase()).unwrap_or(v);
+    let cc: u32 = digits.parse().map_err(|_| bad())?;
+    if digits.len() < 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
     }
+    Ok(kernels::ptx_arch((cc / 10, cc % 10)))
 }
 
 /// Entry points declared in PTX text (`.entry name(` lines).
@@ -333,12 +345,17 @@ fn run_ptxas(
 /// What one module's check found: its compilation and ptxas's report per kernel.
 type ModuleResult = Result<(Compiled, Vec<KernelInfo>), CheckError>;
 
-/// One module: NVRTC, the entry-point check, then ptxas when there is one.
-fn check_module(arch: &str, dtype: DType, kind: NormKind, ptxas: Option<&Path>) -> ModuleResult {
-    let varch = virtual_arch(arch)?;
+/// One module: NVRTC to the PTX of `varch`, the entry-point check, then ptxas for each of
+/// `archs` when there is one.
+fn check_module(
+    (varch, archs): (&str, &[&str]),
+    dtype: DType,
+    kind: NormKind,
+    ptxas: Option<&Path>,
+) -> ModuleResult {
     let start = Instant::now();
-    let ptx = kernels::compile(dtype, kind, &varch)
-        .map_err(|log| CheckError::Compile { dtype, kind, arch: arch.into(), log })?
+    let ptx = kernels::compile(dtype, kind, varch)
+        .map_err(|log| CheckError::Compile { dtype, kind, arch: varch.into(), log })?
         .to_src();
     let millis = start.elapsed().as_secs_f64() * 1e3;
     let entries = ptx_entries(&ptx);
@@ -347,49 +364,62 @@ fn check_module(arch: &str, dtype: DType, kind: NormKind, ptxas: Option<&Path>) 
             return Err(CheckError::MissingKernel { dtype, kind, kernel });
         }
     }
-    let compiled = Compiled {
+    let mut compiled = Compiled {
         dtype,
         kind,
-        arch: arch.into(),
+        arch: varch.into(),
+        assembled_for: Vec::new(),
         ptx_bytes: ptx.len(),
         kernels: entries.len(),
         millis,
     };
     let Some(ptxas) = ptxas else { return Ok((compiled, Vec::new())) };
-    let text = run_ptxas(ptxas, &ptx, dtype, kind, arch)?;
-    let infos = parse_ptxas(&text, dtype, kind, arch);
-    if infos.len() < entries.len() {
-        return Err(CheckError::Ptxas {
-            dtype,
-            kind,
-            arch: arch.into(),
-            message: format!(
-                "reported {} functions for {} entry points:\n{text}",
-                infos.len(),
-                entries.len()
-            ),
-        });
+    let mut infos = Vec::new();
+    for &arch in archs {
+        let text = run_ptxas(ptxas, &ptx, dtype, kind, arch)?;
+        let found = parse_ptxas(&text, dtype, kind, arch);
+        if found.len() < entries.len() {
+            return Err(CheckError::Ptxas {
+                dtype,
+                kind,
+                arch: arch.into(),
+                message: format!(
+                    "reported {} functions for {} entry points:\n{text}",
+                    found.len(),
+                    entries.len()
+                ),
+            });
+        }
+        infos.extend(found);
+        compiled.assembled_for.push(arch.into());
     }
     Ok((compiled, infos))
 }
 
-/// Compiles every kernel of every dtype and kind for each architecture (`sm_80`, …) with NVRTC,
-/// checks that every entry point the planner can name exists, and, when ptxas is found
-/// ([`find_ptxas`]), assembles the PTX with `ptxas -v` and fails on any spill or stack frame.
-/// Modules are checked on as many threads as the machine has; the report lists them in a fixed
-/// order (architecture, dtype, kind).
+/// Compiles every kernel of every dtype and kind with NVRTC to the PTX that devices of the given
+/// architectures (`sm_80`, …) load (one compilation for all that load the same PTX), checks that
+/// every entry point the planner can name exists, and, when ptxas is found ([`find_ptxas`]),
+/// assembles the PTX with `ptxas -v` for each architecture and fails on any spill or stack
+/// frame. Modules are checked on as many threads as the machine has; the report lists them in
+/// a fixed order (PTX architecture, dtype, kind; kernels by architecture within a module).
 pub fn check_all(archs: &[&str]) -> Result<Report, CheckError> {
     if let Err(why) = crate::nvrtc_available() {
         return Err(CheckError::NvrtcMissing(why));
     }
-    for arch in archs {
-        virtual_arch(arch)?;
+    // The architectures grouped by the PTX they load, in the order given.
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for &arch in archs {
+        let varch = virtual_arch(arch)?;
+        match groups.iter_mut().find(|(v, _)| *v == varch) {
+            Some((_, members)) => members.push(arch),
+            None => groups.push((varch, vec![arch])),
+        }
     }
     let ptxas = find_ptxas();
-    let jobs: Vec<(&str, DType, NormKind)> = archs
+    let jobs: Vec<(&str, &[&str], DType, NormKind)> = groups
         .iter()
-        .flat_map(|&a| DType::ALL.into_iter().map(move |d| (a, d)))
-        .flat_map(|(a, d)| NormKind::ALL.into_iter().map(move |k| (a, d, k)))
+        .flat_map(|(v, a)| DType::ALL.into_iter().map(move |d| (v.as_str(), a.as_slice(), d)))
+        .flat_map(|(v, a, d)| NormKind::ALL.into_iter().map(move |k| (v, a, d, k)))
         .collect();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -400,8 +430,8 @@ pub fn check_all(archs: &[&str]) -> Result<Report, CheckError> {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(arch, dtype, kind)) = jobs.get(i) else { break };
-                    let r = check_module(arch, dtype, kind, ptxas.as_deref());
+                    let Some(&(varch, archs, dtype, kind)) = jobs.get(i) else { break };
+                    let r = check_module((varch, archs), dtype, kind, ptxas.as_deref());
                     slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 }
             });
@@ -460,7 +490,12 @@ ptxas info    : Used 32 registers, used 1 barriers, 8 bytes cumulative stack siz
     #[test]
     fn architecture_names() {
         assert_eq!(virtual_arch("sm_80").unwrap(), "compute_80");
-        assert_eq!(virtual_arch("sm_90a").unwrap(), "compute_90a");
+        assert_eq!(virtual_arch("sm_90").unwrap(), "compute_80");
+        assert_eq!(virtual_arch("sm_90a").unwrap(), "compute_80");
+        assert_eq!(virtual_arch("sm_120").unwrap(), "compute_80");
+        assert_eq!(virtual_arch("sm_75").unwrap(), "compute_75");
+        assert!(matches!(virtual_arch("sm_8x"), Err(CheckError::BadArch(_))));
+        assert!(matches!(virtual_arch("sm_9"), Err(CheckError::BadArch(_))));
         assert!(matches!(virtual_arch("80"), Err(CheckError::BadArch(_))));
         assert!(matches!(virtual_arch("sm_"), Err(CheckError::BadArch(_))));
     }

@@ -48,6 +48,16 @@ pub fn program_name(dtype: DType, kind: NormKind) -> String {
     format!("{}_{}.cu", kind.name(), dtype.name())
 }
 
+/// The virtual architecture whose PTX a device of compute capability `(major, minor)` loads:
+/// `compute_80` from Ampere on, the device's own below. The kernels use nothing newer than
+/// sm_80 (no `__CUDA_ARCH__` branches; for `compute_90` NVRTC 12.9 emits the same PTX bar its
+/// `.target` line); the driver compiles that PTX for the device's own architecture when it
+/// loads the module. One PTX per module is also what `check::check_all` compiles and then
+/// assembles with ptxas for each architecture it checks.
+pub fn ptx_arch((major, minor): (u32, u32)) -> String {
+    if (major, minor) >= (8, 0) { "compute_80".into() } else { format!("compute_{major}{minor}") }
+}
+
 /// NVRTC options for a virtual architecture such as `compute_80`. Precise division and square
 /// root stay on (NVRTC's defaults); no fast math, no flush-to-zero.
 pub fn compile_options(
