@@ -4,8 +4,8 @@
 //! the same bytes (the achievable-bandwidth yardstick: kernel GB/s ÷ copy GB/s is the fraction of
 //! bandwidth).
 //!
-//! Run on a GPU machine: `cargo bench -p layernorm-benches --bench cuda`. Without CUDA it says so
-//! and exits 0.
+//! Run on a GPU machine: `cargo bench -p layernorm-benches --features bench --bench cuda`. Without
+//! CUDA it says so and exits 0.
 
 use std::time::{Duration, Instant};
 

@@ -9,8 +9,9 @@
 //! negligible). The copy moves the bytes of x once in and once out. Each measured iteration
 //! submits the work and waits for the queue to drain.
 //!
-//! `cargo bench -p layernorm-benches --bench wgpu` (a short run by default; criterion's usual
-//! flags such as `--measurement-time` lengthen it). Without an adapter it prints a line and exits.
+//! `cargo bench -p layernorm-benches --features bench --bench wgpu` (a short run by default;
+//! criterion's usual flags such as `--measurement-time` lengthen it). Without an adapter it prints
+//! a line and exits.
 
 use std::time::{Duration, Instant};
 

@@ -22,6 +22,9 @@
 //! `--avx2` (CPU) builds the bench with the feature `max-avx2`: the kernels and the bars run at
 //! AVX2 at most, so the AVX2 path is measured on an AVX-512 machine. The table names the
 //! instruction set the kernels ran.
+//!
+//! The bench targets need `layernorm-benches`' feature `bench` (criterion is an optional
+//! dependency, which keeps it out of `cargo test --workspace`); every run here passes it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -120,8 +123,8 @@ pub fn run(args: &[String]) -> Result<bool, String> {
         cargo
             .current_dir(root)
             .env("LAYERNORM_BENCH_QUICK", "1")
-            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", name])
-            .args(if avx2 { &["--features", "max-avx2"][..] } else { &[] })
+            .args(["bench", "-q", "-p", "layernorm-benches", "--bench", name, "--features"])
+            .arg(if avx2 { "bench,max-avx2" } else { "bench" })
             .arg("--")
             .args(&filter);
         if paired {

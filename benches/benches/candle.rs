@@ -1,5 +1,5 @@
-//! On candle tensors, in one run: this crate's forward against candle-nn's fused `layer_norm`
-//! and `rms_norm` (which have no backward), and this crate's backward against the autograd
+//! On candle tensors, in one run: layernorm-candle's forward against candle-nn's fused
+//! `layer_norm` and `rms_norm` (which have no backward), and its backward against the autograd
 //! backward of candle-nn's composed `layer_norm_slow` (its only differentiable LayerNorm).
 //!
 //! f32, bytes/s: a forward moves x in and y out (2 · rows · N · 4 bytes), a backward x and dy in
@@ -10,17 +10,17 @@
 //! forward and backward called on layernorm-cpu directly, into preallocated slices, to show what
 //! of each figure is the kernel and what is candle's bookkeeping around it.
 //!
-//! The pre-norm rows: this crate's fused residual forward (`layer_norm_residual`,
+//! The pre-norm rows: layernorm-candle's fused residual forward (`layer_norm_residual`,
 //! `rms_norm_residual`: h = x + r and y = norm(h) in one pass) against candle's `x + r` followed
 //! by its fused norm (two ops, the same outputs), moving x and r in, y and h out
 //! (4 · rows · N · 4 bytes); and the backward of a graph whose root is y + h (so that both
-//! outputs carry a gradient) through this crate's op against the same graph through `x + r` and
+//! outputs carry a gradient) through its op against the same graph through `x + r` and
 //! `layer_norm_slow`, moving h, dy, dh in and dx out (4 · rows · N · 4).
 //!
 //! `LAYERNORM_BENCH_QUICK=1` shortens every measurement.
 //!
 //! ```text
-//! cargo bench -p layernorm-candle --bench candle
+//! cargo bench -p layernorm-benches --features candle --bench candle
 //! ```
 
 use std::time::Duration;
@@ -40,7 +40,8 @@ fn quick() -> bool {
     std::env::var_os("LAYERNORM_BENCH_QUICK").is_some()
 }
 
-#[path = "../tests/support/data.rs"]
+// layernorm-candle's test data, so that the bench measures the inputs its tests check.
+#[path = "../../crates/layernorm-candle/tests/support/data.rs"]
 mod data;
 
 /// `len` values of [`data::data`] as f32.
