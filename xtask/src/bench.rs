@@ -276,7 +276,9 @@ fn collect(dir: &Path, since: SystemTime) -> Result<Vec<Summary>, String> {
         rows.push(Summary { key, bytes, rounds: vec![round] });
     }
     if rows.is_empty() {
-        return Err("no fresh criterion results found".into());
+        return Err("no fresh criterion results found (check the filter, a regular expression \
+                    over `<group>/<function>/<shape>`: `fwd/f32/1t/.*/4096x768` is one shape)"
+            .into());
     }
     Ok(rows)
 }
