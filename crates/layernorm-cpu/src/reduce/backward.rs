@@ -1129,8 +1129,8 @@ pub mod tests {
                 )
             };
             for_each_isa!(simd, isa => {
-                let want = run(false, &|long| pulp::Simd::vectorize(simd, Sourced::<_, false>(long)));
-                let got = run(true, &|long| pulp::Simd::vectorize(simd, Sourced::<_, false>(long)));
+                let one = one_row(simd);
+                let (want, got) = (run(false, &one), run(true, &one));
                 assert!(got.0 == want.0, "dx, {isa}, {rows}x{n}, streamed, {kind:?}");
                 assert!(got.1 == want.1, "dγ/dβ partials, {isa}, {rows}x{n}, streamed, {kind:?}");
             });
@@ -1143,6 +1143,12 @@ pub mod tests {
         }
     }
 
+    /// `BackLong` through the kernels' own entry on `simd` (`Sourced`, as `dispatch_plain` runs
+    /// it: one row per sweep).
+    fn one_row<S: Simd>(simd: S) -> impl Fn(BackLong<'_>) {
+        move |long| pulp::Simd::vectorize(simd, Sourced::<_, false>(long))
+    }
+
     /// Two rows per sweep on `simd` against one, both ordinary and streamed stores.
     #[allow(clippy::type_complexity)]
     fn two_rows_match_one<S: Simd>(
@@ -1150,7 +1156,7 @@ pub mod tests {
         run: &dyn Fn(bool, &dyn Fn(BackLong<'_>)) -> (Vec<u32>, Vec<u32>),
         (rows, n, kind): (usize, usize, Kind),
     ) {
-        let want = run(false, &|long| pulp::Simd::vectorize(simd, Sourced::<_, false>(long)));
+        let want = run(false, &one_row(simd));
         for stream in [false, true] {
             let got = run(stream, &|long| pulp::Simd::vectorize(simd, TwoRowsPerSweep(long)));
             assert!(got.0 == want.0, "dx, two rows, {rows}x{n}, stream={stream}, {kind:?}");
