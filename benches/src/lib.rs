@@ -67,11 +67,22 @@ pub mod cpu {
     }
 
     impl<T: CpuElement> Inputs<T> {
-        /// The inputs of a `rows × n` problem, from [`crate::data`] with fixed seeds.
+        /// The inputs of a `rows × n` problem, from [`crate::data`] with fixed seeds. With
+        /// `LAYERNORM_BENCH_OUTLIER=v`, column 5 of every row of x holds v: an outlier channel
+        /// among a row's first 32 values, as transformer activations have, which sends every
+        /// LayerNorm row of the forward down its exact variance pass (see `docs/numerics.md`).
         pub fn new(rows: usize, n: usize) -> Inputs<T> {
             let conv = |v: Vec<f32>| v.into_iter().map(|f| T::from_f64(f as f64)).collect();
+            let mut x = crate::data(rows * n, 1);
+            let outlier =
+                std::env::var("LAYERNORM_BENCH_OUTLIER").ok().and_then(|v| v.parse().ok());
+            if let Some(v) = outlier
+                && n > 5
+            {
+                x.iter_mut().skip(5).step_by(n).for_each(|e| *e = v);
+            }
             Inputs {
-                x: conv(crate::data(rows * n, 1)),
+                x: conv(x),
                 dy: conv(crate::data(rows * n, 2)),
                 gamma: conv(crate::data(n, 3)),
                 beta: conv(crate::data(n, 4)),

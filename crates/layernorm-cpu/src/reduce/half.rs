@@ -226,6 +226,12 @@ pub(crate) trait Half {
     /// Whether the kernels may run under any `Simd` (else only under [`Half::dispatch`]).
     #[cfg(feature = "unit-tests")]
     const ANY_SIMD: bool = true;
+    /// Runs `op` at AVX2 as [`Half::dispatch`] would there (the tests' AVX2 runs: the instance
+    /// the product runs, and no other).
+    #[cfg(all(feature = "unit-tests", target_arch = "x86_64"))]
+    fn at_avx2<Op: WithSimd>(simd: pulp::x86::V3, op: Op) -> Op::Output {
+        Simd::vectorize(simd, op)
+    }
     /// Whether this CPU runs these conversions.
     fn available() -> bool {
         true
@@ -359,7 +365,11 @@ impl Half for Bf16Native {
             // LZCNT and POPCNT, and `available` detected BF16.
             return unsafe { with_bf16(simd, op) };
         }
-        crate::isa::dispatch(op)
+        // Not reached: `Sixteen::pick` chooses these conversions only where they are
+        // available. The portable level stands in (its stores round by integer arithmetic, the
+        // same bits) rather than every level of `isa::dispatch`, which would compile each
+        // kernel twice more for nothing.
+        Simd::vectorize(pulp::Scalar::new(), op)
     }
 }
 
@@ -433,8 +443,14 @@ impl Half for F16c {
             *d = f16::from_f32(l);
         }
     }
+    #[cfg(all(feature = "unit-tests", target_arch = "x86_64"))]
+    fn at_avx2<Op: WithSimd>(simd: pulp::x86::V3, op: Op) -> Op::Output {
+        assert!(std::arch::is_x86_feature_detected!("f16c"), "AVX2 without F16C");
+        // SAFETY: `simd` exists, so V3's features were detected, and F16C just above.
+        unsafe { with_f16c(simd, op) }
+    }
     /// AVX-512F; AVX2 where F16C is there too (`pulp`'s AVX2 level does not include it, so the
-    /// kernels are compiled here with it added); the portable paths otherwise.
+    /// kernels are compiled with it added: [`with_f16c`]); the portable paths otherwise.
     fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
         #[cfg(target_arch = "x86_64")]
         {
@@ -446,10 +462,6 @@ impl Half for F16c {
             if let Some(simd) = V3::try_new()
                 && std::arch::is_x86_feature_detected!("f16c")
             {
-                #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
-                fn with_f16c<Op: WithSimd>(simd: V3, op: Op) -> Op::Output {
-                    op.with_simd(simd)
-                }
                 // SAFETY: `V3::try_new` detected AVX2, FMA, BMI1/2, LZCNT and POPCNT, and F16C
                 // was detected just above.
                 return unsafe { with_f16c(simd, op) };
@@ -459,6 +471,17 @@ impl Half for F16c {
         #[cfg(not(target_arch = "x86_64"))]
         crate::isa::dispatch(op)
     }
+}
+
+/// `op` at AVX2 with F16C added ([`F16c`]'s kernels at that level: `pulp`'s AVX2 level does not
+/// include it).
+///
+/// # Safety
+/// The CPU has what `pulp`'s V3 detected, and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+unsafe fn with_f16c<Op: WithSimd>(simd: pulp::x86::V3, op: Op) -> Op::Output {
+    op.with_simd(simd)
 }
 
 /// Vector `j` of `row` (its values `j·W..(j + 1)·W`), widened by [`Half::load`] without a bounds
@@ -569,8 +592,19 @@ fn finish_16<S: Simd, T: Half>(
     m_hi: f32,
     sums: [f64; 2],
 ) -> row::RowStats<f32> {
-    let sweep = |s: f32, ml: f32| self::sums::<S, T>(simd, x, (m_hi, s, ml));
-    row::finish_with(spec, x.len(), m_hi, sums, || max_abs_16(x), sweep)
+    // A closure is compiled without the target features of the function it is written in:
+    // unless it is inlined into the kernel, the sweep's intrinsics become calls (a rare row then
+    // cost as much as dozens of ordinary ones: a fifth of the bf16 forward's time on the benches'
+    // data).
+    row::finish_with(
+        spec,
+        x.len(),
+        m_hi,
+        sums,
+        || max_abs_16(x),
+        #[inline(always)]
+        |s: f32, ml: f32| self::sums::<S, T>(simd, x, (m_hi, s, ml)),
+    )
 }
 
 /// `normalize_tail` of a 16-bit row's last `x.len() − base` values (fewer than a vector): widened,
@@ -1314,10 +1348,15 @@ pub mod tests {
 
     /// Runs `op` where `isa` says.
     fn run<T: Half, Op: WithSimd>(isa: Isa, op: Op) -> Op::Output {
+        // A constant condition: for a codec that runs only under its own dispatch, the other
+        // arms are not compiled at all.
+        if !T::ANY_SIMD {
+            return T::dispatch(op);
+        }
         match isa {
             Isa::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
             #[cfg(target_arch = "x86_64")]
-            Isa::V3(simd) => Simd::vectorize(simd, op),
+            Isa::V3(simd) => T::at_avx2(simd, op),
             #[cfg(target_arch = "x86_64")]
             Isa::V4(simd) => Simd::vectorize(simd, op),
             Isa::Dispatch => T::dispatch(op),
