@@ -36,10 +36,10 @@ fn load_bf16<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
     {
         use core::arch::x86_64::*;
         let p = src.as_ptr();
-        // One shuffle a vector where a zero-extension and a shift took two: value i goes to
-        // the high half of lane i, the low halves are zeroed (AVX-512BW's `vpermw` with a zeroing
-        // mask; on AVX2, the 16 bytes in both 128-bit halves, a plain load, then `vpshufb`, whose
-        // index bytes with the top bit set give zeros).
+        // Value i goes to the high half of lane i, the low halves are zeroed: at AVX-512 a
+        // zero-extension and a shift (a zeroing `vpermw` measured no cheaper); on AVX2 one
+        // shuffle, the 16 bytes loaded into both 128-bit halves and then `vpshufb`, whose index
+        // bytes with the top bit set give zeros.
         // SAFETY: `src` holds `w` elements: 32 bytes for 16 lanes, 16 bytes for 8 (unaligned
         // loads). A vector of 64 / 32 bytes exists only under AVX-512F with BW (`pulp`'s V4) /
         // AVX2, checked at run time by the dispatch that chose `S`; the transmutes are between
@@ -72,15 +72,21 @@ fn load_bf16<S: Simd>(simd: S, src: &[bf16]) -> S::f32s {
 /// lane's 16 bits in the low half of its 32.
 #[inline(always)]
 fn round<S: Simd>(simd: S, v: S::f32s) -> S::u32s {
+    let high = simd.wrapping_dyn_shr_u32s(simd.transmute_u32s_f32s(v), simd.splat_u32s(16));
+    // Only a NaN is unequal to itself: one compare, where testing the bits takes three.
+    let number = simd.equal_f32s(v, v);
+    simd.select_u32s(number, round_numbers(simd, v), simd.or_u32s(high, simd.splat_u32s(0x40)))
+}
+
+/// [`round`] of a vector without NaN lanes: the rounding to nearest even alone.
+#[inline(always)]
+fn round_numbers<S: Simd>(simd: S, v: S::f32s) -> S::u32s {
     let bits = simd.transmute_u32s_f32s(v);
     let sixteen = simd.splat_u32s(16);
     let high = simd.wrapping_dyn_shr_u32s(bits, sixteen);
     let odd = simd.and_u32s(high, simd.splat_u32s(1));
     let biased = simd.add_u32s(simd.add_u32s(bits, simd.splat_u32s(0x7fff)), odd);
-    let rounded = simd.wrapping_dyn_shr_u32s(biased, sixteen);
-    // Only a NaN is unequal to itself: one compare, where testing the bits takes three.
-    let number = simd.equal_f32s(v, v);
-    simd.select_u32s(number, rounded, simd.or_u32s(high, simd.splat_u32s(0x40)))
+    simd.wrapping_dyn_shr_u32s(biased, sixteen)
 }
 
 /// Rounds an `f32` vector to `bf16` ([`round`]) and stores its `W` values at the start of `dst`.
@@ -123,7 +129,27 @@ fn store2_bf16<S: Simd>(simd: S, dst: &mut [bf16], v0: S::f32s, v1: S::f32s) {
     #[cfg(target_arch = "x86_64")]
     if w == 8 || w == 16 {
         use core::arch::x86_64::*;
-        let (r0, r1) = (round(simd, v0), round(simd, v1));
+        // NaN lanes are rare: one unordered compare of the pair finds them, and only a pair
+        // with one pays `round`'s NaN select, three operations a vector.
+        // SAFETY: a vector of 64 / 32 bytes exists only under AVX-512F (`pulp`'s V4) / AVX; the
+        // transmutes are between types of the same size.
+        let nan = unsafe {
+            if w == 16 {
+                let (a, b): (__m512, __m512) =
+                    (core::mem::transmute_copy(&v0), core::mem::transmute_copy(&v1));
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, b) != 0
+            } else {
+                let (a, b): (__m256, __m256) =
+                    (core::mem::transmute_copy(&v0), core::mem::transmute_copy(&v1));
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(a, b)) != 0
+            }
+        };
+        let (r0, r1) = if nan {
+            core::hint::cold_path();
+            (round(simd, v0), round(simd, v1))
+        } else {
+            (round_numbers(simd, v0), round_numbers(simd, v1))
+        };
         let p = dst.as_mut_ptr();
         // SAFETY: `dst` holds 2·w elements; a vector of 64 / 32 bytes exists only under
         // AVX-512F with BW (`pulp`'s V4) / AVX2; the transmutes are between types of the same
