@@ -631,6 +631,27 @@ fn staged_blocks<T: CpuElement>(
             }
         }
     }
+    // 16-bit rows from x with dh: the register-converting kernels add dh as they round dx, the
+    // operations `stage::finish` applies below to the widened path's dx'.
+    if !from_y
+        && dh.is_some()
+        && !given.iter().any(|&r| row::needs_exact_row(r.into()))
+        && T::backward_converted(
+            st.kind,
+            n,
+            x,
+            dy,
+            dh,
+            mean,
+            given,
+            gamma,
+            dx,
+            partials.as_deref_mut(),
+            want,
+        )
+    {
+        return Ok(());
+    }
     let per = if in_kernels && !from_y { rows.max(1) } else { stage_back_rows::<T::Acc>(n) };
     let len = per.min(rows) * n;
     let wide = T::as_acc(dy).is_none();

@@ -209,7 +209,8 @@ pub(crate) fn backward_blocks<T: CpuElement>(
         }
     }
     debug_assert!(!epi.on(), "only the kernels with an epilogue are given one");
-    if T::backward_converted(kind, n, x, dy, mean, rstd, gamma, dx, partials.as_deref_mut(), want) {
+    let parts = partials.as_deref_mut();
+    if T::backward_converted(kind, n, x, dy, None, mean, rstd, gamma, dx, parts, want) {
         return;
     }
     let rows = mean.len().min(rstd.len());
@@ -539,38 +540,66 @@ pub mod tests {
                 let (mut dx0, mut p0) =
                     (vec![T::from_acc(0.0); rows * n], vec![0f32; blocks * 2 * n]);
                 let (mut dx1, mut p1) = (dx0.clone(), p0.clone());
-                let chunk = crate::driver::ROW_BLOCK * n;
-                for (b, dxb) in dx0.chunks_mut(chunk).enumerate() {
-                    let r = b * crate::driver::ROW_BLOCK
-                        ..((b + 1) * crate::driver::ROW_BLOCK).min(rows);
-                    let e = r.start * n..r.end * n;
-                    let (pg, pb) = crate::driver::block_partials(Some(&mut p0), n, b, want);
-                    let (xb, dyb) = (&x[e.clone()], &dy[e]);
-                    backward_rows(
-                        kind,
-                        n,
-                        xb,
-                        dyb,
-                        &mean[r.clone()],
-                        &rstd[r],
-                        gamma,
-                        dxb,
-                        pg,
-                        pb,
-                        false,
-                    );
-                }
+                let stats = (&mean[..], &rstd[..]);
+                by_rows(kind, n, (&x, &dy), stats, gamma, &mut dx0, &mut p0, want);
                 let parts = Some(&mut p1[..]);
                 assert!(T::backward_converted(
-                    kind, n, &x, &dy, &mean, &rstd, gamma, &mut dx1, parts, want
+                    kind, n, &x, &dy, None, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
+                let what = format!("n={n}, want={want:?}, {kind:?}");
                 let bad =
                     dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                let what = format!("n={n}, want={want:?}, {kind:?}");
                 assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
                 let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
                 assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
+                // With dh: fma(1, dx', dh) rounded once, as `stage::finish` forms it from the
+                // f32 kernels' dx' on the widened rows.
+                let mut dh: Vec<T> = (0..rows * n).map(|_| T::from_acc(2.0 * rand())).collect();
+                dh[5 * n + n / 2] = bits(snan[0]);
+                let wide = |v: &[T]| {
+                    let mut w = vec![0f32; v.len()];
+                    T::widen(v, &mut w);
+                    w
+                };
+                let (mut dxk, mut pk) = (vec![0f32; rows * n], vec![0f32; blocks * 2 * n]);
+                by_rows(kind, n, (&wide(&x), &wide(&dy)), stats, gamma, &mut dxk, &mut pk, want);
+                crate::stage::finish(n, &mut dxk, None, Some(&dh[..]), &mut dx0, false);
+                let mut p2 = vec![0f32; blocks * 2 * n];
+                let parts = Some(&mut p2[..]);
+                let dh = Some(&dh[..]);
+                assert!(T::backward_converted(
+                    kind, n, &x, &dy, dh, &mean, &rstd, gamma, &mut dx1, parts, want
+                ));
+                let bad =
+                    dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
+                assert!(bad.is_none(), "dx + dh, {what}: first difference at {bad:?}");
+                let bad = p2.iter().zip(&p1).position(|(&a, &b)| !same(a, b));
+                assert!(bad.is_none(), "partials with dh, {what}: first difference at {bad:?}");
             }
+        }
+    }
+
+    /// The backward of `rows` (x, dy) block by block through [`backward_rows`] (the scratch path
+    /// for 16-bit types), into `dx` and the blocks' partials.
+    #[allow(clippy::too_many_arguments)]
+    fn by_rows<E: CpuElement<Acc = f32>>(
+        kind: row::Kind,
+        n: usize,
+        (x, dy): (&[E], &[E]),
+        (mean, rstd): (&[f32], &[f32]),
+        gamma: Option<&[f32]>,
+        dx: &mut [E],
+        partials: &mut [f32],
+        want: (bool, bool),
+    ) {
+        let rows = rstd.len();
+        let chunk = crate::driver::ROW_BLOCK * n;
+        for (b, dxb) in dx.chunks_mut(chunk).enumerate() {
+            let r = b * crate::driver::ROW_BLOCK..((b + 1) * crate::driver::ROW_BLOCK).min(rows);
+            let e = r.start * n..r.end * n;
+            let (pg, pb) = crate::driver::block_partials(Some(&mut *partials), n, b, want);
+            let (xb, dyb) = (&x[e.clone()], &dy[e]);
+            backward_rows(kind, n, xb, dyb, &mean[r.clone()], &rstd[r], gamma, dxb, pg, pb, false);
         }
     }
 

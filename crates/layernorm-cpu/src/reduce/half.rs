@@ -1079,6 +1079,8 @@ struct Back16<'a, T: Half> {
     n: usize,
     x: &'a [T::Elem],
     dy: &'a [T::Elem],
+    /// The gradient arriving on the residual stream, added to dx before it is rounded.
+    dh: Option<&'a [T::Elem]>,
     mean: &'a [f32],
     rstd: &'a [f32],
     gamma: Option<&'a [f32]>,
@@ -1098,11 +1100,11 @@ impl<T: Half> WithSimd for Back16<'_, T> {
         if rows == 0 {
             return;
         }
-        let (x, dy, gamma) = (self.x, self.dy, self.gamma);
+        let (x, dy, dh, gamma) = (self.x, self.dy, self.dh, self.gamma);
         let span = |r: usize| r * n..(r + 1) * n;
         let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
         // Widened tails (fewer than a vector).
-        let (mut tx, mut td) = ([0f32; 16], [0f32; 16]);
+        let (mut tx, mut td, mut th) = ([0f32; 16], [0f32; 16], [0f32; 16]);
         let shift = |r: usize| row::back_shift_f32(self.mean[r], self.rstd[r]);
         let mut sums = back_sums::<S, T>(simd, (&x[span(0)], &dy[span(0)]), gamma, shift(0));
         for r in 0..rows {
@@ -1111,6 +1113,7 @@ impl<T: Half> WithSimd for Back16<'_, T> {
             let (dg, db) = self.partials.of_row(r, n);
             let (want_g, want_b) = (dg.is_some(), db.is_some());
             let dxr = &mut self.dx[span(r)];
+            let hr = dh.map(|h| &h[span(r)]);
             if r + 1 < rows {
                 let next = (&x[span(r + 1)], &dy[span(r + 1)]);
                 let (m, s) = shift(r + 1);
@@ -1124,7 +1127,7 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                     (next, k),
                     ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
                     gh,
-                    dxr,
+                    (dxr, hr),
                     (dgh, dbh)
                 ));
                 // Tails: the next row's sums, this row's dx and dγ/dβ terms, on widened values.
@@ -1141,43 +1144,51 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                     let mut out = [0f32; 16];
                     let out = &mut out[..n - base];
                     let t = (&tx[..n - base], &td[..n - base], gamma);
-                    apply_tail(t, &p, base, out, dgs, dbs, None);
+                    let epi = hr.map(|h| {
+                        T::Elem::widen(&h[base..], &mut th[..n - base]);
+                        (1.0, &th[..n - base])
+                    });
+                    apply_tail(t, &p, base, out, dgs, dbs, epi);
                     T::Elem::narrow(out, &mut dxr[base..]);
                 }
                 sums = total;
             } else {
                 // The last row alone, as the scratch path does it.
-                apply_16(simd, (&x[span(r)], &dy[span(r)], gamma), &p, dxr, (dg, db));
+                apply_16(simd, (&x[span(r)], &dy[span(r)], hr, gamma), &p, dxr, (dg, db));
             }
         }
     }
 }
 
-/// `apply_in` of a 16-bit row (x, dy) into its dx, widened and rounded a chunk at a time: the
-/// step is elementwise and the chunks split the row where `apply_in` of the whole widened row
-/// splits it into vectors, so the bits are that call's.
+/// `apply_in` of a 16-bit row (x, dy) into its dx (plus dh, where given: fma(1, dx, dh)),
+/// widened and rounded a chunk at a time: the step is elementwise and the chunks split the row
+/// where `apply_in` of the whole widened row splits it into vectors, so the bits are that call's.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn apply_16<S: Simd, E: CpuElement<Acc = f32>>(
     simd: S,
-    (x, dy, gamma): (&[E], &[E], Option<&[f32]>),
+    (x, dy, dh, gamma): (&[E], &[E], Option<&[E]>, Option<&[f32]>),
     p: &row::BackParams<f32>,
     dx: &mut [E],
     (mut dgamma, mut dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
 ) {
     const C: usize = 256;
     let n = x.len();
-    let (mut tx, mut td, mut out) = ([0f32; C], [0f32; C], [0f32; C]);
+    let (mut tx, mut td, mut th, mut out) = ([0f32; C], [0f32; C], [0f32; C], [0f32; C]);
     for start in (0..n).step_by(C) {
         let e = start..(start + C).min(n);
         let len = e.len();
         let (tx, td, out) = (&mut tx[..len], &mut td[..len], &mut out[..len]);
         E::widen(&x[e.clone()], tx);
         E::widen(&dy[e.clone()], td);
+        let epi = dh.map(|h| {
+            E::widen(&h[e.clone()], &mut th[..len]);
+            (1.0, &th[..len])
+        });
         let g = gamma.map(|g| &g[e.clone()]);
         let dg = dgamma.as_deref_mut().map(|d| &mut d[e.clone()]);
         let db = dbeta.as_deref_mut().map(|d| &mut d[e.clone()]);
-        apply_in(simd, (tx, td, g), p, out, (dg, db), None);
+        apply_in(simd, (tx, td, g), p, out, (dg, db), epi);
         E::narrow(out, &mut dx[e]);
     }
 }
@@ -1219,8 +1230,9 @@ fn back_sums<S: Simd, T: Half>(
     total
 }
 
-/// The vector body of [`Back16`]: the next row widened and summed, this row's dx rounded and
-/// stored with its dγ/dβ terms added (the operations of `FusedBackward`).
+/// The vector body of [`Back16`]: the next row widened and summed, this row's dx (plus its dh,
+/// where given) rounded and stored with its dγ/dβ terms added (the operations of
+/// `FusedBackward` and its epilogue with a scale of 1).
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>(
@@ -1228,7 +1240,7 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
     ((nx, nd), k): ((&[T::Elem], &[T::Elem]), (S::f32s, S::f32s)),
     ((cx, cd), pv): ((&[T::Elem], &[T::Elem]), &BackVecs<S::f32s>),
     gh: &[S::f32s],
-    dx: &mut [T::Elem],
+    (dx, dh): (&mut [T::Elem], Option<&[T::Elem]>),
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) -> [f64; 3] {
     let w = size_of::<S::f32s>() / 4;
@@ -1237,12 +1249,18 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
     let (dgh, dbh) = (if DG { &mut dgh[..nv] } else { dgh }, if DB { &mut dbh[..nv] } else { dbh });
     // The vectors' bounds, checked here once for the loop's unchecked loads and stores.
     assert!(nx.len() >= nv * w && nd.len() >= nv * w && dx.len() >= nv * w && cd.len() >= nv * w);
+    assert!(dh.is_none_or(|h| h.len() >= nv * w));
+    // A branch a vector rather than a const parameter: dh is one more stream to read, and the
+    // kernel's instances stay one per (γ, dγ, dβ).
+    let (ch, one) = (dh.unwrap_or(&[]), simd.splat_f32s(1.0));
     let ahead = [
         nx.as_ptr().wrapping_add(PREFETCH_AHEAD),
         nd.as_ptr().wrapping_add(PREFETCH_AHEAD),
         dx.as_ptr().wrapping_add(OUT_AHEAD_16),
     ];
-    let mut st = BackStep::<S, T, G, DG, DB> { nx, nd, k, cx, cd, pv, gh, dgh, dbh, ahead };
+    let h = dh.is_some();
+    let mut st =
+        BackStep::<S, T, G, DG, DB> { nx, nd, k, cx, cd, ch, h, one, pv, gh, dgh, dbh, ahead };
     // SAFETY: the four rows and dx hold nv·W values (asserted above), γ and dγ/dβ (with `G`,
     // `DG`, `DB`) nv vectors.
     unsafe { sweep_16::<S, T, 3, _>(simd, nv, &mut st, dx) }
@@ -1257,6 +1275,10 @@ struct BackStep<'a, S: Simd, T: Half, const G: bool, const DG: bool, const DB: b
     k: (S::f32s, S::f32s),
     cx: &'a [T::Elem],
     cd: &'a [T::Elem],
+    /// This row's dh, added to dx (fma(1, dx, dh)) where `h`.
+    ch: &'a [T::Elem],
+    h: bool,
+    one: S::f32s,
     pv: &'a BackVecs<S::f32s>,
     gh: &'a [S::f32s],
     dgh: &'a mut [S::f32s],
@@ -1279,7 +1301,11 @@ impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
         backward_step(simd, (xv, dv, g), self.k, acc);
         let (cxv, cdv) =
             unsafe { (load_vec::<S, T>(simd, self.cx, j), load_vec::<S, T>(simd, self.cd, j)) };
-        let (d, xhat) = apply_step(simd, (cxv, cdv, g), self.pv);
+        let (mut d, xhat) = apply_step(simd, (cxv, cdv, g), self.pv);
+        if self.h {
+            // SAFETY: in bounds, by the caller's contract (`ch` holds nv·W values with `h`).
+            d = epilogue_step(simd, d, (self.one, unsafe { load_vec::<S, T>(simd, self.ch, j) }));
+        }
         if DG {
             let p = unsafe { self.dgh.get_unchecked_mut(j) };
             *p = simd.mul_add_f32s(cdv, xhat, *p);
@@ -1305,8 +1331,7 @@ impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
 pub(crate) fn backward_16<E: Sixteen>(
     kind: Kind,
     n: usize,
-    x: &[E],
-    dy: &[E],
+    (x, dy, dh): (&[E], &[E], Option<&[E]>),
     mean: &[f32],
     rstd: &[f32],
     gamma: Option<&[f32]>,
@@ -1318,6 +1343,7 @@ pub(crate) fn backward_16<E: Sixteen>(
         n: usize,
         x: &'a [E],
         dy: &'a [E],
+        dh: Option<&'a [E]>,
         mean: &'a [f32],
         rstd: &'a [f32],
         gamma: Option<&'a [f32]>,
@@ -1327,11 +1353,11 @@ pub(crate) fn backward_16<E: Sixteen>(
     impl<E: Sixteen> Job<E> for Backward<'_, E> {
         type Output = ();
         fn run<T: Half<Elem = E>>(self) {
-            let Backward { kind, n, x, dy, mean, rstd, gamma, dx, partials } = self;
-            T::dispatch(Back16::<T> { kind, n, x, dy, mean, rstd, gamma, dx, partials })
+            let Backward { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials } = self;
+            T::dispatch(Back16::<T> { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials })
         }
     }
-    E::pick(Backward { kind, n, x, dy, mean, rstd, gamma, dx, partials })
+    E::pick(Backward { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials })
 }
 
 #[cfg(feature = "unit-tests")]
@@ -1595,12 +1621,44 @@ pub mod tests {
                 let partials = Partials { buf: Some(&mut p), want: (true, true) };
                 let (x, dy, mean, rstd, dx_) =
                     (&xb[..], &dy[..], &mean[..], &rstd[..], &mut dx[..]);
-                let op =
-                    Back16::<T> { kind: rs.kind, n, x, dy, mean, rstd, gamma, dx: dx_, partials };
+                let dh = None;
+                let op = Back16::<T> {
+                    kind: rs.kind,
+                    n,
+                    x,
+                    dy,
+                    dh,
+                    mean,
+                    rstd,
+                    gamma,
+                    dx: dx_,
+                    partials,
+                };
                 run::<T, _>(simd, op);
                 close(&what("dx"), &acc(&dx), &want_b.dx, tol);
                 close(&what("dγ"), &p[..n], want_b.dgamma.as_deref().unwrap(), 1e-4);
                 close(&what("dβ"), &p[n..], want_b.dbeta.as_deref().unwrap(), 1e-5);
+                // With the residual stream's gradient added: dx + dh, rounded once.
+                let dh: Vec<T::Elem> =
+                    (0..rows * n).map(|i| T::Elem::from_acc(((i % 23) as f32).cos())).collect();
+                let partials = Partials { buf: None, want: (false, false) };
+                let (dh_, dx_) = (Some(&dh[..]), &mut dx[..]);
+                let op = Back16::<T> {
+                    kind: rs.kind,
+                    n,
+                    x,
+                    dy,
+                    dh: dh_,
+                    mean,
+                    rstd,
+                    gamma,
+                    dx: dx_,
+                    partials,
+                };
+                run::<T, _>(simd, op);
+                let want_h: Vec<f64> =
+                    want_b.dx.iter().zip(wide(&dh)).map(|(d, h)| d + h).collect();
+                close(&what("dx + dh"), &acc(&dx), &want_h, tol);
             }
         }
     }
@@ -1636,8 +1694,9 @@ pub mod tests {
         let mut p = vec![0f32; 2 * n];
         let partials = Partials { buf: Some(&mut p), want: (true, true) };
         let (m, r, dx_) = (&mean[..], &rstd[..], &mut dx[..]);
+        let kind = spec.kind;
         let op =
-            Back16::<T> { kind: spec.kind, n, x, dy, mean: m, rstd: r, gamma, dx: dx_, partials };
+            Back16::<T> { kind, n, x, dy, dh: None, mean: m, rstd: r, gamma, dx: dx_, partials };
         run::<T, _>(isa, op);
         let b16 = |v: &[bf16]| v.iter().map(|v| u32::from(v.to_bits())).collect::<Vec<u32>>();
         let b32 = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
