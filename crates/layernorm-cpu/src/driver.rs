@@ -584,9 +584,11 @@ struct Staging<'a, A: Real> {
 ///
 /// From y in `f32` with the kernels' epilogue nothing is staged either: the kernels read y and
 /// recover x̂ in registers ([`from_y_in_registers`]), the same operations as `stage::recover`'s,
-/// so the same bits. Where some column's γ_eff or 1/γ_eff lies outside the normal range,
-/// `stage::recover` divides by γ_eff instead of multiplying by its reciprocal, and such a call
-/// is staged as above (the kernels multiply only). `stats` are the saved mean and the rstd the
+/// so the same bits. 16-bit rows, from y or with dh, go through their register-converting
+/// kernels in the same way (`Convert::backward_converted` with `reduce::Extra`). Where some
+/// column's γ_eff or 1/γ_eff lies outside the normal range, `stage::recover` divides by γ_eff
+/// instead of multiplying by its reciprocal, and such a call is staged as above (the kernels
+/// multiply only). `stats` are the saved mean and the rstd the
 /// kernels are given, and the saved rstd.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn staged_blocks<T: CpuElement>(
@@ -631,26 +633,46 @@ fn staged_blocks<T: CpuElement>(
             }
         }
     }
-    // 16-bit rows from x with dh: the register-converting kernels add dh as they round dx, the
-    // operations `stage::finish` applies below to the widened path's dx'.
-    if !from_y
-        && dh.is_some()
+    // 16-bit rows: the register-converting kernels recover x̂ from y as they read it and form
+    // dx = fma(s, dx', dh) (s·dx' without dh; s = 1 from x) as they round it: the operations of
+    // `stage::recover` and `stage::finish` below, so the same bits. Their accumulation type is
+    // `f32`; the dividing recovery and non-finite saved rstds take the staged path.
+    if T::as_acc(dy).is_none()
         && !given.iter().any(|&r| row::needs_exact_row(r.into()))
-        && T::backward_converted(
-            st.kind,
-            n,
-            x,
-            dy,
-            dh,
-            mean,
-            given,
-            gamma,
-            dx,
-            partials.as_deref_mut(),
-            want,
-        )
+        && (!from_y || rstd.iter().all(|&r| num_traits::Float::is_finite(r)))
+        && let Some(scale) = as_f32(rstd)
     {
-        return Ok(());
+        let (beta, inverse) = match st.from_y {
+            Some((_, Some(g))) if g.divide => (None, None),
+            Some((b, g)) => (b.and_then(as_f32), g.and_then(|g| as_f32(g.values))),
+            None => (None, None),
+        };
+        let divides = st.from_y.is_some_and(|(_, g)| g.is_some_and(|g| g.divide));
+        let ones_for_g = from_y && inverse.is_none() && beta.is_some();
+        let zeros: Vec<f32> =
+            if from_y && beta.is_none() { try_zeroed_vec("zeros", n)? } else { Vec::new() };
+        let mut ones: Vec<f32> = if ones_for_g { try_zeroed_vec("ones", n)? } else { Vec::new() };
+        ones.fill(1.0);
+        let rec = crate::reduce::Recover::new((beta, inverse), (&zeros, &ones), n);
+        let extra = crate::reduce::Extra { dh, rec, scale: from_y.then_some(scale) };
+        if !divides
+            && (from_y || dh.is_some())
+            && T::backward_converted(
+                st.kind,
+                n,
+                x,
+                dy,
+                extra,
+                mean,
+                given,
+                gamma,
+                dx,
+                partials.as_deref_mut(),
+                want,
+            )
+        {
+            return Ok(());
+        }
     }
     let per = if in_kernels && !from_y { rows.max(1) } else { stage_back_rows::<T::Acc>(n) };
     let len = per.min(rows) * n;

@@ -52,8 +52,8 @@ pub trait Convert: Element<Acc: Real> {
     /// Backward of consecutive blocks of rows converting in registers, adding into the blocks'
     /// dγ/dβ partials (laid out as for `Real::back_blocks`), where the type has such a kernel
     /// (`bf16`, `f16`; any N: even at N = 8 it measured twice the speed of widened chunks): `false`
-    /// otherwise, and the caller widens rows into scratch. With `dh`, dx = fma(1, dx′, dh) before
-    /// it is rounded (`stage::finish`'s operations). The bits are the same either way.
+    /// otherwise, and the caller widens rows into scratch. `extra`: dh, and from y the recovery of
+    /// x̂ and the rows' scales (`reduce::Extra`). The bits are the same either way.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn backward_converted(
@@ -61,7 +61,7 @@ pub trait Convert: Element<Acc: Real> {
         _n: usize,
         _x: &[Self],
         _dy: &[Self],
-        _dh: Option<&[Self]>,
+        _extra: crate::reduce::Extra<'_, Self>,
         _mean: &[Self::Acc],
         _rstd: &[Self::Acc],
         _gamma: Option<&[Self::Acc]>,
@@ -135,7 +135,7 @@ macro_rules! in_registers {
             n: usize,
             x: &[Self],
             dy: &[Self],
-            dh: Option<&[Self]>,
+            extra: crate::reduce::Extra<'_, Self>,
             mean: &[f32],
             rstd: &[f32],
             gamma: Option<&[f32]>,
@@ -144,7 +144,7 @@ macro_rules! in_registers {
             want: (bool, bool),
         ) -> bool {
             let partials = crate::reduce::Partials { buf: partials, want };
-            crate::reduce::backward_16(kind, n, (x, dy, dh), mean, rstd, gamma, dx, partials);
+            crate::reduce::backward_16(kind, n, (x, dy, extra), mean, rstd, gamma, dx, partials);
             true
         }
     };

@@ -210,7 +210,8 @@ pub(crate) fn backward_blocks<T: CpuElement>(
     }
     debug_assert!(!epi.on(), "only the kernels with an epilogue are given one");
     let parts = partials.as_deref_mut();
-    if T::backward_converted(kind, n, x, dy, None, mean, rstd, gamma, dx, parts, want) {
+    let extra = crate::reduce::Extra::default();
+    if T::backward_converted(kind, n, x, dy, extra, mean, rstd, gamma, dx, parts, want) {
         return;
     }
     let rows = mean.len().min(rstd.len());
@@ -543,8 +544,9 @@ pub mod tests {
                 let stats = (&mean[..], &rstd[..]);
                 by_rows(kind, n, (&x, &dy), stats, gamma, &mut dx0, &mut p0, want);
                 let parts = Some(&mut p1[..]);
+                let extra = crate::reduce::Extra::default();
                 assert!(T::backward_converted(
-                    kind, n, &x, &dy, None, &mean, &rstd, gamma, &mut dx1, parts, want
+                    kind, n, &x, &dy, extra, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
                 let what = format!("n={n}, want={want:?}, {kind:?}");
                 let bad =
@@ -566,15 +568,43 @@ pub mod tests {
                 crate::stage::finish(n, &mut dxk, None, Some(&dh[..]), &mut dx0, false);
                 let mut p2 = vec![0f32; blocks * 2 * n];
                 let parts = Some(&mut p2[..]);
-                let dh = Some(&dh[..]);
+                let extra = crate::reduce::Extra { dh: Some(&dh[..]), ..Default::default() };
                 assert!(T::backward_converted(
-                    kind, n, &x, &dy, dh, &mean, &rstd, gamma, &mut dx1, parts, want
+                    kind, n, &x, &dy, extra, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
                 let bad =
                     dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
                 assert!(bad.is_none(), "dx + dh, {what}: first difference at {bad:?}");
                 let bad = p2.iter().zip(&p1).position(|(&a, &b)| !same(a, b));
                 assert!(bad.is_none(), "partials with dh, {what}: first difference at {bad:?}");
+                // From y (x stands for it): x̂ = (y − β)·(1/γ_eff) recovered as it is read, the
+                // kernels given a mean of 0 and an rstd of 1, dx = fma(s, dx', dh) or s·dx' with
+                // s the saved rstd; against `stage::recover`, the f32 rows, `stage::finish`.
+                let beta: Vec<f32> = (0..n).map(|j| 0.25 - j as f32 / (2 * n) as f32).collect();
+                let inv: Vec<f32> = (0..n).map(|j| 1.0 / (0.5 + j as f32 / n as f32)).collect();
+                let (okind, zeros, ones) = (kind.of_output(), vec![0f32; rows], vec![1f32; rows]);
+                for h in [None, Some(&dh[..])] {
+                    let gam = crate::stage::Gamma { values: &inv[..], divide: false };
+                    let mut xs = vec![0f32; rows * n];
+                    crate::stage::recover::<T>(n, &x, Some(&beta), Some(gam), &mut xs);
+                    let (mut dxk, mut pk) = (vec![0f32; rows * n], vec![0f32; blocks * 2 * n]);
+                    let given = (&zeros[..], &ones[..]);
+                    by_rows(okind, n, (&xs, &wide(&dy)), given, gamma, &mut dxk, &mut pk, want);
+                    crate::stage::finish(n, &mut dxk, Some(&rstd), h, &mut dx0, false);
+                    let rec = crate::reduce::Recover::new((Some(&beta), Some(&inv)), (&[], &[]), n);
+                    let extra = crate::reduce::Extra { dh: h, rec, scale: Some(&rstd[..]) };
+                    let mut p3 = vec![0f32; blocks * 2 * n];
+                    let parts = Some(&mut p3[..]);
+                    assert!(T::backward_converted(
+                        okind, n, &x, &dy, extra, &zeros, &ones, gamma, &mut dx1, parts, want
+                    ));
+                    let what = format!("from y, dh {}, {what}", h.is_some());
+                    let bad =
+                        dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
+                    assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
+                    let bad = p3.iter().zip(&pk).position(|(&a, &b)| !same(a, b));
+                    assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
+                }
             }
         }
     }

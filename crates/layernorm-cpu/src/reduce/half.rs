@@ -14,6 +14,7 @@ use pulp::{Simd, WithSimd};
 use super::backward::Partials;
 use super::forward::Group;
 use super::steps::*;
+use super::steps::{Recover, RecoverVecs};
 use super::store::{PREFETCH_AHEAD, prefetch, prefetch_line};
 use crate::CpuElement;
 use crate::element::Convert;
@@ -1079,8 +1080,8 @@ struct Back16<'a, T: Half> {
     n: usize,
     x: &'a [T::Elem],
     dy: &'a [T::Elem],
-    /// The gradient arriving on the residual stream, added to dx before it is rounded.
-    dh: Option<&'a [T::Elem]>,
+    /// dh, and from y the recovery of x̂ and the rows' scales.
+    extra: Extra<'a, T::Elem>,
     mean: &'a [f32],
     rstd: &'a [f32],
     gamma: Option<&'a [f32]>,
@@ -1100,13 +1101,15 @@ impl<T: Half> WithSimd for Back16<'_, T> {
         if rows == 0 {
             return;
         }
-        let (x, dy, dh, gamma) = (self.x, self.dy, self.dh, self.gamma);
+        let (x, dy, gamma) = (self.x, self.dy, self.gamma);
+        let Extra { dh, rec, scale } = self.extra;
         let span = |r: usize| r * n..(r + 1) * n;
         let gh = gamma.map_or(&[][..], |g| &S::as_simd_f32s(&g[..n]).0[..nv]);
         // Widened tails (fewer than a vector).
         let (mut tx, mut td, mut th) = ([0f32; 16], [0f32; 16], [0f32; 16]);
         let shift = |r: usize| row::back_shift_f32(self.mean[r], self.rstd[r]);
-        let mut sums = back_sums::<S, T>(simd, (&x[span(0)], &dy[span(0)]), gamma, shift(0));
+        let row0 = (&x[span(0)], &dy[span(0)]);
+        let mut sums = back_sums::<S, T>(simd, row0, gamma, shift(0), &rec);
         for r in 0..rows {
             let (mu, rs) = (f64::from(self.mean[r]), f64::from(self.rstd[r]));
             let p = row::back_params::<f32>(self.kind, n, mu, rs, sums);
@@ -1114,6 +1117,7 @@ impl<T: Half> WithSimd for Back16<'_, T> {
             let (want_g, want_b) = (dg.is_some(), db.is_some());
             let dxr = &mut self.dx[span(r)];
             let hr = dh.map(|h| &h[span(r)]);
+            let sr = scale.map(|s| s[r]);
             if r + 1 < rows {
                 let next = (&x[span(r + 1)], &dy[span(r + 1)]);
                 let (m, s) = shift(r + 1);
@@ -1122,39 +1126,46 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                 let (dgs, dbs) = (dg.unwrap_or(&mut []), db.unwrap_or(empty));
                 let dgh = &mut S::as_mut_simd_f32s(&mut dgs[..]).0;
                 let dbh = &mut S::as_mut_simd_f32s(&mut dbs[..]).0;
-                let mut total = specialize!(back_16_vecs::<S, T>(gamma.is_some(), want_g, want_b)(
-                    simd,
-                    (next, k),
-                    ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
-                    gh,
-                    (dxr, hr),
-                    (dgh, dbh)
-                ));
+                let extra = hr.is_some() || sr.is_some() || rec.recovers();
+                let specs = (gamma.is_some(), want_g, want_b, extra);
+                let mut total =
+                    specialize!(back_16_vecs::<S, T>(specs.0, specs.1, specs.2, specs.3)(
+                        simd,
+                        (next, k),
+                        ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
+                        (gh, &rec),
+                        (dxr, hr, sr),
+                        (dgh, dbh)
+                    ));
                 // Tails: the next row's sums, this row's dx and dγ/dβ terms, on widened values.
                 if base < n {
                     let gt = gamma.map(|g| &g[base..n]);
                     T::Elem::widen(&next.0[base..], &mut tx[..n - base]);
+                    recover_tail(&rec, base, &mut tx[..n - base]);
                     T::Elem::widen(&next.1[base..], &mut td[..n - base]);
                     backward_tail((&tx[..n - base], &td[..n - base], gt), (m, s), &mut total);
                     let (dgs, dbs) =
                         ((want_g).then(|| &mut dgs[base..n]), (want_b).then(|| &mut dbs[base..n]));
                     let cur = (&x[span(r)], &dy[span(r)]);
                     T::Elem::widen(&cur.0[base..], &mut tx[..n - base]);
+                    recover_tail(&rec, base, &mut tx[..n - base]);
                     T::Elem::widen(&cur.1[base..], &mut td[..n - base]);
                     let mut out = [0f32; 16];
                     let out = &mut out[..n - base];
                     let t = (&tx[..n - base], &td[..n - base], gamma);
                     let epi = hr.map(|h| {
                         T::Elem::widen(&h[base..], &mut th[..n - base]);
-                        (1.0, &th[..n - base])
+                        (sr.unwrap_or(1.0), &th[..n - base])
                     });
                     apply_tail(t, &p, base, out, dgs, dbs, epi);
+                    scale_without_dh(out, hr.is_none().then_some(sr).flatten());
                     T::Elem::narrow(out, &mut dxr[base..]);
                 }
                 sums = total;
             } else {
                 // The last row alone, as the scratch path does it.
-                apply_16(simd, (&x[span(r)], &dy[span(r)], hr, gamma), &p, dxr, (dg, db));
+                let rows = (&x[span(r)], &dy[span(r)], gamma);
+                apply_16(simd, rows, (hr, &rec, sr), &p, dxr, (dg, db));
             }
         }
     }
@@ -1167,7 +1178,8 @@ impl<T: Half> WithSimd for Back16<'_, T> {
 #[allow(clippy::type_complexity)]
 fn apply_16<S: Simd, E: CpuElement<Acc = f32>>(
     simd: S,
-    (x, dy, dh, gamma): (&[E], &[E], Option<&[E]>, Option<&[f32]>),
+    (x, dy, gamma): (&[E], &[E], Option<&[f32]>),
+    (dh, rec, scale): (Option<&[E]>, &Recover<'_>, Option<f32>),
     p: &row::BackParams<f32>,
     dx: &mut [E],
     (mut dgamma, mut dbeta): (Option<&mut [f32]>, Option<&mut [f32]>),
@@ -1180,16 +1192,40 @@ fn apply_16<S: Simd, E: CpuElement<Acc = f32>>(
         let len = e.len();
         let (tx, td, out) = (&mut tx[..len], &mut td[..len], &mut out[..len]);
         E::widen(&x[e.clone()], tx);
+        recover_tail(rec, start, tx);
         E::widen(&dy[e.clone()], td);
         let epi = dh.map(|h| {
             E::widen(&h[e.clone()], &mut th[..len]);
-            (1.0, &th[..len])
+            (scale.unwrap_or(1.0), &th[..len])
         });
         let g = gamma.map(|g| &g[e.clone()]);
         let dg = dgamma.as_deref_mut().map(|d| &mut d[e.clone()]);
         let db = dbeta.as_deref_mut().map(|d| &mut d[e.clone()]);
         apply_in(simd, (tx, td, g), p, out, (dg, db), epi);
+        scale_without_dh(out, dh.is_none().then_some(scale).flatten());
         E::narrow(out, &mut dx[e]);
+    }
+}
+
+/// x̂ recovered from y in a widened stretch of a row that starts at column `base`
+/// (`Recover::at`: the operations of `stage::recover`); nothing where the rows are x.
+#[inline(always)]
+fn recover_tail(rec: &Recover<'_>, base: usize, v: &mut [f32]) {
+    if rec.recovers() {
+        for (j, e) in v.iter_mut().enumerate() {
+            *e = rec.at::<true>(*e, base + j);
+        }
+    }
+}
+
+/// dx = s·dx′ where a backward from y has no dh (`stage::finish`'s product; with dh the
+/// kernels' epilogue forms fma(s, dx′, dh)).
+#[inline(always)]
+fn scale_without_dh(out: &mut [f32], s: Option<f32>) {
+    if let Some(s) = s {
+        for o in out {
+            *o *= s;
+        }
     }
 }
 
@@ -1200,10 +1236,12 @@ fn back_sums<S: Simd, T: Half>(
     (x, dy): (&[T::Elem], &[T::Elem]),
     gamma: Option<&[f32]>,
     (m, s): (f32, f32),
+    rec: &Recover<'_>,
 ) -> [f64; 3] {
     let n = x.len();
     let w = size_of::<S::f32s>() / 4;
     let nv = n / w;
+    let rv = rec.recovers().then(|| rec.vecs::<S, true>(n, nv));
     let gh = gamma.map(|g| &S::as_simd_f32s(&g[..n]).0[..nv]);
     assert!(dy.len() >= nv * w);
     let k = (simd.splat_f32s(m), simd.splat_f32s(s));
@@ -1216,6 +1254,7 @@ fn back_sums<S: Simd, T: Half>(
         for j in i..end {
             // SAFETY: j < nv = x.len() / W, and dy holds nv·W values (asserted above).
             let (xv, dv) = unsafe { (load_vec::<S, T>(simd, x, j), load_vec::<S, T>(simd, dy, j)) };
+            let xv = rv.map_or(xv, |rv| rv.at::<S, true>(simd, xv, j));
             backward_step(simd, (xv, dv, gh.map(|g| g[j])), k, &mut acc);
         }
         fold_into(simd, acc, &mut total);
@@ -1225,6 +1264,7 @@ fn back_sums<S: Simd, T: Half>(
     let (mut tx, mut td) = ([0f32; 16], [0f32; 16]);
     let (tx, td) = (&mut tx[..n - base], &mut td[..n - base]);
     T::Elem::widen(&x[base..], tx);
+    recover_tail(rec, base, tx);
     T::Elem::widen(&dy[base..n], td);
     backward_tail((tx, td, gamma.map(|g| &g[base..n])), (m, s), &mut total);
     total
@@ -1235,12 +1275,12 @@ fn back_sums<S: Simd, T: Half>(
 /// `FusedBackward` and its epilogue with a scale of 1).
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>(
+fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool, const X: bool>(
     simd: S,
     ((nx, nd), k): ((&[T::Elem], &[T::Elem]), (S::f32s, S::f32s)),
     ((cx, cd), pv): ((&[T::Elem], &[T::Elem]), &BackVecs<S::f32s>),
-    gh: &[S::f32s],
-    (dx, dh): (&mut [T::Elem], Option<&[T::Elem]>),
+    (gh, rec): (&[S::f32s], &Recover<'_>),
+    (dx, dh, scale): (&mut [T::Elem], Option<&[T::Elem]>, Option<f32>),
     (dgh, dbh): (&mut [S::f32s], &mut [S::f32s]),
 ) -> [f64; 3] {
     let w = size_of::<S::f32s>() / 4;
@@ -1250,35 +1290,69 @@ fn back_16_vecs<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool>
     // The vectors' bounds, checked here once for the loop's unchecked loads and stores.
     assert!(nx.len() >= nv * w && nd.len() >= nv * w && dx.len() >= nv * w && cd.len() >= nv * w);
     assert!(dh.is_none_or(|h| h.len() >= nv * w));
-    // A branch a vector rather than a const parameter: dh is one more stream to read, and the
-    // kernel's instances stay one per (γ, dγ, dβ).
-    let (ch, one) = (dh.unwrap_or(&[]), simd.splat_f32s(1.0));
+    // `X`: whether any of dh, the recovery or the scale is there. Which of them is a branch a
+    // vector (their cost beside one more stream to read, or two operations an element), so
+    // the kernel has two instances per (γ, dγ, dβ), not six; without `X` it has no such
+    // branches (they cost the plain backward 4–8%: a branch may take a vector port).
+    let (ch, s) = (dh.unwrap_or(&[]), simd.splat_f32s(scale.unwrap_or(1.0)));
+    let rv = rec.recovers().then(|| rec.vecs::<S, true>(cx.len(), nv));
     let ahead = [
         nx.as_ptr().wrapping_add(PREFETCH_AHEAD),
         nd.as_ptr().wrapping_add(PREFETCH_AHEAD),
         dx.as_ptr().wrapping_add(OUT_AHEAD_16),
     ];
-    let h = dh.is_some();
-    let mut st =
-        BackStep::<S, T, G, DG, DB> { nx, nd, k, cx, cd, ch, h, one, pv, gh, dgh, dbh, ahead };
+    let epi = match (dh.is_some(), scale.is_some()) {
+        (true, _) => Epi16::Add,
+        (false, true) => Epi16::Scale,
+        (false, false) => Epi16::None,
+    };
+    let mut st = BackStep::<S, T, G, DG, DB, X> {
+        nx,
+        nd,
+        k,
+        cx,
+        cd,
+        ch,
+        epi,
+        s,
+        rv,
+        pv,
+        gh,
+        dgh,
+        dbh,
+        ahead,
+    };
     // SAFETY: the four rows and dx hold nv·W values (asserted above), γ and dγ/dβ (with `G`,
     // `DG`, `DB`) nv vectors.
     unsafe { sweep_16::<S, T, 3, _>(simd, nv, &mut st, dx) }
 }
 
+/// What [`BackStep`] does to dx before rounding it: fma(s, dx, dh); s·dx (from y without dh); or
+/// nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Epi16 {
+    Add,
+    Scale,
+    None,
+}
+
 /// The backward's [`Step`]: the next row's sums (`k`); this row's dx (`pv`), and its dγ/dβ
 /// terms added. `ahead`: the next row's x and dy, [`PREFETCH_AHEAD`] on, and dx,
 /// [`OUT_AHEAD_16`] on.
-struct BackStep<'a, S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> {
+struct BackStep<'a, S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool, const X: bool>
+{
     nx: &'a [T::Elem],
     nd: &'a [T::Elem],
     k: (S::f32s, S::f32s),
     cx: &'a [T::Elem],
     cd: &'a [T::Elem],
-    /// This row's dh, added to dx (fma(1, dx, dh)) where `h`.
+    /// This row's dh (with [`Epi16::Add`]).
     ch: &'a [T::Elem],
-    h: bool,
-    one: S::f32s,
+    /// What the row's dx gets before it is rounded, with `s` the row's scale (1 from x).
+    epi: Epi16,
+    s: S::f32s,
+    /// From y: x̂ recovered from the rows as read.
+    rv: Option<RecoverVecs<'a, S::f32s>>,
     pv: &'a BackVecs<S::f32s>,
     gh: &'a [S::f32s],
     dgh: &'a mut [S::f32s],
@@ -1286,8 +1360,8 @@ struct BackStep<'a, S: Simd, T: Half, const G: bool, const DG: bool, const DB: b
     ahead: [*const T::Elem; 3],
 }
 
-impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
-    for BackStep<'_, S, T, G, DG, DB>
+impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool, const X: bool> Step<S, 3>
+    for BackStep<'_, S, T, G, DG, DB, X>
 {
     /// # Safety
     /// The four rows hold at least `(j + 1)·W` values; γ and dγ/dβ (with `G`, `DG`, `DB`) at
@@ -1297,14 +1371,22 @@ impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
         // SAFETY: in bounds, by the caller's contract.
         let (xv, dv) =
             unsafe { (load_vec::<S, T>(simd, self.nx, j), load_vec::<S, T>(simd, self.nd, j)) };
+        let xv = if X { self.rv.map_or(xv, |rv| rv.at::<S, true>(simd, xv, j)) } else { xv };
         let g = if G { Some(unsafe { *self.gh.get_unchecked(j) }) } else { None };
         backward_step(simd, (xv, dv, g), self.k, acc);
         let (cxv, cdv) =
             unsafe { (load_vec::<S, T>(simd, self.cx, j), load_vec::<S, T>(simd, self.cd, j)) };
+        let cxv = if X { self.rv.map_or(cxv, |rv| rv.at::<S, true>(simd, cxv, j)) } else { cxv };
         let (mut d, xhat) = apply_step(simd, (cxv, cdv, g), self.pv);
-        if self.h {
-            // SAFETY: in bounds, by the caller's contract (`ch` holds nv·W values with `h`).
-            d = epilogue_step(simd, d, (self.one, unsafe { load_vec::<S, T>(simd, self.ch, j) }));
+        match if X { self.epi } else { Epi16::None } {
+            Epi16::Add => {
+                // SAFETY: in bounds, by the caller's contract (`ch` holds nv·W values with
+                // `Add`).
+                let h = unsafe { load_vec::<S, T>(simd, self.ch, j) };
+                d = epilogue_step(simd, d, (self.s, h));
+            }
+            Epi16::Scale => d = simd.mul_f32s(self.s, d),
+            Epi16::None => {}
         }
         if DG {
             let p = unsafe { self.dgh.get_unchecked_mut(j) };
@@ -1325,13 +1407,30 @@ impl<S: Simd, T: Half, const G: bool, const DG: bool, const DB: bool> Step<S, 3>
     }
 }
 
+/// What a 16-bit backward adds to the plain one ([`Back16`]): the residual stream's gradient dh,
+/// and, for a backward from y, x̂ recovered from y as it is read (`rec`) and each row's saved rstd
+/// (`scale`) multiplying dx before dh is added: dx = fma(s, dx′, dh), or s·dx′ without dh — the
+/// operations of `stage::recover` and `stage::finish`, so the bits of the staged path.
+#[derive(Clone, Copy)]
+pub struct Extra<'a, E> {
+    pub(crate) dh: Option<&'a [E]>,
+    pub(crate) rec: Recover<'a>,
+    pub(crate) scale: Option<&'a [f32]>,
+}
+
+impl<E> Default for Extra<'_, E> {
+    fn default() -> Self {
+        Extra { dh: None, rec: Recover::default(), scale: None }
+    }
+}
+
 /// Backward of consecutive blocks of 16-bit rows (see [`Back16`]), adding into the
 /// blocks' dγ/dβ partials (`partials`: as for `Real::back_blocks`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_16<E: Sixteen>(
     kind: Kind,
     n: usize,
-    (x, dy, dh): (&[E], &[E], Option<&[E]>),
+    (x, dy, extra): (&[E], &[E], Extra<'_, E>),
     mean: &[f32],
     rstd: &[f32],
     gamma: Option<&[f32]>,
@@ -1343,7 +1442,7 @@ pub(crate) fn backward_16<E: Sixteen>(
         n: usize,
         x: &'a [E],
         dy: &'a [E],
-        dh: Option<&'a [E]>,
+        extra: Extra<'a, E>,
         mean: &'a [f32],
         rstd: &'a [f32],
         gamma: Option<&'a [f32]>,
@@ -1353,11 +1452,11 @@ pub(crate) fn backward_16<E: Sixteen>(
     impl<E: Sixteen> Job<E> for Backward<'_, E> {
         type Output = ();
         fn run<T: Half<Elem = E>>(self) {
-            let Backward { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials } = self;
-            T::dispatch(Back16::<T> { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials })
+            let Backward { kind, n, x, dy, extra, mean, rstd, gamma, dx, partials } = self;
+            T::dispatch(Back16::<T> { kind, n, x, dy, extra, mean, rstd, gamma, dx, partials })
         }
     }
-    E::pick(Backward { kind, n, x, dy, dh, mean, rstd, gamma, dx, partials })
+    E::pick(Backward { kind, n, x, dy, extra, mean, rstd, gamma, dx, partials })
 }
 
 #[cfg(feature = "unit-tests")]
@@ -1627,7 +1726,7 @@ pub mod tests {
                     n,
                     x,
                     dy,
-                    dh,
+                    extra: Extra { dh, ..Extra::default() },
                     mean,
                     rstd,
                     gamma,
@@ -1648,7 +1747,7 @@ pub mod tests {
                     n,
                     x,
                     dy,
-                    dh: dh_,
+                    extra: Extra { dh: dh_, ..Extra::default() },
                     mean,
                     rstd,
                     gamma,
@@ -1695,8 +1794,18 @@ pub mod tests {
         let partials = Partials { buf: Some(&mut p), want: (true, true) };
         let (m, r, dx_) = (&mean[..], &rstd[..], &mut dx[..]);
         let kind = spec.kind;
-        let op =
-            Back16::<T> { kind, n, x, dy, dh: None, mean: m, rstd: r, gamma, dx: dx_, partials };
+        let op = Back16::<T> {
+            kind,
+            n,
+            x,
+            dy,
+            extra: Extra::default(),
+            mean: m,
+            rstd: r,
+            gamma,
+            dx: dx_,
+            partials,
+        };
         run::<T, _>(isa, op);
         let b16 = |v: &[bf16]| v.iter().map(|v| u32::from(v.to_bits())).collect::<Vec<u32>>();
         let b32 = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();

@@ -73,7 +73,7 @@ pub(crate) use backward::{
     back_short_blocks, backward_sums, fused_backward,
 };
 pub(crate) use forward::{centered, fused, long, rows, shift};
-pub(crate) use half::{backward_16, forward_16};
+pub(crate) use half::{Extra, backward_16, forward_16};
 pub(crate) use steps::Recover;
 pub(crate) use store::{stream_copy, stream_fence};
 

@@ -148,7 +148,7 @@ pub(super) fn normalize_head(
 /// RMSNorm's backward from y without β up to 5% of its speed on short rows (65536×128, Intel
 /// AVX-512 VM, one thread). With neither, x̂ = y is read as given.
 #[derive(Clone, Copy, Default)]
-pub(crate) struct Recover<'a> {
+pub struct Recover<'a> {
     /// β of the row's columns (n).
     beta: &'a [f32],
     /// 1/γ_eff of the row's columns (n).
