@@ -1720,41 +1720,20 @@ pub mod tests {
                 let partials = Partials { buf: Some(&mut p), want: (true, true) };
                 let (x, dy, mean, rstd, dx_) =
                     (&xb[..], &dy[..], &mean[..], &rstd[..], &mut dx[..]);
-                let dh = None;
-                let op = Back16::<T> {
-                    kind: rs.kind,
-                    n,
-                    x,
-                    dy,
-                    extra: Extra { dh, ..Extra::default() },
-                    mean,
-                    rstd,
-                    gamma,
-                    dx: dx_,
-                    partials,
+                let back = |dh: Option<&[T::Elem]>, dx: &mut [T::Elem], partials: Partials<'_>| {
+                    let extra = Extra { dh, ..Extra::default() };
+                    let kind = rs.kind;
+                    let op = Back16::<T> { kind, n, x, dy, extra, mean, rstd, gamma, dx, partials };
+                    run::<T, _>(simd, op);
                 };
-                run::<T, _>(simd, op);
+                back(None, dx_, partials);
                 close(&what("dx"), &acc(&dx), &want_b.dx, tol);
                 close(&what("dγ"), &p[..n], want_b.dgamma.as_deref().unwrap(), 1e-4);
                 close(&what("dβ"), &p[n..], want_b.dbeta.as_deref().unwrap(), 1e-5);
                 // With the residual stream's gradient added: dx + dh, rounded once.
                 let dh: Vec<T::Elem> =
                     (0..rows * n).map(|i| T::Elem::from_acc(((i % 23) as f32).cos())).collect();
-                let partials = Partials { buf: None, want: (false, false) };
-                let (dh_, dx_) = (Some(&dh[..]), &mut dx[..]);
-                let op = Back16::<T> {
-                    kind: rs.kind,
-                    n,
-                    x,
-                    dy,
-                    extra: Extra { dh: dh_, ..Extra::default() },
-                    mean,
-                    rstd,
-                    gamma,
-                    dx: dx_,
-                    partials,
-                };
-                run::<T, _>(simd, op);
+                back(Some(&dh), &mut dx, Partials { buf: None, want: (false, false) });
                 let want_h: Vec<f64> =
                     want_b.dx.iter().zip(wide(&dh)).map(|(d, h)| d + h).collect();
                 close(&what("dx + dh"), &acc(&dx), &want_h, tol);
