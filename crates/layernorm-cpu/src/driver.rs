@@ -637,40 +637,21 @@ fn staged_blocks<T: CpuElement>(
     // dx = fma(s, dx', dh) (s·dx' without dh; s = 1 from x) as they round it: the operations of
     // `stage::recover` and `stage::finish` below, so the same bits. Their accumulation type is
     // `f32`; the dividing recovery and non-finite saved rstds take the staged path.
+    let divides = st.from_y.is_some_and(|(_, g)| g.is_some_and(|g| g.divide));
     if T::as_acc(dy).is_none()
+        && !divides
         && !given.iter().any(|&r| row::needs_exact_row(r.into()))
         && (!from_y || rstd.iter().all(|&r| num_traits::Float::is_finite(r)))
         && let Some(scale) = as_f32(rstd)
     {
-        let (beta, inverse) = match st.from_y {
-            Some((_, Some(g))) if g.divide => (None, None),
-            Some((b, g)) => (b.and_then(as_f32), g.and_then(|g| as_f32(g.values))),
-            None => (None, None),
-        };
-        let divides = st.from_y.is_some_and(|(_, g)| g.is_some_and(|g| g.divide));
-        let ones_for_g = from_y && inverse.is_none() && beta.is_some();
-        let zeros: Vec<f32> =
-            if from_y && beta.is_none() { try_zeroed_vec("zeros", n)? } else { Vec::new() };
-        let mut ones: Vec<f32> = if ones_for_g { try_zeroed_vec("ones", n)? } else { Vec::new() };
-        ones.fill(1.0);
+        let (beta, inverse) = st
+            .from_y
+            .map_or((None, None), |(b, g)| (b.and_then(as_f32), g.and_then(|g| as_f32(g.values))));
+        let (zeros, ones) = recovery_fills(n, (beta, inverse), false)?;
         let rec = crate::reduce::Recover::new((beta, inverse), (&zeros, &ones), n);
         let extra = crate::reduce::Extra { dh, rec, scale: from_y.then_some(scale) };
-        if !divides
-            && (from_y || dh.is_some())
-            && T::backward_converted(
-                st.kind,
-                n,
-                x,
-                dy,
-                extra,
-                mean,
-                given,
-                gamma,
-                dx,
-                partials.as_deref_mut(),
-                want,
-            )
-        {
+        let parts = partials.as_deref_mut();
+        if T::backward_converted(st.kind, n, x, dy, extra, mean, given, gamma, dx, parts, want) {
             return Ok(());
         }
     }
@@ -752,6 +733,22 @@ fn as_f32_mut<A: Real>(v: &mut [A]) -> Option<&mut [f32]> {
     (TypeId::of::<A>() == TypeId::of::<f32>()).then(|| bytemuck::cast_slice_mut(v))
 }
 
+/// What `reduce::Recover::new` reads an absent β or 1/γ_eff from, for rows of `n`: zeros where
+/// β is absent and 1/γ_eff is there, ones the other way round (empty where not needed); zeros
+/// also where `zeros` asks for them.
+fn recovery_fills(
+    n: usize,
+    (beta, inverse): (Option<&[f32]>, Option<&[f32]>),
+    zeros: bool,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let zeros = zeros || (beta.is_none() && inverse.is_some());
+    let zeros = if zeros { try_zeroed_vec("zeros", n)? } else { Vec::new() };
+    let mut ones =
+        if inverse.is_none() && beta.is_some() { try_zeroed_vec("ones", n)? } else { Vec::new() };
+    ones.fill(1.0);
+    Ok((zeros, ones))
+}
+
 /// The backward from y of a group of blocks by the `f32` kernels reading y and recovering x̂
 /// in registers (`crate::reduce::Recover`: (y − β)·(1/γ_eff), β and `inverse` = 1/γ_eff where
 /// the problem has them), given the mean of 0 and the rstd of 1 in `rows` (after y and dy), each
@@ -777,16 +774,11 @@ fn from_y_in_registers<A: Real>(
     };
     let buf = partials.and_then(as_f32_mut);
     let partials = crate::reduce::Partials { buf, want };
-    // Zeros stand for an absent dh, and for an absent β where there is a 1/γ_eff; ones for an
-    // absent 1/γ_eff where there is a β (`Recover::new`).
-    let (zeros_for_b, ones_for_g) =
-        (beta.is_none() && inverse.is_some(), inverse.is_none() && beta.is_some());
-    let zeros: Vec<f32> =
-        if dh.is_none() || zeros_for_b { try_zeroed_vec("zeros", n)? } else { Vec::new() };
-    let mut ones: Vec<f32> = if ones_for_g { try_zeroed_vec("ones", n)? } else { Vec::new() };
-    ones.fill(1.0);
+    // Zeros stand for an absent dh too.
+    let (beta, inverse) = (beta.map(f), inverse.map(f));
+    let (zeros, ones) = recovery_fills(n, (beta, inverse), dh.is_none())?;
     let epi = Epilogue { scale: Some(f(rstd)), dh: dh.map(f), zeros: &zeros };
-    let rec = crate::reduce::Recover::new((beta.map(f), inverse.map(f)), (&zeros, &ones), n);
+    let rec = crate::reduce::Recover::new((beta, inverse), (&zeros, &ones), n);
     let rows = (y, f(dy), f(mean), f(given));
     let (params, out) = ((gamma.map(f), rec), (dx, partials));
     crate::reduce::back_blocks_recovered((kind, n), rows, params, out, (stream, epi));
