@@ -620,9 +620,9 @@ fn finish_16<S: Simd, T: Half>(
     sums: [f64; 2],
 ) -> row::RowStats<f32> {
     // A closure is compiled without the target features of the function it is written in:
-    // unless it is inlined into the kernel, the sweep's intrinsics become calls (a rare row then
-    // cost as much as dozens of ordinary ones: a fifth of the bf16 forward's time on the benches'
-    // data).
+    // unless it is inlined into the kernel, the sweep's intrinsics become calls, and a rare row
+    // costs as much as dozens of ordinary ones (with an outlier among every row's first 32
+    // values, the bf16 forward ran 13 times slower).
     row::finish_with(
         spec,
         x.len(),
@@ -1127,16 +1127,15 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                 let dgh = &mut S::as_mut_simd_f32s(&mut dgs[..]).0;
                 let dbh = &mut S::as_mut_simd_f32s(&mut dbs[..]).0;
                 let extra = hr.is_some() || sr.is_some() || rec.recovers();
-                let specs = (gamma.is_some(), want_g, want_b, extra);
-                let mut total =
-                    specialize!(back_16_vecs::<S, T>(specs.0, specs.1, specs.2, specs.3)(
-                        simd,
-                        (next, k),
-                        ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
-                        (gh, &rec),
-                        (dxr, hr, sr),
-                        (dgh, dbh)
-                    ));
+                let g = gamma.is_some();
+                let mut total = specialize!(back_16_vecs::<S, T>(g, want_g, want_b, extra)(
+                    simd,
+                    (next, k),
+                    ((&x[span(r)], &dy[span(r)]), &BackVecs::new(simd, &p)),
+                    (gh, &rec),
+                    (dxr, hr, sr),
+                    (dgh, dbh)
+                ));
                 // Tails: the next row's sums, this row's dx and dγ/dβ terms, on widened values.
                 if base < n {
                     let gt = gamma.map(|g| &g[base..n]);
@@ -1171,9 +1170,10 @@ impl<T: Half> WithSimd for Back16<'_, T> {
     }
 }
 
-/// `apply_in` of a 16-bit row (x, dy) into its dx (plus dh, where given: fma(1, dx, dh)),
-/// widened and rounded a chunk at a time: the step is elementwise and the chunks split the row
-/// where `apply_in` of the whole widened row splits it into vectors, so the bits are that call's.
+/// `apply_in` of a 16-bit row (x, dy) into its dx, with [`Extra`]'s dh, recovery and scale
+/// (fma(s, dx, dh), s·dx without dh), widened and rounded a chunk at a time: the step is
+/// elementwise and the chunks split the row where `apply_in` of the whole widened row splits it
+/// into vectors, so the bits are that call's.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 fn apply_16<S: Simd, E: CpuElement<Acc = f32>>(
