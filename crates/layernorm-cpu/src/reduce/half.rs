@@ -1720,11 +1720,16 @@ pub mod tests {
                 let partials = Partials { buf: Some(&mut p), want: (true, true) };
                 let (x, dy, mean, rstd, dx_) =
                     (&xb[..], &dy[..], &mean[..], &rstd[..], &mut dx[..]);
-                let back = |dh: Option<&[T::Elem]>, dx: &mut [T::Elem], partials: Partials<'_>| {
-                    let extra = Extra { dh, ..Extra::default() };
+                let back_of = |x: &[T::Elem],
+                               extra: Extra<'_, T::Elem>,
+                               dx: &mut [T::Elem],
+                               partials: Partials<'_>| {
                     let kind = rs.kind;
                     let op = Back16::<T> { kind, n, x, dy, extra, mean, rstd, gamma, dx, partials };
                     run::<T, _>(simd, op);
+                };
+                let back = |dh, dx: &mut [T::Elem], partials: Partials<'_>| {
+                    back_of(x, Extra { dh, ..Extra::default() }, dx, partials)
                 };
                 back(None, dx_, partials);
                 close(&what("dx"), &acc(&dx), &want_b.dx, tol);
@@ -1737,6 +1742,32 @@ pub mod tests {
                 let want_h: Vec<f64> =
                     want_b.dx.iter().zip(wide(&dh)).map(|(d, h)| d + h).collect();
                 close(&what("dx + dh"), &acc(&dx), &want_h, tol);
+                // From y, at this instruction set: rows y = x/k (k = 1, 2, 4 by column: exact)
+                // read through the recovery with β = 0 and 1/γ_eff = k give x̂ = x exactly, so
+                // the recovery (the next row's sums, dx, the tails, the last row) and the rows'
+                // scales must give the bits of the same kernel reading x.
+                let k = |j: usize| [1f32, 2.0, 4.0][j % 3];
+                let y: Vec<T::Elem> = (x.iter().enumerate())
+                    .map(|(i, &v)| T::Elem::from_acc(T::Elem::to_acc(v) / k(i % n)))
+                    .collect();
+                let (zeros, ks) = (vec![0f32; n], (0..n).map(k).collect::<Vec<f32>>());
+                let rec = Recover::new((Some(&zeros), Some(&ks)), (&[], &[]), n);
+                let scale: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 8.0).collect();
+                for dh in [None, Some(&dh[..])] {
+                    let (mut dx_y, mut dx_x) = (dx.clone(), dx.clone());
+                    let (mut p_y, mut p_x) = (vec![0f32; 2 * n], vec![0f32; 2 * n]);
+                    let scale = Some(&scale[..]);
+                    let parts = |p| Partials { buf: Some(p), want: (true, true) };
+                    back_of(&y, Extra { dh, rec, scale }, &mut dx_y, parts(&mut p_y));
+                    let plain = Extra { dh, scale, ..Extra::default() };
+                    back_of(x, plain, &mut dx_x, parts(&mut p_x));
+                    let bits =
+                        |v: &[T::Elem]| acc(v).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    let what = what(&format!("from y, dh {}", dh.is_some()));
+                    assert!(bits(&dx_y) == bits(&dx_x), "{what}: dx differs from x's");
+                    let pbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert!(pbits(&p_y) == pbits(&p_x), "{what}: dγ/dβ differ from x's");
+                }
             }
         }
     }
