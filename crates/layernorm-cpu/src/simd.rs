@@ -484,6 +484,23 @@ pub mod tests {
         a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
     }
 
+    /// The first index where `got` and `want` differ as [`same`] sees them.
+    fn first_difference<E: CpuElement<Acc = f32>>(got: &[E], want: &[E]) -> Option<usize> {
+        got.iter().zip(want).position(|(a, b)| !same(E::to_acc(*a), E::to_acc(*b)))
+    }
+
+    /// Asserts that dx and the partials have the bits of the wanted ones (NaNs alike).
+    fn same_backward<E: CpuElement<Acc = f32>>(
+        what: &str,
+        (dx, parts): (&[E], &[f32]),
+        (want_dx, want_parts): (&[E], &[f32]),
+    ) {
+        let bad = first_difference(dx, want_dx);
+        assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
+        let bad = first_difference(parts, want_parts);
+        assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
+    }
+
     pub fn bf16_backward_converted_in_registers_matches_the_scratch_path_bit_for_bit() {
         // Signaling NaNs (quiet bit clear), which the kernel widens without quieting.
         backward_converted_matches_scratch::<bf16>([0x7f81, 0xff85, 0x7f82]);
@@ -549,11 +566,7 @@ pub mod tests {
                     kind, n, &x, &dy, extra, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
                 let what = format!("n={n}, want={want:?}, {kind:?}");
-                let bad =
-                    dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
-                let bad = p1.iter().zip(&p0).position(|(&a, &b)| !same(a, b));
-                assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
+                same_backward(&what, (&dx1, &p1), (&dx0, &p0));
                 // With dh: fma(1, dx', dh) rounded once, as `stage::finish` forms it from the
                 // f32 kernels' dx' on the widened rows.
                 let mut dh: Vec<T> = (0..rows * n).map(|_| T::from_acc(2.0 * rand())).collect();
@@ -572,11 +585,7 @@ pub mod tests {
                 assert!(T::backward_converted(
                     kind, n, &x, &dy, extra, &mean, &rstd, gamma, &mut dx1, parts, want
                 ));
-                let bad =
-                    dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                assert!(bad.is_none(), "dx + dh, {what}: first difference at {bad:?}");
-                let bad = p2.iter().zip(&p1).position(|(&a, &b)| !same(a, b));
-                assert!(bad.is_none(), "partials with dh, {what}: first difference at {bad:?}");
+                same_backward(&format!("with dh, {what}"), (&dx1, &p2), (&dx0, &p1));
                 // From y (x stands for it): x̂ = (y − β)·(1/γ_eff) recovered as it is read, the
                 // kernels given a mean of 0 and an rstd of 1, dx = fma(s, dx', dh) or s·dx' with
                 // s the saved rstd; against `stage::recover`, the f32 rows, `stage::finish`.
@@ -599,11 +608,7 @@ pub mod tests {
                         okind, n, &x, &dy, extra, &zeros, &ones, gamma, &mut dx1, parts, want
                     ));
                     let what = format!("from y, dh {}, {what}", h.is_some());
-                    let bad =
-                        dx1.iter().zip(&dx0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
-                    assert!(bad.is_none(), "dx, {what}: first difference at {bad:?}");
-                    let bad = p3.iter().zip(&pk).position(|(&a, &b)| !same(a, b));
-                    assert!(bad.is_none(), "partials, {what}: first difference at {bad:?}");
+                    same_backward(&what, (&dx1, &p3), (&dx0, &pk));
                 }
             }
         }
@@ -684,7 +689,7 @@ pub mod tests {
                     forward_long(n, spec, &x, gamma, beta, &mut y0, &mut m0, &mut r0, false);
                 }
                 assert!(T::forward_converted(n, spec, &x, gamma, beta, &mut y1, &mut m1, &mut r1));
-                let bad = y1.iter().zip(&y0).position(|(a, b)| !same(T::to_acc(*a), T::to_acc(*b)));
+                let bad = first_difference(&y1, &y0);
                 assert!(bad.is_none(), "y, n={n}, {spec:?}: first difference at {bad:?}");
                 let stats = |m: &[f32], r: &[f32]| {
                     m.iter().zip(r).map(|(&m, &r)| (m, r)).collect::<Vec<_>>()

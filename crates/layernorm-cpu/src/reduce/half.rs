@@ -1108,6 +1108,8 @@ impl<T: Half> WithSimd for Back16<'_, T> {
         // Widened tails (fewer than a vector).
         let (mut tx, mut td, mut th) = ([0f32; 16], [0f32; 16], [0f32; 16]);
         let shift = |r: usize| row::back_shift_f32(self.mean[r], self.rstd[r]);
+        // Whether the sweep takes the kernel with dh, the recovery and the scales (`X`).
+        let extra = dh.is_some() || scale.is_some() || rec.recovers();
         let row0 = (&x[span(0)], &dy[span(0)]);
         let mut sums = back_sums::<S, T>(simd, row0, gamma, shift(0), &rec);
         for r in 0..rows {
@@ -1126,7 +1128,6 @@ impl<T: Half> WithSimd for Back16<'_, T> {
                 let (dgs, dbs) = (dg.unwrap_or(&mut []), db.unwrap_or(empty));
                 let dgh = &mut S::as_mut_simd_f32s(&mut dgs[..]).0;
                 let dbh = &mut S::as_mut_simd_f32s(&mut dbs[..]).0;
-                let extra = hr.is_some() || sr.is_some() || rec.recovers();
                 let g = gamma.is_some();
                 let mut total = specialize!(back_16_vecs::<S, T>(g, want_g, want_b, extra)(
                     simd,
