@@ -588,8 +588,8 @@ struct Staging<'a, A: Real> {
 /// kernels in the same way (`Convert::backward_converted` with `reduce::Extra`). Where some
 /// column's γ_eff or 1/γ_eff lies outside the normal range, `stage::recover` divides by γ_eff
 /// instead of multiplying by its reciprocal, and such a call is staged as above (the kernels
-/// multiply only). `stats` are the saved mean and the rstd the
-/// kernels are given, and the saved rstd.
+/// multiply only). `stats` are the saved mean and the rstd the kernels are given, and the saved
+/// rstd.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn staged_blocks<T: CpuElement>(
     st: &Staging<'_, T::Acc>,
