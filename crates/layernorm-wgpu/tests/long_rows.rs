@@ -1,8 +1,9 @@
 //! Rows of 2^24 and more elements: every sum a thread or a workgroup forms runs over millions of
 //! terms here, the element count is past f32's exact integers, and bf16 indices pass 2^23 words.
-//! The same tolerances as every other shape. The plain rows of 2^24 (f32 at a mean of 1e6, bf16
-//! of an even length) are conformance cases (`long_row_2e24_*` in the conformance crate's
-//! `cases.toml`), run on this backend by the suite; these are the lengths and variants it lacks.
+//! The same tolerances as every other shape. The plain rows of 2^24 (LayerNorm in f32 at a mean
+//! of 1e6, RMSNorm in bf16 of an even length) are conformance cases (`long_row_2e24_*` in the
+//! conformance crate's `cases.toml`), run on this backend by the suite; these are the lengths,
+//! variants and the other pairings of kind and dtype it lacks.
 
 mod common;
 
@@ -53,9 +54,9 @@ fn one_bf16_row_of_2_24_plus_1() {
         return;
     }
     // Odd N: one element per item, stores through atomics on shared words (the even length, two
-    // elements per word, is the conformance case).
+    // elements per word, is the conformance case); LayerNorm, the residual added into h.
     let n = (1 << 24) + 1;
     let x = uniform(n, 5.0, 1.5, 7);
     let v = Variant { res: Res::Add, from_y: false, dh: true };
-    check_variant::<bf16>(b, &NormSpec::rms_norm(1, n, DType::BF16), v, &x, BF16, 8);
+    check_variant::<bf16>(b, &NormSpec::layer_norm(1, n, DType::BF16), v, &x, BF16, 8);
 }
