@@ -3,10 +3,13 @@
 // Rows too long to cache in registers (K = 0) are streamed: every pass reads the row from
 // memory, and `stream(step, lane)` runs the kernel's `s_item(step, s_base + j, j)` over the
 // thread's items j = lane, lane + TPR, ... < nv of the row at `s_base`, UNROLL per loop
-// iteration. llvmpipe (lavapipe, and Mesa's GL driver) ends all of an invocation's loops after
-// 65535 iterations in total; 32 items an iteration keep four passes over a row of 2^26
-// elements (its largest binding: 2^18 items a thread) at 32768.
-const UNROLL: u32 = 32u;
+// iteration: 16, or 32 (`Shape::for_items` in src/kernels.rs). llvmpipe (lavapipe, and Mesa's
+// GL driver) ends all of an invocation's loops after 65535 iterations in total, silently; 16
+// items an iteration keep the forward's four passes within it up to rows of 66 056 192 items,
+// 32 for every row a binding can hold. The copies of `s_item` are most of a streamed pipeline's
+// code, and llvmpipe compiles a streamed forward in ~3 s at 16 items, ~8 s at 32: the wider
+// driver is built only for the rows that need it. Both visit the items in the same order.
+const UNROLL: u32 = /*UNROLL*/u;
 var<private> s_base: u32;
 
 fn s_at(step: u32, j: u32) {
@@ -33,6 +36,6 @@ fn stream(step: u32, lane: u32) {
     acc_reset();
     for (var j = lane; j < p.nv; j += UNROLL * TPR) {
         s_item16(step, j);
-        s_item16(step, j + 16u * TPR);
+        /*WIDE*/
     }
 }

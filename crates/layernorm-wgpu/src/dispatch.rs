@@ -180,7 +180,7 @@ impl WgpuBackend {
         }
         let io = Io::widest(spec.dtype, n);
         let nv = n / io.width();
-        let shape = Shape::for_items(nv);
+        let shape = Shape::for_items(nv, self.loop_limit);
         let pipeline = self.pipeline(Kernel::Forward, io, Some(shape))?;
         let layout = pipeline.get_bind_group_layout(0);
         let es = spec.dtype.size() as u64;
@@ -303,7 +303,7 @@ impl WgpuBackend {
         let lo = self.scratch(spec, rows as u64 * 4)?;
         let io = Io::widest(spec.dtype, n);
         let nv = n / io.width();
-        let shape = Shape::for_items(nv);
+        let shape = Shape::for_items(nv, self.loop_limit);
         let rpg = shape.rows_per_group() as usize;
         let want_params = a.dgamma.is_some() || a.dbeta.is_some();
 

@@ -153,11 +153,12 @@ impl Kernel {
     }
 
     /// The full WGSL source of this kernel over `io`; `subgroups` selects the subgroup
-    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels, and `streamed` the driver of
-    /// rows streamed from memory (`shaders/stream.wgsl`, for shapes with K = 0; elsewhere a
-    /// stand-in, since the unrolled driver would only lengthen the compile). The dγ/dβ kernels
-    /// index one element per item and exist over scalar io only (naga rejects them over vectors).
-    pub(crate) fn source(self, io: Io, subgroups: bool, streamed: bool) -> String {
+    /// reductions (`shaders/reduce_sg.wgsl`) for the row kernels, and a nonzero `unroll` the
+    /// driver of rows streamed from memory with that many items per loop iteration
+    /// (`shaders/stream.wgsl`, for shapes with K = 0: [`Shape::unroll`]; elsewhere a stand-in,
+    /// since the unrolled driver would only lengthen the compile). The dγ/dβ kernels index one
+    /// element per item and exist over scalar io only (naga rejects them over vectors).
+    pub(crate) fn source(self, io: Io, subgroups: bool, unroll: u32) -> String {
         debug_assert!(
             !matches!(self, Kernel::ParamsGrad | Kernel::ParamsFinish) || io.is_scalar(),
             "{self:?} over {io:?}: the dγ/dβ kernels take scalar io"
@@ -207,7 +208,15 @@ impl Kernel {
         if self.uses_overrides() {
             s.push_str(COMMON);
             s.push_str(if subgroups { REDUCE_SG } else { REDUCE_PLAIN });
-            s.push_str(if streamed { STREAM } else { STREAM_NONE });
+            if unroll == 0 {
+                s.push_str(STREAM_NONE);
+            } else {
+                debug_assert!(unroll == 16 || unroll == 32, "unroll {unroll}");
+                let wide = if unroll == 32 { "s_item16(step, j + 16u * TPR);" } else { "" };
+                s.push_str(
+                    &STREAM.replace("/*UNROLL*/", &unroll.to_string()).replace("/*WIDE*/", wide),
+                );
+            }
         }
         if xhat {
             s.push_str(XHAT);
@@ -226,6 +235,17 @@ impl Kernel {
     }
 }
 
+/// The limit llvmpipe (lavapipe, Mesa's GL driver) puts on the loop iterations of one
+/// invocation, all its loops together; past it every loop ends early, without an error. The
+/// streamed rows are planned against it on every device (`WgpuBackend::with_loop_limit`).
+pub(crate) const LOOP_LIMIT: usize = 65535;
+/// Loop iterations a streamed row kernel makes outside its streamed passes, at most: three
+/// segment reductions of at most 8 + 255 iterations each (whatever the subgroup size), and the
+/// rows loop.
+const LOOP_RESERVE: usize = 1024;
+/// Streamed passes over a row, at most: the forward's four (the backward makes two).
+const STREAMED_PASSES: usize = 4;
+
 /// The shape of a row-kernel launch: threads per row and items cached per thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Shape {
@@ -233,18 +253,33 @@ pub(crate) struct Shape {
     pub tpr: u32,
     /// Items per thread kept in registers; 0 re-reads the row on every pass.
     pub k: u32,
+    /// Items per loop iteration of a streamed row (K = 0): 16, or 32 where the passes at 16
+    /// would exceed the loop limit ([`Shape::streamed_unroll`]); 0 when K > 0.
+    pub unroll: u32,
 }
 
 impl Shape {
     /// Picks the shape for rows of `nv` items: about [`ITEMS_PER_THREAD`] items per thread, so
     /// several rows share a workgroup when N is small and one workgroup owns a row when it is
-    /// large; rows of more than `WG * KMAX` items are streamed from memory on every pass.
-    pub(crate) fn for_items(nv: usize) -> Shape {
+    /// large; rows of more than `WG * KMAX` items are streamed from memory on every pass, planned
+    /// against `loop_limit` iterations an invocation ([`LOOP_LIMIT`] unless lowered).
+    pub(crate) fn for_items(nv: usize, loop_limit: usize) -> Shape {
         let want = nv.div_ceil(ITEMS_PER_THREAD as usize).max(1);
         let tpr = want.next_power_of_two().min(WG as usize) as u32;
         let per_thread = nv.div_ceil(tpr as usize);
         let k = if per_thread <= KMAX as usize { per_thread.next_power_of_two() as u32 } else { 0 };
-        Shape { tpr, k }
+        let unroll = if k > 0 { 0 } else { Self::streamed_unroll(per_thread, loop_limit) };
+        Shape { tpr, k, unroll }
+    }
+
+    /// Items per loop iteration for a streamed row of `per_thread` items a thread: 16 while
+    /// [`STREAMED_PASSES`] passes stay within `loop_limit` iterations (with [`LOOP_RESERVE`]
+    /// for the other loops), else 32 (within [`LOOP_LIMIT`] up to 2^18 items a thread, the
+    /// largest row llvmpipe's 128 MiB binding holds). The row is summed in the same order
+    /// either way.
+    fn streamed_unroll(per_thread: usize, loop_limit: usize) -> u32 {
+        let iterations = STREAMED_PASSES * per_thread.div_ceil(16) + LOOP_RESERVE;
+        if iterations <= loop_limit { 16 } else { 32 }
     }
 
     /// Rows one workgroup handles.
@@ -264,7 +299,7 @@ struct Key {
 /// Compiled pipelines of one device, created on first use and kept.
 #[derive(Default)]
 pub(crate) struct Cache {
-    modules: Mutex<HashMap<(Kernel, Io, bool, bool), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Kernel, Io, bool, u32), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<Key, wgpu::ComputePipeline>>,
 }
 
@@ -291,8 +326,8 @@ impl Cache {
         if let Some(p) = self.pipelines.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(p.clone());
         }
-        let streamed = shape.is_some_and(|s| s.k == 0);
-        let module = self.module(device, kernel, io, subgroups, streamed)?;
+        let unroll = shape.map_or(0, |s| s.unroll);
+        let module = self.module(device, kernel, io, subgroups, unroll)?;
         let constants: Vec<(&str, f64)> = match shape {
             Some(s) => vec![("TPR", f64::from(s.tpr)), ("K", f64::from(s.k))],
             None => Vec::new(),
@@ -322,13 +357,13 @@ impl Cache {
         kernel: Kernel,
         io: Io,
         subgroups: bool,
-        streamed: bool,
+        unroll: u32,
     ) -> Result<wgpu::ShaderModule, String> {
-        let key = (kernel, io, subgroups, streamed);
+        let key = (kernel, io, subgroups, unroll);
         if let Some(m) = self.modules.lock().map_err(|e| e.to_string())?.get(&key) {
             return Ok(m.clone());
         }
-        let src = kernel.source(io, subgroups, streamed);
+        let src = kernel.source(io, subgroups, unroll);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("layernorm"),
@@ -348,19 +383,39 @@ mod tests {
 
     #[test]
     fn shapes_by_n() {
-        assert_eq!(Shape::for_items(1), Shape { tpr: 1, k: 1 });
-        assert_eq!(Shape::for_items(3), Shape { tpr: 1, k: 4 });
-        assert_eq!(Shape::for_items(192), Shape { tpr: 32, k: 8 });
-        assert_eq!(Shape::for_items(1024), Shape { tpr: 128, k: 8 });
-        assert_eq!(Shape::for_items(2048), Shape { tpr: 256, k: 8 });
-        assert_eq!(Shape::for_items(16384), Shape { tpr: 256, k: 0 });
+        assert_eq!(Shape::for_items(1, LOOP_LIMIT), Shape { tpr: 1, k: 1, unroll: 0 });
+        assert_eq!(Shape::for_items(3, LOOP_LIMIT), Shape { tpr: 1, k: 4, unroll: 0 });
+        assert_eq!(Shape::for_items(192, LOOP_LIMIT), Shape { tpr: 32, k: 8, unroll: 0 });
+        assert_eq!(Shape::for_items(1024, LOOP_LIMIT), Shape { tpr: 128, k: 8, unroll: 0 });
+        assert_eq!(Shape::for_items(2048, LOOP_LIMIT), Shape { tpr: 256, k: 8, unroll: 0 });
+        assert_eq!(Shape::for_items(16384, LOOP_LIMIT), Shape { tpr: 256, k: 0, unroll: 16 });
+        // The widest 16-item rows, and the first 32-item one; 2^26 items (bf16 or f16 of odd N
+        // filling a 128 MiB binding) needs 32.
+        assert_eq!(Shape::for_items(66_056_192, LOOP_LIMIT).unroll, 16);
+        assert_eq!(Shape::for_items(66_056_193, LOOP_LIMIT).unroll, 32);
+        assert_eq!(Shape::for_items(1 << 26, LOOP_LIMIT).unroll, 32);
+    }
+
+    #[test]
+    fn streamed_rows_stay_within_llvmpipe_loop_limit() {
+        // Every thread's share of a streamed row up to llvmpipe's largest (2^18 items a thread:
+        // 2^26 16-bit items in its 128 MiB binding): the chosen driver's passes and the other
+        // loops fit the limit. Devices with larger bindings have no such limit.
+        for per_thread in (1..=1usize << 18).step_by(97).chain([1 << 18]) {
+            let unroll = Shape::streamed_unroll(per_thread, LOOP_LIMIT) as usize;
+            let iterations = STREAMED_PASSES * per_thread.div_ceil(unroll) + LOOP_RESERVE;
+            assert!(iterations <= LOOP_LIMIT, "{per_thread} items a thread: {iterations}");
+        }
+        // The reserve covers the reductions of `common.wgsl` / `reduce_sg.wgsl` at any subgroup
+        // size (up to 8 shuffle steps and WG - 1 partial sums each, three in the forward), and
+        // the rows loop.
+        assert!(3 * (8 + (WG as usize - 1)) < LOOP_RESERVE);
     }
 
     #[test]
     fn the_backward_binds_the_most_storage_buffers() {
         // `from_device` refuses a device with fewer than STORAGE_BUFFERS per shader stage.
-        let count =
-            |k: Kernel| k.source(Io::F32, false, true).matches("var<storage").count() as u32;
+        let count = |k: Kernel| k.source(Io::F32, false, 16).matches("var<storage").count() as u32;
         assert_eq!(count(Kernel::Backward), crate::STORAGE_BUFFERS);
         for k in [Kernel::Forward, Kernel::ParamsGrad, Kernel::ParamsFinish, Kernel::Copy] {
             assert!(count(k) <= crate::STORAGE_BUFFERS, "{k:?}");
@@ -381,10 +436,11 @@ mod tests {
             };
             for &k in kernels {
                 for sg in [false, true] {
-                    for streamed in [false, true] {
-                        let s = k.source(io, sg, streamed);
-                        let what = format!("{k:?}/{io:?}/sg={sg}/streamed={streamed}");
-                        assert!(!s.contains("NAME") && !s.contains("/*SG_"), "{what}");
+                    for unroll in [0, 16, 32] {
+                        let s = k.source(io, sg, unroll);
+                        let what = format!("{k:?}/{io:?}/sg={sg}/unroll={unroll}");
+                        let left = ["NAME", "/*SG_", "/*UNROLL*/", "/*WIDE*/"];
+                        assert!(!left.iter().any(|p| s.contains(p)), "{what}");
                         let module = wgpu::naga::front::wgsl::parse_str(&s)
                             .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&s)));
                         Validator::new(ValidationFlags::all(), Capabilities::all())

@@ -69,6 +69,8 @@ pub struct WgpuBackend {
     max_buffer: u64,
     offset_align: u64,
     max_groups: u32,
+    /// Loop iterations an invocation may make, planned for (`Shape::for_items`).
+    loop_limit: usize,
     /// Bound where an input tensor is absent (read only: any number of bindings may share it).
     dummy: wgpu::Buffer,
     /// Bound where an output is absent (the forward's mean for RMSNorm, h without a residual):
@@ -174,6 +176,7 @@ impl WgpuBackend {
             max_buffer: limits.max_buffer_size,
             offset_align: u64::from(limits.min_storage_buffer_offset_alignment).max(4),
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
+            loop_limit: kernels::LOOP_LIMIT,
             dummy,
             dummy_out,
             cache: Cache::default(),
@@ -195,6 +198,17 @@ impl WgpuBackend {
     /// with few rows.
     pub fn with_max_workgroups_per_dimension(mut self, groups: u32) -> Self {
         self.max_groups = self.max_groups.min(groups.max(1));
+        self
+    }
+
+    /// Lowers the loop iterations one invocation may make (all loops together) that rows
+    /// streamed from memory are planned against: 65535 by default, llvmpipe's limit (lavapipe,
+    /// Mesa's GL driver), past which its loops end early. A streamed pass handles 16 items per
+    /// loop iteration, or 32 where 16 would pass the limit (16-bit rows of odd N above
+    /// 66 056 192 elements); the sums are the same bits either way. Lowering it runs the
+    /// 32-item driver on short rows (the tests do).
+    pub fn with_loop_limit(mut self, iterations: usize) -> Self {
+        self.loop_limit = self.loop_limit.min(iterations);
         self
     }
 

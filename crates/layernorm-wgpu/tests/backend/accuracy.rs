@@ -5,8 +5,12 @@
 
 use crate::common;
 
-use common::{BF16, Dist, F16, F32, array, backend, check, data, runs};
+use common::{
+    BF16, Dist, F16, F32, Res, Variant, array, backend, check, check_variant, data, round, runs,
+    widen_array,
+};
 use layernorm_core::{DType, Norm, NormSpec, NormalizeNd, bf16, f16};
+use layernorm_wgpu::WgpuBackend;
 
 /// Shapes every dtype runs: 1×1, N = 1, N = 3, N not a multiple of 4, the transformer sizes,
 /// N = 65536 (streamed), many rows of a small N, and no rows at all.
@@ -155,6 +159,49 @@ fn workgroup_memory_reductions() {
             8,
         );
     }
+}
+
+#[test]
+fn streamed_rows_through_the_32_item_driver() {
+    // At llvmpipe's own loop limit only 16-bit rows of odd N above 66 056 192 elements take the
+    // 32-item streamed driver; with the limit lowered to 0 every streamed row does. The same
+    // bits as the 16-item driver, forward and backward, and the reference's answer.
+    let Some(b) = backend() else { return };
+    let wide = WgpuBackend::new().expect("a second device").with_loop_limit(0);
+    let (rows, n) = (3, 20_001);
+    let spec = NormSpec::layer_norm(rows, n, DType::BF16);
+    let x = array(rows, n, round::<bf16>(&data(rows, n, Dist::Normal, 21)));
+    let dy = array(rows, n, round::<bf16>(&data(rows, n, Dist::Normal, 22)));
+    let g = round::<bf16>(&data(1, n, Dist::Scaled(0.5), 23));
+    let be = round::<bf16>(&data(1, n, Dist::Normal, 24));
+    let run = |b: &WgpuBackend| {
+        let f = common::forward(b, &spec, &x, Some(&g), Some(&be)).unwrap();
+        let mean: Vec<f32> = f.saved.mean.as_ref().expect("mean").iter().copied().collect();
+        let rstd: Vec<f32> = f.saved.rstd.iter().copied().collect();
+        let gr = common::backward::<bf16>(
+            b,
+            &spec,
+            x.view(),
+            false,
+            &dy,
+            Some(&mean),
+            &rstd,
+            Some(&g),
+            Some(&be),
+            None,
+        )
+        .unwrap();
+        (widen_array(&f.y), mean, rstd, gr.dx, gr.dgamma, gr.dbeta)
+    };
+    let (narrow, wide_run) = (run(b), run(&wide));
+    assert!(narrow.0.iter().zip(&wide_run.0).all(|(a, w)| a.to_bits() == w.to_bits()), "y");
+    assert_eq!((narrow.1, narrow.2), (wide_run.1, wide_run.2), "statistics");
+    assert!(narrow.3.iter().zip(&wide_run.3).all(|(a, w)| a.to_bits() == w.to_bits()), "dx");
+    assert_eq!((narrow.4, narrow.5), (wide_run.4, wide_run.5), "dgamma, dbeta");
+    // Against the reference: RMSNorm, a residual in place, the backward from y with dh.
+    let v = Variant { res: Res::InPlace, from_y: true, dh: true };
+    let x = data(rows, n, Dist::Offset(3.0), 25);
+    check_variant::<bf16>(&wide, &NormSpec::rms_norm(rows, n, DType::BF16), v, &x, BF16, 26);
 }
 
 #[test]
