@@ -7,8 +7,9 @@
 // GL driver) ends all of an invocation's loops after 65535 iterations in total, silently; 16
 // items an iteration keep the forward's four passes within it up to rows of 66 056 192 items,
 // 32 for every row a binding can hold. The copies of `s_item` are most of a streamed pipeline's
-// code, and llvmpipe compiles a streamed forward in ~3 s at 16 items, ~8 s at 32: the wider
-// driver is built only for the rows that need it. Both visit the items in the same order.
+// code, and llvmpipe's compile time grows faster than their number (about 3× at 32 against 16:
+// docs/backends/wgpu.md), so the wider driver is built only for the rows that need it. Both
+// visit the items in the same order.
 const UNROLL: u32 = /*UNROLL*/u;
 var<private> s_base: u32;
 
