@@ -278,8 +278,13 @@ impl Shape {
     /// largest row llvmpipe's 128 MiB binding holds). The row is summed in the same order
     /// either way.
     fn streamed_unroll(per_thread: usize, loop_limit: usize) -> u32 {
-        let iterations = STREAMED_PASSES * per_thread.div_ceil(16) + LOOP_RESERVE;
-        if iterations <= loop_limit { 16 } else { 32 }
+        if Self::streamed_iterations(per_thread, 16) <= loop_limit { 16 } else { 32 }
+    }
+
+    /// Loop iterations one invocation of a streamed row kernel makes at most, for `per_thread`
+    /// items a thread and `unroll` items a loop iteration.
+    fn streamed_iterations(per_thread: usize, unroll: usize) -> usize {
+        STREAMED_PASSES * per_thread.div_ceil(unroll) + LOOP_RESERVE
     }
 
     /// Rows one workgroup handles.
@@ -403,7 +408,7 @@ mod tests {
         // loops fit the limit. Devices with larger bindings have no such limit.
         for per_thread in (1..=1usize << 18).step_by(97).chain([1 << 18]) {
             let unroll = Shape::streamed_unroll(per_thread, LOOP_LIMIT) as usize;
-            let iterations = STREAMED_PASSES * per_thread.div_ceil(unroll) + LOOP_RESERVE;
+            let iterations = Shape::streamed_iterations(per_thread, unroll);
             assert!(iterations <= LOOP_LIMIT, "{per_thread} items a thread: {iterations}");
         }
         // The reserve covers the reductions of `common.wgsl` / `reduce_sg.wgsl` at any subgroup
